@@ -1,0 +1,36 @@
+"""hf-sae: sparse autoencoders as first-class Hugging Face models.
+
+``import hf_sae`` registers the SAE configs and models with ``AutoConfig`` / ``AutoModel``.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+__version__ = "0.1.0"
+
+from .configuration_hierarchical_sae import HierarchicalSAEConfig  # noqa: E402
+from .configuration_kron_sae import KronSAEConfig  # noqa: E402
+from .configuration_sae import SAEConfig  # noqa: E402
+from .errors import SAEConfigError, SAEInputError, SAELoadError  # noqa: E402
+from .modeling_hierarchical_sae import HierarchicalSAE  # noqa: E402
+from .modeling_kron_sae import KronSAE  # noqa: E402
+from .modeling_sae import SAEOutput, SAEPreTrainedModel  # noqa: E402
+from .sparse import SparseLatents  # noqa: E402
+
+for _config, _model in ((HierarchicalSAEConfig, HierarchicalSAE), (KronSAEConfig, KronSAE)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+
+__all__ = [
+    "HierarchicalSAE",
+    "HierarchicalSAEConfig",
+    "KronSAE",
+    "KronSAEConfig",
+    "SAEConfig",
+    "SAEConfigError",
+    "SAEInputError",
+    "SAELoadError",
+    "SAEOutput",
+    "SAEPreTrainedModel",
+    "SparseLatents",
+    "__version__",
+]

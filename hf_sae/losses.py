@@ -1,0 +1,137 @@
+"""Training losses of hf-sae SAEs, as pure functions on tensors.
+
+* :func:`hierarchical_topk_loss` — the HierarchicalTopK objective (Balagansky et al. 2025):
+  L = Σ_{j∈J} w_j · mean_{batch, d_in} (x − x̂_j)², x̂_j = b_dec + Σ_{t≤j} v_t W_dec[i_t], w_j = 1/|J|.
+  With J = {K} it is the plain TopK loss mean((x − x̂_K)²) of Gao et al. (2024).
+  Memory is O(batch·d_in): the (batch, K, d_in) prefix reconstructions are never stored (fused CPU kernel, or a
+  checkpointed chunked torch path elsewhere).
+* :func:`auxk_loss` — the AuxK term of Gao et al. (2024) on dead latents.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .kernels import cpu_kernels
+from .sparse import sparse_decode
+
+
+def budget_weights(k: int, budgets: list[int] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(k,) weights w with w[j-1] = 1/|J| for every budget j in J (all of 1..k when ``budgets`` is None)."""
+    weights = torch.zeros(k, dtype=dtype, device=device)
+    if budgets is None:
+        weights.fill_(1.0 / k)
+    else:
+        weights[torch.as_tensor(budgets, device=device) - 1] = 1.0 / len(budgets)
+    return weights
+
+
+class _FusedHierarchicalLoss(torch.autograd.Function):
+    """CPU kernel: forward/backward of the weighted prefix-MSE. Returns (loss, reconstruction at K)."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, W_dec, b_dec, weights):
+        kernels = cpu_kernels()
+        row_loss, residual = kernels.hierarchical_forward(x, values, indices, W_dec, b_dec, weights)
+        n, d = x.shape
+        ctx.save_for_backward(values, indices, W_dec, weights, residual)
+        ctx.norm = n * d
+        reconstruction = x - residual
+        ctx.mark_non_differentiable(reconstruction)
+        return row_loss.sum() / (n * d), reconstruction
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_reconstruction):
+        values, indices, W_dec, weights, residual = ctx.saved_tensors
+        scale = 2.0 * float(grad_loss) / ctx.norm
+        grad_values, grad_W, suffix = cpu_kernels().hierarchical_backward(
+            values.contiguous(), indices, W_dec, weights, residual, scale
+        )
+        grad_x = suffix.mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_b_dec = -grad_x.sum(0) if grad_x is not None else -scale * suffix.sum(0)
+        return grad_x, grad_values, None, grad_W, grad_b_dec, None
+
+
+def _chunk_loss(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, weights: Tensor) -> Tensor:
+    """Σ over this chunk of Σ_j w_j ||x − x̂_j||² with a (chunk, K, d) cumulative sum (recomputed in backward)."""
+    contributions = values.unsqueeze(-1).to(W_dec.dtype) * W_dec[indices]  # (n, K, d)
+    residuals = (x - b_dec).unsqueeze(1) - contributions.cumsum(dim=1)  # r_j for j = 1..K
+    return (residuals.pow(2).sum(-1) * weights).sum()
+
+
+def _torch_hierarchical_loss(x, values, indices, W_dec, b_dec, weights, chunk_rows: int) -> tuple[Tensor, Tensor]:
+    n, d = x.shape
+    total = x.new_zeros(())
+    for start in range(0, n, chunk_rows):
+        part = slice(start, start + chunk_rows)
+        args = (x[part], values[part], indices[part], W_dec, b_dec, weights)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(*args)
+    with torch.no_grad():
+        reconstruction = b_dec + sparse_decode(values.detach(), indices, W_dec.detach())
+    return total / (n * d), reconstruction
+
+
+def hierarchical_topk_loss(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    budgets: list[int] | None = None,
+    chunk_elements: int = 1 << 24,
+    use_kernel: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """HierarchicalTopK loss and the reconstruction at the full budget K.
+
+    Args:
+        x: (N, d_in) target activations.
+        values, indices: (N, K) TopK latents sorted descending (``values`` carries the encoder's gradient).
+        W_dec: (d_sae, d_in) decoder; b_dec: (d_in,).
+        budgets: the budgets J averaged over (default 1..K). ``budgets=[K]`` gives the plain TopK loss.
+        chunk_elements: bound on the (rows, K, d_in) temporary of the pure-torch path.
+        use_kernel: force (True) or forbid (False) the compiled CPU kernel; default: use it when available.
+
+    Returns:
+        (loss scalar, reconstruction (N, d_in) at budget K, detached).
+    """
+    n, K = values.shape
+    weights = budget_weights(K, budgets, x.dtype, x.device)
+    kernel_ok = (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and values.dtype == x.dtype
+        and W_dec.dtype == x.dtype
+        and b_dec.dtype == x.dtype
+    )
+    if use_kernel is None:
+        use_kernel = kernel_ok and cpu_kernels() is not None
+    if use_kernel:
+        if not kernel_ok or cpu_kernels() is None:
+            raise RuntimeError("the CPU HierarchicalTopK kernel needs float32/float64 CPU tensors and a compiler.")
+        return _FusedHierarchicalLoss.apply(
+            x.contiguous(), values.contiguous(), indices.contiguous(), W_dec.contiguous(), b_dec, weights
+        )
+    chunk_rows = max(1, chunk_elements // max(1, K * x.shape[1]))
+    return _torch_hierarchical_loss(x, values, indices, W_dec, b_dec, weights, chunk_rows)
+
+
+def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024): how well the dead latents' top scores reconstruct the residual.
+
+    residual e: (N, d_in) = x − x̂_K (detached); aux_values, aux_indices: (N, k_aux) top scores among dead latents.
+    Returns ||e − ê||² / ||e − mean(e)||² summed over the batch, ê = Σ aux_v W_dec[aux_i] (no bias).
+    """
+    e_hat = sparse_decode(aux_values, aux_indices, W_dec)
+    denominator = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(residual.dtype).tiny)
+    return (residual - e_hat).pow(2).sum() / denominator
+
+
+def mse(x: Tensor, reconstruction: Tensor) -> Tensor:
+    """Mean squared error over batch and d_in."""
+    return F.mse_loss(reconstruction, x)

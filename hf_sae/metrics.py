@@ -1,0 +1,47 @@
+"""Reconstruction metrics (Gao et al. 2024; SAEBench): FVU, explained variance, L0, dead fraction, shrinkage.
+
+All take (N, d_in) tensors; ``fvu`` = Σ||x − x̂||² / Σ||x − mean(x)||² over the batch, ``explained_variance`` =
+1 − fvu, ``shrinkage`` = mean ||x̂|| / ||x||.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fvu(x: Tensor, reconstruction: Tensor) -> float:
+    x = x.double()
+    total = (x - x.mean(0)).pow(2).sum()
+    return float((x - reconstruction.double()).pow(2).sum() / total.clamp_min(torch.finfo(torch.float64).tiny))
+
+
+def explained_variance(x: Tensor, reconstruction: Tensor) -> float:
+    return 1.0 - fvu(x, reconstruction)
+
+
+def l0(values: Tensor) -> float:
+    """Mean number of non-zero latents per row; values: (N, k) or dense (N, d_sae)."""
+    return float((values != 0).sum(-1).double().mean())
+
+
+def dead_fraction(indices: Tensor, values: Tensor, d_sae: int) -> float:
+    """Fraction of latents that never fire (non-zero value) in this batch; indices, values: (N, k)."""
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=indices.device)
+    fired[indices[values > 0]] = True
+    return 1.0 - float(fired.double().mean())
+
+
+def shrinkage(x: Tensor, reconstruction: Tensor) -> float:
+    """Mean ||x̂|| / ||x|| over rows (1 means no shrinkage)."""
+    x_norm = x.double().norm(dim=-1).clamp_min(1e-12)
+    return float((reconstruction.double().norm(dim=-1) / x_norm).mean())
+
+
+def default_budgets(k: int) -> list[int]:
+    """1, 2, 4, ..., and k itself."""
+    budgets, b = [], 1
+    while b < k:
+        budgets.append(b)
+        b *= 2
+    return budgets + [k]

@@ -1,0 +1,349 @@
+"""The shared base of hf-sae SAE models: everything but the encoder.
+
+An architecture subclass (``modeling_hierarchical_sae.py``, ``modeling_kron_sae.py``) provides the encoder
+parameters and ``_encode_topk`` / ``pre_acts``; this base provides decode, the training objective
+(HierarchicalTopK or TopK, plus AuxK), dead-latent counters, unit-norm decoder maintenance, activation-scale
+folding, input validation, atomic saving and strict loading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_sae import SAEConfig
+from .errors import SAEInputError, SAELoadError
+from .losses import auxk_loss, hierarchical_topk_loss
+from .sparse import SparseLatents, sparse_decode
+
+
+@dataclass
+class SAEOutput(ModelOutput):
+    """Output of an SAE forward pass.
+
+    Attributes:
+        loss: scalar training objective of the config (HierarchicalTopK or TopK; AuxK added while training).
+        reconstruction: (..., d_in) reconstruction at the full budget k.
+        latents: :class:`SparseLatents` with (..., k) values (sorted descending) and indices.
+        losses: named loss terms, e.g. ``{"reconstruction": ..., "auxk": ...}``.
+    """
+
+    loss: Tensor | None = None
+    reconstruction: Tensor | None = None
+    latents: SparseLatents | None = None
+    losses: dict[str, Tensor] | None = None
+
+
+class SAEPreTrainedModel(PreTrainedModel):
+    """Base class of hf-sae SAEs. Holds the decoder ``W_dec`` (d_sae, d_in) with unit-norm rows and ``b_dec``."""
+
+    config_class = SAEConfig
+    base_model_prefix = "sae"
+    main_input_name = "x"
+    supports_gradient_checkpointing = False
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: SAEConfig):
+        super().__init__(config)
+        self.W_dec = nn.Parameter(torch.empty(config.d_sae, config.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(config.d_in))
+        # Tokens since each latent was last among some token's top-k (AuxK's dead-latent test). On the device;
+        # read it (a sync) only when logging.
+        self.register_buffer("tokens_since_fired", torch.zeros(config.d_sae, dtype=torch.long), persistent=False)
+        self.check_finite = True
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers calls this after building the model and, in from_pretrained, after loading; parameters read
+        # from a checkpoint carry ``_is_hf_initialized`` and must not be re-drawn.
+        if module is not self:
+            return
+        with torch.no_grad():
+            if not any(getattr(p, "_is_hf_initialized", False) for p in self.parameters()):
+                self.reset_parameters()
+            if self.tokens_since_fired.device.type != "meta":
+                self.tokens_since_fired.zero_()
+
+    def reset_parameters(self) -> None:  # pragma: no cover - overridden by every architecture
+        raise TypeError(f"{type(self).__name__} must implement reset_parameters()")
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Renormalise every decoder row to unit norm (after each optimiser step)."""
+        norms = self.W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec.div_(norms.clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out of W_dec.grad the component parallel to each (unit) row (before each optimiser step).
+
+        With rows kept at unit norm, this part of the gradient only changes the norm, which the renormalisation
+        undoes; removing it keeps Adam's moment estimates for useful directions (Gao et al. 2024, Sec. A).
+        """
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def initialize_b_dec(self, sample: Tensor, method: str = "geometric_median", iterations: int = 100) -> None:
+        """Set b_dec to the geometric median (Weiszfeld iterations) or the mean of a sample (N, d_in)."""
+        sample = sample.reshape(-1, self.config.d_in).to(device=self.b_dec.device, dtype=torch.float32)
+        if method == "mean":
+            center = sample.mean(0)
+        elif method == "geometric_median":
+            center = sample.mean(0)
+            for _ in range(iterations):
+                weights = 1.0 / (sample - center).norm(dim=-1).clamp_min(1e-8)
+                new_center = (weights[:, None] * sample).sum(0) / weights.sum()
+                if (new_center - center).norm() <= 1e-6 * center.norm().clamp_min(1e-12):
+                    center = new_center
+                    break
+                center = new_center
+        else:
+            raise ValueError(f"method={method!r} is unknown; use 'geometric_median' or 'mean'.")
+        self.b_dec.copy_(center.to(self.b_dec.dtype))
+
+    def encoder_biases(self) -> list[nn.Parameter]:  # pragma: no cover - overridden
+        raise TypeError(f"{type(self).__name__} must implement encoder_biases()")
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float | None = None) -> None:
+        """Fold the input scaling s into the biases so the SAE takes raw activations.
+
+        Trained on s·x, an SAE with encoder biases b_enc and decoder bias b_dec gives the same ranking on raw x
+        with b_enc/s and b_dec/s; its latent values and reconstruction are then in raw units (divided by s).
+        Weights are unchanged, so decoder rows stay unit-norm.
+        """
+        if self.config.activation_scale_folded and scale is None:
+            return
+        scale = float(self.config.activation_scale if scale is None else scale)
+        for bias in self.encoder_biases():
+            bias.div_(scale)
+        self.b_dec.div_(scale)
+        self.config.activation_scale = scale
+        self.config.activation_scale_folded = True
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise SAEInputError(f"expected a torch.Tensor of shape (..., {self.config.d_in}), got {type(x).__name__}.")
+        if x.ndim == 0 or x.shape[-1] != self.config.d_in:
+            raise SAEInputError(
+                f"input has shape {tuple(x.shape)} but this SAE reads d_in={self.config.d_in} features "
+                f"(last dimension). Pass activations of shape (..., {self.config.d_in}) from the site "
+                f"{self.config.hook_site!r} of layer {self.config.hook_layer} of {self.config.base_model}."
+            )
+        if not x.is_floating_point():
+            raise SAEInputError(f"input dtype {x.dtype} is not floating point; convert with x.float().")
+        if x.device != self.W_dec.device:
+            raise SAEInputError(
+                f"input is on {x.device} but the SAE is on {self.W_dec.device}; call sae.to({str(x.device)!r}) or "
+                f"x.to({str(self.W_dec.device)!r})."
+            )
+        if x.dtype != self.W_dec.dtype:
+            raise SAEInputError(
+                f"input dtype {x.dtype} differs from the SAE's {self.W_dec.dtype}; call sae.to({x.dtype}) or "
+                f"x.to({self.W_dec.dtype})."
+            )
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise SAEInputError(
+                f"input has {bad} NaN/inf value(s); an SAE would turn them into garbage latents. Drop or fix those "
+                "rows first (set sae.check_finite = False to skip this check on trusted inputs)."
+            )
+
+    def _check_k(self, k: int | None) -> int:
+        if k is None:
+            return self.config.k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.config.k:
+            raise SAEInputError(
+                f"k={k!r} is outside 1..{self.config.k}: this SAE was trained for budgets up to k={self.config.k}. "
+                f"Pass k <= {self.config.k}."
+            )
+        return k
+
+    def _scale_in(self, x: Tensor) -> Tensor:
+        if self.config.activation_scale_folded:
+            return x
+        return x * self.config.activation_scale
+
+    def _scale_out(self, x_hat: Tensor) -> Tensor:
+        if self.config.activation_scale_folded:
+            return x_hat
+        return x_hat / self.config.activation_scale
+
+    # -------------------------------------------------------------------------------------------- encoding
+    def _encode_topk(
+        self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover - overridden
+        """x: (N, d_in) already scaled -> values, indices (N, k) sorted descending; aux values/indices (N, k_aux)."""
+        raise TypeError(f"{type(self).__name__} must implement _encode_topk()")
+
+    def _pre_acts_flat(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise TypeError(f"{type(self).__name__} must implement _pre_acts_flat()")
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """(..., d_in) -> (..., d_sae): the non-negative scores TopK selects from (dense; for analysis)."""
+        self._check_input(x)
+        flat = self._scale_in(x.reshape(-1, self.config.d_in))
+        return self._pre_acts_flat(flat).reshape(*x.shape[:-1], self.config.d_sae)
+
+    def encode(self, x: Tensor, k: int | None = None) -> SparseLatents:
+        """(..., d_in) -> SparseLatents with (..., k) values sorted descending: the first k of the K-ranking."""
+        self._check_input(x)
+        k = self._check_k(k)
+        flat = self._scale_in(x.reshape(-1, self.config.d_in))
+        values, indices, _, _ = self._encode_topk(flat, k)
+        shape = (*x.shape[:-1], k)
+        return SparseLatents(values.reshape(shape), indices.reshape(shape))
+
+    def encode_dense(self, x: Tensor, k: int | None = None) -> Tensor:
+        """(..., d_in) -> (..., d_sae) dense activations at budget k (zeros elsewhere). For analysis only."""
+        return self.encode(x, k).to_dense(self.config.d_sae)
+
+    def decode(self, latents: SparseLatents | tuple[Tensor, Tensor]) -> Tensor:
+        """SparseLatents (..., k) -> (..., d_in) = b_dec + Σ_t v_t W_dec[i_t], decoded sparsely."""
+        values, indices = latents
+        if values.shape != indices.shape:
+            raise SAEInputError(f"latent values {tuple(values.shape)} and indices {tuple(indices.shape)} differ.")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.config.d_sae):
+            raise SAEInputError(
+                f"latent indices must be in 0..{self.config.d_sae - 1}, got range "
+                f"[{int(indices.min())}, {int(indices.max())}]."
+            )
+        k = values.shape[-1]
+        flat_v = values.reshape(-1, k).to(self.W_dec.dtype)
+        flat_i = indices.reshape(-1, k).to(device=self.W_dec.device, dtype=torch.long)
+        x_hat = self.b_dec + sparse_decode(flat_v, flat_i, self.W_dec)
+        return self._scale_out(x_hat).reshape(*values.shape[:-1], self.config.d_in)
+
+    # -------------------------------------------------------------------------------------------- training
+    def dead_mask(self) -> Tensor:
+        """(d_sae,) bool: latents not among any token's top-k for ``config.dead_tokens`` tokens."""
+        return self.tokens_since_fired >= self.config.dead_tokens
+
+    @torch.no_grad()
+    def _update_dead_counters(self, indices: Tensor, values: Tensor) -> None:
+        self.tokens_since_fired += indices.shape[0]
+        fired = indices[values > 0]
+        self.tokens_since_fired[fired] = 0
+
+    def forward(self, x: Tensor, return_dict: bool | None = None) -> SAEOutput:
+        """(..., d_in) -> SAEOutput: reconstruction at k, latents, and the training objective.
+
+        The reconstruction loss is the HierarchicalTopK loss (mean over budgets J of the MSE) when
+        ``config.hierarchical`` is set, else the TopK MSE at k. In training mode, with ``config.auxk``, AuxK on the
+        dead latents is added (coefficient ``auxk_coefficient`` · min(1, n_dead / k_aux)) and the dead-latent
+        counters are updated. The loss is computed in the (scaled) training space of an unfolded SAE.
+        """
+        self._check_input(x)
+        cfg = self.config
+        flat = self._scale_in(x.reshape(-1, cfg.d_in))
+        use_auxk = self.training and cfg.auxk and torch.is_grad_enabled()
+        dead = self.dead_mask() if use_auxk else None
+        n_dead = int(dead.sum()) if dead is not None else 0
+        k_aux = min(cfg.auxk_k_effective, n_dead)
+        values, indices, aux_values, aux_indices = self._encode_topk(
+            flat, cfg.k, dead if k_aux > 0 else None, k_aux
+        )
+        budgets = cfg.budgets if cfg.hierarchical else [cfg.k]
+        reconstruction_loss, x_hat = hierarchical_topk_loss(flat, values, indices, self.W_dec, self.b_dec, budgets)
+        losses = {"reconstruction": reconstruction_loss}
+        loss = reconstruction_loss
+        if k_aux > 0:
+            aux = auxk_loss((flat - x_hat).detach(), aux_values, aux_indices, self.W_dec)
+            aux = aux * cfg.auxk_coefficient * min(1.0, n_dead / cfg.auxk_k_effective)
+            losses["auxk"] = aux
+            loss = loss + aux
+        if self.training:
+            self._update_dead_counters(indices, values)
+        shape = (*x.shape[:-1], cfg.k)
+        latents = SparseLatents(values.reshape(shape), indices.reshape(shape))
+        reconstruction = self._scale_out(x_hat).reshape(x.shape)
+        return SAEOutput(loss=loss, reconstruction=reconstruction, latents=latents, losses=losses)
+
+    # --------------------------------------------------------------------------------------- saving/loading
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Atomic save: write into a temporary sibling folder, then swap it into place (safetensors only)."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        kwargs["safe_serialization"] = True
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            if target.is_dir():  # keep files we do not write (cards, metrics, plots)
+                for item in target.iterdir():
+                    if item.is_file() and item.name not in ("config.json", "model.safetensors"):
+                        shutil.copy2(item, tmp / item.name)
+            result = super().save_pretrained(tmp, *args, **kwargs)
+            old = None
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Strict load: missing, unexpected or mis-shaped tensors and truncated files raise SAELoadError."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as err:
+            text = str(err)
+            if "size mismatch" in text or "shape" in text.lower() and "mismatch" in text.lower():
+                raise SAELoadError(
+                    f"{pretrained_model_name_or_path}: tensor shapes in model.safetensors disagree with config.json "
+                    f"({text.strip().splitlines()[0]}). The config and weights come from different SAEs."
+                ) from err
+            if "deserializ" in text or "header" in text.lower() or "incomplete" in text.lower():
+                raise SAELoadError(
+                    f"{pretrained_model_name_or_path}: model.safetensors cannot be read ({text.strip()}); the file "
+                    "is probably truncated or corrupt. Download or save it again."
+                ) from err
+            raise
+        problems = {
+            name: info.get(name)
+            for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if info.get(name)
+        }
+        if problems:
+            raise SAELoadError(
+                f"{pretrained_model_name_or_path}: weights do not match {cls.__name__}: "
+                f"{json.dumps({k: sorted(map(str, v)) for k, v in problems.items()})}. "
+                "The weights file belongs to another architecture or config."
+            )
+        return (model, info) if want_info else model
+
+    # ----------------------------------------------------------------------------------------------- views
+    @property
+    def d_in(self) -> int:
+        return self.config.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.config.d_sae
+
+
+def scaled_learning_rate(d_sae: int, base_lr: float = 8e-4) -> float:
+    """The recipe's learning rate: 8e-4 at 2^14 latents, scaled by 1/sqrt(d_sae / 2^14)."""
+    return base_lr / math.sqrt(d_sae / 2**14)

@@ -1,0 +1,146 @@
+"""Sparse latents and the sparse encode/decode primitives every SAE shares.
+
+TopK latents are kept as (values, indices) pairs end to end (as in EleutherAI sparsify): decoding is an
+``F.embedding_bag`` over the decoder rows, and the encoder backward touches only the selected latents, so neither
+direction builds a dense (batch, d_sae) gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class SparseLatents:
+    """TopK latents of a batch of activations.
+
+    Attributes:
+        values: (..., k) activations, sorted descending along the last dimension.
+        indices: (..., k) int64 latent ids, aligned with ``values``.
+    """
+
+    values: Tensor
+    indices: Tensor
+
+    def __post_init__(self):
+        if self.values.shape != self.indices.shape:
+            raise ValueError(
+                f"SparseLatents values {tuple(self.values.shape)} and indices {tuple(self.indices.shape)} must have "
+                "the same shape (..., k)."
+            )
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    def __iter__(self):
+        yield self.values
+        yield self.indices
+
+    def truncate(self, k: int) -> SparseLatents:
+        """The first ``k`` latents of every row: the SAE's encoding at budget ``k`` (budgets are nested)."""
+        if not 1 <= k <= self.k:
+            raise ValueError(f"cannot truncate {self.k} latents to k={k}; use 1 <= k <= {self.k}.")
+        return SparseLatents(self.values[..., :k], self.indices[..., :k])
+
+    def to_dense(self, d_sae: int) -> Tensor:
+        """(..., d_sae) dense activations (for analysis; not for hot paths)."""
+        dense = self.values.new_zeros(*self.values.shape[:-1], d_sae)
+        return dense.scatter_(-1, self.indices, self.values)
+
+    def to(self, *args, **kwargs) -> SparseLatents:
+        return SparseLatents(self.values.to(*args, **kwargs), self.indices.to(kwargs.get("device", self.indices.device)))
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_t values[..., t] · W_dec[indices[..., t]] without a dense (…, d_sae) tensor.
+
+    values, indices: (N, k); W_dec: (d_sae, d_in) -> (N, d_in).
+    """
+    if values.dtype != W_dec.dtype:
+        values = values.to(W_dec.dtype)
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
+def _scatter_rows_matmul(indices: Tensor, coefficients: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """out[f] = Σ_{(n,t): indices[n,t] = f} coefficients[n,t] · rows[n] -> (num_rows, d).
+
+    The transposed sparse product Sᵀ·rows with S the (N, num_rows) matrix holding the TopK coefficients, computed
+    as a CSR sparse-dense matmul: no (N, k, d) temporary.
+    """
+    n, k = indices.shape
+    compute_dtype = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
+    row_ids = indices.reshape(-1)
+    col_ids = torch.arange(n, device=indices.device).repeat_interleave(k)
+    sparse = torch.sparse_coo_tensor(
+        torch.stack([row_ids, col_ids]),
+        coefficients.reshape(-1).to(compute_dtype),
+        (num_rows, n),
+        check_invariants=False,
+    ).coalesce()
+    if sparse.device.type == "cpu":
+        sparse = sparse.to_sparse_csr()
+    return torch.sparse.mm(sparse, rows.to(compute_dtype)).to(rows.dtype)
+
+
+class TopKEncode(torch.autograd.Function):
+    """ReLU-TopK of a linear encoder with a sparse backward.
+
+    Forward: scores = ReLU(x Wᵀ + b) (N, F); the k largest, sorted. Optionally also the ``k_aux`` largest scores
+    among ``dead_mask`` latents (for AuxK), from the same matmul.
+    Backward: only the selected latents receive gradient: dx = embedding_bag(W, g), dW = Sᵀx (sparse),
+    db = index_add(g). Cost O(N·k·d) instead of the dense O(N·F·d).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int, dead_mask: Tensor | None, k_aux: int):
+        scores = torch.addmm(bias, x, weight.t()).relu_()
+        values, indices = scores.topk(k, dim=-1, sorted=True)
+        if dead_mask is not None and k_aux > 0:
+            aux_values, aux_indices = scores.masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)
+            aux_values = aux_values.clamp_min_(0.0)
+        else:
+            aux_values = values.new_zeros(values.shape[0], 0)
+            aux_indices = indices.new_zeros(indices.shape[0], 0)
+        ctx.save_for_backward(x, weight, values, indices, aux_values, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
+        x, weight, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        grad = grad_values * (values > 0)
+        if aux_indices.shape[-1] > 0 and grad_aux_values is not None:
+            grad = torch.cat([grad, grad_aux_values * (aux_values > 0)], dim=-1)
+            indices = torch.cat([indices, aux_indices], dim=-1)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = sparse_decode(grad, indices, weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _scatter_rows_matmul(indices, grad, x, weight.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def topk_encode(
+    x: Tensor, weight: Tensor, bias: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x: (N, d_in), weight: (F, d_in), bias: (F,) -> values, indices (N, k) and aux values, indices (N, k_aux).
+
+    Uses the sparse backward when it is cheaper than the dense one (k much smaller than F).
+    """
+    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and 8 * k <= weight.shape[0]:
+        return TopKEncode.apply(x, weight, bias, k, dead_mask, k_aux)
+    scores = F.relu(F.linear(x, weight, bias))
+    values, indices = scores.topk(k, dim=-1, sorted=True)
+    if dead_mask is not None and k_aux > 0:
+        aux_values, aux_indices = scores.masked_fill(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)
+        aux_values = aux_values.clamp_min(0.0)
+    else:
+        aux_values, aux_indices = values.new_zeros(values.shape[0], 0), indices.new_zeros(indices.shape[0], 0)
+    return values, indices, aux_values, aux_indices

