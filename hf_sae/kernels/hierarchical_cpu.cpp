@@ -5,7 +5,8 @@
 // plain TopK. Forward returns the per-row weighted sum of squared residuals and r_K; backward walks t = K..1 with a
 // running suffix sum S_t = sum_{j>=t} w_j r_j (Balagansky et al. 2025, reference kernels in corl-team/flexsae):
 //   dL/dv_t = -c <W_dec[i_t], S_t>,  dL/dW_dec[i_t] += -c v_t S_t,  dL/db_dec = -c sum_b S_1,  c = 2 g / (B d).
-// Rows are processed in parallel; updates of a decoder row are guarded by a per-latent spin lock.
+// Rows are processed in parallel; updates of a decoder row are guarded by a per-latent spin lock (or, with
+// deterministic=true, processed in order on one thread for bit-reproducible gradients).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <atomic>
@@ -54,10 +55,11 @@ inline void unlock(std::atomic<uint8_t>& flag) { flag.store(0, std::memory_order
 template <typename T>
 void backward_rows(const T* values, const int64_t* indices, const T* W, const T* weights, const T* residual,
                    T scale, T* grad_values, T* grad_W, T* suffix_out, int64_t B, int64_t K, int64_t d,
-                   int64_t F) {
+                   int64_t F, bool deterministic) {
   std::unique_ptr<std::atomic<uint8_t>[]> locks(new std::atomic<uint8_t>[F]);
   for (int64_t f = 0; f < F; ++f) locks[f].store(0);
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+  // Deterministic mode runs the rows in order on one thread, so decoder-row sums are always added in the same order.
+  at::parallel_for(0, B, deterministic ? B : 16, [&](int64_t begin, int64_t end) {
     std::vector<T> r(d), S(d);
     for (int64_t b = begin; b < end; ++b) {
       const T* rK = residual + b * d;
@@ -112,7 +114,8 @@ std::vector<torch::Tensor> hierarchical_forward(torch::Tensor x, torch::Tensor v
 }
 
 std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Tensor indices, torch::Tensor W,
-                                                 torch::Tensor weights, torch::Tensor residual, double scale) {
+                                                 torch::Tensor weights, torch::Tensor residual, double scale,
+                                                 bool deterministic) {
   const int64_t B = residual.size(0), d = residual.size(1), K = values.size(1), F = W.size(0);
   auto grad_values = torch::empty_like(values);
   auto grad_W = torch::zeros_like(W);
@@ -121,7 +124,7 @@ std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Te
     backward_rows<scalar_t>(values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), W.data_ptr<scalar_t>(),
                             weights.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), (scalar_t)scale,
                             grad_values.data_ptr<scalar_t>(), grad_W.data_ptr<scalar_t>(),
-                            suffix.data_ptr<scalar_t>(), B, K, d, F);
+                            suffix.data_ptr<scalar_t>(), B, K, d, F, deterministic);
   });
   return {grad_values, grad_W, suffix};
 }
