@@ -65,14 +65,15 @@ class KronSAE(SAEPreTrainedModel):
     # ------------------------------------------------------------------------------------------------ views
     @property
     def W_enc(self) -> Tensor:
-        raise AttributeError(
+        # TypeError, not AttributeError: nn.Module.__getattr__ would swallow an AttributeError's message.
+        raise TypeError(
             "KronSAE has no single linear encoder: latent (h,i,j) is mAND(u_hi, w_hj) of two linear maps. Use "
             "sae.encoder.weight (the fused (num_heads*(base_dim+ext_dim), d_in) matrix) or sae.pre_acts(x)."
         )
 
     @property
     def b_enc(self) -> Tensor:
-        raise AttributeError(
+        raise TypeError(
             "KronSAE has no per-latent encoder bias; its biases are per base/extension pre-activation: "
             "sae.encoder.bias with shape (num_heads*(base_dim+ext_dim),)."
         )
@@ -101,7 +102,6 @@ class KronSAE(SAEPreTrainedModel):
         return scores.reshape(x.shape[0], self.config.d_sae)
 
     def _encode_topk(self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
-        cfg = self.config
         u, w = self.head_factors(x)
         with torch.no_grad():  # select on the dense scores, then recompute only the selected ones with gradient
             scores = self._activation(u[..., :, None].detach(), w[..., None, :].detach()).reshape(x.shape[0], -1)

@@ -254,9 +254,7 @@ class SAEPreTrainedModel(PreTrainedModel):
         dead = self.dead_mask() if use_auxk else None
         n_dead = int(dead.sum()) if dead is not None else 0
         k_aux = min(cfg.auxk_k_effective, n_dead)
-        values, indices, aux_values, aux_indices = self._encode_topk(
-            flat, cfg.k, dead if k_aux > 0 else None, k_aux
-        )
+        values, indices, aux_values, aux_indices = self._encode_topk(flat, cfg.k, dead if k_aux > 0 else None, k_aux)
         budgets = cfg.budgets if cfg.hierarchical else [cfg.k]
         reconstruction_loss, x_hat = hierarchical_topk_loss(flat, values, indices, self.W_dec, self.b_dec, budgets)
         losses = {"reconstruction": reconstruction_loss}
@@ -310,7 +308,7 @@ class SAEPreTrainedModel(PreTrainedModel):
             )
         except Exception as err:
             text = str(err)
-            if "size mismatch" in text or "shape" in text.lower() and "mismatch" in text.lower():
+            if "size mismatch" in text or "ignore_mismatched_sizes" in text:
                 raise SAELoadError(
                     f"{pretrained_model_name_or_path}: tensor shapes in model.safetensors disagree with config.json "
                     f"({text.strip().splitlines()[0]}). The config and weights come from different SAEs."
@@ -322,9 +320,7 @@ class SAEPreTrainedModel(PreTrainedModel):
                 ) from err
             raise
         problems = {
-            name: info.get(name)
-            for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
-            if info.get(name)
+            name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(name)
         }
         if problems:
             raise SAELoadError(

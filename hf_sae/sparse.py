@@ -53,7 +53,8 @@ class SparseLatents:
         return dense.scatter_(-1, self.indices, self.values)
 
     def to(self, *args, **kwargs) -> SparseLatents:
-        return SparseLatents(self.values.to(*args, **kwargs), self.indices.to(kwargs.get("device", self.indices.device)))
+        device = kwargs.get("device", self.indices.device)
+        return SparseLatents(self.values.to(*args, **kwargs), self.indices.to(device))
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -132,9 +133,11 @@ def topk_encode(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: (N, d_in), weight: (F, d_in), bias: (F,) -> values, indices (N, k) and aux values, indices (N, k_aux).
 
-    Uses the sparse backward when it is cheaper than the dense one (k much smaller than F).
+    Uses the sparse backward when it is cheaper than the dense one: k much smaller than F, and F large enough
+    that the sparse bookkeeping pays off (see benchmarks/bench_sae_step.py).
     """
-    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and 8 * k <= weight.shape[0]:
+    sparse_pays = 16 * k <= weight.shape[0] and weight.shape[0] >= 2048
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and sparse_pays:
         return TopKEncode.apply(x, weight, bias, k, dead_mask, k_aux)
     scores = F.relu(F.linear(x, weight, bias))
     values, indices = scores.topk(k, dim=-1, sorted=True)

@@ -1,0 +1,101 @@
+"""HierarchicalTopK loss, TopK loss and AuxK against hand-computed values and the naive cumsum oracle."""
+
+import pytest
+import torch
+
+from hf_sae.kernels import cpu_kernels
+from hf_sae.losses import auxk_loss, budget_weights, hierarchical_topk_loss
+
+PATHS = [pytest.param(False, id="torch")]
+if cpu_kernels() is not None:
+    PATHS.append(pytest.param(True, id="cpu-kernel"))
+
+
+def naive_hierarchical_loss(x, values, indices, W_dec, b_dec, budgets=None):
+    """The test oracle: materialise every prefix reconstruction (batch, K, d) with a cumsum."""
+    K = values.shape[1]
+    prefix = b_dec + (values.unsqueeze(-1) * W_dec[indices]).cumsum(dim=1)  # x̂_j, j = 1..K
+    per_budget = ((x.unsqueeze(1) - prefix) ** 2).mean(dim=(0, 2))  # (K,)
+    chosen = list(range(1, K + 1)) if budgets is None else budgets
+    return per_budget[[j - 1 for j in chosen]].mean()
+
+
+def random_case(n=7, d=5, F=11, K=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    W = torch.randn(F, d, generator=g, dtype=dtype)
+    b = torch.randn(d, generator=g, dtype=dtype)
+    values = torch.rand(n, K, generator=g, dtype=dtype).sort(dim=1, descending=True).values
+    indices = torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(n)])
+    return x, values, indices, W, b
+
+
+def test_hand_computed_two_latent_two_dim_case():
+    # x = (3, 1), W_dec = I, b_dec = 0, latents v = (2, 0.5) at (0, 1).
+    # x̂_1 = (2, 0): MSE = (1 + 1)/2 = 1;  x̂_2 = (2, 0.5): MSE = (1 + 0.25)/2 = 0.625;  L = (1 + 0.625)/2 = 0.8125.
+    # dL/dv1 = -(3 - v1) = -1, dL/dv2 = -(1 - v2)/2 = -0.25, dL/db_dec = -(r_1 + r_2)/2 = (-1, -0.75).
+    for use_kernel in [p.values[0] for p in PATHS]:
+        x = torch.tensor([[3.0, 1.0]], dtype=torch.float64)
+        W = torch.eye(2, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        v = torch.tensor([[2.0, 0.5]], dtype=torch.float64, requires_grad=True)
+        idx = torch.tensor([[0, 1]])
+        loss, recon = hierarchical_topk_loss(x, v, idx, W, b, use_kernel=use_kernel)
+        loss.backward()
+        assert loss.item() == pytest.approx(0.8125, abs=1e-12)
+        assert torch.allclose(recon, torch.tensor([[2.0, 0.5]], dtype=torch.float64))
+        assert torch.allclose(v.grad, torch.tensor([[-1.0, -0.25]], dtype=torch.float64))
+        assert torch.allclose(b.grad, torch.tensor([-1.0, -0.75], dtype=torch.float64))
+        # dL/dW[0] = v1 * Σ_j g_j = 2 * (-(r_1 + r_2)/2) = -2 * (1, 0.75); dL/dW[1] = v2 * g_2 = 0.5 * (-(1, 0.5)/2).
+        expected_W = torch.tensor([[-2.0, -1.5], [-0.25, -0.125]], dtype=torch.float64)
+        assert torch.allclose(W.grad, expected_W)
+
+
+@pytest.mark.parametrize("use_kernel", PATHS)
+@pytest.mark.parametrize("budgets", [None, [1, 3], [4]])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_and_gradients_match_naive_oracle(use_kernel, budgets, seed):
+    x, values, indices, W, b = random_case(seed=seed)
+    indices[0, 1] = indices[1, 0] = indices[2, 3]  # shared latents across rows exercise accumulation
+    leaves = [t.clone().requires_grad_() for t in (x, values, W, b)]
+    oracle = naive_hierarchical_loss(leaves[0], leaves[1], indices, leaves[2], leaves[3], budgets)
+    oracle_grads = torch.autograd.grad(oracle, leaves)
+    ours = [t.clone().requires_grad_() for t in (x, values, W, b)]
+    loss, recon = hierarchical_topk_loss(ours[0], ours[1], indices, ours[2], ours[3], budgets, use_kernel=use_kernel)
+    grads = torch.autograd.grad(loss, ours)
+    assert abs(loss.item() - oracle.item()) < 1e-6
+    for name, ours_g, oracle_g in zip(["x", "values", "W_dec", "b_dec"], grads, oracle_grads):
+        assert torch.allclose(ours_g, oracle_g, atol=1e-6, rtol=0), name
+    assert torch.allclose(recon, b + (values.unsqueeze(-1) * W[indices]).sum(1))
+
+
+@pytest.mark.parametrize("use_kernel", PATHS)
+def test_plain_topk_loss_is_the_mse_at_k(use_kernel):
+    x, values, indices, W, b = random_case(seed=3)
+    loss, recon = hierarchical_topk_loss(x, values, indices, W, b, budgets=[values.shape[1]], use_kernel=use_kernel)
+    assert loss.item() == pytest.approx(((x - recon) ** 2).mean().item(), abs=1e-12)
+
+
+def test_torch_path_memory_chunks_give_the_same_result():
+    x, values, indices, W, b = random_case(n=33, seed=4)
+    full, _ = hierarchical_topk_loss(x, values, indices, W, b, use_kernel=False)
+    chunked, _ = hierarchical_topk_loss(x, values, indices, W, b, use_kernel=False, chunk_elements=20)
+    assert full.item() == pytest.approx(chunked.item(), abs=1e-12)
+
+
+def test_budget_weights_average_over_the_chosen_budgets():
+    w = budget_weights(4, [1, 3], torch.float64, torch.device("cpu"))
+    assert w.tolist() == [0.5, 0.0, 0.5, 0.0]
+    assert budget_weights(4, None, torch.float64, torch.device("cpu")).tolist() == [0.25] * 4
+
+
+def test_auxk_loss_hand_case():
+    # residual e rows (1, 0) and (0, 1): mean (0.5, 0.5), ||e - mean||² = 4 * 0.25 = 1.
+    # dead latent 0 = (1, 0) fires 1.0 on row 0 only: ê = ((1, 0), (0, 0)), ||e - ê||² = 1.  L_aux = 1 / 1 = 1.
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    aux_values = torch.tensor([[1.0], [0.0]])
+    aux_indices = torch.tensor([[0], [0]])
+    assert auxk_loss(e, aux_values, aux_indices, W).item() == pytest.approx(1.0)
+    # both dead latents used perfectly: loss 0
+    assert auxk_loss(e, torch.tensor([[1.0], [1.0]]), torch.tensor([[0], [1]]), W).item() == pytest.approx(0.0)
