@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .configuration_kron_sae import KronSAEConfig
 from .errors import SAEConfigError
 from .modeling_sae import SAEPreTrainedModel
+from .sparse import SparseLinearGather
 
 
 def mand(u: Tensor, w: Tensor) -> Tensor:
@@ -102,25 +103,38 @@ class KronSAE(SAEPreTrainedModel):
         return scores.reshape(x.shape[0], self.config.d_sae)
 
     def _encode_topk(self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
-        u, w = self.head_factors(x)
+        cfg = self.config
+        weight, bias = self.encoder.weight, self.encoder.bias
+        sparse_backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         with torch.no_grad():  # select on the dense scores, then recompute only the selected ones with gradient
-            scores = self._activation(u[..., :, None].detach(), w[..., None, :].detach()).reshape(x.shape[0], -1)
+            pre = torch.addmm(bias, x, weight.t())
+            u, w = self._split(pre)
+            scores = self._activation(u[..., :, None], w[..., None, :]).reshape(x.shape[0], cfg.d_sae)
             _, indices = scores.topk(k, dim=-1, sorted=True)
             if dead_mask is not None and k_aux > 0:
                 _, aux_indices = scores.masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)
             else:
                 aux_indices = indices.new_zeros(indices.shape[0], 0)
-        values = self._gather_scores(u, w, indices)
-        aux_values = self._gather_scores(u, w, aux_indices)
-        return values, indices, aux_values, aux_indices
+        if not sparse_backward:
+            return self._gather_scores(pre, indices), indices, self._gather_scores(pre, aux_indices), aux_indices
+        all_indices = torch.cat([indices, aux_indices], dim=-1)
+        values = self._gather_scores(pre, all_indices, x)
+        return values[:, :k], indices, values[:, k:], aux_indices
 
-    def _gather_scores(self, u: Tensor, w: Tensor, indices: Tensor) -> Tensor:
-        """mAND scores of latents ``indices`` (N, k) from u (N, h, m), w (N, h, n), differentiable: (N, k)."""
+    def _gather_scores(self, pre: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
+        """Activation of latents ``indices`` (N, t) from the fused pre-activations pre (N, h·(m+n)).
+
+        With ``x`` given, u and w are re-gathered through :class:`SparseLinearGather`, so the encoder gradient only
+        touches the two columns each selected latent reads.
+        """
         cfg = self.config
-        mn = cfg.base_dim * cfg.ext_dim
+        mn, width = cfg.base_dim * cfg.ext_dim, cfg.base_dim + cfg.ext_dim
         head, rest = indices // mn, indices % mn
-        base_index = head * cfg.base_dim + rest // cfg.ext_dim
-        ext_index = head * cfg.ext_dim + rest % cfg.ext_dim
-        u_sel = u.reshape(u.shape[0], -1).gather(1, base_index)
-        w_sel = w.reshape(w.shape[0], -1).gather(1, ext_index)
-        return self._activation(u_sel, w_sel)
+        base_col = head * width + rest // cfg.ext_dim
+        ext_col = head * width + cfg.base_dim + rest % cfg.ext_dim
+        if x is None:
+            return self._activation(pre.gather(1, base_col), pre.gather(1, ext_col))
+        columns = torch.cat([base_col, ext_col], dim=-1)
+        gathered = SparseLinearGather.apply(x, self.encoder.weight, self.encoder.bias, columns, pre)
+        t = indices.shape[-1]
+        return self._activation(gathered[:, :t], gathered[:, t:])

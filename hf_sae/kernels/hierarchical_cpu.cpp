@@ -98,7 +98,36 @@ void backward_rows(const T* values, const int64_t* indices, const T* W, const T*
   });
 }
 
+template <typename T>
+void segment_rows(const int64_t* crow, const int64_t* row_ids, const T* coef, const T* rows, T* out, int64_t F,
+                  int64_t d) {
+  at::parallel_for(0, F, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      T* o = out + f * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = 0;
+      for (int64_t p = crow[f]; p < crow[f + 1]; ++p) {
+        const T a = coef[p];
+        const T* r = rows + row_ids[p] * d;
+        for (int64_t c = 0; c < d; ++c) o[c] += a * r[c];
+      }
+    }
+  });
+}
+
 }  // namespace
+
+// out[f] = sum_{p in [crow[f], crow[f+1])} coef[p] * rows[row_ids[p]]: the transposed sparse-dense product of TopK
+// gradients, computed per latent (no atomics, deterministic order).
+torch::Tensor segment_scatter_rows(torch::Tensor crow, torch::Tensor row_ids, torch::Tensor coef, torch::Tensor rows,
+                                   int64_t F) {
+  const int64_t d = rows.size(1);
+  auto out = torch::empty({F, d}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "segment_scatter_rows", [&] {
+    segment_rows<scalar_t>(crow.data_ptr<int64_t>(), row_ids.data_ptr<int64_t>(), coef.data_ptr<scalar_t>(),
+                           rows.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), F, d);
+  });
+  return out;
+}
 
 std::vector<torch::Tensor> hierarchical_forward(torch::Tensor x, torch::Tensor values, torch::Tensor indices,
                                                 torch::Tensor W, torch::Tensor b_dec, torch::Tensor weights) {
@@ -132,4 +161,5 @@ std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hierarchical_forward", &hierarchical_forward, "fused HierarchicalTopK decode + loss (CPU)");
   m.def("hierarchical_backward", &hierarchical_backward, "backward of hierarchical_forward (CPU)");
+  m.def("segment_scatter_rows", &segment_scatter_rows, "per-latent sum of weighted rows (CPU)");
 }
