@@ -74,7 +74,7 @@ def measure(kind: str, d_in: int, d_sae: int, k: int, batch: int, repeats: int, 
         else:
             sae = HierarchicalSAE(HierarchicalSAEConfig(d_in=d_in, d_sae=d_sae, k=k, hierarchical=kind == "step_hier"))
         sae.train()
-        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
 
         def step():
             training_step(sae, optimizer, x)

@@ -109,7 +109,9 @@ class KronSAE(SAEPreTrainedModel):
         with torch.no_grad():  # select on the dense scores, then recompute only the selected ones with gradient
             pre = torch.addmm(bias, x, weight.t())
             u, w = self._split(pre)
-            scores = self._activation(u[..., :, None], w[..., None, :]).reshape(x.shape[0], cfg.d_sae)
+            # Rank by ReLU(u)·ReLU(w): it is mAND² (and the relu_product score itself), so the ranking is the same
+            # and one multiply replaces the masked square root over all d_sae scores.
+            scores = (u.relu()[..., :, None] * w.relu()[..., None, :]).reshape(x.shape[0], cfg.d_sae)
             _, indices = scores.topk(k, dim=-1, sorted=True)
             if dead_mask is not None and k_aux > 0:
                 _, aux_indices = scores.masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)
