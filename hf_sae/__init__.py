@@ -11,16 +11,47 @@ from .configuration_hierarchical_sae import HierarchicalSAEConfig  # noqa: E402
 from .configuration_kron_sae import KronSAEConfig  # noqa: E402
 from .configuration_sae import SAEConfig  # noqa: E402
 from .errors import SAEConfigError, SAEInputError, SAELoadError  # noqa: E402
+from .evaluation import (  # noqa: E402
+    EvaluationError,
+    FeatureExample,
+    LMLossResult,
+    TopFeatures,
+    ce_loss_recovered,
+    lm_loss_with_sae,
+    max_activating_examples,
+    top_features,
+)
 from .modeling_hierarchical_sae import HierarchicalSAE  # noqa: E402
 from .modeling_kron_sae import KronSAE  # noqa: E402
 from .modeling_sae import SAEOutput, SAEPreTrainedModel  # noqa: E402
+from .sites import SITES, Site, SiteError, decoder_layers, num_layers, resolve_site  # noqa: E402
 from .sparse import SparseLatents  # noqa: E402
+from .steering import SAEHook, SteeringError, SteeringHandle, attach, steer  # noqa: E402
 
 for _config, _model in ((HierarchicalSAEConfig, HierarchicalSAE), (KronSAEConfig, KronSAE)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
 
 __all__ = [
+    "SITES",
+    "EvaluationError",
+    "FeatureExample",
+    "LMLossResult",
+    "SAEHook",
+    "Site",
+    "SiteError",
+    "SteeringError",
+    "SteeringHandle",
+    "TopFeatures",
+    "attach",
+    "ce_loss_recovered",
+    "decoder_layers",
+    "lm_loss_with_sae",
+    "max_activating_examples",
+    "num_layers",
+    "resolve_site",
+    "steer",
+    "top_features",
     "HierarchicalSAE",
     "HierarchicalSAEConfig",
     "KronSAE",

@@ -330,6 +330,19 @@ class SAEPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if want_info else model
 
+    # -------------------------------------------------------------------------------------- using the SAE
+    def steer(self, model, features, **kwargs):
+        """Steer ``model`` with this SAE's features ({id: strength}); mode/positions: see hf_sae.steering.steer."""
+        from .steering import steer
+
+        return steer(model, self, features, **kwargs)
+
+    def attach(self, model, **kwargs):
+        """Attach this SAE at its site of ``model`` to record latents or splice (see hf_sae.steering.attach)."""
+        from .steering import attach
+
+        return attach(model, self, **kwargs)
+
     # ----------------------------------------------------------------------------------------------- views
     @property
     def d_in(self) -> int:

@@ -1,0 +1,548 @@
+"""Steering a language model with SAE features, and attaching an SAE to record or splice.
+
+Three steering modes act on the activation h (B, T, d_in) at the SAE's site (``config.hook_layer`` /
+``config.hook_site``, resolved by :mod:`hf_sae.sites`), for every steered feature f with strength s:
+
+* ``add``:    h <- h + s * W_dec[f] / ||W_dec[f]||           (the unit decoder direction times s)
+* ``clamp``:  h <- h + decode(z') - decode(z)                  z = encode(h), z' = z with latent f set to s
+              = h + sum_f (s_f - z_f) * W_dec[f]  (/ activation_scale for an unfolded SAE); b_dec and every latent
+              that is not steered cancel, so the SAE's reconstruction error h - decode(z) is kept.
+* ``ablate``: clamp to 0.
+
+Steering acts on every position the model processes, at prefill and at every KV-cached decode step, with no special
+case for either; greedy ``generate`` therefore gives the same tokens with ``use_cache=True`` and ``False``.
+``positions`` picks ``"all"``, ``"prompt"`` or ``"generated"`` positions; padded positions (``attention_mask == 0``)
+are never touched. To know which positions a forward holds, a forward pre-hook on the decoder stack (shared by every
+hook on that model, see :class:`_PositionTracker`) reads ``input_ids``, ``attention_mask`` and the cache length.
+
+The SAE computes in its own dtype: the activation is cast to the SAE's dtype, the edit computed, and the result cast
+back to the model's dtype. The SAE is moved to the device of the hooked layer.
+
+Every hook is removed on exit of the ``with`` block, also when the body raises; handles nest and compose (two
+handles on one site apply in the order they were made), and ``handle.remove()`` is the form for long-lived use.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .sites import Site, decoder_stack, resolve_sae_site
+from .sparse import SparseLatents
+
+Mode = Literal["add", "clamp", "ablate"]
+Positions = Literal["all", "prompt", "generated"]
+MODES = ("add", "clamp", "ablate")
+POSITIONS = ("all", "prompt", "generated")
+
+FeatureStrengths = Mapping[int, float] | Iterable[int]
+
+
+class SteeringError(ValueError):
+    """Bad steering arguments: unknown mode or positions, a feature id outside 0..d_sae-1, a non-finite strength."""
+
+
+# ------------------------------------------------------------------------------------------------ position tracking
+@dataclass
+class _ForwardState:
+    """What the current forward of the decoder stack holds.
+
+    Attributes:
+        batch, length: B and T of this forward.
+        start: absolute position of the first of the T tokens (the number of cached tokens before them).
+        prompt_length: number of prompt tokens of the sequence being processed (padding included).
+        real: (B, T) bool, False at padded positions; None when every position is real.
+        input_ids: (B, T) token ids, or None when the forward got ``inputs_embeds``.
+    """
+
+    batch: int
+    length: int
+    start: int
+    prompt_length: int
+    real: Tensor | None
+    input_ids: Tensor | None
+
+    def mask(self, positions: str, exclude_token_ids: Tensor | None = None) -> Tensor | None:
+        """(B, T) bool of the positions to edit, or None for "every position"."""
+        mask = self.real
+        if positions != "all":
+            absolute = torch.arange(self.start, self.start + self.length, device=self._device())
+            chosen = absolute < self.prompt_length if positions == "prompt" else absolute >= self.prompt_length
+            chosen = chosen.expand(self.batch, self.length)
+            mask = chosen if mask is None else mask & chosen
+        if exclude_token_ids is not None and self.input_ids is not None:
+            kept = ~torch.isin(self.input_ids, exclude_token_ids.to(self.input_ids.device))
+            mask = kept if mask is None else mask & kept
+        return mask
+
+    def _device(self) -> torch.device:
+        for tensor in (self.real, self.input_ids):
+            if tensor is not None:
+                return tensor.device
+        return torch.device("cpu")
+
+
+class _PositionTracker:
+    """A forward pre-hook on a model's decoder stack that records which positions each forward holds.
+
+    A forward continues the previous sequence when the cache already holds tokens (a KV-cached decode step), or, with
+    no cache, when its ``input_ids`` are the previous call's plus one token (``generate(use_cache=False)``); any other
+    forward starts a new sequence whose prompt is all of its tokens. One tracker serves every hook on the model and
+    is removed with the last of them.
+    """
+
+    _trackers: weakref.WeakKeyDictionary[nn.Module, _PositionTracker] = weakref.WeakKeyDictionary()
+
+    def __init__(self, stack: nn.Module):
+        self.stack = stack
+        self.users = 0
+        self.state: _ForwardState | None = None
+        self._previous_ids: Tensor | None = None
+        self._handle = stack.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True)
+
+    @classmethod
+    def acquire(cls, model: nn.Module) -> _PositionTracker:
+        stack = decoder_stack(model)
+        tracker = cls._trackers.get(stack)
+        if tracker is None:
+            tracker = cls._trackers[stack] = cls(stack)
+        tracker.users += 1
+        return tracker
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self._handle.remove()
+            self._trackers.pop(self.stack, None)
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            self.state = None
+            return
+        batch, length = reference.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        real = None
+        if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[0] == batch and mask.shape[1] >= length:
+            real = mask[:, -length:].bool()
+            if bool(real.all()):
+                real = None
+        previous = self.state
+        if start > 0:
+            prompt_length = previous.prompt_length if previous is not None else start
+        elif self._continues_without_cache(input_ids):
+            prompt_length = previous.prompt_length
+        else:
+            prompt_length = length
+        self._previous_ids = input_ids if start == 0 else None
+        self.state = _ForwardState(batch, length, start, prompt_length, real, input_ids)
+
+    def _continues_without_cache(self, input_ids: Tensor | None) -> bool:
+        previous = self._previous_ids
+        if input_ids is None or previous is None or self.state is None:
+            return False
+        if input_ids.shape[0] != previous.shape[0] or input_ids.shape[1] != previous.shape[1] + 1:
+            return False
+        return bool(torch.equal(input_ids[:, :-1], previous))
+
+
+# ----------------------------------------------------------------------------------------------------- site hooks
+class _SiteHook:
+    """A hook on one SAE's site that edits the activation at the chosen positions; base of steering and attach."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sae: nn.Module,
+        positions: str = "all",
+        exclude_token_ids: Sequence[int] | None = None,
+    ):
+        if positions not in POSITIONS:
+            raise SteeringError(f"positions={positions!r} is unknown. Use one of {list(POSITIONS)}.")
+        self.model = model
+        self.sae = sae
+        self.positions = positions
+        self.site: Site = resolve_sae_site(model, sae)
+        device = _module_device(self.site.module)
+        if device is not None and sae.W_dec.device != device:
+            sae.to(device)
+        self.exclude_token_ids = (
+            torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long) if exclude_token_ids else None
+        )
+        self._tracker: _PositionTracker | None = _PositionTracker.acquire(model)
+        self._handle: RemovableHandle | None = self.site.register(self._hook)
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def remove(self) -> None:
+        """Remove exactly this hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._tracker is not None:
+            self._tracker.release()
+            self._tracker = None
+
+    def _mask(self, activation: Tensor) -> Tensor | None:
+        """(B, T) bool of positions to edit in this forward, or None for all of them."""
+        state = self._tracker.state if self._tracker is not None else None
+        if state is None or tuple(activation.shape[:2]) != (state.batch, state.length):
+            if self.positions != "all" or self.exclude_token_ids is not None:
+                raise SteeringError(
+                    f"the activation at site {self.site.key} has shape {tuple(activation.shape)}, which does not "
+                    "match the tokens the model was called with, so positions/exclude_token_ids cannot be applied. "
+                    "Call the model (or its base model) with input_ids, or use positions='all'."
+                )
+            return None
+        mask = state.mask(self.positions, self.exclude_token_ids)
+        if mask is not None and bool(mask.all()):
+            return None
+        return mask.to(activation.device) if mask is not None else None
+
+    def _hook(self, activation: Tensor) -> Tensor | None:
+        mask = self._mask(activation)
+        if mask is not None and not bool(mask.any()):
+            return None
+        return self._edit(activation, mask)
+
+    def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor | None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+def _apply_rows(activation: Tensor, mask: Tensor | None, rows_out: Tensor) -> Tensor:
+    """Put the edited rows (N, d) back: everywhere when mask is None, else at mask's True positions."""
+    if mask is None:
+        return rows_out.reshape(activation.shape)
+    out = activation.clone()
+    out[mask] = rows_out
+    return out
+
+
+def _rows(activation: Tensor, mask: Tensor | None) -> Tensor:
+    """(N, d) the rows to edit: all B*T positions, or those where mask is True."""
+    return activation.reshape(-1, activation.shape[-1]) if mask is None else activation[mask]
+
+
+# -------------------------------------------------------------------------------------------------------- steering
+class _SteeringHook(_SiteHook):
+    """Edits the activation by one of the modes of the module docstring, for a set of (feature, strength) pairs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sae: nn.Module,
+        features: FeatureStrengths,
+        mode: str = "add",
+        positions: str = "all",
+        strength: float | None = None,
+    ):
+        if mode not in MODES:
+            raise SteeringError(f"mode={mode!r} is unknown. Use one of {list(MODES)}.")
+        feature_ids, strengths = _feature_strengths(features, sae.config.d_sae, mode, strength)
+        super().__init__(model, sae, positions)
+        self.mode = mode
+        device = sae.W_dec.device
+        self.feature_ids = torch.tensor(feature_ids, dtype=torch.long, device=device)
+        self.strengths = torch.tensor(strengths, dtype=sae.W_dec.dtype, device=device)
+        with torch.no_grad():
+            directions = sae.W_dec[self.feature_ids]  # (m, d_in)
+            if mode == "add":
+                unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                self.add_vector = self.strengths @ unit  # (d_in,) = sum_f s_f W_dec[f] / ||W_dec[f]||
+            else:
+                scale = sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
+                self.directions = directions / scale  # decode(z') - decode(z) = (s - z_f) W_dec[f] / scale
+        self._cast: dict[torch.dtype, Tensor] = {}
+
+    def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
+        # The edit is computed without gradients and added to h: gradients still flow through h (the edit counts as
+        # a constant), so steering works inside training or attribution code too.
+        if self.mode == "add":
+            vector = self._cast.get(activation.dtype)
+            if vector is None:
+                vector = self._cast[activation.dtype] = self.add_vector.to(activation.dtype)
+            if mask is None:
+                return activation + vector
+            return activation + mask.unsqueeze(-1).to(activation.dtype) * vector
+        rows = _rows(activation, mask)
+        with torch.no_grad():
+            x = rows.detach().to(self.sae.W_dec.dtype)
+            delta = clamp_delta(self.sae, x, self.feature_ids, self.strengths, self.directions).to(activation.dtype)
+        return _apply_rows(activation, mask, rows + delta)
+
+
+def clamp_delta(
+    sae: nn.Module,
+    x: Tensor,
+    feature_ids: Tensor,
+    strengths: Tensor,
+    directions: Tensor | None = None,
+) -> Tensor:
+    """decode(z') - decode(z) for x: (N, d_in), z = sae.encode(x), z' = z with latents ``feature_ids`` set to
+    ``strengths``: (N, d_in) = sum_f (s_f - z_f) W_dec[f] (divided by activation_scale for an unfolded SAE).
+
+    ``directions`` (m, d_in), the scaled decoder rows, can be passed precomputed.
+    """
+    latents = sae.encode(x)
+    match = latents.indices.unsqueeze(-1) == feature_ids  # (N, k, m)
+    current = (latents.values.unsqueeze(-1) * match).sum(dim=1)  # (N, m): z_f, 0 when f is not among the top k
+    if directions is None:
+        scale = sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
+        directions = sae.W_dec[feature_ids] / scale
+    return (strengths - current) @ directions
+
+
+def _feature_strengths(
+    features: FeatureStrengths, d_sae: int, mode: str, strength: float | None
+) -> tuple[list[int], list[float]]:
+    """Validate features: a {feature: strength} dict, or feature ids with one ``strength`` (ablate: 0)."""
+    if isinstance(features, Mapping):
+        pairs = list(features.items())
+    elif isinstance(features, int) or isinstance(features, Iterable) and not isinstance(features, (str, bytes)):
+        ids = [features] if isinstance(features, int) else list(features)
+        if strength is None and mode != "ablate":
+            raise SteeringError(
+                f"features {ids} were given without strengths. Pass a dict such as {{{ids[0] if ids else 0}: 8.0}} "
+                "or strength=8.0 for all of them."
+            )
+        pairs = [(f, 0.0 if mode == "ablate" else strength) for f in ids]
+    else:
+        raise SteeringError(
+            f"features must be a dict {{feature_id: strength}} or a list of feature ids, got {type(features).__name__}."
+        )
+    if not pairs:
+        raise SteeringError("no features to steer: pass at least one, e.g. {1234: 8.0}.")
+    ids, values = [], []
+    for feature, value in pairs:
+        if isinstance(feature, bool) or not isinstance(feature, (int, torch.Tensor)) or not 0 <= int(feature) < d_sae:
+            raise SteeringError(
+                f"feature {feature!r} is out of range: this SAE has d_sae={d_sae} latents, ids 0..{d_sae - 1}. "
+                "Pick a feature id below d_sae (e.g. from hf_sae.top_features)."
+            )
+        value = 0.0 if mode == "ablate" else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SteeringError(f"strength {value!r} of feature {int(feature)} must be a finite number, e.g. 8.0.")
+        ids.append(int(feature))
+        values.append(float(value))
+    return ids, values
+
+
+class SteeringHandle:
+    """The hooks of one :func:`steer` call. Active from creation until ``remove()`` or the end of a ``with`` block.
+
+    ``handle.generate(**inputs)`` runs ``model.generate`` with the hooks and, outside a ``with`` block, removes them
+    afterwards: ``sae.steer(model, {1234: 8.0}).generate(**inputs)`` leaves the model clean.
+    """
+
+    def __init__(self, model: nn.Module, hooks: list[_SiteHook]):
+        self.model = model
+        self.hooks = hooks
+        self._depth = 0
+
+    @property
+    def active(self) -> bool:
+        return any(hook.active for hook in self.hooks)
+
+    def remove(self) -> None:
+        """Remove every hook of this handle (and nothing else); safe to call twice."""
+        for hook in self.hooks:
+            hook.remove()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate(*args, **kwargs)`` under this steering; one-shot outside a ``with`` block."""
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            if self._depth == 0:
+                self.remove()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` under this steering; one-shot outside a ``with`` block."""
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            if self._depth == 0:
+                self.remove()
+
+    def __enter__(self) -> SteeringHandle:
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._depth -= 1
+        self.remove()
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{hook.site.key}:{hook.mode}{dict(zip(hook.feature_ids.tolist(), hook.strengths.tolist(), strict=True))}"
+            for hook in self.hooks
+            if isinstance(hook, _SteeringHook)
+        ]
+        return f"SteeringHandle({', '.join(parts)}, active={self.active})"
+
+
+def steer(
+    model: nn.Module,
+    saes_or_sae: nn.Module | Sequence[tuple] | Mapping[nn.Module, FeatureStrengths],
+    features: FeatureStrengths | None = None,
+    *,
+    mode: Mode = "add",
+    positions: Positions = "all",
+    strength: float | None = None,
+) -> SteeringHandle:
+    """Steer ``model`` with SAE features; returns a :class:`SteeringHandle` (context manager, ``.generate``).
+
+    Args:
+        model: a ``*ForCausalLM`` or base decoder model (Gemma-2/3, Llama-like).
+        saes_or_sae: one SAE (then ``features`` is required), a list of ``(sae, features)`` or
+            ``(sae, features, mode)`` tuples, or a ``{sae: features}`` dict; several SAEs (layers, sites) at once.
+        features: ``{feature_id: strength}``, or a list of ids with ``strength`` (``ablate`` needs no strength).
+        mode: ``"add"`` (h + s W_dec[f]/||W_dec[f]||), ``"clamp"`` (h + decode(z') - decode(z), z'_f = s) or
+            ``"ablate"`` (clamp to 0); see the module docstring.
+        positions: ``"all"``, ``"prompt"`` or ``"generated"``; padded positions are never steered.
+        strength: the strength of every feature when ``features`` is a list of ids.
+
+    Example::
+
+        out = hf_sae.steer(model, sae, {1234: 8.0}).generate(**inputs, max_new_tokens=40)
+        with hf_sae.steer(model, [(sae_l6, {12: 4.0}), (sae_l9, {7: -3.0})], mode="clamp"):
+            model.generate(**inputs)
+    """
+    if isinstance(saes_or_sae, nn.Module):
+        if features is None:
+            raise SteeringError("steer(model, sae, features): features is missing; pass e.g. {1234: 8.0}.")
+        entries: list[tuple] = [(saes_or_sae, features)]
+    elif isinstance(saes_or_sae, Mapping):
+        entries = list(saes_or_sae.items())
+    else:
+        entries = [tuple(entry) for entry in saes_or_sae]
+        if features is not None:
+            raise SteeringError(
+                "features= is only for a single SAE; put each SAE's features in its (sae, features) pair."
+            )
+    hooks: list[_SiteHook] = []
+    try:
+        for entry in entries:
+            if len(entry) not in (2, 3) or not isinstance(entry[0], nn.Module):
+                raise SteeringError(
+                    f"each steering entry must be (sae, features) or (sae, features, mode), got {entry!r}."
+                )
+            entry_mode = entry[2] if len(entry) == 3 else mode
+            hooks.append(_SteeringHook(model, entry[0], entry[1], entry_mode, positions, strength))
+    except BaseException:
+        for hook in hooks:
+            hook.remove()
+        raise
+    return SteeringHandle(model, hooks)
+
+
+# ---------------------------------------------------------------------------------------------------------- attach
+class SAEHook(_SiteHook):
+    """An SAE attached to its site: records the latents of each forward and, with ``splice=True``, replaces the
+    activation by the SAE's reconstruction at the chosen positions.
+
+    Attributes:
+        latents: :class:`SparseLatents` (B, T, k) of the last forward (every position, padding included).
+        history: with ``keep_history=True``, the latents of every forward since attaching (e.g. each decode step).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sae: nn.Module,
+        splice: bool = False,
+        k: int | None = None,
+        positions: str = "all",
+        exclude_token_ids: Sequence[int] | None = None,
+        keep_history: bool = False,
+    ):
+        super().__init__(model, sae, positions, exclude_token_ids)
+        self.splice = splice
+        self.k = k
+        self.keep_history = keep_history
+        self.latents: SparseLatents | None = None
+        self.history: list[SparseLatents] = []
+
+    def _hook(self, activation: Tensor) -> Tensor | None:
+        # No torch.no_grad here: under autograd, gradients flow through the SAE (attribution through latents).
+        mask = self._mask(activation) if self.splice else None
+        latents = self.sae.encode(activation.to(self.sae.W_dec.dtype), self.k)
+        self.latents = latents
+        if self.keep_history:
+            self.history.append(latents)
+        if not self.splice or (mask is not None and not bool(mask.any())):
+            return None
+        reconstruction = self.sae.decode(latents).to(activation.dtype)
+        if mask is None:
+            return reconstruction
+        return torch.where(mask.unsqueeze(-1), reconstruction, activation)
+
+    def __enter__(self) -> SAEHook:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+def attach(
+    model: nn.Module,
+    sae: nn.Module,
+    *,
+    splice: bool = False,
+    k: int | None = None,
+    positions: Positions = "all",
+    exclude_token_ids: Sequence[int] | None = None,
+    keep_history: bool = False,
+) -> SAEHook:
+    """Attach ``sae`` at its site of ``model``: record its latents (``hook.latents``), optionally splice.
+
+    Args:
+        splice: replace the activation by ``sae.decode(sae.encode(h, k))`` (cast back to the model's dtype) at the
+            chosen positions; padded positions and tokens in ``exclude_token_ids`` (e.g. BOS) keep h.
+        k: the TopK budget (any k <= config.k of a hierarchical SAE); defaults to config.k.
+        positions: ``"all"``, ``"prompt"`` or ``"generated"`` (where splicing applies).
+        keep_history: also keep the latents of every forward in ``hook.history``.
+
+    Use it as a context manager (``with sae.attach(model) as hook: model(**inputs); hook.latents``) or call
+    ``hook.remove()``.
+    """
+    return SAEHook(model, sae, splice, k, positions, exclude_token_ids, keep_history)
+
+
+class ActivationPatch(_SiteHook):
+    """Replace the activation at an SAE's site by ``fn(h)`` at the chosen positions (used for zero-ablation)."""
+
+    def __init__(self, model: nn.Module, sae: nn.Module, fn, positions: str = "all", exclude_token_ids=None):
+        super().__init__(model, sae, positions, exclude_token_ids)
+        self.fn = fn
+
+    def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
+        replaced = self.fn(activation)
+        return replaced if mask is None else torch.where(mask.unsqueeze(-1), replaced, activation)
+
+    def __enter__(self) -> ActivationPatch:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
