@@ -45,3 +45,25 @@ def default_budgets(k: int) -> list[int]:
         budgets.append(b)
         b *= 2
     return budgets + [k]
+
+
+@torch.no_grad()
+def budget_metrics(sae, x: Tensor, budgets: list[int] | None = None) -> dict[int, dict[str, float]]:
+    """FVU, EV, L0 and shrinkage of ``sae`` on activations x (N, d_in) at each budget k' (default 1, 2, 4, ..., k).
+
+    One encode at the full k; each budget decodes the first k' latents of the same ranking (budgets are nested).
+    """
+    x = x.reshape(-1, sae.config.d_in)
+    latents = sae.encode(x)
+    results = {}
+    for budget in budgets or default_budgets(sae.config.k):
+        part = latents.truncate(budget)
+        reconstruction = sae.decode(part)
+        error = fvu(x, reconstruction)
+        results[budget] = {
+            "fvu": error,
+            "explained_variance": 1.0 - error,
+            "l0": l0(part.values),
+            "shrinkage": shrinkage(x, reconstruction),
+        }
+    return results
