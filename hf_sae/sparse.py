@@ -7,6 +7,7 @@ direction builds a dense (batch, d_sae) gradient.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,8 +88,10 @@ def _scatter_rows_matmul(indices: Tensor, coefficients: Tensor, rows: Tensor, nu
     if kernels is not None:
         return kernels.segment_scatter_rows(crow, row_ids, coef.to(rows.dtype), rows.contiguous(), num_rows)
     compute_dtype = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
-    sparse = torch.sparse_csr_tensor(crow, row_ids, coef.to(compute_dtype), (num_rows, n))
-    return (sparse @ rows.to(compute_dtype)).to(rows.dtype)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = torch.sparse_csr_tensor(crow, row_ids, coef.to(compute_dtype), (num_rows, n))
+        return (sparse @ rows.to(compute_dtype)).to(rows.dtype)
 
 
 class TopKEncode(torch.autograd.Function):
