@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_sae import SAEConfig
-from .errors import SAEInputError, SAELoadError
+from .errors import SAEConfigError, SAEInputError, SAELoadError
 from .losses import auxk_loss, hierarchical_topk_loss
 from .sparse import SparseLatents, sparse_decode
 
@@ -273,39 +273,48 @@ class SAEPreTrainedModel(PreTrainedModel):
 
     # --------------------------------------------------------------------------------------- saving/loading
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Atomic save: write into a temporary sibling folder, then swap it into place (safetensors only)."""
+        """Safetensors only, each file written to a temporary folder inside the target and renamed into place.
+
+        Files the SAE does not write (model cards, metrics, plots, checkpoint subfolders) are kept; config.json is
+        renamed last, so a reader never sees a new config beside old weights.
+        """
         if kwargs.get("push_to_hub"):
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            kwargs.pop("push_to_hub")
+            repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
+            self.save_pretrained(save_directory, *args, **kwargs)
+            return self.push_to_hub(repo_id)
         kwargs["safe_serialization"] = True
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=target))
         try:
-            if target.is_dir():  # keep files we do not write (cards, metrics, plots)
-                for item in target.iterdir():
-                    if item.is_file() and item.name not in ("config.json", "model.safetensors"):
-                        shutil.copy2(item, tmp / item.name)
             result = super().save_pretrained(tmp, *args, **kwargs)
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{os.getpid()}"
-                os.replace(target, old)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
+            for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(item, target / item.name)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return result
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Push weights, config and a freshly generated model card as one commit (see hf_sae.hub.push_sae)."""
+        from .hub import push_sae
+
+        return push_sae(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Strict load: missing, unexpected or mis-shaped tensors and truncated files raise SAELoadError."""
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
+        except SAEConfigError as err:
+            if str(err).startswith("config.json:"):
+                where = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "", "config.json")
+                raise SAEConfigError(f"{where}{str(err)[len('config.json') :]}") from None
+            raise
         except Exception as err:
             text = str(err)
             if "size mismatch" in text or "ignore_mismatched_sizes" in text:
@@ -318,6 +327,17 @@ class SAEPreTrainedModel(PreTrainedModel):
                     f"{pretrained_model_name_or_path}: model.safetensors cannot be read ({text.strip()}); the file "
                     "is probably truncated or corrupt. Download or save it again."
                 ) from err
+            if isinstance(err, (OSError, ValueError)) and not isinstance(err, SAELoadError):
+                from .hub import explain_load_failure
+
+                better = explain_load_failure(
+                    pretrained_model_name_or_path,
+                    err,
+                    subfolder=kwargs.get("subfolder") or None,
+                    revision=kwargs.get("revision"),
+                )
+                if better is not None:
+                    raise better from err
             raise
         problems = {
             name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(name)

@@ -1,0 +1,201 @@
+"""The ``hf-sae`` command.
+
+    hf-sae push RUN_DIR REPO_ID [--push-checkpoints] [--tag v1] [--revision BRANCH] [--include-code] [--private]
+    hf-sae convert {gemma-scope,sae-lens,sparsify} SRC OUT [--subfolder PATH] [--revision REV] [--k K] [--dtype T]
+    hf-sae card RUN_DIR [--repo-id ID] [--output FILE | --write]
+
+Each subcommand is one entry of :data:`SUBCOMMANDS` (name -> help, add_arguments(parser), run(args) -> exit code); a
+new one (e.g. ``flow``) is added by appending an entry. Errors a user can fix (bad paths, missing repos, refused
+pushes) print one ``hf-sae: error: ...`` line and exit with status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+# ------------------------------------------------------------------------------------------------------ push
+def _add_push(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder, or a saved SAE folder")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, namespace/name (created if missing)")
+    parser.add_argument(
+        "--push-checkpoints",
+        action="store_true",
+        help="also push every checkpoint (oldest first), each a new revision tagged step-N",
+    )
+    parser.add_argument("--tag", help="tag the final commit, e.g. v1 (refused if the tag exists)")
+    parser.add_argument("--revision", help="branch to push to (created from main if missing); default main")
+    parser.add_argument("--message", help="commit message")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument(
+        "--include-code",
+        action="store_true",
+        help="upload a self-contained modeling file so that trust_remote_code=True loads the SAE "
+        "without hf-sae installed",
+    )
+    parser.add_argument("--license", help="license in the card (default apache-2.0)")
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    commits = push_run(
+        args.run_dir,
+        args.repo_id,
+        push_checkpoints=args.push_checkpoints,
+        tag=args.tag,
+        revision=args.revision,
+        commit_message=args.message,
+        private=args.private or None,
+        include_code=args.include_code,
+        license=args.license,
+    )
+    previous = None
+    for commit in commits:
+        if commit.oid == previous:  # the Hub skips a commit whose files are all unchanged
+            print(f"unchanged {args.repo_id}@{commit.oid}: {commit.commit_message} (same files as the last push)")
+        else:
+            print(f"pushed {args.repo_id}@{commit.oid}: {commit.commit_message}  {commit.commit_url}")
+        previous = commit.oid
+    if args.tag:
+        print(f"tagged {args.repo_id}@{commits[-1].oid} as {args.tag}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- convert
+def _add_convert(parser: argparse.ArgumentParser) -> None:
+    from .convert import FORMATS
+
+    parser.add_argument("format", choices=list(FORMATS), help="the source format")
+    parser.add_argument("source", metavar="SRC", help="local folder or Hub repo id of the source SAE(s)")
+    parser.add_argument(
+        "out", metavar="OUT", help="folder to write the hf-sae SAE into (config.json, model.safetensors, README.md)"
+    )
+    parser.add_argument(
+        "--subfolder",
+        "--sae-id",
+        "--hookpoint",
+        dest="subfolder",
+        help="the SAE inside SRC: Gemma Scope 'layer_20/width_16k/average_l0_71', a SAELens SAE "
+        "folder, a sparsify hookpoint 'layers.12'",
+    )
+    parser.add_argument("--revision", help="Hub revision of SRC")
+    parser.add_argument("--k", type=int, help="JumpReLU only: cap on latents encode returns (default d_sae: exact)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the saved SAE")
+    parser.add_argument("--base-model", help="override the base model recorded in the config")
+    parser.add_argument("--hook-layer", type=int, help="override the layer recorded in the config")
+    parser.add_argument("--hook-site", choices=("resid", "mlp", "attn", "attn_z"), help="override the site")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .cards import generate_model_card
+    from .convert import convert
+
+    kwargs = {"revision": args.revision, "dtype": args.dtype}
+    key = {"gemma-scope": "sae_id", "sae-lens": "subfolder", "sparsify": "hookpoint"}[args.format]
+    kwargs[key] = args.subfolder
+    if args.k is not None:
+        if args.format == "sparsify":
+            raise ValueError("--k applies to JumpReLU SAEs (gemma-scope, sae-lens jumprelu/standard), not sparsify.")
+        kwargs["k"] = args.k
+    overrides = {"base_model": args.base_model, "hook_layer": args.hook_layer, "hook_site": args.hook_site}
+    sae = convert(args.format, args.source, **kwargs, **{k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out)
+    sae.save_pretrained(out)
+    _write_atomic(out / "README.md", generate_model_card(sae).content)
+    c = sae.config
+    print(
+        f"converted {args.format} {args.source}{'/' + args.subfolder if args.subfolder else ''} -> {out} "
+        f"({type(sae).__name__}: d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, layer={c.hook_layer}, site={c.hook_site})"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ card
+def _add_card(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder, or a saved SAE folder")
+    parser.add_argument("--repo-id", help="the repo the SAE will live in (for the usage snippet)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--output", "-o", help="write the card to this file instead of printing it")
+    where.add_argument("--write", action="store_true", help="write README.md next to the SAE (in the run folder)")
+
+
+def _run_card(args: argparse.Namespace) -> int:
+    from .cards import generate_collection_card, generate_model_card, read_run_metrics
+    from .hub import _sae_folders, collection_subfolder, load_sae
+
+    run_dir = Path(args.run_dir)
+    folders = _sae_folders(run_dir) if run_dir.is_dir() else []
+    if not folders:
+        raise FileNotFoundError(f"{run_dir}: no hf-sae SAE (config.json + model.safetensors) found there.")
+    command = None
+    for name in ("command.txt", "command.sh"):
+        if (run_dir / name).is_file():
+            command = (run_dir / name).read_text().strip() or None
+    if len(folders) == 1:
+        folder = folders[0]
+        metrics = read_run_metrics(folder) or read_run_metrics(run_dir, sae_folder=folder)
+        card = generate_model_card(load_sae(folder), metrics, folder, command, repo_id=args.repo_id)
+        target = folder / "README.md"
+    else:
+        saes = {}
+        for folder in folders:
+            sae = load_sae(folder)
+            saes[collection_subfolder(sae.config) if sae.config.hook_layer is not None else folder.name] = sae
+        card = generate_collection_card(saes, repo_id=args.repo_id)
+        target = run_dir / "README.md"
+    if args.write or args.output:
+        target = Path(args.output) if args.output else target
+        _write_atomic(target, card.content)
+        print(f"wrote {target}")
+    else:
+        sys.stdout.write(card.content)
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------ main
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "push": ("push a training run (or a saved SAE) to the Hub with a generated card", _add_push, _run_push),
+    "convert": ("convert a Gemma Scope / SAELens / sparsify SAE into an hf-sae SAE folder", _add_convert, _run_convert),
+    "card": ("print (or write) the model card of a run's SAE", _add_card, _run_card),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-sae", description="Sparse autoencoders as Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(child)
+        child.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as err:
+        print(f"hf-sae {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
