@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 def fvu(x: Tensor, reconstruction: Tensor) -> float:
-    x = x.double()
+    x, reconstruction = x.detach().double(), reconstruction.detach()
     total = (x - x.mean(0)).pow(2).sum()
     return float((x - reconstruction.double()).pow(2).sum() / total.clamp_min(torch.finfo(torch.float64).tiny))
 
@@ -34,8 +34,8 @@ def dead_fraction(indices: Tensor, values: Tensor, d_sae: int) -> float:
 
 def shrinkage(x: Tensor, reconstruction: Tensor) -> float:
     """Mean ||x̂|| / ||x|| over rows (1 means no shrinkage)."""
-    x_norm = x.double().norm(dim=-1).clamp_min(1e-12)
-    return float((reconstruction.double().norm(dim=-1) / x_norm).mean())
+    x_norm = x.detach().double().norm(dim=-1).clamp_min(1e-12)
+    return float((reconstruction.detach().double().norm(dim=-1) / x_norm).mean())
 
 
 def default_budgets(k: int) -> list[int]:
