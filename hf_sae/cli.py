@@ -3,6 +3,7 @@
     hf-sae push RUN_DIR REPO_ID [--push-checkpoints] [--tag v1] [--revision BRANCH] [--include-code] [--private]
     hf-sae convert {gemma-scope,sae-lens,sparsify} SRC OUT [--subfolder PATH] [--revision REV] [--k K] [--dtype T]
     hf-sae card RUN_DIR [--repo-id ID] [--output FILE | --write]
+    hf-sae flow {trace,table,match} REPO ...   (feature flow; see hf_sae.flow.cli)
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (name -> help, add_arguments(parser), run(args) -> exit code); a
 new one (e.g. ``flow``) is added by appending an entry. Errors a user can fix (bad paths, missing repos, refused
@@ -17,6 +18,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from .flow.cli import FLOW_SUBCOMMAND
 
 
 # ------------------------------------------------------------------------------------------------------ push
@@ -175,6 +178,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "push": ("push a training run (or a saved SAE) to the Hub with a generated card", _add_push, _run_push),
     "convert": ("convert a Gemma Scope / SAELens / sparsify SAE into an hf-sae SAE folder", _add_convert, _run_convert),
     "card": ("print (or write) the model card of a run's SAE", _add_card, _run_card),
+    "flow": FLOW_SUBCOMMAND,
 }
 
 
