@@ -150,8 +150,8 @@ def ce_loss_recovered(clean_loss: float, spliced_loss: float, ablated_loss: floa
 
 def _loss_sum(logits: Tensor, input_ids: Tensor, counted: Tensor) -> Tensor:
     """Sum of CE(logits[:, t], input_ids[:, t + 1]) over the positions t where ``counted[:, t]`` (B, T - 1)."""
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-    return (losses * counted).sum()
+    mask = counted > 0  # select the counted rows first: (n, vocab) in float32, never (B, vocab, T) transposed copies
+    return F.cross_entropy(logits[:, :-1][mask].float(), input_ids[:, 1:][mask], reduction="sum")
 
 
 @torch.no_grad()

@@ -339,6 +339,11 @@ class SAEPreTrainedModel(PreTrainedModel):
                 if better is not None:
                     raise better from err
             raise
+        # Parameters loaded from safetensors may alias the file buffer at unaligned offsets, where the CPU matmul
+        # library picks other kernels (different rounding); fresh, aligned copies keep results bit-reproducible.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.clone()
         problems = {
             name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(name)
         }

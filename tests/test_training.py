@@ -1,0 +1,479 @@
+"""The training script (training/): harvesting, packing, the buffer, end-to-end runs, resume, DDP, bad input.
+
+Real components throughout: a tiny random-weight Gemma-2 saved with a real word-level tokenizer (ids 0..3 are
+<pad>, <eos>, <bos>, <unk>, as in Gemma) and real English text (the embedded corpus's held-out split when it is
+built, else CPython's documentation topics, which are always on disk).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_sae  # noqa: F401  (registers the SAE classes with AutoModel)
+from hf_sae import HierarchicalSAE
+from hf_sae.sites import SiteError, resolve_site
+from training import checkpoint as ckpt
+from training import train as train_module
+from training.config import TrainConfigError, build_parser, make_config, parse_args, parse_count
+from training.data import DataError, TokenWindows
+from training.embedded import cache_root, tiny_gemma2
+from training.harvest import ActivationBuffer, ActivationHarvester, BufferMemoryError, NonFiniteActivationsError
+
+REPO = Path(__file__).resolve().parents[1]
+BOS, EOS, PAD = 2, 1, 0
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+def _english_documents() -> list[str]:
+    validation = cache_root() / "corpus" / "validation.jsonl"
+    if (cache_root() / "corpus" / "manifest.json").exists():
+        return [json.loads(line)["text"] for line in validation.read_text().splitlines()][:60]
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)][:60]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """(model folder, docs.jsonl): a tiny Gemma-2 + word-level tokenizer saved together, and 60 English documents."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    documents = _english_documents()
+    counts = collections.Counter(word for text in documents for word in text.split())
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
+    for word, _ in counts.most_common(1000 - len(vocab)):
+        vocab[word] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    model = tiny_gemma2(seed=0, vocab_size=1000, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    return root / "model", docs
+
+
+def tiny_args(tiny_lm, out, **overrides) -> list[str]:
+    """CLI arguments of a small, fast run on the tiny model (~30 SAE steps)."""
+    model_dir, docs = tiny_lm
+    options = {
+        "model": model_dir, "dataset": docs, "eval_holdout_documents": 5, "layer": 2, "d_sae": 128, "k": 8,
+        "context_length": 32, "lm_batch_size": 8, "batch_size": 128, "buffer_size": 1024, "tokens": 128 * 30,
+        "checkpoint_every": 10, "eval_tokens": 1000, "eval_lm_windows": 4, "log_every": 5, "out": out,
+    }
+    options.update(overrides)
+    args = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+def run(args: list[str]):
+    cfg, explicit = parse_args(args)
+    return train_module.train(cfg, explicit)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    metrics = run(tiny_args(tiny_lm, out))
+    return out, metrics
+
+
+def load_tiny(tiny_lm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_lm[0]).eval(), AutoTokenizer.from_pretrained(tiny_lm[0])
+
+
+def windows_of(tiny_lm, tokenizer, texts=None, context_length=32, loop=False, **kwargs) -> TokenWindows:
+    from datasets import load_dataset
+
+    if texts is None:
+        return TokenWindows(
+            lambda: load_dataset("json", data_files=str(tiny_lm[1]), split="train", streaming=True), tokenizer,
+            context_length, loop=loop, **kwargs)
+    from datasets import IterableDataset
+
+    return TokenWindows(lambda: IterableDataset.from_generator(lambda: ({"text": t} for t in texts)), tokenizer,
+                        context_length, loop=loop, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+def test_tiny_run_saves_a_loadable_model_metrics_plot_and_card(finished_run, capsys):
+    from transformers import AutoModel
+
+    out, metrics = finished_run
+    for name in ("config.json", "model.safetensors", "metrics.json", "budget_curves.png", "train_config.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "budget_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ckpt.latest_checkpoint(out).name == "step-00000030"
+    assert len(ckpt.checkpoint_dirs(out)) == 2  # keep_checkpoints=2 pruned step 10
+    sae = AutoModel.from_pretrained(out)
+    assert isinstance(sae, HierarchicalSAE)
+    assert sae.config.activation_scale_folded and sae.config.activation_scale != 1.0
+    assert (sae.config.hook_layer, sae.config.hook_site, sae.config.d_sae, sae.config.k) == (2, "resid", 128, 8)
+    assert sae.config.tokens_trained == 128 * 30 and sae.config.context_length == 32
+    assert sae.config.excluded_token_ids == [PAD, BOS]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    result = on_disk["saes"]["L2_resid_hierarchical_k8_d128"]
+    assert list(result["budgets"]) == ["1", "2", "4", "8"]
+    evs = [result["budgets"][b]["explained_variance"] for b in ("1", "2", "4", "8")]
+    assert evs == sorted(evs) and 0 < evs[-1] < 1  # nested budgets: more latents, more variance explained
+    assert all(result["budgets"][b]["l0"] <= int(b) for b in result["budgets"])
+    assert result["eval_tokens"] == 1000 and 0 <= result["dead_fraction"] <= 1
+    try:
+        import hf_sae.cards  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert "HierarchicalTopK" in (out / "README.md").read_text()
+    if result["lm_loss"] is not None:
+        assert {"clean_loss", "spliced_loss", "ablated_loss", "ce_loss_recovered"} <= set(result["lm_loss"])
+
+
+def test_activation_scale_is_estimated_then_folded_into_the_biases(finished_run, tiny_lm):
+    """The saved (folded) SAE on raw activations = the unfolded checkpoint SAE (which scales its input itself)."""
+    out, _ = finished_run
+    folded = HierarchicalSAE.from_pretrained(out)
+    unfolded = HierarchicalSAE.from_pretrained(ckpt.latest_checkpoint(out) / "sae_0")
+    s = unfolded.config.activation_scale
+    assert not unfolded.config.activation_scale_folded and folded.config.activation_scale == pytest.approx(s)
+    assert torch.equal(folded.W_dec, unfolded.W_dec) and torch.equal(folded.encoder.weight, unfolded.encoder.weight)
+    torch.testing.assert_close(folded.b_dec * s, unfolded.b_dec)
+    torch.testing.assert_close(folded.encoder.bias * s, unfolded.encoder.bias)
+
+    model, tokenizer = load_tiny(tiny_lm)
+    harvester = ActivationHarvester(model, [resolve_site(model, 2, "resid")], [PAD, BOS])
+    x = harvester(*windows_of(tiny_lm, tokenizer).next_batch(8))[(2, "resid")]
+    # the estimate: E||s x||^2 = d_in (on other windows than the estimate used, so only roughly)
+    assert (s * x).pow(2).sum(-1).mean().item() == pytest.approx(x.shape[-1], rel=0.5)
+    raw, ref = folded.encode(x), unfolded.encode(x)
+    assert torch.equal(raw.indices, ref.indices)
+    torch.testing.assert_close(raw.values * s, ref.values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(folded(x).reconstruction, unfolded(x).reconstruction, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tiny_lm, tmp_path):
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    run(tiny_args(tiny_lm, uninterrupted))
+    # The same run in a fresh process that SIGKILLs itself after step 15: checkpoint 10 is the last one on disk.
+    script = (
+        "import os, signal, sys\n"
+        "import training.train as t\n"
+        "step = t.sae_step\n"
+        "count = [0]\n"
+        "def killing_step(*args, **kwargs):\n"
+        "    out = step(*args, **kwargs)\n"
+        "    count[0] += 1\n"
+        "    if count[0] == 15:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return out\n"
+        "t.sae_step = killing_step\n"
+        "t.main(sys.argv[1:])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, *tiny_args(tiny_lm, killed)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert ckpt.latest_checkpoint(killed).name == "step-00000010"
+    assert not (killed / "model.safetensors").exists()
+
+    run(["--resume", str(killed)])
+    a, b = load_file(uninterrupted / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    state_a = json.loads((ckpt.latest_checkpoint(uninterrupted) / "trainer_state.json").read_text())
+    state_b = json.loads((ckpt.latest_checkpoint(killed) / "trainer_state.json").read_text())
+    assert state_a["step"] == state_b["step"] == 30 and state_a["tokens"] == state_b["tokens"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_ddp_on_uneven_data(tiny_lm, tmp_path):
+    """torchrun, 2 ranks over gloo: each rank harvests its own shard (an odd number of documents of different
+    lengths, so the ranks' buffer rounds differ), gradients are all-reduced, only rank 0 writes, nothing hangs."""
+    docs = tmp_path / "odd.jsonl"
+    docs.write_text("".join(tiny_lm[1].read_text().splitlines(keepends=True)[:25]))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "training.train",
+               *tiny_args((tiny_lm[0], docs), out, tokens=128 * 2 * 12, checkpoint_every=5, eval_lm_windows=0)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run"]["processes"] == 2 and metrics["run"]["tokens"] == 128 * 2 * 12
+    state = torch.load(ckpt.latest_checkpoint(out) / "process_states.pt", weights_only=True)
+    assert len(state) == 2 and state[0]["buffer"] != state[1]["buffer"]  # each rank had its own data position
+    assert HierarchicalSAE.from_pretrained(out).config.tokens_trained == 128 * 2 * 12
+    assert proc.stdout.count("hf-sae training summary") == 1  # only the main process reports
+    assert "on 2 process(es)" in proc.stdout
+
+    # and it resumes with the same number of processes
+    (ckpt.latest_checkpoint(out)).rename(out / "checkpoints" / "step-99999999-removed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "training.train",
+               "--resume", str(out)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------------------- harvesting and data
+@pytest.mark.parametrize("site", ["resid", "mlp", "attn", "attn_z"])
+def test_harvest_equals_the_hooked_activations_of_a_full_forward(tiny_lm, site):
+    model, tokenizer = load_tiny(tiny_lm)
+    input_ids, attention_mask = windows_of(tiny_lm, tokenizer).next_batch(4)
+    resolved = resolve_site(model, 1, site)
+    harvested = ActivationHarvester(model, [resolved], [])
+    got = harvested.activations(input_ids, attention_mask)[(1, site)]
+
+    seen = {}
+    module = resolved.module
+    if resolved.kind == "forward_pre":
+        handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))
+    else:
+        handle = module.register_forward_hook(lambda m, args, out: seen.setdefault("x", out.clone()))
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    handle.remove()
+    assert torch.equal(got, seen["x"])
+    if site == "resid":  # and the residual stream after layer 1 is hidden_states[2]
+        assert torch.equal(got, full.hidden_states[2])
+    kept = harvested(input_ids, attention_mask)[(1, site)]
+    assert torch.equal(kept, seen["x"][attention_mask.bool()])
+
+
+def test_the_forward_stops_after_the_deepest_hooked_layer(tiny_lm):
+    model, tokenizer = load_tiny(tiny_lm)
+    calls = collections.Counter()
+    layers = model.model.layers
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.update([f"layer{i}"]))
+               for i, layer in enumerate(layers)]
+    handles.append(model.model.norm.register_forward_pre_hook(lambda m, a: calls.update(["norm"])))
+    handles.append(model.lm_head.register_forward_pre_hook(lambda m, a: calls.update(["lm_head"])))
+    sites = [resolve_site(model, 0, "mlp"), resolve_site(model, 1, "resid"), resolve_site(model, 1, "attn")]
+    harvester = ActivationHarvester(model, sites, [BOS])
+    result = harvester(*windows_of(tiny_lm, tokenizer).next_batch(2))
+    for handle in handles:
+        handle.remove()
+    assert set(result) == {(0, "mlp"), (1, "resid"), (1, "attn")}
+    assert calls == {"layer0": 1, "layer1": 1}  # layers 2, 3, the final norm and the LM head never ran
+
+
+def test_windows_start_with_bos_and_never_contain_it_elsewhere(tiny_lm):
+    _, tokenizer = load_tiny(tiny_lm)
+    texts = ["the cat <bos> sat on the mat " * 7, "a short one", "<bos> starts with a literal bos " * 3]
+    windows = windows_of(tiny_lm, tokenizer, texts, context_length=16)
+    rows = []
+    while (window := windows.next_window()) is not None:
+        rows.append(window)
+    ids = torch.stack([r[0] for r in rows])
+    mask = torch.stack([r[1] for r in rows])
+    assert (ids[:, 0] == BOS).all() and not (ids[:, 1:] == BOS).any()
+    assert mask[:-1].all() and not mask[-1].all()  # only the very last window of a finite stream is padded
+    assert (ids[mask == 0] == PAD).all()
+    text_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) - t.count("<bos>") for t in texts)
+    assert int(mask.sum()) - len(rows) == text_tokens + len(texts)  # every text token + one EOS per document
+
+
+def test_bos_and_padding_are_excluded_from_training_activations(tiny_lm):
+    model, tokenizer = load_tiny(tiny_lm)
+    windows = windows_of(tiny_lm, tokenizer, ["one two three four five six seven"] * 3, context_length=16)
+    input_ids, attention_mask = windows.next_batch(8)
+    assert (input_ids == BOS).sum() == input_ids.shape[0] and (attention_mask == 0).any()
+    harvester = ActivationHarvester(model, [resolve_site(model, 1, "resid")], [BOS, PAD])
+    kept = harvester(input_ids, attention_mask)[(1, "resid")]
+    everything = harvester.activations(input_ids, attention_mask)[(1, "resid")]
+    real = attention_mask.bool() & (input_ids != BOS)
+    assert kept.shape[0] == int(real.sum()) == int(attention_mask.sum()) - input_ids.shape[0]
+    assert torch.equal(kept, everything[real])
+    configured = ActivationHarvester(model, [resolve_site(model, 1, "resid")], [PAD])  # BOS trained on if asked
+    assert configured(input_ids, attention_mask)[(1, "resid")].shape[0] == int(attention_mask.sum())
+
+
+def test_token_windows_resume_exactly_where_their_state_was_taken(tiny_lm):
+    _, tokenizer = load_tiny(tiny_lm)
+    first = windows_of(tiny_lm, tokenizer, loop=True, documents_per_group=4)
+    for _ in range(37):
+        first.next_window()
+    state = first.state()
+    expected = [first.next_window()[0] for _ in range(50)]
+    again = windows_of(tiny_lm, tokenizer, loop=True, documents_per_group=4)
+    again.load_state(state)
+    assert all(torch.equal(a, again.next_window()[0]) for a in expected)
+
+
+def test_the_buffer_mixes_windows_and_replays_a_round_from_its_state(tiny_lm):
+    model, tokenizer = load_tiny(tiny_lm)
+    sites = [resolve_site(model, 1, "resid"), resolve_site(model, 2, "mlp")]
+
+    def buffer():
+        return ActivationBuffer(windows_of(tiny_lm, tokenizer, loop=True), ActivationHarvester(model, sites, [BOS]),
+                                buffer_size=600, batch_size=64, lm_batch_size=4, dtype=torch.float32,
+                                storage_device=torch.device("cpu"), seed=3)
+
+    first = buffer()
+    batches = [first.next_batch() for _ in range(13)]  # crosses a round boundary (600 // 64 = 9 per round)
+    assert first.round == 1 and set(batches[0]) == {(1, "resid"), (2, "mlp")}
+    assert not torch.equal(batches[0][(1, "resid")], batches[1][(1, "resid")])
+    state = first.state()
+    expected = [first.next_batch() for _ in range(12)]
+    second = buffer()
+    second.load_state(state)
+    for want in expected:
+        got = second.next_batch()
+        assert all(torch.equal(want[key], got[key]) for key in want)
+
+
+def test_nan_activations_are_skipped_counted_and_stop_the_run_when_they_persist(tiny_lm, tmp_path, monkeypatch):
+    original = train_module.load_language_model
+    poisoned = {"batches": 0, "from": None}
+
+    def load_with_nans(cfg, device):
+        model, tokenizer = original(cfg, device)
+
+        def hook(module, args, output):
+            poisoned["batches"] += 1
+            if poisoned["batches"] == 3 or (poisoned["from"] and poisoned["batches"] >= poisoned["from"]):
+                return output * float("nan")
+            return None
+
+        model.model.layers[1].register_forward_hook(hook)
+        return model, tokenizer
+
+    monkeypatch.setattr(train_module, "load_language_model", load_with_nans)
+    out = tmp_path / "nan"
+    run(tiny_args(tiny_lm, out, tokens=128 * 10, eval_lm_windows=0))
+    state = json.loads((ckpt.latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["nonfinite_lm_batches"] == 1 and (out / "model.safetensors").exists()
+
+    poisoned.update(batches=0, **{"from": 30})  # from the 30th LM batch on, everything is NaN
+    out = tmp_path / "nan-persistent"
+    with pytest.raises(NonFiniteActivationsError, match="NaN/inf activations at layer 2 resid"):
+        run(tiny_args(tiny_lm, out, tokens=128 * 200, checkpoint_every=5, max_nonfinite_batches=3))
+    good = ckpt.latest_checkpoint(out)
+    assert good is not None and HierarchicalSAE.from_pretrained(good / "sae_0").config.d_sae == 128
+
+
+# ------------------------------------------------------------------------------------------------------ config
+def test_help_documents_every_field_with_its_default(capsys):
+    import dataclasses
+
+    from training.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--sae" if f.name == "saes" else "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert f"(default: {default!r})" in text, f.name
+
+
+def test_yaml_then_flags_fill_the_config_and_several_saes_share_one_harvest(tmp_path):
+    path = tmp_path / "runs.yaml"
+    path.write_text("model: google/gemma-2-2b\ntokens: 1e9\nd-sae: 65536\nk: 64\n"
+                    "saes:\n  - {layer: 6}\n  - {layer: 12, arch: kron, k: 32}\n")
+    cfg, explicit = parse_args(["--config", str(path), "--k", "128", "--no-auxk", "--trackers", "tensorboard"])
+    assert cfg.model == "google/gemma-2-2b" and cfg.tokens == 10**9 and cfg.k == 128 and cfg.auxk is False
+    assert cfg.trackers == ["tensorboard"] and explicit["k"] == 128
+    specs = cfg.sae_specs()
+    assert [(s.layer, s.arch, s.k, s.d_sae) for s in specs] == [(6, "hierarchical", 128, 65536),
+                                                               (12, "kron", 32, 65536)]
+    cfg, _ = parse_args(["--sae", "layer=3,site=mlp", "--sae", "layer=4,k=16,d_sae=8192"])
+    assert [(s.layer, s.site, s.k, s.d_sae) for s in cfg.sae_specs()] == [(3, "mlp", 32, 4096), (4, "resid", 16, 8192)]
+    assert parse_count("10M") == 10_000_000 and parse_count("2_000") == 2000
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"site": "mlp_out"}, "site 'mlp_out' is unknown"),
+        ({"arch": "jumprelu"}, "arch 'jumprelu' is unknown"),
+        ({"k": 64, "d_sae": 32}, "k=64 > d_sae=32"),
+        ({"buffer_size": 100, "batch_size": 4096}, "--buffer-size 100 is smaller than --batch-size 4096"),
+        ({"tokens": 0}, "--tokens must be a positive integer"),
+    ],
+)
+def test_bad_options_name_the_problem_and_the_fix(options, message):
+    with pytest.raises(TrainConfigError, match=message):
+        make_config(options)
+
+
+def test_unknown_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lrate: 0.1\n")
+    with pytest.raises(TrainConfigError, match="unknown option 'lrate'"):
+        parse_args(["--config", str(path)])
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def test_an_unknown_model_is_a_clear_error(tiny_lm, tmp_path):
+    with pytest.raises(train_module.ModelLoadError, match="--model .*nonexistent.*cannot load it"):
+        run(tiny_args(tiny_lm, tmp_path / "x", model=tmp_path / "nonexistent"))
+
+
+def test_an_unknown_dataset_is_a_clear_error(tiny_lm, tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        run(tiny_args(tiny_lm, tmp_path / "x", dataset=tmp_path / "missing" / "data.jsonl"))
+
+
+def test_a_layer_out_of_range_is_a_clear_error(tiny_lm, tmp_path):
+    with pytest.raises(TrainConfigError, match=r"--layer 9 is out of range: .* has 4 decoder layers \(0..3\)"):
+        run(tiny_args(tiny_lm, tmp_path / "x", layer=9))
+
+
+def test_a_site_the_model_lacks_is_a_clear_error(tiny_lm, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1000)).save_pretrained(gpt2)
+    load_tiny(tiny_lm)[1].save_pretrained(gpt2)
+    with pytest.raises(SiteError, match="cannot find the decoder layers of GPT2LMHeadModel"):
+        run(tiny_args(tiny_lm, tmp_path / "x", model=gpt2, layer=1))
+
+
+def test_an_empty_dataset_or_a_missing_text_column_is_a_clear_error(tiny_lm, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n' * 20)
+    with pytest.raises(DataError, match="yields no text in column 'text'"):
+        run(tiny_args(tiny_lm, tmp_path / "x", dataset=empty))
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"content": "hello world"}\n' * 20)
+    with pytest.raises(DataError, match=r"no column 'text'; its columns are \['content'\]. Pass --text-column"):
+        run(tiny_args(tiny_lm, tmp_path / "y", dataset=other))
+
+
+def test_a_buffer_too_big_for_memory_is_a_clear_error(tiny_lm, tmp_path):
+    with pytest.raises(BufferMemoryError, match="Lower --buffer-size"):
+        run(tiny_args(tiny_lm, tmp_path / "x", buffer_size=10**12))
+
+
+def test_resuming_with_a_different_config_or_without_a_checkpoint_is_refused(finished_run, tiny_lm, tmp_path):
+    out, _ = finished_run
+    with pytest.raises(ckpt.ResumeError, match="k: run has 8, you passed 16"):
+        run(["--resume", str(out), "--k", "16"])
+    with pytest.raises(ckpt.ResumeError, match="no train_config.yaml"):
+        run(["--resume", str(tmp_path)])
+    with pytest.raises(TrainConfigError, match="already exists"):  # and a new run never overwrites an old one
+        run(tiny_args(tiny_lm, out))

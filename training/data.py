@@ -1,0 +1,291 @@
+"""Text for SAE training: load a data set (local files or a Hub id, streamed), tokenise it, pack it into windows.
+
+Packing: documents are tokenised without special tokens, each followed by EOS, concatenated, and cut into windows of
+``context_length`` tokens that each start with BOS: ``[BOS] t_1 ... t_{T-1}``. So BOS is only ever at position 0 (a
+BOS id inside the text is dropped), no window is padded except possibly the very last one of a finite stream
+(evaluation), and a document may continue into the next window. Activations at BOS and padding positions are then
+excluded from training (see ``training/harvest.py``).
+
+:class:`TokenWindows` is resumable: its ``state()`` (the data set's own ``state_dict()`` plus the tokens not yet
+emitted) restores the exact next window, and training streams loop over the data (epochs) so every process can
+always produce another batch, whatever the data set's size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import EMBEDDED, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet",
+             ".arrow": "arrow", ".gz": None}
+
+
+class DataError(ValueError):
+    """The data set cannot be read or yields no text. The message names the data set and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _load(dataset: str, split: str, dataset_config: str | None):
+    """A streaming ``datasets.IterableDataset`` for one split of a local file / folder / Hub id / 'embedded'."""
+    from datasets import load_dataset
+
+    if dataset == EMBEDDED:
+        from .embedded import corpus_paths
+
+        paths = corpus_paths()
+        if split not in paths:
+            raise _MissingSplit(split)
+        return load_dataset("json", data_files={split: str(paths[split])}, split=split, streaming=True)
+    path = Path(dataset).expanduser()
+    try:
+        if path.is_file():
+            suffixes = [s for s in path.suffixes if s in _BUILDERS]
+            builder = _BUILDERS.get(suffixes[0]) if suffixes else None
+            if builder is None:
+                raise DataError(
+                    f"--dataset {dataset}: cannot tell the format of this file. Use a .jsonl/.json, .txt, .csv or "
+                    ".parquet file, or a folder of them."
+                )
+            if split != "train":  # a single file is one split
+                raise _MissingSplit(split)
+            return load_dataset(builder, data_files={"train": str(path)}, split="train", streaming=True)
+        if path.is_dir():
+            return load_dataset(str(path), dataset_config, split=split, streaming=True)
+        if dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
+            raise DataError(
+                f"--dataset {dataset}: no such file or folder. Pass an existing local file/folder, a Hub data set "
+                "id such as HuggingFaceFW/fineweb, or 'embedded'."
+            )
+        return load_dataset(dataset, dataset_config, split=split, streaming=True)
+    except (DataError, _MissingSplit):
+        raise
+    except ValueError as error:
+        text = str(error).lower()
+        if "split" in text and any(word in text for word in ("unknown", "bad split", "not found", "should be one of")):
+            raise _MissingSplit(split) from None
+        raise DataError(f"--dataset {dataset} (split {split!r}): {error}") from None
+    except Exception as error:  # datasets raises several types for "not found" / offline; name them all the same
+        kind = type(error).__name__
+        raise DataError(
+            f"--dataset {dataset}: cannot load it ({kind}: {str(error).strip().splitlines()[0] if str(error) else ''})."
+            " Check the Hub id and --dataset-config (and network access, or HF_DATASETS_OFFLINE), or pass a local "
+            ".jsonl/.txt/.parquet file, or 'embedded'."
+        ) from None
+
+
+class _MissingSplit(Exception):
+    def __init__(self, split: str):
+        super().__init__(split)
+        self.split = split
+
+
+def _check_text_column(ds, dataset: str, text_column: str) -> None:
+    features = getattr(ds, "features", None)
+    if features is not None and text_column not in features:
+        raise DataError(
+            f"--dataset {dataset} has no column {text_column!r}; its columns are {list(features)}. "
+            f"Pass --text-column with one of them."
+        )
+
+
+def dataset_factories(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(train_factory, eval_factory): each call returns a fresh streaming IterableDataset.
+
+    The training stream is this process's shard (``split_dataset_by_node``); the evaluation stream is the full
+    held-out split (evaluation runs on the main process). Without ``cfg.eval_split`` in the data set, the first
+    ``cfg.eval_holdout_documents`` documents of the training split are held out of training.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    def load_split(split: str):
+        try:
+            ds = _load(cfg.dataset, split, cfg.dataset_config)
+        except _MissingSplit:
+            return None
+        _check_text_column(ds, cfg.dataset, cfg.text_column)
+        return ds
+
+    train = load_split(cfg.split)
+    if train is None:
+        raise DataError(f"--dataset {cfg.dataset} has no split {cfg.split!r}. Pass --split with an existing split.")
+    holdout = 0
+    eval_split = cfg.eval_split
+    if eval_split is not None and eval_split != cfg.split and load_split(eval_split) is None:
+        eval_split = None
+    if eval_split is None or eval_split == cfg.split:
+        holdout = cfg.eval_holdout_documents
+        logger.info("no held-out split %r: holding out the first %d documents of %r", cfg.eval_split, holdout,
+                    cfg.split)
+
+    def train_factory():
+        ds = load_split(cfg.split)
+        if holdout:
+            ds = ds.skip(holdout)
+        return split_dataset_by_node(ds, rank=rank, world_size=world_size) if world_size > 1 else ds
+
+    def eval_factory():
+        if holdout:
+            return load_split(cfg.split).take(holdout)
+        return load_split(eval_split)
+
+    return train_factory, eval_factory
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+class TokenWindows:
+    """Packed, BOS-led token windows from a streaming data set, resumable by :meth:`state` / :meth:`load_state`.
+
+    Args:
+        make_dataset: returns a fresh IterableDataset (called once per epoch, and after :meth:`load_state`).
+        tokenizer: the language model's tokenizer.
+        context_length: T, tokens per window (BOS included).
+        text_column: column holding the text.
+        loop: restart the data set when it ends (training); a finite stream (evaluation) pads its last window.
+        documents_per_group: documents tokenised per tokenizer call.
+        name: the data set's name for error messages.
+    """
+
+    def __init__(self, make_dataset: Callable[[], Any], tokenizer, context_length: int, text_column: str = "text",
+                 loop: bool = True, documents_per_group: int = 64, name: str = "dataset"):
+        self.make_dataset = make_dataset
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.text_column = text_column
+        self.loop = loop
+        self.documents_per_group = documents_per_group
+        self.name = name
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        self.body = context_length - (1 if self.bos_id is not None else 0)  # text tokens per window
+        # Resumable state: where the data set stands, the tokens read but not yet emitted, epochs and counts.
+        self._dataset = None
+        self._dataset_state: dict | None = None
+        self._pending: list[int] = []  # token ids read but not yet emitted start at self._offset
+        self._offset = 0
+        self.epoch = 0
+        self.documents = 0
+        self.windows = 0
+        self._iterator: Iterator[dict] | None = None
+        self._finished = False
+        self._fresh_pass = True  # the current pass over the data set started at its beginning
+        self._texts_this_pass = 0
+
+    # ------------------------------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """Everything needed to produce the same next window again (small: a dict and < T + a group of ids)."""
+        return {
+            "dataset": self._dataset_state,
+            "pending": self._pending[self._offset :],
+            "epoch": self.epoch,
+            "documents": self.documents,
+            "windows": self.windows,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._dataset = self.make_dataset()
+        if state["dataset"] is not None:
+            self._dataset.load_state_dict(state["dataset"])
+        self._dataset_state = state["dataset"]
+        self._pending, self._offset = list(state["pending"]), 0
+        self.epoch = state["epoch"]
+        self.documents = state["documents"]
+        self.windows = state["windows"]
+        self._iterator = None
+        self._finished = False
+        self._fresh_pass = state["dataset"] is None
+        self._texts_this_pass = 0
+
+    # ---------------------------------------------------------------------------------------------- reading
+    def _read_group(self) -> list[str] | None:
+        """The next documents' texts (None when a finite stream ended); restarts the data set when looping."""
+        texts: list[str] = []
+        while len(texts) < self.documents_per_group:
+            if self._iterator is None:
+                if self._dataset is None:
+                    self._dataset = self.make_dataset()
+                    self._fresh_pass, self._texts_this_pass = True, 0
+                self._iterator = iter(self._dataset)
+            try:
+                example = next(self._iterator)
+            except StopIteration:
+                if self._fresh_pass and self._texts_this_pass == 0:
+                    raise DataError(
+                        f"{self.name}: the data set (this process's shard) yields no text in column "
+                        f"{self.text_column!r}. Check --dataset, --split and --text-column, and that the data has "
+                        "at least as many documents as there are processes."
+                    ) from None
+                self._iterator, self._dataset, self._dataset_state = None, None, None
+                if not self.loop:
+                    self._finished = True
+                    return texts or None
+                self.epoch += 1
+                logger.info("%s: starting epoch %d (the data repeats)", self.name, self.epoch)
+                if texts:
+                    return texts
+                continue
+            if self.text_column not in example:
+                raise DataError(
+                    f"{self.name} has no column {self.text_column!r}; its columns are {sorted(example)}. "
+                    "Pass --text-column with one of them."
+                )
+            text = example[self.text_column]
+            self.documents += 1
+            if isinstance(text, str) and text.strip():
+                texts.append(text)
+                self._texts_this_pass += 1
+        self._dataset_state = self._dataset.state_dict()
+        return texts
+
+    def _tokenize(self, texts: list[str]) -> None:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self._pending, self._offset = self._pending[self._offset :], 0
+        dropped = {self.bos_id, self.pad_id} - {None}
+        for doc in ids:
+            self._pending.extend(t for t in doc if t not in dropped)
+            if self.eos_id is not None:
+                self._pending.append(self.eos_id)
+
+    def next_window(self) -> tuple[Tensor, Tensor] | None:
+        """(input_ids (T,), attention_mask (T,)) of the next window, or None at the end of a finite stream."""
+        while len(self._pending) - self._offset < self.body and not self._finished:
+            texts = self._read_group()
+            if texts:
+                self._tokenize(texts)
+        if len(self._pending) == self._offset:
+            return None
+        body = self._pending[self._offset : self._offset + self.body]
+        self._offset += len(body)
+        ids = ([self.bos_id] if self.bos_id is not None else []) + body
+        mask = [1] * len(ids) + [0] * (self.context_length - len(ids))
+        ids = ids + [self.pad_id] * (self.context_length - len(ids))
+        self.windows += 1
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor] | None:
+        """(input_ids (B, T), attention_mask (B, T)) with B <= batch_size, or None when a finite stream ended."""
+        rows = []
+        for _ in range(batch_size):
+            window = self.next_window()
+            if window is None:
+                break
+            rows.append(window)
+        if not rows:
+            return None
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def excluded_token_ids(cfg: TrainConfig, tokenizer) -> list[int]:
+    """The token ids whose activations are not trained on: ``cfg.excluded_token_ids`` or BOS + padding."""
+    if cfg.excluded_token_ids is not None:
+        return sorted(set(cfg.excluded_token_ids))
+    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None})
