@@ -89,8 +89,20 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _run_worker(kind: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--d-sae", str(args.d_sae), "--d-in", str(args.d_in),
-               "--block-size", str(args.block_size), "--device", args.device]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--d-sae",
+        str(args.d_sae),
+        "--d-in",
+        str(args.d_in),
+        "--block-size",
+        str(args.block_size),
+        "--device",
+        args.device,
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -101,8 +113,10 @@ def _run_worker(kind: str, args: argparse.Namespace) -> dict:
 
 def _matching_table(args: argparse.Namespace) -> None:
     flops = 2 * args.d_sae * args.d_sae * args.d_in
-    print(f"Matching two SAEs of {args.d_sae:,} random unit decoder rows, d_in = {args.d_in}, "
-          f"block = {args.block_size}, device = {args.device} ({flops / 1e12:.2f} TFLOP each way)")
+    print(
+        f"Matching two SAEs of {args.d_sae:,} random unit decoder rows, d_in = {args.d_in}, "
+        f"block = {args.block_size}, device = {args.device} ({flops / 1e12:.2f} TFLOP each way)"
+    )
     runs = {"matmul": [], "match": []}
     for _ in range(args.repeats):  # alternate, so a busy neighbour slows both alike; keep each one's fastest run
         for kind in runs:
@@ -120,13 +134,21 @@ def _matching_table(args: argparse.Namespace) -> None:
     print(f"{'':36} {'seconds':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'vs matmul':>10}")
     for name, row in rows:
         ratio = row["seconds"] / reference["seconds"]
-        print(f"{name:36} {row['seconds']:>9.2f} {flops / row['seconds'] / 1e12:>8.3f} "
-              f"{row['peak_bytes'] / gib:>9.3f} {ratio:>9.2f}x")
-    print(f"* the full {args.d_sae:,}^2 product is {args.d_sae**2 * 4 / gib:.1f} GiB of float32, so the reference runs "
-          "the same block pairs and sums the torch.mm times only (same FLOPs, no normalisation or top-k).")
-    print(f"threads: {match['threads']}; targets: <= 1.3x the matmul, <= 1 GiB peak. Time grows as d_sae^2: at "
-          f"65,536 latents expect about {match['seconds'] * (65536 / args.d_sae) ** 2:.0f} s on this machine "
-          f"(extrapolated from this run)." if args.d_sae != 65536 else f"threads: {match['threads']}")
+        print(
+            f"{name:36} {row['seconds']:>9.2f} {flops / row['seconds'] / 1e12:>8.3f} "
+            f"{row['peak_bytes'] / gib:>9.3f} {ratio:>9.2f}x"
+        )
+    print(
+        f"* the full {args.d_sae:,}^2 product is {args.d_sae**2 * 4 / gib:.1f} GiB of float32, so the reference runs "
+        "the same block pairs and sums the torch.mm times only (same FLOPs, no normalisation or top-k)."
+    )
+    print(
+        f"threads: {match['threads']}; targets: <= 1.3x the matmul, <= 1 GiB peak. Time grows as d_sae^2: at "
+        f"65,536 latents expect about {match['seconds'] * (65536 / args.d_sae) ** 2:.0f} s on this machine "
+        f"(extrapolated from this run)."
+        if args.d_sae != 65536
+        else f"threads: {match['threads']}"
+    )
 
 
 def _random_collection(folder: str, args: argparse.Namespace) -> str:
@@ -139,8 +161,14 @@ def _random_collection(folder: str, args: argparse.Namespace) -> str:
     generator = torch.Generator().manual_seed(0)
     for layer in range(18):
         for site in ("resid", "mlp", "attn"):
-            cfg = HierarchicalSAEConfig(d_in=640, d_sae=args.collection_d_sae, k=32, hook_layer=layer, hook_site=site,
-                                        base_model="google/gemma-3-270m")
+            cfg = HierarchicalSAEConfig(
+                d_in=640,
+                d_sae=args.collection_d_sae,
+                k=32,
+                hook_layer=layer,
+                hook_site=site,
+                base_model="google/gemma-3-270m",
+            )
             sae = HierarchicalSAE(cfg)
             with torch.no_grad():
                 sae.W_dec.normal_(generator=generator)
@@ -154,8 +182,9 @@ def _collection_table(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="hf-sae-flow-bench-") as cache:
         start = time.perf_counter()
-        flow = FeatureFlow.from_pretrained(args.collection, cache_dir=cache, device=args.device,
-                                           block_size=args.block_size)
+        flow = FeatureFlow.from_pretrained(
+            args.collection, cache_dir=cache, device=args.device, block_size=args.block_size
+        )
         loaded = time.perf_counter() - start
         start = time.perf_counter()
         summary = flow.summary()
@@ -164,8 +193,10 @@ def _collection_table(args: argparse.Namespace) -> None:
         FeatureFlow.from_pretrained(args.collection, cache_dir=cache, device=args.device).summary()
         warm = time.perf_counter() - start
     print(f"\nWhole-model flow tables of {args.collection}: {flow}")
-    print(f"configs read in {loaded:.1f} s; predecessor tables of {len(summary.layers)} layers: {cold:.1f} s cold, "
-          f"{warm:.1f} s warm (disk cache)")
+    print(
+        f"configs read in {loaded:.1f} s; predecessor tables of {len(summary.layers)} layers: {cold:.1f} s cold, "
+        f"{warm:.1f} s warm (disk cache)"
+    )
     print(summary)
 
 
@@ -178,8 +209,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each measurement (default 2)")
     parser.add_argument("--collection", help="collection folder / Hub repo for the whole-model tables (optional)")
-    parser.add_argument("--random-collection", action="store_true",
-                        help="time the whole-model tables on random SAEs shaped like the real small model's")
+    parser.add_argument(
+        "--random-collection",
+        action="store_true",
+        help="time the whole-model tables on random SAEs shaped like the real small model's",
+    )
     parser.add_argument("--collection-d-sae", type=int, default=4096, help="latents of the --random-collection SAEs")
     parser.add_argument("--skip-matching", action="store_true", help="only the collection tables")
     parser.add_argument("--worker", choices=("match", "matmul"), help=argparse.SUPPRESS)
@@ -194,12 +228,16 @@ def main(argv=None) -> None:
     elif args.random_collection:
         with tempfile.TemporaryDirectory(prefix="hf-sae-flow-collection-") as folder:
             args.collection = _random_collection(folder, args)
-            print(f"\n(stand-in collection: random unit decoders, 18 layers x resid/mlp/attn, d_in 640, "
-                  f"d_sae {args.collection_d_sae}: timing only, the classes mean nothing)")
+            print(
+                f"\n(stand-in collection: random unit decoders, 18 layers x resid/mlp/attn, d_in 640, "
+                f"d_sae {args.collection_d_sae}: timing only, the classes mean nothing)"
+            )
             _collection_table(args)
     else:
-        print("\nwhole-model flow tables: skipped (needs trained SAEs; pass --collection PATH_OR_REPO with one "
-              "layer_{L}/{site} subfolder per SAE)")
+        print(
+            "\nwhole-model flow tables: skipped (needs trained SAEs; pass --collection PATH_OR_REPO with one "
+            "layer_{L}/{site} subfolder per SAE)"
+        )
 
 
 if __name__ == "__main__":

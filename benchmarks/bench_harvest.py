@@ -45,8 +45,10 @@ def bench_early_stop(layers: list[int], dtype: torch.dtype, batch: int, context:
     full_stack = median_time(lambda: model.model(**inputs), repeats)
     full_head = median_time(lambda: model(**inputs), repeats)
     tokens = batch * context
-    print(f"\n## Early-stopped harvest vs full forward — Gemma 3 270M ({n} layers), {dtype}, {batch}x{context} tokens, "
-          f"{torch.get_num_threads()} threads, median of {repeats}")
+    print(
+        f"\n## Early-stopped harvest vs full forward — Gemma 3 270M ({n} layers), {dtype}, {batch}x{context} tokens, "
+        f"{torch.get_num_threads()} threads, median of {repeats}"
+    )
     print(f"full layer stack (no LM head): {1000 * full_stack:8.1f} ms  ({tokens / full_stack:,.0f} tok/s)")
     print(f"full forward with LM head    : {1000 * full_head:8.1f} ms  ({tokens / full_head:,.0f} tok/s)")
     print("| layer L | early stop ms | tok/s | speed-up vs stack | vs stack+head | target 0.8·n/(L+1) | ok |")
@@ -56,8 +58,10 @@ def bench_early_stop(layers: list[int], dtype: torch.dtype, batch: int, context:
         early = median_time(lambda site=site: capture_activations(model, [site], **inputs), repeats)
         target = 0.8 * n / (layer + 1)
         ratio = full_stack / early
-        print(f"| {layer} | {1000 * early:.1f} | {tokens / early:,.0f} | {ratio:.2f}x | {full_head / early:.2f}x | "
-              f"{target:.2f}x | {'yes' if ratio >= target else 'NO'} |")
+        print(
+            f"| {layer} | {1000 * early:.1f} | {tokens / early:,.0f} | {ratio:.2f}x | {full_head / early:.2f}x | "
+            f"{target:.2f}x | {'yes' if ratio >= target else 'NO'} |"
+        )
 
 
 def bench_end_to_end(tokens: int) -> None:
@@ -69,9 +73,22 @@ def bench_end_to_end(tokens: int) -> None:
     defaults = make_config()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cfg, explicit = parse_args(["--tokens", str(tokens), "--out", str(out), "--eval-tokens", "4096",
-                                    "--eval-lm-windows", "0", "--no-plot", "--no-model-card",
-                                    "--checkpoint-every", "0"])
+        cfg, explicit = parse_args(
+            [
+                "--tokens",
+                str(tokens),
+                "--out",
+                str(out),
+                "--eval-tokens",
+                "4096",
+                "--eval-lm-windows",
+                "0",
+                "--no-plot",
+                "--no-model-card",
+                "--checkpoint-every",
+                "0",
+            ]
+        )
         start = time.perf_counter()
         metrics = train_module.train(cfg, explicit)
         wall = time.perf_counter() - start
@@ -86,10 +103,18 @@ def bench_end_to_end(tokens: int) -> None:
     layer = (18 - 1) // 2 if defaults.layer is None else defaults.layer  # the default: the middle layer
     train_data, _ = dataset_factories(defaults, 0, 1)
     windows = TokenWindows(train_data, tokenizer, defaults.context_length)
-    harvester = ActivationHarvester(model, [resolve_site(model, layer, "resid")], excluded_token_ids(defaults,
-                                                                                                    tokenizer))
-    buffer = ActivationBuffer(windows, harvester, defaults.buffer_size, defaults.batch_size, defaults.lm_batch_size,
-                              torch.float32, torch.device("cpu"))
+    harvester = ActivationHarvester(
+        model, [resolve_site(model, layer, "resid")], excluded_token_ids(defaults, tokenizer)
+    )
+    buffer = ActivationBuffer(
+        windows,
+        harvester,
+        defaults.buffer_size,
+        defaults.batch_size,
+        defaults.lm_batch_size,
+        torch.float32,
+        torch.device("cpu"),
+    )
     start = time.perf_counter()
     buffer.peek(1)
     harvest_tps = buffer.rows / (time.perf_counter() - start)
@@ -104,8 +129,10 @@ def bench_end_to_end(tokens: int) -> None:
         training_step(sae, optimizer, x, max_grad_norm=1.0)
     sae_tps = len(batches) * defaults.batch_size / (time.perf_counter() - start)
     both = 1 / (1 / harvest_tps + 1 / sae_tps)
-    print(f"\n## End to end: the default run (layer {layer} resid, d_sae {defaults.d_sae}, k {defaults.k}, batch "
-          f"{defaults.batch_size}), {run['tokens']:,} tokens")
+    print(
+        f"\n## End to end: the default run (layer {layer} resid, d_sae {defaults.d_sae}, k {defaults.k}, batch "
+        f"{defaults.batch_size}), {run['tokens']:,} tokens"
+    )
     print("| part | tokens/s | ratio to end-to-end |")
     print("|---|---:|---:|")
     e2e = run["tokens_per_second"]

@@ -94,13 +94,15 @@ def test_validate_groups_equal_a_naive_loop(model, flow):
                 table = flow.predecessors(layer, allow_missing=True)
                 for j in dense[(layer, "resid")][t].nonzero().flatten().tolist():
                     group = 0
-                    for bit, (site, key) in enumerate([("resid", (layer - 1, "resid")), ("mlp", (layer, "mlp")),
-                                                       ("attn", (layer, "attn"))]):
+                    for bit, (site, key) in enumerate(
+                        [("resid", (layer - 1, "resid")), ("mlp", (layer, "mlp")), ("attn", (layer, "attn"))]
+                    ):
                         if key in dense and dense[key][t, int(table.ids(site)[j])] > 0:
                             group |= 1 << bit
                     expected[layer][group] += 1
-                    sums[layer][group] += torch.tensor([float(table.scores(s)[j]) for s in ("resid", "mlp", "attn")],
-                                                       dtype=torch.float64)
+                    sums[layer][group] += torch.tensor(
+                        [float(table.scores(s)[j]) for s in ("resid", "mlp", "attn")], dtype=torch.float64
+                    )
     assert result.n_tokens == n_tokens == sum(len(ids) - 1 for ids in _texts())
     for row, layer in enumerate(result.layers):
         assert result.counts[row].tolist() == expected[layer]

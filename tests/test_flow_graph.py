@@ -30,8 +30,9 @@ def _unit(x):
 
 
 def _sae(decoder, layer, site, base_model="org/tiny"):
-    cfg = HierarchicalSAEConfig(d_in=decoder.shape[1], d_sae=decoder.shape[0], k=4, hook_layer=layer,
-                                hook_site=site, base_model=base_model)
+    cfg = HierarchicalSAEConfig(
+        d_in=decoder.shape[1], d_sae=decoder.shape[0], k=4, hook_layer=layer, hook_site=site, base_model=base_model
+    )
     sae = HierarchicalSAE(cfg).eval()
     with torch.no_grad():
         sae.W_dec.copy_(decoder)
@@ -57,10 +58,22 @@ def _planted_layer():
         _unit(torch.randn(10, D, generator=g)),  # unexplained
     ]
     resid2 = torch.cat(rows)
-    labels = ["translated", "processed by mlp", "processed by attn", "processed by both", "newborn from mlp",
-              "newborn from attn", "newborn from both", "unexplained"]
-    saes = {(1, "resid"): _sae(R, 1, "resid"), (2, "mlp"): _sae(M, 2, "mlp"), (2, "attn"): _sae(A, 2, "attn"),
-            (2, "resid"): _sae(resid2, 2, "resid")}
+    labels = [
+        "translated",
+        "processed by mlp",
+        "processed by attn",
+        "processed by both",
+        "newborn from mlp",
+        "newborn from attn",
+        "newborn from both",
+        "unexplained",
+    ]
+    saes = {
+        (1, "resid"): _sae(R, 1, "resid"),
+        (2, "mlp"): _sae(M, 2, "mlp"),
+        (2, "attn"): _sae(A, 2, "attn"),
+        (2, "resid"): _sae(resid2, 2, "resid"),
+    }
     return saes, [label for label in labels for _ in range(10)], (p, q, r), resid2, (R, M, A)
 
 
@@ -98,8 +111,18 @@ def test_classify_follows_the_table_by_hand():
     s_a = torch.tensor([0.1, 0.1, 0.2, 0.2, 0.1, 0.2, 0.2, 0.1, nan, 0.1])
     category, via = classify(s_r, s_m, s_a)
     names = [CLASSES[c] for c in category.tolist()]
-    assert names == ["translated", "processed", "processed", "processed", "newborn", "newborn", "newborn",
-                     "unexplained", "newborn", "processed"]  # ties (0.5, 0.15) count as reaching the threshold
+    assert names == [
+        "translated",
+        "processed",
+        "processed",
+        "processed",
+        "newborn",
+        "newborn",
+        "newborn",
+        "unexplained",
+        "newborn",
+        "processed",
+    ]  # ties (0.5, 0.15) count as reaching the threshold
     assert via.tolist() == [0, 1, 2, 3, 1, 2, 3, 0, 1, 1]
 
 
@@ -278,19 +301,62 @@ def _parse(argv):
 def test_cli_trace_table_and_match(tmp_path, capsys):
     _save_collection(_chain(layers=4), tmp_path / "saes")
     out = tmp_path / "out"
-    args = _parse(["flow", "trace", str(tmp_path / "saes"), "--layer", "2", "--feature", "7", "--cache-dir", "none",
-                   "--out", str(out / "flow.png"), "--out", str(out / "flow.html"), "--out", str(out / "flow.json")])
+    args = _parse(
+        [
+            "flow",
+            "trace",
+            str(tmp_path / "saes"),
+            "--layer",
+            "2",
+            "--feature",
+            "7",
+            "--cache-dir",
+            "none",
+            "--out",
+            str(out / "flow.png"),
+            "--out",
+            str(out / "flow.html"),
+            "--out",
+            str(out / "flow.json"),
+        ]
+    )
     assert args.run(args) == 0
     assert (out / "flow.png").stat().st_size > 0 and (out / "flow.html").exists()
     assert from_json(out / "flow.json").graph["target"] == "2/resid/7"
     assert "2/resid/7: " in capsys.readouterr().out
-    args = _parse(["flow", "table", str(tmp_path / "saes"), "--cache-dir", str(tmp_path / "cache"),
-                   "--out", str(out / "table.csv"), "--plot", str(out / "summary.png")])
+    args = _parse(
+        [
+            "flow",
+            "table",
+            str(tmp_path / "saes"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out / "table.csv"),
+            "--plot",
+            str(out / "summary.png"),
+        ]
+    )
     assert args.run(args) == 0
     assert len((out / "table.csv").read_text().splitlines()) == 1 + 4 * 64
     assert (out / "summary.png").exists() and list((tmp_path / "cache").glob("match-*.safetensors"))
-    args = _parse(["flow", "match", str(tmp_path / "saes"), "--source", "3/resid", "--target", "2/resid", "--k", "2",
-                   "--cache-dir", "none", "--out", str(out / "match.csv")])
+    args = _parse(
+        [
+            "flow",
+            "match",
+            str(tmp_path / "saes"),
+            "--source",
+            "3/resid",
+            "--target",
+            "2/resid",
+            "--k",
+            "2",
+            "--cache-dir",
+            "none",
+            "--out",
+            str(out / "match.csv"),
+        ]
+    )
     assert args.run(args) == 0
     lines = (out / "match.csv").read_text().splitlines()
     assert lines[0] == "feature,match_1,cosine_1,match_2,cosine_2" and lines[8].startswith("7,7,")

@@ -37,8 +37,9 @@ def _flow_saes(layers=(5, 6, 7), d=640, features=512, seed=0):
             if site == "resid" and previous is not None:
                 decoder = previous + 0.02 * torch.randn(features, d, generator=g) * previous.norm(dim=1, keepdim=True)
             decoder = decoder / decoder.norm(dim=1, keepdim=True)
-            cfg = HierarchicalSAEConfig(d_in=d, d_sae=features, k=16, hook_layer=layer, hook_site=site,
-                                        base_model="google/gemma-3-270m")
+            cfg = HierarchicalSAEConfig(
+                d_in=d, d_sae=features, k=16, hook_layer=layer, hook_site=site, base_model="google/gemma-3-270m"
+            )
             sae = HierarchicalSAE(cfg).eval()
             with torch.no_grad():
                 sae.W_dec.copy_(decoder)

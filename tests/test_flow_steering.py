@@ -206,8 +206,7 @@ def test_folded_units_scale_each_direction_by_the_mean_activation(model, flow):
     finally:
         flow.mean_activations.clear()
     expected = 2.0 * 3.0 * _unit(flow[(1, "resid")].W_dec.detach()[5])
-    torch.testing.assert_close(recorder.after[0] - recorder.before[0], expected.expand(1, 4, 64), rtol=1e-4,
-                               atol=1e-5)
+    torch.testing.assert_close(recorder.after[0] - recorder.before[0], expected.expand(1, 4, 64), rtol=1e-4, atol=1e-5)
 
 
 def test_latent_values_agree_between_the_sparse_and_dense_paths():

@@ -58,8 +58,9 @@ def tiny_lm(tmp_path_factory):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     model = tiny_gemma2(seed=0, vocab_size=1000, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
     model.save_pretrained(root / "model")
     fast.save_pretrained(root / "model")
@@ -72,9 +73,22 @@ def tiny_args(tiny_lm, out, **overrides) -> list[str]:
     """CLI arguments of a small, fast run on the tiny model (~30 SAE steps)."""
     model_dir, docs = tiny_lm
     options = {
-        "model": model_dir, "dataset": docs, "eval_holdout_documents": 5, "layer": 2, "d_sae": 128, "k": 8,
-        "context_length": 32, "lm_batch_size": 8, "batch_size": 128, "buffer_size": 1024, "tokens": 128 * 30,
-        "checkpoint_every": 10, "eval_tokens": 1000, "eval_lm_windows": 4, "log_every": 5, "out": out,
+        "model": model_dir,
+        "dataset": docs,
+        "eval_holdout_documents": 5,
+        "layer": 2,
+        "d_sae": 128,
+        "k": 8,
+        "context_length": 32,
+        "lm_batch_size": 8,
+        "batch_size": 128,
+        "buffer_size": 1024,
+        "tokens": 128 * 30,
+        "checkpoint_every": 10,
+        "eval_tokens": 1000,
+        "eval_lm_windows": 4,
+        "log_every": 5,
+        "out": out,
     }
     options.update(overrides)
     args = []
@@ -110,12 +124,21 @@ def windows_of(tiny_lm, tokenizer, texts=None, context_length=32, loop=False, **
 
     if texts is None:
         return TokenWindows(
-            lambda: load_dataset("json", data_files=str(tiny_lm[1]), split="train", streaming=True), tokenizer,
-            context_length, loop=loop, **kwargs)
+            lambda: load_dataset("json", data_files=str(tiny_lm[1]), split="train", streaming=True),
+            tokenizer,
+            context_length,
+            loop=loop,
+            **kwargs,
+        )
     from datasets import IterableDataset
 
-    return TokenWindows(lambda: IterableDataset.from_generator(lambda: ({"text": t} for t in texts)), tokenizer,
-                        context_length, loop=loop, **kwargs)
+    return TokenWindows(
+        lambda: IterableDataset.from_generator(lambda: ({"text": t} for t in texts)),
+        tokenizer,
+        context_length,
+        loop=loop,
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- end to end
@@ -193,8 +216,14 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tiny
         "t.main(sys.argv[1:])\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, *tiny_args(tiny_lm, killed)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *tiny_args(tiny_lm, killed)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert ckpt.latest_checkpoint(killed).name == "step-00000010"
     assert not (killed / "model.safetensors").exists()
@@ -217,8 +246,16 @@ def test_two_processes_train_with_ddp_on_uneven_data(tiny_lm, tmp_path):
     docs.write_text("".join(tiny_lm[1].read_text().splitlines(keepends=True)[:25]))
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "training.train",
-               *tiny_args((tiny_lm[0], docs), out, tokens=128 * 2 * 12, checkpoint_every=5, eval_lm_windows=0)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.train",
+        *tiny_args((tiny_lm[0], docs), out, tokens=128 * 2 * 12, checkpoint_every=5, eval_lm_windows=0),
+    ]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -231,8 +268,17 @@ def test_two_processes_train_with_ddp_on_uneven_data(tiny_lm, tmp_path):
 
     # and it resumes with the same number of processes
     (ckpt.latest_checkpoint(out)).rename(out / "checkpoints" / "step-99999999-removed")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "training.train",
-               "--resume", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.train",
+        "--resume",
+        str(out),
+    ]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -266,8 +312,9 @@ def test_the_forward_stops_after_the_deepest_hooked_layer(tiny_lm):
     model, tokenizer = load_tiny(tiny_lm)
     calls = collections.Counter()
     layers = model.model.layers
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.update([f"layer{i}"]))
-               for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.update([f"layer{i}"])) for i, layer in enumerate(layers)
+    ]
     handles.append(model.model.norm.register_forward_pre_hook(lambda m, a: calls.update(["norm"])))
     handles.append(model.lm_head.register_forward_pre_hook(lambda m, a: calls.update(["lm_head"])))
     sites = [resolve_site(model, 0, "mlp"), resolve_site(model, 1, "resid"), resolve_site(model, 1, "attn")]
@@ -327,9 +374,16 @@ def test_the_buffer_mixes_windows_and_replays_a_round_from_its_state(tiny_lm):
     sites = [resolve_site(model, 1, "resid"), resolve_site(model, 2, "mlp")]
 
     def buffer():
-        return ActivationBuffer(windows_of(tiny_lm, tokenizer, loop=True), ActivationHarvester(model, sites, [BOS]),
-                                buffer_size=600, batch_size=64, lm_batch_size=4, dtype=torch.float32,
-                                storage_device=torch.device("cpu"), seed=3)
+        return ActivationBuffer(
+            windows_of(tiny_lm, tokenizer, loop=True),
+            ActivationHarvester(model, sites, [BOS]),
+            buffer_size=600,
+            batch_size=64,
+            lm_batch_size=4,
+            dtype=torch.float32,
+            storage_device=torch.device("cpu"),
+            seed=3,
+        )
 
     first = buffer()
     batches = [first.next_batch() for _ in range(13)]  # crosses a round boundary (600 // 64 = 9 per round)
@@ -392,14 +446,18 @@ def test_help_documents_every_field_with_its_default(capsys):
 
 def test_yaml_then_flags_fill_the_config_and_several_saes_share_one_harvest(tmp_path):
     path = tmp_path / "runs.yaml"
-    path.write_text("model: google/gemma-2-2b\ntokens: 1e9\nd-sae: 65536\nk: 64\n"
-                    "saes:\n  - {layer: 6}\n  - {layer: 12, arch: kron, k: 32}\n")
+    path.write_text(
+        "model: google/gemma-2-2b\ntokens: 1e9\nd-sae: 65536\nk: 64\n"
+        "saes:\n  - {layer: 6}\n  - {layer: 12, arch: kron, k: 32}\n"
+    )
     cfg, explicit = parse_args(["--config", str(path), "--k", "128", "--no-auxk", "--trackers", "tensorboard"])
     assert cfg.model == "google/gemma-2-2b" and cfg.tokens == 10**9 and cfg.k == 128 and cfg.auxk is False
     assert cfg.trackers == ["tensorboard"] and explicit["k"] == 128
     specs = cfg.sae_specs()
-    assert [(s.layer, s.arch, s.k, s.d_sae) for s in specs] == [(6, "hierarchical", 128, 65536),
-                                                               (12, "kron", 32, 65536)]
+    assert [(s.layer, s.arch, s.k, s.d_sae) for s in specs] == [
+        (6, "hierarchical", 128, 65536),
+        (12, "kron", 32, 65536),
+    ]
     cfg, _ = parse_args(["--sae", "layer=3,site=mlp", "--sae", "layer=4,k=16,d_sae=8192"])
     assert [(s.layer, s.site, s.k, s.d_sae) for s in cfg.sae_specs()] == [(3, "mlp", 32, 4096), (4, "resid", 16, 8192)]
     assert parse_count("10M") == 10_000_000 and parse_count("2_000") == 2000

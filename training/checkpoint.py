@@ -93,8 +93,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(run_dir: Path, step: int, saes: list, optimizer, scheduler, trainer_state: dict[str, Any],
-                    process_states: list[dict[str, Any]], config_yaml: str, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    saes: list,
+    optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    process_states: list[dict[str, Any]],
+    config_yaml: str,
+    keep: int = 2,
+) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``. Main process only."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -105,8 +114,13 @@ def save_checkpoint(run_dir: Path, step: int, saes: list, optimizer, scheduler, 
     try:
         for i, sae in enumerate(saes):
             sae.save_pretrained(tmp / f"sae_{i}")
-        save_file({f"sae_{i}.tokens_since_fired": sae.tokens_since_fired.detach().cpu().contiguous()
-                   for i, sae in enumerate(saes)}, str(tmp / "sae_state.safetensors"))
+        save_file(
+            {
+                f"sae_{i}.tokens_since_fired": sae.tokens_since_fired.detach().cpu().contiguous()
+                for i, sae in enumerate(saes)
+            },
+            str(tmp / "sae_state.safetensors"),
+        )
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(process_states, tmp / "process_states.pt")

@@ -83,16 +83,20 @@ class TrainConfig:
     text_column: str = _f("text", "column holding the text")
     context_length: int = _f(128, "tokens per window; each window starts with BOS and has no other BOS")
     lm_batch_size: int = _f(16, "windows per language-model forward pass")
-    lm_dtype: str = _f("auto", "dtype of the language model: auto (bfloat16 on GPU and on CPUs with native bfloat16 "
-                       "(AVX512-BF16/AMX), else float32), float32, bfloat16, float16")
+    lm_dtype: str = _f(
+        "auto",
+        "dtype of the language model: auto (bfloat16 on GPU and on CPUs with native bfloat16 "
+        "(AVX512-BF16/AMX), else float32), float32, bfloat16, float16",
+    )
     excluded_token_ids: list[int] | None = _f(
         None, "token ids whose activations are never trained on; default: the tokenizer's BOS and padding ids"
     )
 
     # --- the SAE(s) ----------------------------------------------------------------------------------------------
     layer: int | None = _f(
-        None, "decoder layer to read (0-based); default: the middle one, (num_layers - 1) // 2 (8 of Gemma 3 270M's "
-        "18, 12 of Gemma-2 2B's 26)"
+        None,
+        "decoder layer to read (0-based); default: the middle one, (num_layers - 1) // 2 (8 of Gemma 3 270M's "
+        "18, 12 of Gemma-2 2B's 26)",
     )
     site: str = _f("resid", f"hook site: one of {', '.join(SITES)} (see hf_sae.sites)")
     arch: str = _f(
@@ -116,8 +120,10 @@ class TrainConfig:
     dead_tokens: int | None = _f(
         None, "tokens without firing after which a latent counts as dead; default min(10M, tokens // 10)"
     )
-    b_dec_init: str = _f("auto", "decoder-bias init: auto (geometric_median; zeros for kron, as in the paper), "
-                         "geometric_median, mean or zeros")
+    b_dec_init: str = _f(
+        "auto",
+        "decoder-bias init: auto (geometric_median; zeros for kron, as in the paper), geometric_median, mean or zeros",
+    )
 
     # --- optimisation ---------------------------------------------------------------------------------------------
     tokens: int = _f(393_216, "training activations in total (all processes); accepts 1e9, 10M, 2_000_000")
@@ -137,8 +143,9 @@ class TrainConfig:
         None, "torch.use_deterministic_algorithms; default on for CPU runs (bit-reproducible resume), off on GPU"
     )
     cpu: bool | None = _f(
-        None, "run on CPU; default: CPU when no CUDA GPU is present (then torchrun / accelerate launch start gloo "
-        "ranks on CPU), else the accelerator's device"
+        None,
+        "run on CPU; default: CPU when no CUDA GPU is present (then torchrun / accelerate launch start gloo "
+        "ranks on CPU), else the accelerator's device",
     )
 
     # --- activation buffer ----------------------------------------------------------------------------------------
@@ -185,8 +192,20 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field; raise :class:`TrainConfigError` naming the value and the fix."""
-        for name in ("context_length", "lm_batch_size", "d_sae", "k", "tokens", "batch_size", "buffer_size",
-                     "log_every", "keep_checkpoints", "kron_base_dim", "kron_ext_dim", "max_nonfinite_batches"):
+        for name in (
+            "context_length",
+            "lm_batch_size",
+            "d_sae",
+            "k",
+            "tokens",
+            "batch_size",
+            "buffer_size",
+            "log_every",
+            "keep_checkpoints",
+            "kron_base_dim",
+            "kron_ext_dim",
+            "max_nonfinite_batches",
+        ):
             _check_positive_int(name, getattr(self, name))
         for name in ("checkpoint_every", "eval_tokens", "eval_lm_windows", "eval_holdout_documents", "seed"):
             value = getattr(self, name)
@@ -221,8 +240,9 @@ class TrainConfig:
         if self.dead_tokens is not None:
             _check_positive_int("dead_tokens", self.dead_tokens)
         if not self.text_column:
-            raise TrainConfigError("--text-column is empty; name the column that holds the text, e.g. --text-column "
-                                   "text.")
+            raise TrainConfigError(
+                "--text-column is empty; name the column that holds the text, e.g. --text-column text."
+            )
         specs = self.sae_specs()
         for i, spec in enumerate(specs):
             where = f"SAE #{i} ({'saes' if self.saes else 'flags'})"
@@ -234,8 +254,9 @@ class TrainConfig:
             _check_positive_int(f"{where} k", spec.k)
             if spec.k > spec.d_sae:
                 raise TrainConfigError(f"{where}: k={spec.k} > d_sae={spec.d_sae}; use k <= d_sae.")
-            if spec.layer is not None and (isinstance(spec.layer, bool) or not isinstance(spec.layer, int)
-                                           or spec.layer < 0):
+            if spec.layer is not None and (
+                isinstance(spec.layer, bool) or not isinstance(spec.layer, int) or spec.layer < 0
+            ):
                 raise TrainConfigError(f"{where}: layer must be an integer >= 0, got {spec.layer!r}.")
             if spec.lr is not None and not (spec.lr > 0 and math.isfinite(spec.lr)):
                 raise TrainConfigError(f"{where}: lr must be a finite number > 0, got {spec.lr!r}.")
@@ -392,7 +413,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> dict[str, 
         if name not in names:
             close = [n for n in sorted(names) if n.startswith(name[:3])]
             raise TrainConfigError(
-                f"{source}: unknown option {key!r}." + (f" Did you mean {close}?" if close else "")
+                f"{source}: unknown option {key!r}."
+                + (f" Did you mean {close}?" if close else "")
                 + " Run `python -m training.train --help` for the list."
             )
         values[name] = _coerce(name, value)
@@ -471,8 +493,23 @@ def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None =
 
 # Options that may differ between a run and its --resume (they do not change the trained weights).
 RESUME_MAY_CHANGE = frozenset(
-    {"resume", "out", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "trackers", "project",
-     "eval_tokens", "eval_lm_windows", "plot", "model_card", "buffer_device", "max_nonfinite_batches", "compile"}
+    {
+        "resume",
+        "out",
+        "overwrite",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "trackers",
+        "project",
+        "eval_tokens",
+        "eval_lm_windows",
+        "plot",
+        "model_card",
+        "buffer_device",
+        "max_nonfinite_batches",
+        "compile",
+    }
 )
 
 

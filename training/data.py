@@ -25,8 +25,15 @@ from .config import EMBEDDED, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet",
-             ".arrow": "arrow", ".gz": None}
+_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".txt": "text",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".gz": None,
+}
 
 
 class DataError(ValueError):
@@ -123,8 +130,9 @@ def dataset_factories(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Cal
         eval_split = None
     if eval_split is None or eval_split == cfg.split:
         holdout = cfg.eval_holdout_documents
-        logger.info("no held-out split %r: holding out the first %d documents of %r", cfg.eval_split, holdout,
-                    cfg.split)
+        logger.info(
+            "no held-out split %r: holding out the first %d documents of %r", cfg.eval_split, holdout, cfg.split
+        )
 
     def train_factory():
         ds = load_split(cfg.split)
@@ -154,8 +162,16 @@ class TokenWindows:
         name: the data set's name for error messages.
     """
 
-    def __init__(self, make_dataset: Callable[[], Any], tokenizer, context_length: int, text_column: str = "text",
-                 loop: bool = True, documents_per_group: int = 64, name: str = "dataset"):
+    def __init__(
+        self,
+        make_dataset: Callable[[], Any],
+        tokenizer,
+        context_length: int,
+        text_column: str = "text",
+        loop: bool = True,
+        documents_per_group: int = 64,
+        name: str = "dataset",
+    ):
         self.make_dataset = make_dataset
         self.tokenizer = tokenizer
         self.context_length = context_length

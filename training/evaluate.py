@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def collect_eval_data(harvester: ActivationHarvester, windows: TokenWindows, tokens: int, lm_windows: int,
-                      lm_batch_size: int) -> tuple[dict[SiteKey, Tensor], list[dict[str, Tensor]]]:
+def collect_eval_data(
+    harvester: ActivationHarvester, windows: TokenWindows, tokens: int, lm_windows: int, lm_batch_size: int
+) -> tuple[dict[SiteKey, Tensor], list[dict[str, Tensor]]]:
     """Harvest ``tokens`` held-out activations per site (float32, CPU) and keep the first ``lm_windows`` windows as
     LM batches ``{"input_ids", "attention_mask"}`` for the splice evaluation."""
     parts: dict[SiteKey, list[Tensor]] = {key: [] for key in harvester.widths}
@@ -89,8 +90,9 @@ def reconstruction_metrics(sae, x: Tensor, chunk_rows: int = 8192) -> dict[str, 
     }
 
 
-def lm_loss_metrics(model, sae, batches: list[dict[str, Tensor]], excluded: list[int],
-                    lm_batch_size: int = 4) -> dict[str, Any] | None:
+def lm_loss_metrics(
+    model, sae, batches: list[dict[str, Tensor]], excluded: list[int], lm_batch_size: int = 4
+) -> dict[str, Any] | None:
     """Clean / spliced / zero-ablated LM loss and CE loss recovered (``hf_sae.evaluation.lm_loss_with_sae``, the
     steering issue's splice) on held-out windows; None when that function is not available in this hf-sae.
 
@@ -101,10 +103,13 @@ def lm_loss_metrics(model, sae, batches: list[dict[str, Tensor]], excluded: list
     try:
         from hf_sae.evaluation import lm_loss_with_sae
     except ImportError:
-        logger.warning("hf_sae.evaluation.lm_loss_with_sae is not available: the CE-loss-recovered evaluation is "
-                       "skipped (metrics.json has lm_loss: null).")
+        logger.warning(
+            "hf_sae.evaluation.lm_loss_with_sae is not available: the CE-loss-recovered evaluation is "
+            "skipped (metrics.json has lm_loss: null)."
+        )
         return None
     windows = {key: torch.cat([batch[key] for batch in batches]) for key in ("input_ids", "attention_mask")}
-    result = lm_loss_with_sae(model, sae, windows, batch_size=lm_batch_size, max_length=None,
-                              exclude_token_ids=excluded)
+    result = lm_loss_with_sae(
+        model, sae, windows, batch_size=lm_batch_size, max_length=None, exclude_token_ids=excluded
+    )
     return result.as_dict()

@@ -108,9 +108,20 @@ class ActivationBuffer:
         max_nonfinite_batches: consecutive NaN/inf LM batches tolerated (each skipped and counted).
     """
 
-    def __init__(self, windows: TokenWindows, harvester: ActivationHarvester, buffer_size: int, batch_size: int,
-                 lm_batch_size: int, dtype: torch.dtype, storage_device: torch.device, seed: int = 0, rank: int = 0,
-                 pin_memory: bool = False, max_nonfinite_batches: int = 10):
+    def __init__(
+        self,
+        windows: TokenWindows,
+        harvester: ActivationHarvester,
+        buffer_size: int,
+        batch_size: int,
+        lm_batch_size: int,
+        dtype: torch.dtype,
+        storage_device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        pin_memory: bool = False,
+        max_nonfinite_batches: int = 10,
+    ):
         self.windows = windows
         self.harvester = harvester
         self.buffer_size = buffer_size
@@ -164,8 +175,9 @@ class ActivationBuffer:
             if kept is None:
                 self.nonfinite_batches += 1
                 self._consecutive_nonfinite += 1
-                logger.warning("skipped a language-model batch with NaN/inf activations (%d so far)",
-                               self.nonfinite_batches)
+                logger.warning(
+                    "skipped a language-model batch with NaN/inf activations (%d so far)", self.nonfinite_batches
+                )
                 if self._consecutive_nonfinite > self.max_nonfinite_batches:
                     keys = ", ".join(f"layer {layer} {site}" for layer, site in self.storage)
                     raise NonFiniteActivationsError(
@@ -204,8 +216,9 @@ class ActivationBuffer:
             self._next_round()
         index = self.permutation[self.drawn * self.batch_size : (self.drawn + 1) * self.batch_size]
         self.drawn += 1
-        return {key: store.index_select(0, index).to(device or self.storage_device) for key, store in
-                self.storage.items()}
+        return {
+            key: store.index_select(0, index).to(device or self.storage_device) for key, store in self.storage.items()
+        }
 
     def peek(self, rows: int) -> dict[SiteKey, Tensor]:
         """The first ``rows`` activations the next batches will use (for scale and b_dec estimation)."""

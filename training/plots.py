@@ -23,8 +23,9 @@ def plot_budget_curves(sae_metrics: dict[str, dict[str, Any]], path: Path, title
         ax_ev.plot(budgets, ev, marker="o", label=name)
         ax_l0.plot(budgets, l0, marker="o", label=name)
         for b, value in zip(budgets, ev if len(sae_metrics) == 1 else []):  # labels only when they cannot collide
-            ax_ev.annotate(f"{value:.2f}", (b, value), textcoords="offset points", xytext=(0, 6), ha="center",
-                           fontsize=7)
+            ax_ev.annotate(
+                f"{value:.2f}", (b, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7
+            )
     top = max(int(b) for r in sae_metrics.values() for b in r["budgets"])
     ax_l0.plot([1, top], [1, top], color="grey", linestyle=":", label="L0 = k'")
     ticks = sorted({int(b) for r in sae_metrics.values() for b in r["budgets"]})

@@ -83,8 +83,9 @@ class SAEStack(nn.Module):
         return sum(output.loss for output in outputs), outputs
 
 
-def sae_step(stack: nn.Module, saes: list, optimizer, scheduler, inputs: list[Tensor], accelerator: Accelerator,
-             cfg: TrainConfig) -> tuple[bool, list[Any]]:
+def sae_step(
+    stack: nn.Module, saes: list, optimizer, scheduler, inputs: list[Tensor], accelerator: Accelerator, cfg: TrainConfig
+) -> tuple[bool, list[Any]]:
     """One optimisation step of every SAE (Gao et al. 2024 recipe). Returns (stepped?, the SAE outputs).
 
     A step whose gradient norm is NaN/inf is skipped (no optimiser or schedule step)."""
@@ -145,9 +146,17 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
     harvester = ActivationHarvester(model, sites, excluded)
     on_device = cfg.buffer_device == "device"
     buffer = ActivationBuffer(
-        windows, harvester, cfg.buffer_size, cfg.batch_size, cfg.lm_batch_size, dtype=model.dtype,
-        storage_device=device if on_device else torch.device("cpu"), seed=cfg.seed, rank=rank,
-        pin_memory=device.type == "cuda" and not on_device, max_nonfinite_batches=cfg.max_nonfinite_batches,
+        windows,
+        harvester,
+        cfg.buffer_size,
+        cfg.batch_size,
+        cfg.lm_batch_size,
+        dtype=model.dtype,
+        storage_device=device if on_device else torch.device("cpu"),
+        seed=cfg.seed,
+        rank=rank,
+        pin_memory=device.type == "cuda" and not on_device,
+        max_nonfinite_batches=cfg.max_nonfinite_batches,
     )
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * world))
     dead_tokens = cfg.dead_tokens or max(cfg.batch_size * world, min(10_000_000, cfg.tokens // 10))
@@ -184,13 +193,20 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
 
     # ---- 4. optimiser, schedule, the loop ------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
-        [{"params": sae.parameters(), "lr": spec.lr or scaled_learning_rate(spec.d_sae)} for sae, spec in
-         zip(saes, specs)],
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        [
+            {"params": sae.parameters(), "lr": spec.lr or scaled_learning_rate(spec.d_sae)}
+            for sae, spec in zip(saes, specs)
+        ],
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
     )
     scheduler = get_scheduler(
-        "cosine_with_min_lr", optimizer, num_warmup_steps=int(cfg.lr_warmup_fraction * total_steps),
-        num_training_steps=total_steps, scheduler_specific_kwargs={"min_lr": cfg.lr_min},
+        "cosine_with_min_lr",
+        optimizer,
+        num_warmup_steps=int(cfg.lr_warmup_fraction * total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs={"min_lr": cfg.lr_min},
     )
     if checkpoint_dir is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -203,8 +219,9 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
     say(describe_run(cfg, specs, saes, run_dir, total_steps, dead_tokens, world, device, excluded))
 
     keys = [site.key for site in sites]
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                    disable=not accelerator.is_main_process)
+    progress = tqdm(
+        total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not accelerator.is_main_process
+    )
     tokens_at_start = start_step * cfg.batch_size * world
     previous_seconds = trainer_state["seconds"]  # training time of earlier sessions (resume)
     consecutive_skips = 0
@@ -233,13 +250,13 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
                 f"tok/s {tokens_per_second:,.0f} loss {first['loss']:.4f} fvu {first['fvu']:.3f} "
                 f"l0 {first['l0']:.1f} dead {100 * first['dead_fraction']:.1f}%"
             )
-            accelerator.log({f"{name}/{key}": value for name, m in logs.items() for key, value in m.items()},
-                            step=done)
+            accelerator.log({f"{name}/{key}": value for name, m in logs.items() for key, value in m.items()}, step=done)
         progress.update(1)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total_steps:
             trainer_state["seconds"] = previous_seconds + time.perf_counter() - started
-            save_training_checkpoint(run_dir, done, saes, optimizer, scheduler, buffer, trainer_state, world,
-                                     accelerator, config_yaml, cfg)
+            save_training_checkpoint(
+                run_dir, done, saes, optimizer, scheduler, buffer, trainer_state, world, accelerator, config_yaml, cfg
+            )
     progress.close()
     seconds = time.perf_counter() - started
     trainer_state["seconds"] = previous_seconds + seconds
@@ -248,10 +265,26 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {}
     if accelerator.is_main_process:
-        result = finish_run(cfg, specs, sites, saes, model, tokenizer, harvester, eval_data, run_dir, excluded,
-                            dead_tokens, total_steps, world, device, trainer_state,
-                            session_tokens=total_steps * cfg.batch_size * world - tokens_at_start,
-                            session_seconds=seconds, setup_seconds=setup_seconds)
+        result = finish_run(
+            cfg,
+            specs,
+            sites,
+            saes,
+            model,
+            tokenizer,
+            harvester,
+            eval_data,
+            run_dir,
+            excluded,
+            dead_tokens,
+            total_steps,
+            world,
+            device,
+            trainer_state,
+            session_tokens=total_steps * cfg.batch_size * world - tokens_at_start,
+            session_seconds=seconds,
+            setup_seconds=setup_seconds,
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -297,8 +330,9 @@ def lm_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     cpu = torch.cpu
-    native_bf16 = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                          "_is_amx_tile_supported"))
+    native_bf16 = any(
+        getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
     return torch.bfloat16 if device.type == "cpu" and native_bf16 else torch.float32
 
 
@@ -346,18 +380,39 @@ def sae_class(arch: str) -> type:
     return KronSAE if arch == "kron" else HierarchicalSAE
 
 
-def build_sae(cfg: TrainConfig, spec: SAESpec, d_in: int, scale: float, dead_tokens: int, model: nn.Module,
-              excluded: list[int], sample: Tensor, device: torch.device):
+def build_sae(
+    cfg: TrainConfig,
+    spec: SAESpec,
+    d_in: int,
+    scale: float,
+    dead_tokens: int,
+    model: nn.Module,
+    excluded: list[int],
+    sample: Tensor,
+    device: torch.device,
+):
     """A freshly initialised SAE that scales its own input by ``scale`` (unfolded until the end of training).
 
     Init (sae-models.md): the architecture's own (TopK: random unit decoder rows, W_enc = W_dec^T; KronSAE: the
     paper's), then b_dec = geometric median (or mean) of ``sample`` (raw activations), in the scaled space.
     """
     common = dict(
-        d_in=d_in, d_sae=spec.d_sae, k=spec.k, budgets=cfg.budgets, auxk=cfg.auxk, auxk_k=cfg.auxk_k,
-        auxk_coefficient=cfg.auxk_coefficient, dead_tokens=dead_tokens, base_model=model_id(cfg, model),
-        hook_layer=spec.layer, hook_site=spec.site, activation_scale=scale, activation_scale_folded=False,
-        context_length=cfg.context_length, excluded_token_ids=list(excluded), dataset=dataset_id(cfg),
+        d_in=d_in,
+        d_sae=spec.d_sae,
+        k=spec.k,
+        budgets=cfg.budgets,
+        auxk=cfg.auxk,
+        auxk_k=cfg.auxk_k,
+        auxk_coefficient=cfg.auxk_coefficient,
+        dead_tokens=dead_tokens,
+        base_model=model_id(cfg, model),
+        hook_layer=spec.layer,
+        hook_site=spec.site,
+        activation_scale=scale,
+        activation_scale_folded=False,
+        context_length=cfg.context_length,
+        excluded_token_ids=list(excluded),
+        dataset=dataset_id(cfg),
     )
     if spec.arch == "kron":
         config = KronSAEConfig(**common, base_dim=cfg.kron_base_dim, ext_dim=cfg.kron_ext_dim, hierarchical=True)
@@ -378,16 +433,20 @@ def dataset_id(cfg: TrainConfig) -> str:
     return "hf-sae embedded English corpus (training/embedded.py)" if cfg.dataset == EMBEDDED else cfg.dataset
 
 
-def prepare_run_dir(cfg: TrainConfig, specs: list[SAESpec], model: nn.Module, accelerator: Accelerator,
-                    resuming: bool) -> Path:
+def prepare_run_dir(
+    cfg: TrainConfig, specs: list[SAESpec], model: nn.Module, accelerator: Accelerator, resuming: bool
+) -> Path:
     """runs/<name> (or --out), checked so that a new run never overwrites an old one unless --overwrite."""
     if cfg.out:
         run_dir = Path(cfg.out)
     else:
         short = model_id(cfg, model).rstrip("/").split("/")[-1]
         spec = specs[0]
-        name = cfg.name or (f"{short}-L{spec.layer}-{spec.site}-{spec.arch}-d{spec.d_sae}-k{spec.k}" if len(specs) == 1
-                            else f"{short}-{len(specs)}saes")
+        name = cfg.name or (
+            f"{short}-L{spec.layer}-{spec.site}-{spec.arch}-d{spec.d_sae}-k{spec.k}"
+            if len(specs) == 1
+            else f"{short}-{len(specs)}saes"
+        )
         run_dir = Path("runs") / name
     if accelerator.is_main_process and not resuming and run_dir.exists() and any(run_dir.iterdir()):
         check_run_dir_is_free(run_dir, cfg.overwrite)
@@ -426,21 +485,45 @@ def step_metrics(saes, specs, inputs, outputs, tokens_per_second, scheduler) -> 
     return logs
 
 
-def save_training_checkpoint(run_dir, step, saes, optimizer, scheduler, buffer, trainer_state, world, accelerator,
-                             config_yaml, cfg) -> None:
+def save_training_checkpoint(
+    run_dir, step, saes, optimizer, scheduler, buffer, trainer_state, world, accelerator, config_yaml, cfg
+) -> None:
     """Gather every process's data position and RNG state, then the main process writes the checkpoint."""
     process_states = gather_object([{"buffer": buffer.state(), "rng": ckpt.rng_state()}])
     if accelerator.is_main_process:
-        state = {**trainer_state, "step": step, "tokens": step * cfg.batch_size * world, "processes": world,
-                 "nonfinite_lm_batches": sum(s["buffer"]["nonfinite_batches"] for s in process_states)}
-        ckpt.save_checkpoint(run_dir, step, saes, optimizer, scheduler, state, process_states, config_yaml,
-                             keep=cfg.keep_checkpoints)
+        state = {
+            **trainer_state,
+            "step": step,
+            "tokens": step * cfg.batch_size * world,
+            "processes": world,
+            "nonfinite_lm_batches": sum(s["buffer"]["nonfinite_batches"] for s in process_states),
+        }
+        ckpt.save_checkpoint(
+            run_dir, step, saes, optimizer, scheduler, state, process_states, config_yaml, keep=cfg.keep_checkpoints
+        )
     accelerator.wait_for_everyone()
 
 
-def finish_run(cfg, specs, sites, saes, model, tokenizer, harvester, eval_data, run_dir, excluded, dead_tokens,
-               total_steps, world, device, trainer_state, session_tokens, session_seconds,
-               setup_seconds) -> dict[str, Any]:
+def finish_run(
+    cfg,
+    specs,
+    sites,
+    saes,
+    model,
+    tokenizer,
+    harvester,
+    eval_data,
+    run_dir,
+    excluded,
+    dead_tokens,
+    total_steps,
+    world,
+    device,
+    trainer_state,
+    session_tokens,
+    session_seconds,
+    setup_seconds,
+) -> dict[str, Any]:
     """Fold the activation scale, save every SAE, evaluate on held-out windows, write metrics/plot/card/summary."""
     finish_started = time.perf_counter()
     tokens = total_steps * cfg.batch_size * world
@@ -456,24 +539,41 @@ def finish_run(cfg, specs, sites, saes, model, tokenizer, harvester, eval_data, 
         outputs[spec.name] = run_dir if len(specs) == 1 else run_dir / spec.name
         save_sae(sae, outputs[spec.name])
 
-    eval_windows = TokenWindows(eval_data, tokenizer, cfg.context_length, cfg.text_column, loop=False,
-                                name=f"{cfg.dataset} (held out)")
-    activations, lm_batches = collect_eval_data(harvester, eval_windows, cfg.eval_tokens, cfg.eval_lm_windows,
-                                                cfg.lm_batch_size)
+    eval_windows = TokenWindows(
+        eval_data, tokenizer, cfg.context_length, cfg.text_column, loop=False, name=f"{cfg.dataset} (held out)"
+    )
+    activations, lm_batches = collect_eval_data(
+        harvester, eval_windows, cfg.eval_tokens, cfg.eval_lm_windows, cfg.lm_batch_size
+    )
     run_info = {
-        "model": model_id(cfg, model), "dataset": dataset_id(cfg), "tokens": tokens, "steps": total_steps,
-        "batch_size": cfg.batch_size, "processes": world, "device": str(device),
+        "model": model_id(cfg, model),
+        "dataset": dataset_id(cfg),
+        "tokens": tokens,
+        "steps": total_steps,
+        "batch_size": cfg.batch_size,
+        "processes": world,
+        "device": str(device),
         "setup_seconds": round(setup_seconds, 1),
         "train_seconds": round(trainer_state["seconds"], 1),
         "tokens_per_second": round(session_tokens / max(session_seconds, 1e-9), 1) if session_tokens else None,
-        "skipped_steps": trainer_state["skipped_steps"], "dead_tokens": dead_tokens,
-        "context_length": cfg.context_length, "excluded_token_ids": excluded, "eval_lm_windows": cfg.eval_lm_windows,
+        "skipped_steps": trainer_state["skipped_steps"],
+        "dead_tokens": dead_tokens,
+        "context_length": cfg.context_length,
+        "excluded_token_ids": excluded,
+        "eval_lm_windows": cfg.eval_lm_windows,
     }
     sae_results = {}
     for spec, site, sae, dead in zip(specs, sites, saes, dead_fractions):
-        result = {"path": str(outputs[spec.name]), "layer": spec.layer, "site": spec.site, "arch": spec.arch,
-                  "d_sae": spec.d_sae, "k": spec.k, "activation_scale": sae.config.activation_scale,
-                  "dead_fraction": dead}
+        result = {
+            "path": str(outputs[spec.name]),
+            "layer": spec.layer,
+            "site": spec.site,
+            "arch": spec.arch,
+            "d_sae": spec.d_sae,
+            "k": spec.k,
+            "activation_scale": sae.config.activation_scale,
+            "dead_fraction": dead,
+        }
         result.update(reconstruction_metrics(sae, activations[site.key]))
         result["lm_loss"] = lm_loss_metrics(model, sae, lm_batches, excluded)
         sae_results[spec.name] = result
@@ -483,8 +583,9 @@ def finish_run(cfg, specs, sites, saes, model, tokenizer, harvester, eval_data, 
     if cfg.plot:
         from .plots import plot_budget_curves
 
-        plot = plot_budget_curves(sae_results, run_dir / "budget_curves.png",
-                                  title=f"{run_info['model']} — {tokens:,} tokens")
+        plot = plot_budget_curves(
+            sae_results, run_dir / "budget_curves.png", title=f"{run_info['model']} — {tokens:,} tokens"
+        )
         for directory in outputs.values():  # each SAE folder of a multi-SAE run gets the figure for its card
             if directory != run_dir:
                 shutil.copy2(plot, directory / plot.name)
@@ -532,33 +633,46 @@ def flat_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def describe_run(cfg, specs, saes, run_dir, total_steps, dead_tokens, world, device, excluded) -> str:
-    lines = [f"hf-sae {hf_sae.__version__}: training {len(saes)} SAE(s) into {run_dir} on {world} process(es), "
-             f"{device}; {cfg.tokens:,} tokens = {total_steps} steps x {cfg.batch_size} x {world}"]
+    lines = [
+        f"hf-sae {hf_sae.__version__}: training {len(saes)} SAE(s) into {run_dir} on {world} process(es), "
+        f"{device}; {cfg.tokens:,} tokens = {total_steps} steps x {cfg.batch_size} x {world}"
+    ]
     for spec, sae in zip(specs, saes):
         lines.append(
             f"  {spec.name}: {type(sae).__name__} d_in={sae.config.d_in} activation_scale="
             f"{sae.config.activation_scale:.4g} lr={spec.lr or scaled_learning_rate(spec.d_sae):.3g}"
         )
-    lines.append(f"  data {dataset_id(cfg)}; windows of {cfg.context_length} tokens; excluded ids {excluded}; "
-                 f"dead after {dead_tokens:,} tokens; shuffle buffer {cfg.buffer_size:,} activations")
+    lines.append(
+        f"  data {dataset_id(cfg)}; windows of {cfg.context_length} tokens; excluded ids {excluded}; "
+        f"dead after {dead_tokens:,} tokens; shuffle buffer {cfg.buffer_size:,} activations"
+    )
     return "\n".join(lines)
 
 
 def summary_table(metrics: dict[str, Any], run_dir: Path) -> str:
     run = metrics["run"]
     speed = f"{run['tokens_per_second']:,.0f} tokens/s this session" if run["tokens_per_second"] else "resumed at end"
-    lines = ["", f"== hf-sae training summary: {run_dir} ==",
-             f"{run['model']} | {run['tokens']:,} tokens, {run['steps']} steps, {run['processes']} process(es) on "
-             f"{run['device']} | {run['train_seconds']:.0f} s training ({speed}), {run['setup_seconds']:.0f} s "
-             f"setup (model, tokenizer, data), {run['evaluation_seconds']:.0f} s saving + evaluation"]
+    lines = [
+        "",
+        f"== hf-sae training summary: {run_dir} ==",
+        f"{run['model']} | {run['tokens']:,} tokens, {run['steps']} steps, {run['processes']} process(es) on "
+        f"{run['device']} | {run['train_seconds']:.0f} s training ({speed}), {run['setup_seconds']:.0f} s "
+        f"setup (model, tokenizer, data), {run['evaluation_seconds']:.0f} s saving + evaluation",
+    ]
     for name, result in metrics["saes"].items():
-        lines += ["", f"{name}  (held-out tokens: {result['eval_tokens']:,}; saved to {result['path']})",
-                  f"{'k′':>6} {'EV':>8} {'FVU':>8} {'L0':>7} {'shrink':>7}"]
+        lines += [
+            "",
+            f"{name}  (held-out tokens: {result['eval_tokens']:,}; saved to {result['path']})",
+            f"{'k′':>6} {'EV':>8} {'FVU':>8} {'L0':>7} {'shrink':>7}",
+        ]
         for budget, m in result["budgets"].items():
-            lines.append(f"{budget:>6} {m['explained_variance']:>8.4f} {m['fvu']:>8.4f} {m['l0']:>7.2f} "
-                         f"{m['shrinkage']:>7.3f}")
-        lines.append(f"dead latents: {100 * result['dead_fraction']:.1f}% (training counters), "
-                     f"{100 * result['dead_fraction_eval']:.1f}% never fire on held-out tokens")
+            lines.append(
+                f"{budget:>6} {m['explained_variance']:>8.4f} {m['fvu']:>8.4f} {m['l0']:>7.2f} {m['shrinkage']:>7.3f}"
+            )
+        lines.append(
+            f"dead latents: {100 * result['dead_fraction']:.1f}% (training counters), "
+            f"{100 * result['dead_fraction_eval']:.1f}% never fire on held-out tokens"
+        )
         lm = result.get("lm_loss")
         if lm:
             lines.append("LM loss: " + ", ".join(f"{k} {v:.4f}" for k, v in lm.items() if isinstance(v, float)))

@@ -36,24 +36,37 @@ def _add_collection(parser: argparse.ArgumentParser) -> None:
 def add_flow_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``trace`` / ``table`` / ``match`` sub-subcommands to the ``flow`` parser."""
     sub = parser.add_subparsers(dest="flow_command", required=True, metavar="{trace,table,match}")
-    trace = sub.add_parser("trace", help="flow graph of one resid feature (picture, HTML, JSON, GraphML)",
-                           description="Trace a resid feature backward and forward through the layers.")
+    trace = sub.add_parser(
+        "trace",
+        help="flow graph of one resid feature (picture, HTML, JSON, GraphML)",
+        description="Trace a resid feature backward and forward through the layers.",
+    )
     _add_collection(trace)
     trace.add_argument("--layer", type=int, required=True, help="layer of the resid SAE of the feature")
     trace.add_argument("--feature", type=int, required=True, help="feature (latent) id")
     trace.add_argument("--direction", choices=("both", "backward", "forward"), default="both")
     trace.add_argument("--max-steps", type=int, help="at most this many layers in each direction")
-    trace.add_argument("--out", action="append", required=True,
-                       help=f"output file, format by extension {list(GRAPH_FORMATS)}; repeat for several")
-    table = sub.add_parser("table", help="predecessor classes per layer (counts; CSV of every feature)",
-                           description="Per-layer predecessor classes (translated / processed / newborn / "
-                           "unexplained) of every resid feature.")
+    trace.add_argument(
+        "--out",
+        action="append",
+        required=True,
+        help=f"output file, format by extension {list(GRAPH_FORMATS)}; repeat for several",
+    )
+    table = sub.add_parser(
+        "table",
+        help="predecessor classes per layer (counts; CSV of every feature)",
+        description="Per-layer predecessor classes (translated / processed / newborn / "
+        "unexplained) of every resid feature.",
+    )
     _add_collection(table)
     table.add_argument("--layer", type=int, action="append", help="layer(s) to tabulate (default: every resid layer)")
     table.add_argument("--out", help="CSV of every feature of the chosen layer(s)")
     table.add_argument("--plot", help="stacked-bar picture of the class shares per layer (PNG)")
-    match = sub.add_parser("match", help="top-k matches of every feature of one SAE into another",
-                           description="Data-free top-k (or one-to-one) matches between two SAEs of a collection.")
+    match = sub.add_parser(
+        "match",
+        help="top-k matches of every feature of one SAE into another",
+        description="Data-free top-k (or one-to-one) matches between two SAEs of a collection.",
+    )
     _add_collection(match)
     match.add_argument("--source", required=True, help="(layer/site) of the matched SAE, e.g. 12/resid")
     match.add_argument("--target", required=True, help="(layer/site) matched into, e.g. 11/resid")
@@ -76,9 +89,17 @@ def _flow(args: argparse.Namespace):
     cache = args.cache_dir
     if cache is not None and cache.lower() == "none":
         cache = False
-    return FeatureFlow.from_pretrained(args.repo, revision=args.revision, t_resid=args.t_resid, t_mlp=args.t_mlp,
-                                       t_attn=args.t_attn, t_module=args.t_module, block_size=args.block_size,
-                                       device=args.device, cache_dir=cache)
+    return FeatureFlow.from_pretrained(
+        args.repo,
+        revision=args.revision,
+        t_resid=args.t_resid,
+        t_mlp=args.t_mlp,
+        t_attn=args.t_attn,
+        t_module=args.t_module,
+        block_size=args.block_size,
+        device=args.device,
+        cache_dir=cache,
+    )
 
 
 def _run_trace(args: argparse.Namespace) -> int:
@@ -103,8 +124,10 @@ def _run_trace(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     layers = sorted({a["layer"] for _, a in graph.nodes(data=True)})
     missing = f"; no SAE for {graph.graph['missing']}" if graph.graph.get("missing") else ""
-    print(f"{graph.graph['target']}: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges, layers "
-          f"{layers[0]}-{layers[-1]}{missing}")
+    print(
+        f"{graph.graph['target']}: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges, layers "
+        f"{layers[0]}-{layers[-1]}{missing}"
+    )
     return 0
 
 
@@ -133,8 +156,10 @@ def _run_match(args: argparse.Namespace) -> int:
     flow = _flow(args)
     result = flow.match(args.source, args.target, args.k, one_to_one=args.one_to_one)
     top = result.scores[:, 0]
-    print(f"{args.source} -> {args.target}: {len(result)} features, k={result.k}; top-1 cosine mean {top.mean():.4f}, "
-          f"median {top.median():.4f}, >= 0.5: {int((top >= 0.5).sum())}, >= 0.9: {int((top >= 0.9).sum())}")
+    print(
+        f"{args.source} -> {args.target}: {len(result)} features, k={result.k}; top-1 cosine mean {top.mean():.4f}, "
+        f"median {top.median():.4f}, >= 0.5: {int((top >= 0.5).sum())}, >= 0.9: {int((top >= 0.9).sum())}"
+    )
     if args.out:
         buffer = io.StringIO()
         writer = csv.writer(buffer)

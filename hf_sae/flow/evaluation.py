@@ -113,8 +113,13 @@ class ValidationResult:
         for g, name in enumerate(GROUPS):
             n = float(counts[g])
             means = (sums[g] / n).tolist() if n > 0 else [math.nan] * 3
-            out[name] = {"count": int(n), "fraction": n / total, "s_resid": means[0], "s_mlp": means[1],
-                         "s_attn": means[2]}
+            out[name] = {
+                "count": int(n),
+                "fraction": n / total,
+                "s_resid": means[0],
+                "s_mlp": means[1],
+                "s_attn": means[2],
+            }
         return out
 
     def auc(self, layer: int | None = None) -> dict[str, float]:
@@ -134,11 +139,15 @@ class ValidationResult:
         return out
 
     def __str__(self) -> str:
-        lines = [f"co-activation groups over {self.n_tokens} tokens, layers {self.layers} (pooled)",
-                 f"{'group':<12} {'count':>9} {'share':>6}  {'s(R)':>6} {'s(M)':>6} {'s(A)':>6}"]
+        lines = [
+            f"co-activation groups over {self.n_tokens} tokens, layers {self.layers} (pooled)",
+            f"{'group':<12} {'count':>9} {'share':>6}  {'s(R)':>6} {'s(M)':>6} {'s(A)':>6}",
+        ]
         for name, row in self.groups().items():
-            lines.append(f"{name:<12} {row['count']:>9} {100 * row['fraction']:>5.1f}%  {row['s_resid']:>6.3f} "
-                         f"{row['s_mlp']:>6.3f} {row['s_attn']:>6.3f}")
+            lines.append(
+                f"{name:<12} {row['count']:>9} {100 * row['fraction']:>5.1f}%  {row['s_resid']:>6.3f} "
+                f"{row['s_mlp']:>6.3f} {row['s_attn']:>6.3f}"
+            )
         auc = self.auc()
         lines.append("AUC of s(P), P co-active vs not: " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
         return "\n".join(lines)
@@ -163,15 +172,24 @@ def validate(
     lacks count as never active (listed in ``result.missing``).
     """
     if layers is None:
-        layers = [layer for layer in flow.layers("resid")
-                  if any(_predecessor_key(layer, s) in flow for s in PREDECESSOR_SITES)]
+        layers = [
+            layer
+            for layer in flow.layers("resid")
+            if any(_predecessor_key(layer, s) in flow for s in PREDECESSOR_SITES)
+        ]
     layers = sorted(layers)
     if not layers:
         raise FlowError("no resid layer with a predecessor SAE (resid L-1, mlp L or attn L) to validate.")
     tables = {layer: flow.predecessors(layer, allow_missing=True) for layer in layers}
-    keys = sorted({(layer, "resid") for layer in layers}
-                  | {_predecessor_key(layer, s) for layer in layers for s in PREDECESSOR_SITES
-                     if _predecessor_key(layer, s) in flow})
+    keys = sorted(
+        {(layer, "resid") for layer in layers}
+        | {
+            _predecessor_key(layer, s)
+            for layer in layers
+            for s in PREDECESSOR_SITES
+            if _predecessor_key(layer, s) in flow
+        }
+    )
     missing = {layer: [s for s in PREDECESSOR_SITES if _predecessor_key(layer, s) not in flow] for layer in layers}
     lists, _ = _prepared(model, texts, tokenizer, max_length)
     excluded = _excluded(flow, model, keys, exclude_token_ids)
@@ -234,11 +252,15 @@ class DeactivationResult:
         return out
 
     def __str__(self) -> str:
-        lines = [f"deactivation at layer {self.layer}: {'feature':>8} {'site':>6} {'pred':>8} {'s(P)':>6} "
-                 f"{'tokens':>7} {'1-z_new/z_old':>14}"]
+        lines = [
+            f"deactivation at layer {self.layer}: {'feature':>8} {'site':>6} {'pred':>8} {'s(P)':>6} "
+            f"{'tokens':>7} {'1-z_new/z_old':>14}"
+        ]
         for r in self.rows:
-            lines.append(f"{'':>22}{r['feature']:>8} {r['site']:>6} {r['predecessor']:>8} {r['score']:>6.3f} "
-                         f"{r['n_tokens']:>7} {r['change']:>14.3f}")
+            lines.append(
+                f"{'':>22}{r['feature']:>8} {r['site']:>6} {r['predecessor']:>8} {r['score']:>6.3f} "
+                f"{r['n_tokens']:>7} {r['change']:>14.3f}"
+            )
         lines.append("mean change: " + ", ".join(f"{k} {v:.3f}" for k, v in self.mean_change().items()))
         return "\n".join(lines)
 
@@ -302,16 +324,24 @@ def deactivation(
                     continue
                 hook = _FlowHook(model, flow[key], {predecessor: 0.0}, "rescale", exclude_token_ids=excluded)
                 try:
-                    act = capture_activations(model, [target_site], input_ids=input_ids,
-                                              attention_mask=attention_mask)[target_key]
+                    act = capture_activations(model, [target_site], input_ids=input_ids, attention_mask=attention_mask)[
+                        target_key
+                    ]
                 finally:
                     hook.remove()
                 z_new = _token_values(_encode(target_sae, act), ids)
                 total += float((1 - z_new[chosen] / z_old[chosen]).sum())
                 n += int(chosen.sum())
-            rows.append({"feature": int(feature), "site": site, "predecessor": predecessor,
-                         "score": float(table.scores(site)[feature]), "n_tokens": n,
-                         "change": total / n if n else math.nan})
+            rows.append(
+                {
+                    "feature": int(feature),
+                    "site": site,
+                    "predecessor": predecessor,
+                    "score": float(table.scores(site)[feature]),
+                    "n_tokens": n,
+                    "change": total / n if n else math.nan,
+                }
+            )
     return DeactivationResult(layer, rows)
 
 
@@ -350,14 +380,24 @@ class SkipLayerResult:
         return self.skip_loss - self.clean_loss
 
     def as_dict(self) -> dict[str, float]:
-        return {"layer": self.layer, "ev": self.ev, "sae_ev": self.sae_ev, "identity_ev": self.identity_ev,
-                "clean_loss": self.clean_loss, "skip_loss": self.skip_loss, "identity_loss": self.identity_loss,
-                "delta_loss": self.delta_loss, "n_tokens": self.n_tokens}
+        return {
+            "layer": self.layer,
+            "ev": self.ev,
+            "sae_ev": self.sae_ev,
+            "identity_ev": self.identity_ev,
+            "clean_loss": self.clean_loss,
+            "skip_loss": self.skip_loss,
+            "identity_loss": self.identity_loss,
+            "delta_loss": self.delta_loss,
+            "n_tokens": self.n_tokens,
+        }
 
     def __str__(self) -> str:
-        return (f"skip layer {self.layer}->{self.layer + 1}: EV {self.ev:.4f} (SAE {self.sae_ev:.4f}, identity "
-                f"{self.identity_ev:.4f}); LM loss {self.clean_loss:.4f} -> {self.skip_loss:.4f} "
-                f"(delta {self.delta_loss:+.4f}; identity {self.identity_loss:.4f}) over {self.n_tokens} tokens")
+        return (
+            f"skip layer {self.layer}->{self.layer + 1}: EV {self.ev:.4f} (SAE {self.sae_ev:.4f}, identity "
+            f"{self.identity_ev:.4f}); LM loss {self.clean_loss:.4f} -> {self.skip_loss:.4f} "
+            f"(delta {self.delta_loss:+.4f}; identity {self.identity_loss:.4f}) over {self.n_tokens} tokens"
+        )
 
 
 class _ExplainedVariance:
@@ -441,9 +481,12 @@ def skip_layer_eval(
             for slot, replace in ((1, lambda x: transcode(flow, layer, x, k=k, binary=binary)), (2, lambda x: x)):
                 recorded: dict[str, Tensor] = {}
                 handle = site_t.register(lambda a, store=recorded: store.__setitem__("x", a.detach()))
-                patch = ActivationPatch(model, target_sae,
-                                        lambda a, store=recorded, f=replace: f(store["x"]).to(a.dtype),
-                                        exclude_token_ids=excluded)
+                patch = ActivationPatch(
+                    model,
+                    target_sae,
+                    lambda a, store=recorded, f=replace: f(store["x"]).to(a.dtype),
+                    exclude_token_ids=excluded,
+                )
                 try:
                     totals[slot] += float(_loss_sum(model(**inputs).logits, input_ids, counted))
                 finally:

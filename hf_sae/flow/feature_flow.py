@@ -72,8 +72,13 @@ def _model_stem(name: str | None) -> str | None:
 class _Entry:
     """One SAE of a flow: its config, and the SAE itself or a way to load it (and its decoder) on demand."""
 
-    def __init__(self, config, sae: nn.Module | None = None, load_sae: Callable | None = None,
-                 load_decoder: Callable | None = None):
+    def __init__(
+        self,
+        config,
+        sae: nn.Module | None = None,
+        load_sae: Callable | None = None,
+        load_decoder: Callable | None = None,
+    ):
         self.config = config
         self.sae = sae
         self.load_sae = load_sae
@@ -221,9 +226,16 @@ class FeatureFlow:
                 " A collection holds one subfolder per SAE, e.g. layer_12/resid (see hf_sae.hub.push_collection)."
             )
         flow = cls.__new__(cls)
-        options = dict(t_resid=DEFAULT_THRESHOLDS["resid"], t_mlp=DEFAULT_THRESHOLDS["mlp"],
-                       t_attn=DEFAULT_THRESHOLDS["attn"], t_module=0.15, block_size=DEFAULT_BLOCK_SIZE, device=None,
-                       cache_dir=None, max_loaded=8)
+        options = dict(
+            t_resid=DEFAULT_THRESHOLDS["resid"],
+            t_mlp=DEFAULT_THRESHOLDS["mlp"],
+            t_attn=DEFAULT_THRESHOLDS["attn"],
+            t_module=0.15,
+            block_size=DEFAULT_BLOCK_SIZE,
+            device=None,
+            cache_dir=None,
+            max_loaded=8,
+        )
         unknown = sorted(set(kwargs) - set(options))
         if unknown:
             raise FlowError(f"unknown FeatureFlow option(s) {unknown}; known: {sorted(options)}.")
@@ -315,8 +327,10 @@ class FeatureFlow:
         for layer, site in self._entries:
             sites.setdefault(site, []).append(layer)
         text = ", ".join(f"{site}: layers {_ranges(layers)}" for site, layers in sites.items())
-        return f"FeatureFlow({len(self)} SAEs; {text}; t_R={self.thresholds['resid']}, t_M={self.thresholds['mlp']}, " \
-               f"t_A={self.thresholds['attn']})"
+        return (
+            f"FeatureFlow({len(self)} SAEs; {text}; t_R={self.thresholds['resid']}, t_M={self.thresholds['mlp']}, "
+            f"t_A={self.thresholds['attn']})"
+        )
 
     # ---------------------------------------------------------------------------------------------- matching
     def match(self, source: Any, target: Any, k: int = 1, *, one_to_one: bool = False) -> MatchResult:
@@ -331,8 +345,15 @@ class FeatureFlow:
         memo_key = (source, target, k, one_to_one)
         found = self._matches.get(memo_key)
         if found is None:
-            found = match_features(self.decoder(source), self.decoder(target), k, one_to_one=one_to_one,
-                                   block_size=self.block_size, device=self.device, cache=self.cache)
+            found = match_features(
+                self.decoder(source),
+                self.decoder(target),
+                k,
+                one_to_one=one_to_one,
+                block_size=self.block_size,
+                device=self.device,
+                cache=self.cache,
+            )
             found.source, found.target = source, target
             self._matches[memo_key] = found
         return found
@@ -346,8 +367,7 @@ class FeatureFlow:
                 return MatchResult(full.indices[ids, :k], full.scores[ids, :k], source, target)
         decoder = self.decoder(source)
         rows = decoder[ids.to(decoder.device)]
-        scores, indices = match_decoders(rows, self.decoder(target), k, block_size=self.block_size,
-                                         device=self.device)
+        scores, indices = match_decoders(rows, self.decoder(target), k, block_size=self.block_size, device=self.device)
         return MatchResult(indices, scores, source, target)
 
     # ------------------------------------------------------------------------------------------ predecessors
@@ -364,8 +384,11 @@ class FeatureFlow:
                 if allow_missing:
                     matches[site] = None
                     continue
-                self._entry(key, f"compute s({site[0].upper()}) for the predecessors of layer {layer}",
-                            ", or pass allow_missing=True to score it as absent (NaN)")
+                self._entry(
+                    key,
+                    f"compute s({site[0].upper()}) for the predecessors of layer {layer}",
+                    ", or pass allow_missing=True to score it as absent (NaN)",
+                )
             result = self.match(target, key)
             matches[site] = (result.scores[:, 0], result.indices[:, 0])
         return build_table(layer, matches, self.config(target).d_sae, self.thresholds)
@@ -481,8 +504,12 @@ def _collection_root(name_or_path, revision, token) -> tuple[Path, bool]:
     from huggingface_hub import snapshot_download
 
     try:
-        root = snapshot_download(str(name_or_path), revision=revision, token=token,
-                                 allow_patterns=["layer_*/*/config.json", "collection.json"])
+        root = snapshot_download(
+            str(name_or_path),
+            revision=revision,
+            token=token,
+            allow_patterns=["layer_*/*/config.json", "collection.json"],
+        )
     except Exception as err:
         from ..hub import explain_load_failure
 

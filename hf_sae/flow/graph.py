@@ -83,8 +83,9 @@ def _attach_modules(graph: nx.DiGraph, flow, layer: int, index: int, preds: dict
         if score >= flow.t_module:
             module = node_id(layer, site, best)
             if module not in graph:
-                graph.add_node(module, layer=layer, site=site, index=best, score=score, role="module",
-                               **{"class": "module"})
+                graph.add_node(
+                    module, layer=layer, site=site, index=best, score=score, role="module", **{"class": "module"}
+                )
             graph.add_edge(module, target, cosine=score)
 
 
@@ -106,8 +107,9 @@ def trace(flow, layer: int, feature: int, *, direction: str = "both", max_steps:
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d_sae:
         raise FlowError(f"feature {feature!r} is out of range: the resid SAE of layer {layer} has ids 0..{d_sae - 1}.")
     t_resid = flow.thresholds["resid"]
-    graph = nx.DiGraph(target=node_id(layer, "resid", feature), target_layer=layer, t_resid=t_resid,
-                       t_module=flow.t_module)
+    graph = nx.DiGraph(
+        target=node_id(layer, "resid", feature), target_layer=layer, t_resid=t_resid, t_module=flow.t_module
+    )
     preds = _add_resid_node(graph, flow, layer, feature, 1.0, "target")
     _attach_modules(graph, flow, layer, feature, preds)
     limit = math.inf if max_steps is None else max_steps

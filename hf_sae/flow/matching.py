@@ -73,8 +73,9 @@ class MatchResult:
         values = self.scores.clamp_min(0.0)
         keep = values > 0
         index = torch.stack([rows[keep], self.indices[keep].cpu()])
-        return torch.sparse_coo_tensor(index, values[keep].cpu(), (len(self), d_sae_target),
-                                       check_invariants=True).coalesce()
+        return torch.sparse_coo_tensor(
+            index, values[keep].cpu(), (len(self), d_sae_target), check_invariants=True
+        ).coalesce()
 
     def transport(self, values: Tensor, indices: Tensor, binary: bool = False) -> tuple[Tensor, Tensor]:
         """Map sparse A latents through T: f̂ = Tᵀ f (each active A latent i sends f_i · T_ij to its matches j).
@@ -303,8 +304,11 @@ class MatchCache:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.directory)
         os.close(fd)
         try:
-            save_file({"scores": scores.contiguous(), "indices": indices.contiguous()}, tmp,
-                      metadata={"hf_sae_matching_version": str(MATCHING_VERSION)})
+            save_file(
+                {"scores": scores.contiguous(), "indices": indices.contiguous()},
+                tmp,
+                metadata={"hf_sae_matching_version": str(MATCHING_VERSION)},
+            )
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -83,26 +83,57 @@ def plot_graph(graph, path: str | os.PathLike, *, title: str | None = None, dpi:
     radius_points = math.sqrt(node_size) / 2 + 2
     for a, b, attrs in graph.edges(data=True):
         cosine = float(attrs.get("cosine", 0.0))
-        arrow = FancyArrowPatch(positions[a], positions[b], arrowstyle="-|>", mutation_scale=12,
-                                linewidth=0.5 + 5.0 * max(cosine, 0.0), color="#5b6b7f", alpha=0.75,
-                                shrinkA=radius_points, shrinkB=radius_points, zorder=1,
-                                connectionstyle="arc3,rad=0.0")
+        arrow = FancyArrowPatch(
+            positions[a],
+            positions[b],
+            arrowstyle="-|>",
+            mutation_scale=12,
+            linewidth=0.5 + 5.0 * max(cosine, 0.0),
+            color="#5b6b7f",
+            alpha=0.75,
+            shrinkA=radius_points,
+            shrinkB=radius_points,
+            zorder=1,
+            connectionstyle="arc3,rad=0.0",
+        )
         ax.add_patch(arrow)
         (xa, ya), (xb, yb) = positions[a], positions[b]
-        ax.text((xa + xb) / 2, (ya + yb) / 2 + (0.07 if ya == yb else 0.0), f"{cosine:.2f}", fontsize=7,
-                ha="center", va="center", color="#222222", zorder=3,
-                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+        ax.text(
+            (xa + xb) / 2,
+            (ya + yb) / 2 + (0.07 if ya == yb else 0.0),
+            f"{cosine:.2f}",
+            fontsize=7,
+            ha="center",
+            va="center",
+            color="#222222",
+            zorder=3,
+            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85),
+        )
     target = graph.graph.get("target")
     for node, attrs in graph.nodes(data=True):
         x, y = positions[node]
         is_target = node == target
-        ax.scatter([x], [y], s=node_size, c=COLORS.get(_color_key(attrs), "#8C8C8C"), zorder=2,
-                   edgecolors="black", linewidths=3.0 if is_target else 0.8)
-        ax.text(x, y, str(attrs["index"]), fontsize=7 if len(str(attrs["index"])) < 5 else 6, ha="center",
-                va="center", color="#222222" if _color_key(attrs) == "unknown" else "white", fontweight="bold",
-                zorder=4)
-        ax.text(x + 0.1, y - 0.17, _short_class(attrs), fontsize=6.5, ha="left", va="top", color="#333333",
-                zorder=4)
+        ax.scatter(
+            [x],
+            [y],
+            s=node_size,
+            c=COLORS.get(_color_key(attrs), "#8C8C8C"),
+            zorder=2,
+            edgecolors="black",
+            linewidths=3.0 if is_target else 0.8,
+        )
+        ax.text(
+            x,
+            y,
+            str(attrs["index"]),
+            fontsize=7 if len(str(attrs["index"])) < 5 else 6,
+            ha="center",
+            va="center",
+            color="#222222" if _color_key(attrs) == "unknown" else "white",
+            fontweight="bold",
+            zorder=4,
+        )
+        ax.text(x + 0.1, y - 0.17, _short_class(attrs), fontsize=6.5, ha="left", va="top", color="#333333", zorder=4)
     ax.set_xlim(layers[0] - 0.7, layers[-1] + 0.7)
     ax.set_ylim(-1.55, 1.45)
     ax.set_xticks(range(layers[0], layers[-1] + 1))
@@ -115,13 +146,33 @@ def plot_graph(graph, path: str | os.PathLike, *, title: str | None = None, dpi:
         ax.spines[side].set_visible(False)
     ax.set_xlabel("layer")
     present = {_color_key(a) for _, a in graph.nodes(data=True)}
-    handles = [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=COLORS[k],
-                      markeredgecolor="black", label=LEGEND[k]) for k in COLORS if k in present]
+    handles = [
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markersize=8,
+            markerfacecolor=COLORS[k],
+            markeredgecolor="black",
+            label=LEGEND[k],
+        )
+        for k in COLORS
+        if k in present
+    ]
     if handles:
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(3, len(handles)),
-                  fontsize=7.5, frameon=False)
-    subtitle = f"t_R = {graph.graph.get('t_resid', 0.5)}, t_module = {graph.graph.get('t_module', 0.15)}; " \
-               "edge width and label = cosine"
+        ax.legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncol=min(3, len(handles)),
+            fontsize=7.5,
+            frameon=False,
+        )
+    subtitle = (
+        f"t_R = {graph.graph.get('t_resid', 0.5)}, t_module = {graph.graph.get('t_module', 0.15)}; "
+        "edge width and label = cosine"
+    )
     fig.suptitle(title or f"Feature flow of {target or 'graph'}", fontsize=11, y=0.975)
     fig.text(0.5, 0.905, subtitle, ha="center", fontsize=7.5, color="#555555")
     fig.subplots_adjust(left=0.08, right=0.98, top=0.86, bottom=0.27)
@@ -148,8 +199,12 @@ def plot_summary(summary, path: str | os.PathLike, *, dpi: int = 150) -> Path:
     path = Path(path)
     fractions = summary.fractions()
     names = list(summary.counts[summary.layers[0]]) if summary.layers else []
-    shades = {"translated": ["#4C72B0"], "processed": ["#b3a6dd", "#8172B3", "#54478a"],
-              "newborn": ["#9ad1a8", "#55A868", "#2f6b3d"], "unexplained": ["#8C8C8C"]}
+    shades = {
+        "translated": ["#4C72B0"],
+        "processed": ["#b3a6dd", "#8172B3", "#54478a"],
+        "newborn": ["#9ad1a8", "#55A868", "#2f6b3d"],
+        "unexplained": ["#8C8C8C"],
+    }
     used: dict[str, int] = {}
     colors = []
     for name in names:
@@ -251,10 +306,11 @@ def graph_to_html(graph, path: str | os.PathLike | None = None, *, title: str | 
 
     height = int(40 + 3.2 * row_gap)
     target = graph.graph.get("target")
-    parts = [f'<svg width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}">',
-             '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
-             'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#5b6b7f"/></marker></defs>']
+    parts = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+        'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#5b6b7f"/></marker></defs>',
+    ]
     for site, row in SITE_ROWS.items():
         y = 40 + (1.5 - row) * row_gap
         parts.append(f'<line x1="40" y1="{y}" x2="{width - 10}" y2="{y}" stroke="#f0f0f0"/>')
@@ -269,43 +325,56 @@ def graph_to_html(graph, path: str | os.PathLike | None = None, *, title: str | 
         ux, uy = (xb - xa) / length, (yb - ya) / length
         x1, y1, x2, y2 = xa + ux * radius, ya + uy * radius, xb - ux * (radius + 2), yb - uy * (radius + 2)
         cosine = float(attrs.get("cosine", 0.0))
-        parts.append(f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
-                     f'stroke-width="{0.8 + 6 * max(cosine, 0):.2f}" marker-end="url(#arrow)" '
-                     f'data-from="{html.escape(a)}" data-to="{html.escape(b)}" data-cosine="{cosine:.6f}"/>')
-        parts.append(f'<text class="elabel" x="{(xa + xb) / 2 + (0 if ya == yb else 6):.1f}" '
-                     f'y="{(ya + yb) / 2 - (6 if ya == yb else 0):.1f}" text-anchor="middle">{cosine:.2f}</text>')
+        parts.append(
+            f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+            f'stroke-width="{0.8 + 6 * max(cosine, 0):.2f}" marker-end="url(#arrow)" '
+            f'data-from="{html.escape(a)}" data-to="{html.escape(b)}" data-cosine="{cosine:.6f}"/>'
+        )
+        parts.append(
+            f'<text class="elabel" x="{(xa + xb) / 2 + (0 if ya == yb else 6):.1f}" '
+            f'y="{(ya + yb) / 2 - (6 if ya == yb else 0):.1f}" text-anchor="middle">{cosine:.2f}</text>'
+        )
     for node, attrs in graph.nodes(data=True):
         x, y = xy(node)
         color = COLORS.get(_color_key(attrs), "#8C8C8C")
         css = "node target" if node == target else "node"
-        parts.append(f'<g class="{css}" data-id="{html.escape(node)}"><circle cx="{x:.1f}" cy="{y:.1f}" '
-                     f'r="{radius}" fill="{color}"/><text x="{x:.1f}" y="{y + 3.5:.1f}" text-anchor="middle">'
-                     f'{attrs["index"]}</text></g>')
-        parts.append(f'<text class="label" x="{x + 8:.1f}" y="{y + radius + 10:.1f}" text-anchor="start">'
-                     f'{html.escape(_short_class(attrs))}</text>')
+        parts.append(
+            f'<g class="{css}" data-id="{html.escape(node)}"><circle cx="{x:.1f}" cy="{y:.1f}" '
+            f'r="{radius}" fill="{color}"/><text x="{x:.1f}" y="{y + 3.5:.1f}" text-anchor="middle">'
+            f"{attrs['index']}</text></g>"
+        )
+        parts.append(
+            f'<text class="label" x="{x + 8:.1f}" y="{y + radius + 10:.1f}" text-anchor="start">'
+            f"{html.escape(_short_class(attrs))}</text>"
+        )
     parts.append("</svg>")
     nodes = {node: {k: _finite(v) for k, v in attrs.items()} for node, attrs in graph.nodes(data=True)}
     payload = json.dumps({"nodes": nodes}, sort_keys=True).replace("</", "<\\/")
     present = {_color_key(a) for _, a in graph.nodes(data=True)}
-    legend = "".join(f'<span><i style="background:{COLORS[k]}"></i>{html.escape(LEGEND[k])}</span>'
-                     for k in COLORS if k in present)
+    legend = "".join(
+        f'<span><i style="background:{COLORS[k]}"></i>{html.escape(LEGEND[k])}</span>' for k in COLORS if k in present
+    )
     rows = []
     for node, attrs in sorted(graph.nodes(data=True), key=lambda item: (item[1]["layer"], item[1]["site"])):
         tokens = "<br>".join(html.escape(t) for t in attrs.get("top_tokens", []) or [])
-        rows.append(f"<tr><td>{html.escape(node)}</td><td>{html.escape(str(attrs.get('class', '')))}</td>"
-                    f"<td>{float(attrs.get('score', math.nan)):.3f}</td><td>{tokens}</td></tr>")
+        rows.append(
+            f"<tr><td>{html.escape(node)}</td><td>{html.escape(str(attrs.get('class', '')))}</td>"
+            f"<td>{float(attrs.get('score', math.nan)):.3f}</td><td>{tokens}</td></tr>"
+        )
     heading = html.escape(title or f"Feature flow of {target or 'graph'}")
-    sub = html.escape(f"t_R = {graph.graph.get('t_resid', 0.5)}, t_module = {graph.graph.get('t_module', 0.15)}. "
-                      "Hover a node or an edge for details; edge width = cosine.")
+    sub = html.escape(
+        f"t_R = {graph.graph.get('t_resid', 0.5)}, t_module = {graph.graph.get('t_module', 0.15)}. "
+        "Hover a node or an edge for details; edge width = cosine."
+    )
     text = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{heading}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{heading}</h1><div class=\"sub\">{sub}</div><div class=\"legend\">{legend}</div>"
+        f'<h1>{heading}</h1><div class="sub">{sub}</div><div class="legend">{legend}</div>'
         + "".join(parts)
-        + "<table class=\"nodes\"><tr><th>node</th><th>class</th><th>score</th><th>top activating tokens</th></tr>"
+        + '<table class="nodes"><tr><th>node</th><th>class</th><th>score</th><th>top activating tokens</th></tr>'
         + "".join(rows)
-        + "</table><div id=\"tip\"></div>"
-        f"<script type=\"application/json\" id=\"flow-data\">{payload}</script>"
+        + '</table><div id="tip"></div>'
+        f'<script type="application/json" id="flow-data">{payload}</script>'
         f"<script>{_SCRIPT}</script></body></html>\n"
     )
     if path is not None:

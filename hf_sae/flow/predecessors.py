@@ -181,8 +181,12 @@ def build_table(
         else:
             columns[site] = (found[0].float(), found[1].long())
     category, via = classify(
-        columns["resid"][0], columns["mlp"][0], columns["attn"][0],
-        thresholds["resid"], thresholds["mlp"], thresholds["attn"],
+        columns["resid"][0],
+        columns["mlp"][0],
+        columns["attn"][0],
+        thresholds["resid"],
+        thresholds["mlp"],
+        thresholds["attn"],
     )
     return PredecessorTable(
         layer=layer,

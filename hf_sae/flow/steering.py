@@ -148,8 +148,9 @@ def plan_flow_steering(
     plan = FlowSteeringPlan(mode, schedule, layer, cumulative)
     for (node_layer, site, index), node in chosen:
         flow.require((node_layer, site), f"steer node {node}")
-        value = schedule_coefficient(node_layer, base[node], schedule, alpha=alpha, end_strength=end_strength,
-                                     start_layer=start, end_layer=end)
+        value = schedule_coefficient(
+            node_layer, base[node], schedule, alpha=alpha, end_strength=end_strength, start_layer=start, end_layer=end
+        )
         plan.coefficients.setdefault((node_layer, site), {})[index] = value
     return plan
 
@@ -165,8 +166,16 @@ def _latent_values(latents: SparseLatents, feature_ids: Tensor, d_sae: int) -> T
 class _FlowHook(_SiteHook):
     """One site of a flow steering: adds Σ_f c_f·V_f (activate) or Σ_f (r_f − 1)·a_f·W_dec[f] (rescale)."""
 
-    def __init__(self, model: nn.Module, sae: nn.Module, features: Mapping[int, float], mode: str,
-                 positions: str = "all", scales: Tensor | None = None, exclude_token_ids=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        sae: nn.Module,
+        features: Mapping[int, float],
+        mode: str,
+        positions: str = "all",
+        scales: Tensor | None = None,
+        exclude_token_ids=None,
+    ):
         super().__init__(model, sae, positions, exclude_token_ids)
         self.mode = mode
         device = sae.W_dec.device
@@ -249,9 +258,20 @@ def steer_flow(
         raise FlowError(f"units={units!r} is unknown; use one of {list(UNITS)}.")
     if positions not in POSITIONS:
         raise FlowError(f"positions={positions!r} is unknown; use one of {list(POSITIONS)}.")
-    plan = plan_flow_steering(flow, graph, strength, mode=mode, schedule=schedule, alpha=alpha,
-                              end_strength=end_strength, start_layer=start_layer, end_layer=end_layer,
-                              cumulative=cumulative, layer=layer, sites=sites)
+    plan = plan_flow_steering(
+        flow,
+        graph,
+        strength,
+        mode=mode,
+        schedule=schedule,
+        alpha=alpha,
+        end_strength=end_strength,
+        start_layer=start_layer,
+        end_layer=end_layer,
+        cumulative=cumulative,
+        layer=layer,
+        sites=sites,
+    )
     hooks: list[_SiteHook] = []
     try:
         for key, features in sorted(plan.coefficients.items()):
