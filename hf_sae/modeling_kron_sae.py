@@ -63,6 +63,20 @@ class KronSAE(SAEPreTrainedModel):
     def encoder_biases(self) -> list[nn.Parameter]:
         return [self.encoder.bias]
 
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float | None = None) -> None:
+        """As the base class for mAND (degree 1 in x: biases / s). ReLU(u)·ReLU(w) is degree 2, so its fold is
+        encoder weight · sqrt(s) and encoder bias / sqrt(s) (then latents are z_s / s, as for every SAE)."""
+        if self.config.kron_activation != "relu_product" or (self.config.activation_scale_folded and scale is None):
+            return super().fold_activation_scale(scale)
+        scale = float(self.config.activation_scale if scale is None else scale)
+        root = scale**0.5
+        self.encoder.weight.mul_(root)
+        self.encoder.bias.div_(root)
+        self.b_dec.div_(scale)
+        self.config.activation_scale = scale
+        self.config.activation_scale_folded = True
+
     # ------------------------------------------------------------------------------------------------ views
     @property
     def W_enc(self) -> Tensor:

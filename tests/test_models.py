@@ -138,9 +138,9 @@ def test_save_is_atomic_and_keeps_extra_files(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "kron_relu_product"])
 def test_folded_activation_scale_gives_identical_latents_on_raw_activations(arch):
-    sae = make_sae(arch)
+    sae = make_sae("kron", kron_activation="relu_product") if arch == "kron_relu_product" else make_sae(arch)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.encoder.bias.normal_()

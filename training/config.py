@@ -114,6 +114,8 @@ class TrainConfig:
     budgets: list[int] | None = _f(None, "budgets the hierarchical loss averages over (default: all of 1..k)")
     kron_base_dim: int = _f(2, "KronSAE base pre-activations per head (m)")
     kron_ext_dim: int = _f(4, "KronSAE extension pre-activations per head (n)")
+    kron_activation: str = _f("mand", "KronSAE activation: mand (the paper's) or relu_product (its ablation)")
+    kron_hierarchical: bool = _f(True, "train KronSAEs with the HierarchicalTopK loss (else the plain TopK loss)")
     auxk: bool = _f(True, "add the AuxK loss on dead latents (Gao et al. 2024)")
     auxk_k: int | None = _f(None, "dead latents AuxK decodes with; default d_in // 2")
     auxk_coefficient: float = _f(1.0 / 32.0, "weight of the AuxK loss")
@@ -211,6 +213,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TrainConfigError(f"{_flag(name)} must be an integer >= 0, got {value!r}.")
+        if self.kron_activation not in ("mand", "relu_product"):
+            raise TrainConfigError(f"--kron-activation must be mand or relu_product, got {self.kron_activation!r}.")
         if self.context_length < 2:
             raise TrainConfigError(f"--context-length must be >= 2 (BOS plus text), got {self.context_length}.")
         if self.buffer_size < self.batch_size:

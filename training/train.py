@@ -415,7 +415,13 @@ def build_sae(
         dataset=dataset_id(cfg),
     )
     if spec.arch == "kron":
-        config = KronSAEConfig(**common, base_dim=cfg.kron_base_dim, ext_dim=cfg.kron_ext_dim, hierarchical=True)
+        config = KronSAEConfig(
+            **common,
+            base_dim=cfg.kron_base_dim,
+            ext_dim=cfg.kron_ext_dim,
+            kron_activation=cfg.kron_activation,
+            hierarchical=cfg.kron_hierarchical,
+        )
     else:
         config = HierarchicalSAEConfig(**common, hierarchical=spec.arch == "hierarchical")
     sae = sae_class(spec.arch)(config).to(device)

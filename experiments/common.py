@@ -1,0 +1,296 @@
+"""Shared helpers of the experiment scripts: the real model, held-out windows, activation harvests, LM-loss splices,
+and a small SAE trainer (the training CLI's recipe) for variants the CLI does not expose.
+
+Everything runs offline on CPU: the model is training/embedded.py's Gemma 3 270M, the text its English corpus
+(train split for training, validation split for every held-out number).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+RUNS = ROOT / "runs"
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(dtype: str = "bfloat16"):
+    """The real Gemma 3 270M (bf16 by default: this CPU has native bf16, like the training CLI's ``auto``)."""
+    from training.embedded import load_small_gemma
+
+    model, tokenizer = load_small_gemma(dtype=getattr(torch, dtype))
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def windows(tokenizer, split: str, n_windows: int, context_length: int = 128, skip_windows: int = 0):
+    """``n_windows`` BOS-led windows of ``context_length`` tokens from the embedded corpus ``split``
+    (the same packing as the training CLI). Returns (input_ids, attention_mask)."""
+    import datasets
+
+    from training.data import TokenWindows
+    from training.embedded import corpus_paths
+
+    path = str(corpus_paths()[split])
+
+    def make():
+        return datasets.load_dataset("json", data_files=path, split="train", streaming=True)
+
+    stream = TokenWindows(make, tokenizer, context_length, "text", loop=False, name=f"embedded {split}")
+    ids, masks = [], []
+    for _ in range(skip_windows):
+        if stream.next_window() is None:
+            break
+    while len(ids) < n_windows:
+        item = stream.next_window()
+        if item is None:
+            break
+        ids.append(item[0])
+        masks.append(item[1])
+    return torch.stack(ids), torch.stack(masks)
+
+
+@torch.no_grad()
+def harvest(
+    model,
+    tokenizer,
+    keys: list[tuple[int, str]],
+    split: str,
+    tokens: int,
+    context_length: int = 128,
+    lm_batch: int = 16,
+    store_dtype: torch.dtype = torch.bfloat16,
+    log_every: int = 50,
+) -> dict:
+    """Activations of ``tokens`` kept tokens (BOS/padding excluded) at each (layer, site) of ``keys``."""
+    import datasets
+
+    from hf_sae.sites import resolve_site
+    from training.data import TokenWindows
+    from training.embedded import corpus_paths
+    from training.harvest import ActivationHarvester
+
+    path = str(corpus_paths()[split])
+
+    def make():
+        return datasets.load_dataset("json", data_files=path, split="train", streaming=True)
+
+    stream = TokenWindows(make, tokenizer, context_length, "text", loop=False, name=f"embedded {split}")
+    excluded = sorted({tokenizer.bos_token_id, tokenizer.pad_token_id} - {None})
+    harvester = ActivationHarvester(model, [resolve_site(model, layer, site) for layer, site in keys], excluded)
+    parts: dict = {key: [] for key in keys}
+    rows, batches, started = 0, 0, time.perf_counter()
+    while rows < tokens:
+        batch = stream.next_batch(lm_batch)
+        if batch is None:
+            print(f"harvest: {split} ran out after {rows:,} tokens", flush=True)
+            break
+        kept = harvester(*batch)
+        if kept is None:
+            continue
+        for key in keys:
+            parts[key].append(kept[key].to(store_dtype))
+        rows += next(iter(kept.values())).shape[0]
+        batches += 1
+        if batches % log_every == 0:
+            print(f"harvest {split}: {rows:,}/{tokens:,} tokens, {time.perf_counter() - started:.0f} s", flush=True)
+    return {key: torch.cat(chunks)[:tokens] for key, chunks in parts.items()}
+
+
+def _loss_sum(logits: Tensor, input_ids: Tensor, counted: Tensor) -> Tensor:
+    """Sum of CE over counted positions. Only the counted rows, contiguous along the vocabulary (the transposed
+    (B, V, T) layout that hf_sae.evaluation uses is several times slower on CPU with a 262k vocabulary)."""
+    rows = logits[:, :-1][counted]
+    return torch.nn.functional.cross_entropy(rows.float(), input_ids[:, 1:][counted], reduction="sum")
+
+
+@torch.no_grad()
+def lm_losses(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    splices: dict[str, tuple[Any, int | None]],
+    ablate_sae=None,
+    batch_size: int = 4,
+    excluded: list[int] | None = None,
+) -> dict[str, float]:
+    """Mean next-token loss: ``clean``, ``ablated`` (zero at ``ablate_sae``'s site) and one per splice
+    ``name: (sae, k)`` (the SAE's reconstruction at budget k replaces the activation), on the same tokens.
+
+    The same counting as ``hf_sae.evaluation.lm_loss_with_sae`` (BOS excluded, padding excluded), but the clean and
+    ablated passes run once for all splices (each lm_loss_with_sae call would repeat them).
+    """
+    from hf_sae.steering import ActivationPatch, attach
+
+    excluded = excluded if excluded is not None else [2, 0]
+    totals = {name: 0.0 for name in ["clean", "ablated", *splices]}
+    n = 0
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        kept = mask.bool() & ~torch.isin(ids, torch.tensor(excluded))
+        counted = kept[:, :-1] & mask[:, 1:].bool()
+        n += int(counted.sum())
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        totals["clean"] += float(_loss_sum(model(**inputs).logits, ids, counted))
+        if ablate_sae is not None:
+            with ActivationPatch(model, ablate_sae, torch.zeros_like, exclude_token_ids=excluded):
+                totals["ablated"] += float(_loss_sum(model(**inputs).logits, ids, counted))
+        for name, (sae, k) in splices.items():
+            with attach(model, sae, splice=True, k=k, exclude_token_ids=excluded):
+                totals[name] += float(_loss_sum(model(**inputs).logits, ids, counted))
+    return {name: total / max(n, 1) for name, total in totals.items()} | {"tokens": n}
+
+
+def recovered(clean: float, spliced: float, ablated: float) -> float:
+    return (ablated - spliced) / (ablated - clean)
+
+
+# ------------------------------------------------------------------------------------------------ a small trainer
+def train_sae(
+    sae,
+    data: Tensor,
+    tokens: int,
+    batch_size: int = 4096,
+    lr: float | None = None,
+    seed: int = 0,
+    warmup_fraction: float = 0.1,
+    lr_min: float = 1e-6,
+    max_grad_norm: float = 1.0,
+    b_dec_init: str = "geometric_median",
+    log_every: int = 25,
+    name: str = "sae",
+) -> dict[str, Any]:
+    """Train ``sae`` on rows of ``data`` (raw activations, (N, d_in)) with the training CLI's recipe: activation
+    scale s (E||s x||² = d_in from the first 16k rows), b_dec init, AdamW at ``hf_sae.scaled_learning_rate``,
+    10% linear warm-up then cosine to ``lr_min``, gradient clipping 1.0, decoder maintenance
+    (``hf_sae.train_step.training_step``), AuxK as configured; the scale is folded at the end (raw-unit SAE).
+
+    Rows are drawn in a seeded random order, without replacement while ``tokens`` <= N (wraps around beyond).
+    Returns timing: seconds of SAE steps only (data already in memory), tokens, steps.
+    """
+    from transformers import get_scheduler
+
+    from hf_sae.modeling_sae import scaled_learning_rate
+    from hf_sae.train_step import training_step
+
+    generator = torch.Generator().manual_seed(seed)
+    steps = math.ceil(tokens / batch_size)
+    first = data[:16384].float()
+    scale = math.sqrt(data.shape[1] / float(first.pow(2).sum(-1).mean()))
+    sae.config.activation_scale = scale
+    sae.config.activation_scale_folded = False
+    sae.config.dead_tokens = max(batch_size, min(10_000_000, tokens // 10))
+    if b_dec_init != "zeros":
+        sae.initialize_b_dec(first[:4096] * scale, method=b_dec_init)
+    sae.train()
+    sae.check_finite = False
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=lr or scaled_learning_rate(sae.config.d_sae))
+    scheduler = get_scheduler(
+        "cosine_with_min_lr",
+        optimizer,
+        num_warmup_steps=int(warmup_fraction * steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs={"min_lr": lr_min},
+    )
+    order = torch.randperm(data.shape[0], generator=generator)
+    seconds, position = 0.0, 0
+    for step in range(steps):
+        if position + batch_size > order.numel():
+            order = torch.randperm(data.shape[0], generator=generator)
+            position = 0
+        x = data[order[position : position + batch_size]].float()  # raw: the unfolded SAE scales its own input
+        position += batch_size
+        started = time.perf_counter()
+        out = training_step(sae, optimizer, x, max_grad_norm=max_grad_norm, scheduler=scheduler)
+        seconds += time.perf_counter() - started
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            from hf_sae.metrics import fvu
+
+            print(
+                f"{name}: step {step + 1}/{steps} loss {float(out.loss):.4f} fvu {fvu(x, out.reconstruction):.3f}"
+                f" dead {100 * float(sae.dead_mask().float().mean()):.1f}% ({seconds:.0f} s)",
+                flush=True,
+            )
+    dead = float(sae.dead_mask().float().mean())
+    sae.eval()
+    sae.check_finite = True
+    sae.config.tokens_trained = steps * batch_size
+    fold(sae)
+    return {
+        "seconds": seconds,
+        "tokens": steps * batch_size,
+        "steps": steps,
+        "seconds_per_million_tokens": 1e6 * seconds / (steps * batch_size),
+        "dead_fraction_train": dead,
+    }
+
+
+@torch.no_grad()
+def fold(sae) -> None:
+    """``sae.fold_activation_scale()``, except for KronSAE's ``relu_product``, where that is wrong (hf_sae bug):
+    ReLU(u)·ReLU(w) is homogeneous of degree 2 in the input, so dividing the biases by s gives latents z/s² instead
+    of z/s. The exact fold there: encoder weight × √s, encoder bias / √s (so u, w → u/√s, w/√s and z → z/s),
+    b_dec / s. Rankings and decoder rows are unchanged."""
+    if getattr(sae.config, "kron_activation", "mand") != "relu_product":
+        sae.fold_activation_scale()
+        return
+    s = float(sae.config.activation_scale)
+    sae.encoder.weight.mul_(math.sqrt(s))
+    sae.encoder.bias.div_(math.sqrt(s))
+    sae.b_dec.div_(s)
+    sae.config.activation_scale_folded = True
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+RESULTS = DOCS / "results.md"
+SECTION_ORDER = ["intro", "pareto", "kron", "flow", "bench", "missing"]
+
+
+def update_results(section: str, text: str) -> None:
+    """Replace (or add) the ``section`` block of docs/results.md, keeping the other experiments' blocks."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    current = RESULTS.read_text() if RESULTS.exists() else ""
+    blocks = {}
+    for name in SECTION_ORDER:
+        begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+        if begin in current and end in current:
+            blocks[name] = current.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+    blocks[section] = text.strip("\n")
+    parts = [f"<!-- BEGIN {name} -->\n{blocks[name]}\n<!-- END {name} -->" for name in SECTION_ORDER if name in blocks]
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text("\n\n".join(parts) + "\n")
+    tmp.replace(RESULTS)
