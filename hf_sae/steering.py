@@ -219,7 +219,7 @@ class _SiteHook:
         return self._edit(activation, mask)
 
     def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor | None:  # pragma: no cover - overridden
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must implement _edit()")
 
 
 def _module_device(module: nn.Module) -> torch.device | None:

@@ -116,8 +116,8 @@ class _SAE(PreTrainedModel):
     def _scale_out(self, x: Tensor) -> Tensor:
         return x if self.config.activation_scale_folded else x / self.config.activation_scale
 
-    def _scores(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def _scores(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden by every architecture
+        raise TypeError(f"{type(self).__name__} must implement _scores()")
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """(..., d_in) -> (..., d_sae) non-negative scores the latents are selected from."""
