@@ -180,12 +180,22 @@ class _SiteHook:
         self.exclude_token_ids = (
             torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long) if exclude_token_ids else None
         )
+        self._cast: dict[torch.dtype, Tensor] = {}
         self._tracker: _PositionTracker | None = _PositionTracker.acquire(model)
         self._handle: RemovableHandle | None = self.site.register(self._hook)
 
     @property
     def active(self) -> bool:
         return self._handle is not None
+
+    def _add_constant(self, activation: Tensor, mask: Tensor | None, vector: Tensor) -> Tensor:
+        """activation + vector at the steered positions; ``vector`` (d,) is cast once per activation dtype."""
+        cast = self._cast.get(activation.dtype)
+        if cast is None:
+            cast = self._cast[activation.dtype] = vector.to(activation.dtype)
+        if mask is None:
+            return activation + cast
+        return activation + mask.unsqueeze(-1).to(activation.dtype) * cast
 
     def remove(self) -> None:
         """Remove exactly this hook (idempotent)."""
@@ -273,18 +283,12 @@ class _SteeringHook(_SiteHook):
             else:
                 scale = sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
                 self.directions = directions / scale  # decode(z') - decode(z) = (s - z_f) W_dec[f] / scale
-        self._cast: dict[torch.dtype, Tensor] = {}
 
     def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
         # The edit is computed without gradients and added to h: gradients still flow through h (the edit counts as
         # a constant), so steering works inside training or attribution code too.
         if self.mode == "add":
-            vector = self._cast.get(activation.dtype)
-            if vector is None:
-                vector = self._cast[activation.dtype] = self.add_vector.to(activation.dtype)
-            if mask is None:
-                return activation + vector
-            return activation + mask.unsqueeze(-1).to(activation.dtype) * vector
+            return self._add_constant(activation, mask, self.add_vector)
         rows = _rows(activation, mask)
         with torch.no_grad():
             x = rows.detach().to(self.sae.W_dec.dtype)

@@ -192,16 +192,10 @@ class _FlowHook(_SiteHook):
                 scale = sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
                 self.directions = directions / scale  # a_f·W_dec[f] in the model's units
                 self.factors = self.coefficients - 1.0
-        self._cast: dict[torch.dtype, Tensor] = {}
 
     def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
         if self.mode == "activate":
-            vector = self._cast.get(activation.dtype)
-            if vector is None:
-                vector = self._cast[activation.dtype] = self.add_vector.to(activation.dtype)
-            if mask is None:
-                return activation + vector
-            return activation + mask.unsqueeze(-1).to(activation.dtype) * vector
+            return self._add_constant(activation, mask, self.add_vector)
         rows = _rows(activation, mask)
         with torch.no_grad():
             x = rows.detach().to(self.sae.W_dec.dtype)
