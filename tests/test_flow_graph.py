@@ -17,12 +17,7 @@ from hf_sae.flow.cli import FLOW_SUBCOMMAND, add_flow_subcommand
 D = 1024  # wide enough that random unit directions have cosines < 0.15 with each other
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(x):

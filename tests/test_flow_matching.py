@@ -13,13 +13,7 @@ from hf_sae.flow import FeatureFlow, FlowError, MatchCache, feature_scales, fold
 from hf_sae.flow.matching import match_features, one_to_one_match
 from hf_sae.modeling_jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(x):

@@ -15,12 +15,7 @@ from training.embedded import tiny_gemma2
 GREEDY = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

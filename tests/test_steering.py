@@ -22,13 +22,7 @@ TINY = dict(
 GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two busy cores (thread hand-off dominates)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gemma2(dtype=torch.float32):
