@@ -35,7 +35,7 @@ import torch
 
 from .configuration_hierarchical_sae import HierarchicalSAEConfig
 from .configuration_jumprelu_sae import JumpReLUSAEConfig
-from .errors import SAELoadError
+from .errors import SAEConversionError
 from .modeling_hierarchical_sae import HierarchicalSAE
 from .modeling_jumprelu_sae import JumpReLUSAE
 
@@ -43,10 +43,6 @@ SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 SOURCE_CONFIG = "cfg.json"
 GEMMA_SCOPE_PARAMS = "params.npz"
-
-
-class SAEConversionError(SAELoadError):
-    """A source SAE cannot be converted (unsupported variant, missing or inconsistent files). Names file and fix."""
 
 
 # ------------------------------------------------------------------------------------------------- sources

@@ -22,14 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import EvaluationError
 from .sites import capture_activations, model_name, resolve_sae_site
 from .steering import ActivationPatch, attach
 
 Texts = str | Sequence[str] | Tensor | Sequence[Sequence[int]] | Mapping[str, Any]
-
-
-class EvaluationError(ValueError):
-    """Bad evaluation inputs: no tokenizer for strings, an empty text set, a feature id outside 0..d_sae-1."""
 
 
 # ------------------------------------------------------------------------------------------------------- inputs

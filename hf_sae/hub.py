@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .cards import find_plot, generate_collection_card, generate_model_card, read_run_metrics, sae_metrics
-from .errors import SAELoadError
+from .errors import SAEHubError, SAELoadError, SAEPushError
 
 HF_SAE_MODEL_TYPES = ("hierarchical_sae", "kron_sae", "jumprelu_sae")
 REMOTE_CODE_NAME = "modeling_hf_sae.py"
@@ -42,19 +42,6 @@ _AUTO_CLASSES = {
 }
 _SUBFOLDER = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 _STEP = re.compile(r"(?:step|checkpoint|ckpt)[-_]?(\d+)$")
-
-
-class HubError(OSError):
-    """Talking to the Hub failed. The message names the repo, the endpoint and what to do."""
-
-
-class SAEHubError(HubError, SAELoadError):
-    """An SAE cannot be loaded: repo/revision/subfolder not found, no network or offline without a cached copy, or a
-    folder in another library's layout. Both an ``OSError`` (like transformers' own) and an :class:`SAELoadError`."""
-
-
-class SAEPushError(HubError):
-    """A push failed. Nothing local was changed; the message says what the server answered."""
 
 
 # ------------------------------------------------------------------------------------------------- staging

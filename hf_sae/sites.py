@@ -32,14 +32,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import SiteError
+
 SITES = ("resid", "mlp", "attn", "attn_z")
 
 ActivationFn = Callable[[Tensor], "Tensor | None"]
-
-
-class SiteError(ValueError):
-    """A hook site cannot be resolved: unknown site name, layer out of range, unsupported architecture, or an SAE
-    whose width does not match the site. The message names the value, what was expected and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------- the layer stack

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import SteeringError
 from .sites import Site, decoder_stack, resolve_sae_site
 from .sparse import SparseLatents
 
@@ -43,10 +44,6 @@ MODES = ("add", "clamp", "ablate")
 POSITIONS = ("all", "prompt", "generated")
 
 FeatureStrengths = Mapping[int, float] | Iterable[int]
-
-
-class SteeringError(ValueError):
-    """Bad steering arguments: unknown mode or positions, a feature id outside 0..d_sae-1, a non-finite strength."""
 
 
 # ------------------------------------------------------------------------------------------------ position tracking

@@ -529,9 +529,9 @@ def test_a_buffer_too_big_for_memory_is_a_clear_error(tiny_lm, tmp_path):
 
 def test_resuming_with_a_different_config_or_without_a_checkpoint_is_refused(finished_run, tiny_lm, tmp_path):
     out, _ = finished_run
-    with pytest.raises(ckpt.ResumeError, match="k: run has 8, you passed 16"):
+    with pytest.raises(hf_sae.errors.ResumeError, match="k: run has 8, you passed 16"):
         run(["--resume", str(out), "--k", "16"])
-    with pytest.raises(ckpt.ResumeError, match="no train_config.yaml"):
+    with pytest.raises(hf_sae.errors.ResumeError, match="no train_config.yaml"):
         run(["--resume", str(tmp_path)])
     with pytest.raises(TrainConfigError, match="already exists"):  # and a new run never overwrites an old one
         run(tiny_args(tiny_lm, out))

@@ -31,10 +31,6 @@ CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
 
-class ResumeError(ValueError):
-    """A --resume folder cannot be continued (no checkpoint, different config or number of processes)."""
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path``, then rename it over ``path`` (never a half-written file)."""
     path = Path(path)

@@ -23,13 +23,11 @@ from typing import Any
 
 import yaml
 
+from hf_sae.errors import TrainConfigError
+
 ARCHITECTURES = ("hierarchical", "topk", "kron")
 SITES = ("resid", "mlp", "attn", "attn_z")
 EMBEDDED = "embedded"
-
-
-class TrainConfigError(ValueError):
-    """A training option is invalid. The message names the option, the bad value and the fix."""
 
 
 def _f(default: Any, help: str, **kwargs) -> Any:

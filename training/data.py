@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hf_sae.errors import DataError
+
 from .config import EMBEDDED, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -34,10 +36,6 @@ _BUILDERS = {
     ".arrow": "arrow",
     ".gz": None,
 }
-
-
-class DataError(ValueError):
-    """The data set cannot be read or yields no text. The message names the data set and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------------- loading

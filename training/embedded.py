@@ -43,6 +43,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from hf_sae.errors import CorpusDownloadError
+
 logger = logging.getLogger(__name__)
 
 SMALL_GEMMA_ID = "google/gemma-3-270m"
@@ -71,10 +73,6 @@ _LICENCES = {
     "the collected texts (reviews, reports, fiction, news, ...) not be republished commercially.",
     "pydoc": "CPython's pydoc_data.topics (the Python documentation): PSF License, Version 2.",
 }
-
-
-class CorpusDownloadError(RuntimeError):
-    """A registry download (pip or npm) for the corpus failed; the message says how to run it by hand."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hf_sae.errors import BufferMemoryError, NonFiniteActivationsError
 from hf_sae.sites import Site, capture_activations
 
 from .data import TokenWindows
@@ -29,14 +30,6 @@ from .data import TokenWindows
 logger = logging.getLogger(__name__)
 
 SiteKey = tuple[int, str]
-
-
-class NonFiniteActivationsError(RuntimeError):
-    """The language model keeps producing NaN/inf activations; the message says where and what to try."""
-
-
-class BufferMemoryError(ValueError):
-    """The shuffle buffer would not fit in memory; the message gives the size and the fix."""
 
 
 class ActivationHarvester:

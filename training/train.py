@@ -42,6 +42,7 @@ from transformers.utils import logging as transformers_logging
 import hf_sae
 from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, KronSAE, KronSAEConfig
 from hf_sae import metrics as sae_metrics
+from hf_sae.errors import ModelLoadError, NonFiniteLossError, ResumeError
 from hf_sae.modeling_sae import scaled_learning_rate
 from hf_sae.sites import num_layers, resolve_site
 
@@ -61,14 +62,6 @@ from .evaluate import collect_eval_data, lm_loss_metrics, reconstruction_metrics
 from .harvest import ActivationBuffer, ActivationHarvester
 
 logger = logging.getLogger("training")
-
-
-class ModelLoadError(ValueError):
-    """The language model cannot be loaded; the message names it and the fix."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """SAE steps keep producing NaN/inf gradients."""
 
 
 class SAEStack(nn.Module):
@@ -177,7 +170,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
         state = ckpt.load_checkpoint(checkpoint_dir, [sae_class(s.arch) for s in specs], device)
         saes, trainer_state = state["saes"], state["trainer_state"]
         if trainer_state["processes"] != world:
-            raise ckpt.ResumeError(
+            raise ResumeError(
                 f"--resume {cfg.resume}: the checkpoint was written by {trainer_state['processes']} process(es), this "
                 f"launch has {world}. Launch with --num_processes {trainer_state['processes']} to continue it."
             )
@@ -298,7 +291,7 @@ def resolve_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> tuple[TrainCon
     run_dir = Path(cfg.resume)
     saved_path = run_dir / "train_config.yaml"
     if not saved_path.is_file():
-        raise ckpt.ResumeError(
+        raise ResumeError(
             f"--resume {run_dir}: no train_config.yaml there, so it is not a training run folder (or its first "
             "checkpoint was never written). Pass the --out folder of an earlier run, or start a new run."
         )
@@ -308,7 +301,7 @@ def resolve_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> tuple[TrainCon
     differences = config_differences(saved, explicit)
     if differences:
         listed = "; ".join(f"{name}: run has {old!r}, you passed {new!r}" for name, (old, new) in differences.items())
-        raise ckpt.ResumeError(
+        raise ResumeError(
             f"--resume {run_dir}: the run was trained with a different config ({listed}). Drop those options to "
             "continue it, or start a new run with another --out."
         )
@@ -316,7 +309,7 @@ def resolve_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> tuple[TrainCon
     cfg = make_config({**allowed, "resume": str(run_dir), "out": str(run_dir)}, base=saved)
     checkpoint_dir = ckpt.latest_checkpoint(run_dir)
     if checkpoint_dir is None:
-        raise ckpt.ResumeError(
+        raise ResumeError(
             f"--resume {run_dir}: no complete checkpoint in {run_dir / ckpt.CHECKPOINTS} (the run stopped before "
             "its first one). Start it again without --resume (add --overwrite to reuse the folder)."
         )

@@ -28,13 +28,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import FlowError
+
 MATCHING_VERSION = 1  # bump when the stored result of a match would change
 DEFAULT_BLOCK_SIZE = 4096
-
-
-class FlowError(ValueError):
-    """Feature-flow inputs are inconsistent: a missing (layer, site) SAE, an ``attn_z`` SAE, SAEs of different models
-    or widths, a bad threshold or schedule. The message names the value, what was expected and the fix."""
 
 
 # ------------------------------------------------------------------------------------------------------ results

@@ -45,7 +45,9 @@ def main() -> None:
         ),
         "kron_sae_mand": KronSAE(KronSAEConfig(d_sae=64, k=8, base_dim=2, ext_dim=4, **COMMON)),
         "kron_sae_relu_product": KronSAE(
-            KronSAEConfig(d_sae=96, k=8, base_dim=2, ext_dim=3, kron_activation="relu_product", hierarchical=False, **COMMON)
+            KronSAEConfig(
+                d_sae=96, k=8, base_dim=2, ext_dim=3, kron_activation="relu_product", hierarchical=False, **COMMON
+            )
         ),
         "jumprelu_sae": _jumprelu(),
     }

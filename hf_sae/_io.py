@@ -1,0 +1,157 @@
+"""The one atomic writer: every file hf-sae writes goes through here.
+
+A file is written to a temporary name in its own folder, flushed and ``fsync``-ed, then renamed over the target with
+``os.replace`` (atomic on POSIX and Windows), and the folder entry is ``fsync``-ed. A crash or a SIGKILL at any moment
+leaves either the old file or the new one, never a half-written one, and the temporary never crosses a file system
+(it lives beside the target, so a mount point as the target's folder is fine).
+
+    write_text_atomic(path, text); write_bytes_atomic(path, data); write_json_atomic(path, obj)
+    with atomic_path(path) as tmp: figure.savefig(tmp)      # for writers that want a path
+    with atomic_dir(path) as tmp: ...fill tmp...            # a whole folder, renamed into place at the end
+    with staged_files(folder) as tmp: ...fill tmp...        # files moved into an existing folder, one by one
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+FILE_MODE = 0o644  # mkstemp makes files private; what we write is readable like any other file
+DIR_MODE = 0o755
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a folder's entries (a rename is durable once its folder is synced). Not possible on Windows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsync-ed and renamed over ``path``.
+
+    The suffix of ``path`` is kept (``.png``, ``.safetensors``), so writers that infer the format from it work.
+    On an exception the temporary is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, FILE_MODE)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -> Path:
+    """Write ``data`` as indented JSON (values JSON cannot hold are written with ``str``) atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for item in root.rglob("*"):
+        if item.is_file():
+            _fsync_file(item)
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(folder)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it is fsync-ed and renamed to ``path``.
+
+    ``path`` must not exist yet (a folder is never half replaced); on an exception the temporary folder is deleted.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        os.chmod(tmp, DIR_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def staged_files(folder: str | os.PathLike, last: Sequence[str] = ("config.json",)) -> Iterator[Path]:
+    """Yield a temporary folder *inside* ``folder``; on success each file in it replaces its namesake in ``folder``.
+
+    Other contents of ``folder`` (checkpoints, metrics, plots) are kept. Each rename is atomic, and the names in
+    ``last`` move last, so a reader never sees a new ``config.json`` beside old weights. The temporary folder is
+    removed in every case.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-save-"))
+    try:
+        yield tmp
+        items = sorted(tmp.iterdir(), key=lambda p: (p.name in last, p.name))
+        for item in items:
+            if item.is_file():
+                os.chmod(item, FILE_MODE)
+                _fsync_file(item)
+        for item in items:
+            target = folder / item.name
+            if item.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what writes killed midway left in ``folder`` (``.NAME.tmp-*`` folders and files, ``.tmp-save-*``)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for item in folder.iterdir():
+        if item.name.startswith(".") and (".tmp" in item.name or item.name.startswith(".tmp-save-")):
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+            removed.append(item)
+    return removed
