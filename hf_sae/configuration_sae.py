@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 from transformers import PreTrainedConfig
 
 from .errors import SAEConfigError
+from .sites import SITES
 
-HOOK_SITES = ("resid", "mlp", "attn", "attn_z")
+HOOK_SITES = SITES  # kept for old imports
 
 # Keys that transformers itself writes into (or passes through) a config and that are therefore always allowed.
 _TRANSFORMERS_KEYS = frozenset(

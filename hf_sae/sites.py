@@ -35,6 +35,9 @@ from torch.utils.hooks import RemovableHandle
 from .errors import SiteError
 
 SITES = ("resid", "mlp", "attn", "attn_z")
+"""Every hook site hf-sae knows: the one list (configs, training, steering and feature flow read it)."""
+D_MODEL_SITES = ("resid", "mlp", "attn")
+"""The sites whose activations live in d_model space (the residual stream and what adds to it): feature flow's."""
 
 ActivationFn = Callable[[Tensor], "Tensor | None"]
 
