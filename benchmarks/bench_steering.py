@@ -17,51 +17,32 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.steering import steer
+from hf_sae.testing.tiny_models import tiny_gemma2, tiny_gemma3, tiny_sae
+from training.embedded import load_small_gemma
 
 TARGETS = {"add": 0.95, "clamp": 0.80}
 
 
-def tiny_gemma2() -> torch.nn.Module:
-    config = Gemma2Config(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        vocab_size=1000,
-        attn_implementation="eager",
-    )
-    return Gemma2ForCausalLM(config)
-
-
-def medium_gemma3() -> torch.nn.Module:
-    config = Gemma3TextConfig(
-        hidden_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=64,
-        intermediate_size=2048,
-        vocab_size=32000,
-    )
-    return Gemma3ForCausalLM(config)
+MEDIUM_GEMMA3 = dict(
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=2048,
+    vocab_size=32000,
+)
 
 
 def real_gemma(dtype: torch.dtype) -> torch.nn.Module:
-    from training.embedded import load_small_gemma
-
     model, _ = load_small_gemma(dtype=dtype)
     return model
 
 
-def make_sae(model: torch.nn.Module, d_sae: int, k: int, layer: int, dtype: torch.dtype) -> HierarchicalSAE:
-    config = HierarchicalSAEConfig(d_in=model.config.hidden_size, d_sae=d_sae, k=k, hook_layer=layer)
-    return HierarchicalSAE(config).eval().to(dtype)
+def make_sae(model: torch.nn.Module, d_sae: int, k: int, layer: int, dtype: torch.dtype) -> torch.nn.Module:
+    return tiny_sae(layer, d_in=model.config.hidden_size, d_sae=d_sae, k=k).to(dtype)
 
 
 def tokens_per_second(model, run: Callable[[], torch.Tensor], new_tokens: int) -> float:
@@ -125,7 +106,7 @@ def main() -> None:
         return
     model = tiny_gemma2().to(dtype)
     bench("tiny random Gemma-2 (d 64, 4 layers)", model, make_sae(model, 1024, 32, 1, dtype), **common)
-    model = medium_gemma3().to(dtype)
+    model = tiny_gemma3(**MEDIUM_GEMMA3).to(dtype)
     bench("medium random Gemma-3 (d 512, 8 layers)", model, make_sae(model, 8192, 32, 4, dtype), **common)
 
 

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.evaluation import (
@@ -18,16 +17,8 @@ from hf_sae.evaluation import (
     top_features,
 )
 from hf_sae.sites import capture_activations, resolve_site
+from hf_sae.testing.tiny_models import tiny_gemma2, tiny_sae
 
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=1000,
-)
 BOS = 2
 TEXTS = [[BOS, 17, 230, 41, 999, 5, 64], [BOS, 300, 301], [BOS, 8, 9, 10, 11, 12]]
 
@@ -35,29 +26,14 @@ TEXTS = [[BOS, 17, 230, 41, 999, 5, 64], [BOS, 300, 301], [BOS, 8, 9, 10, 11, 12
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gemma2():
-    torch.manual_seed(0)
-    return Gemma2ForCausalLM(Gemma2Config(**TINY, attn_implementation="eager")).eval()
-
-
-def _gemma3():
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(**TINY)).eval()
-
-
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])
-def model(request):
-    return {"gemma2": _gemma2, "gemma3": _gemma3}[request.param]()
-
-
-def _sae(layer=1, d_sae=256, k=8, seed=1):
-    torch.manual_seed(seed)
-    return HierarchicalSAE(HierarchicalSAEConfig(d_in=64, d_sae=d_sae, k=k, hook_layer=layer)).eval()
+def model(request, tiny_lm):
+    return tiny_lm(request.param)
 
 
 def _perfect_sae(layer=1):
     """Encoder and decoder [I; -I], k = d_in: TopK keeps every non-zero of relu(x), relu(-x); decode(encode(x)) = x."""
-    sae = _sae(layer, d_sae=128, k=64)
+    sae = tiny_sae(layer, d_sae=128, k=64)
     eye = torch.eye(64)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.cat([eye, -eye]))
@@ -97,7 +73,7 @@ def test_ce_loss_recovered_by_hand():
 
 
 def test_losses_match_a_naive_loop_excluding_bos_and_padding(model):
-    sae = _sae(k=16)
+    sae = tiny_sae(k=16)
     result = lm_loss_with_sae(model, sae, TEXTS, batch_size=2)  # batches mix lengths, so padding is exercised
     clean, count = _naive_loss(model, sae, TEXTS)
     spliced, _ = _naive_loss(model, sae, TEXTS, lambda h: sae.decode(sae.encode(h)))
@@ -118,7 +94,7 @@ def test_perfect_sae_splice_leaves_the_loss_unchanged(model):
 
 
 def test_inputs_as_a_padded_batch_or_strings_give_the_same_result():
-    model, sae = _gemma2(), _sae()
+    model, sae = tiny_gemma2(), tiny_sae()
     reference = lm_loss_with_sae(model, sae, TEXTS)
     input_ids = torch.zeros(3, 7, dtype=torch.long)
     attention_mask = torch.zeros(3, 7, dtype=torch.long)
@@ -153,7 +129,7 @@ def _dense_latents(model, sae, ids):
 
 
 def test_top_features_ranks_by_peak_activation_without_bos(model):
-    sae = _sae()
+    sae = tiny_sae()
     ids = TEXTS[0]
     dense = _dense_latents(model, sae, ids)
     found = top_features(model, sae, ids, n=5)
@@ -169,7 +145,7 @@ def test_top_features_ranks_by_peak_activation_without_bos(model):
 
 
 def test_max_activating_examples_are_each_texts_peak_strongest_first(model):
-    sae = _sae()
+    sae = tiny_sae()
     feature = int(top_features(model, sae, TEXTS[0], n=1).feature_ids[0])
     examples = max_activating_examples(model, sae, feature, TEXTS, context=2, batch_size=2)
     peaks = {}
@@ -190,7 +166,7 @@ def test_max_activating_examples_are_each_texts_peak_strongest_first(model):
 
 
 def test_errors_name_the_value_and_the_fix():
-    model, sae = _gemma2(), _sae()
+    model, sae = tiny_gemma2(), tiny_sae()
     with pytest.raises(EvaluationError, match=r"feature 256 is out of range.*0\.\.255"):
         max_activating_examples(model, sae, 256, TEXTS)
     with pytest.raises(EvaluationError, match="no tokenizer"):

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.sites import (
@@ -23,42 +15,17 @@ from hf_sae.sites import (
     resolve_sae_site,
     resolve_site,
 )
+from hf_sae.testing.tiny_models import tiny_gemma2, tiny_llama
 
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,  # n_heads * head_dim = 128 != d_model, so attn_z has its own width
-    intermediate_size=128,
-    vocab_size=1000,
-)
+HEAD_DIM = 32  # n_heads * head_dim = 128 != d_model, so attn_z has its own width
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gemma2():
-    torch.manual_seed(0)
-    return Gemma2ForCausalLM(Gemma2Config(**TINY, attn_implementation="eager")).eval()
-
-
-def _gemma3():
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(**TINY)).eval()
-
-
-def _llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-
-
-BUILDERS = {"gemma2": _gemma2, "gemma3": _gemma3, "llama": _llama}
-
-
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
-def model(request):
-    return BUILDERS[request.param]()
+@pytest.fixture(scope="module", params=["gemma2", "gemma3", "llama"])
+def model(request, tiny_lm):
+    return tiny_lm(request.param, head_dim=HEAD_DIM)
 
 
 def _hook_counts(model):
@@ -99,7 +66,7 @@ def test_resid_is_previous_resid_plus_attn_plus_mlp(model):
 
 
 def test_resid_matches_hidden_states():
-    model = _llama()
+    model = tiny_llama(head_dim=HEAD_DIM)
     ids = torch.randint(0, 1000, (1, 5))
     acts = capture_activations(model, [resolve_site(model, 1, "resid")], input_ids=ids)
     hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
@@ -140,7 +107,7 @@ def test_returning_none_leaves_the_output_unchanged(model):
 
 
 def test_capture_stops_after_the_site():
-    model = _gemma2()
+    model = tiny_gemma2(head_dim=HEAD_DIM)
     calls = []
     handle = model.model.layers[3].register_forward_hook(lambda *a: calls.append(1))
     capture_activations(model, [resolve_site(model, 1, "resid")], input_ids=torch.randint(0, 1000, (1, 4)))
@@ -149,7 +116,7 @@ def test_capture_stops_after_the_site():
 
 
 def test_errors_name_value_expectation_and_fix():
-    model = _gemma2()
+    model = tiny_gemma2(head_dim=HEAD_DIM)
     with pytest.raises(SiteError, match=r"'res'.*\['resid', 'mlp', 'attn', 'attn_z'\]"):
         resolve_site(model, 1, "res")
     with pytest.raises(SiteError, match=r"layer 4 is out of range.*0\.\.3"):
@@ -162,7 +129,7 @@ def test_errors_name_value_expectation_and_fix():
 
 
 def test_sae_site_checks_width_layer_and_base_model():
-    model = _gemma2()
+    model = tiny_gemma2(head_dim=HEAD_DIM)
     cfg = dict(d_sae=256, k=8, hook_layer=1)
     site = resolve_sae_site(model, HierarchicalSAE(HierarchicalSAEConfig(d_in=128, hook_site="attn_z", **cfg)))
     assert site.key == (1, "attn_z")

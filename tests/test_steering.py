@@ -2,54 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, SAEPreTrainedModel, SparseLatents
+from hf_sae import SAEPreTrainedModel, SparseLatents
 from hf_sae.sites import SITES, SiteError, capture_activations, resolve_site
 from hf_sae.steering import SteeringError, attach, clamp_delta, steer
+from hf_sae.testing.tiny_models import tiny_gemma2, tiny_sae
 
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=1000,
-)
 GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _gemma2(dtype=torch.float32):
-    torch.manual_seed(0)
-    return Gemma2ForCausalLM(Gemma2Config(**TINY, attn_implementation="eager")).eval().to(dtype)
+# A non-zero decoder bias, so the clamp tests see that b_dec cancels.
+_sae = functools.partial(tiny_sae, b_dec_std=0.1)
 
 
-def _gemma3(dtype=torch.float32):
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(**TINY)).eval().to(dtype)
-
-
-BUILDERS = {"gemma2": _gemma2, "gemma3": _gemma3}
-
-
-def _sae(layer=1, site="resid", d_in=64, d_sae=256, k=8, seed=1, **extra):
-    torch.manual_seed(seed)
-    cfg = HierarchicalSAEConfig(d_in=d_in, d_sae=d_sae, k=k, hook_layer=layer, hook_site=site, **extra)
-    sae = HierarchicalSAE(cfg).eval()
-    with torch.no_grad():  # a non-zero decoder bias, so the clamp tests see that b_dec cancels
-        sae.b_dec.normal_(std=0.1)
-    return sae
-
-
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
-def model(request):
-    return BUILDERS[request.param]()
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def model(request, tiny_lm):
+    return tiny_lm(request.param)
 
 
 def _hook_count(model) -> int:
@@ -124,7 +98,7 @@ def test_add_moves_the_activation_by_s_times_the_unit_decoder_row_at_every_posit
 
 
 def test_add_uses_the_unit_direction_even_when_the_decoder_row_is_not_unit():
-    model = _gemma2()
+    model = tiny_gemma2()
     sae = _sae()
     with torch.no_grad():
         sae.W_dec[5] *= 3.0
@@ -162,7 +136,7 @@ def test_clamp_and_ablate_equal_decode_of_edited_latents_minus_decode(model, mod
 
 
 def test_clamp_keeps_the_sae_error_term():
-    model = _gemma2()
+    model = tiny_gemma2()
     sae = _sae(k=16)
     ids = torch.randint(1, 1000, (1, 5))
     rec = _record_around(model, sae, lambda: steer(model, sae, {7: 4.0}, mode="clamp"), lambda: model(input_ids=ids))
@@ -359,7 +333,7 @@ def test_transformers_own_hooks_survive(model):
 )
 @pytest.mark.parametrize("mode", ["add", "clamp"])
 def test_mixed_dtypes_cast_in_compute_and_cast_back(model_dtype, sae_dtype, mode):
-    model = _gemma2(model_dtype)
+    model = tiny_gemma2().to(model_dtype)
     sae = _sae(k=16).to(sae_dtype)
     ids = torch.randint(1, 1000, (1, 4))
     rec = _record_around(model, sae, lambda: steer(model, sae, {3: 4.0}, mode=mode), lambda: model(input_ids=ids))
@@ -409,7 +383,7 @@ def test_sae_methods_delegate(monkeypatch):
         monkeypatch.setattr(
             SAEPreTrainedModel, "attach", lambda self, m, **kw: steering.attach(m, self, **kw), raising=False
         )
-    model, sae = _gemma2(), _sae()
+    model, sae = tiny_gemma2(), _sae()
     ids = torch.randint(1, 1000, (1, 4))
     expected = steer(model, sae, {3: 30.0}, mode="clamp").generate(input_ids=ids, **GREEDY)
     assert torch.equal(sae.steer(model, {3: 30.0}, mode="clamp").generate(input_ids=ids, **GREEDY), expected)
@@ -420,7 +394,7 @@ def test_sae_methods_delegate(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------- errors
 def test_errors_name_the_value_the_expectation_and_the_fix():
-    model = _gemma2()
+    model = tiny_gemma2()
     sae = _sae()
     with pytest.raises(SteeringError, match=r"feature 256 is out of range.*d_sae=256.*0\.\.255"):
         steer(model, sae, {256: 1.0})
@@ -456,7 +430,7 @@ def test_clamp_delta_is_zero_when_clamping_to_the_current_value():
 
 @pytest.mark.parametrize("mode", ["add", "clamp"])
 def test_gradients_flow_through_a_steered_model(mode):
-    model, sae = _gemma2(), _sae(k=16)
+    model, sae = tiny_gemma2(), _sae(k=16)
     ids = torch.randint(1, 1000, (1, 4))
     with steer(model, sae, {3: 4.0}, mode=mode):
         model(input_ids=ids).logits.sum().backward()
