@@ -4,7 +4,15 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from hf_sae.testing.tiny_models import TINY_CONFIG, TINY_MODELS, tiny_gemma2, tiny_gemma3, tiny_llama, tiny_sae
+from hf_sae.testing.tiny_models import (
+    TINY_CONFIG,
+    TINY_MODELS,
+    planted_sae,
+    tiny_gemma2,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_sae,
+)
 
 BUILDERS = [tiny_gemma2, tiny_gemma3, tiny_llama]
 
@@ -49,7 +57,10 @@ def test_tiny_models_are_the_ones_torch_manual_seed_gives():
         assert torch.equal(tensor, plain.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("build", [*BUILDERS, tiny_sae, lambda seed: tiny_sae(seed=seed, b_dec_std=0.1)])
+@pytest.mark.parametrize(
+    "build",
+    [*BUILDERS, tiny_sae, lambda seed: tiny_sae(seed=seed, b_dec_std=0.1), lambda seed: planted_sae(torch.eye(8))],
+)
 def test_builders_leave_the_global_random_state_alone(build):
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -80,3 +91,14 @@ def test_fixtures_build_fresh_models(tiny_lm):
     assert first is not second
     assert torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)
     assert tiny_lm("llama", head_dim=32).config.head_dim == 32
+
+
+def test_planted_sae_reads_and_writes_the_given_directions():
+    directions = torch.linalg.qr(torch.randn(16, 16))[0][:6]  # 6 orthonormal rows
+    sae = planted_sae(directions, 3, "attn", base_model="org/tiny")
+    config = sae.config
+    assert (config.d_in, config.d_sae, config.k, config.hook_layer, config.hook_site) == (16, 6, 4, 3, "attn")
+    assert config.base_model == "org/tiny" and not sae.training
+    assert torch.equal(sae.W_dec, directions) and torch.equal(sae.encoder.weight, directions)
+    latents = sae.encode(2.0 * directions[4:5])
+    assert int(latents.indices[0, latents.values[0].argmax()]) == 4

@@ -10,6 +10,7 @@ the caller's global random state as it was, and returns the model in eval mode. 
     model = tiny_llama(seed=0, head_dim=32)            # a Llama-like layout (no post-feedforward norm)
     model = TINY_MODELS["gemma2"](seed=0)
     sae = tiny_sae(layer=1, site="resid", d_sae=256, k=8)  # a HierarchicalSAE that reads that model
+    sae = planted_sae(directions, layer=2, site="mlp")     # feature i reads and writes directions[i]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -105,3 +107,21 @@ def tiny_sae(
             with torch.no_grad():
                 sae.b_dec.normal_(std=b_dec_std)
     return sae.eval()
+
+
+def planted_sae(decoder: Tensor, layer: int = 1, site: str = "resid", *, k: int = 4, **config: Any) -> HierarchicalSAE:
+    """A :class:`HierarchicalSAE` whose decoder rows *and* encoder rows are ``decoder`` (d_sae, d_in), in eval mode.
+
+    Feature i writes direction ``decoder[i]`` and fires most on it, so a test can plant features whose matches,
+    predecessor classes and activations it knows. ``config`` goes to :class:`HierarchicalSAEConfig`; the global
+    random state is left alone.
+    """
+    cfg = HierarchicalSAEConfig(
+        d_in=decoder.shape[1], d_sae=decoder.shape[0], k=k, hook_layer=layer, hook_site=site, **config
+    )
+    with torch.random.fork_rng(devices=[]):
+        sae = HierarchicalSAE(cfg).eval()
+    with torch.no_grad():
+        sae.W_dec.copy_(decoder)
+        sae.encoder.weight.copy_(decoder)
+    return sae

@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.flow import FeatureFlow, FlowError, plan_flow_steering, schedule_coefficient
 from hf_sae.sites import resolve_site
-from training.embedded import tiny_gemma2
 
 GREEDY = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
 
@@ -18,39 +16,15 @@ GREEDY = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_gemma2(0)
-
-
 def _unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def _flow_saes(layers=4, d=64, features=128, seed=0):
-    """resid/mlp/attn SAEs at every layer of the tiny model; resid L is a noisy copy of resid L-1 (long chains)."""
-    g = torch.Generator().manual_seed(seed)
-    saes, previous = {}, None
-    for layer in range(layers):
-        for site in ("attn", "mlp", "resid"):
-            decoder = _unit(torch.randn(features, d, generator=g))
-            if site == "resid" and previous is not None:
-                decoder = _unit(previous + 0.05 * torch.randn(features, d, generator=g))
-            cfg = HierarchicalSAEConfig(d_in=d, d_sae=features, k=8, hook_layer=layer, hook_site=site)
-            sae = HierarchicalSAE(cfg).eval()
-            with torch.no_grad():
-                sae.W_dec.copy_(decoder)
-                sae.encoder.weight.copy_(decoder)
-                sae.encoder.bias.normal_(std=0.1, generator=g)
-            saes[(layer, site)] = sae
-            if site == "resid":
-                previous = decoder
-    return saes
-
-
 @pytest.fixture(scope="module")
-def flow():
-    return FeatureFlow(_flow_saes(), cache_dir=False)
+def flow(flow_saes):
+    """resid/mlp/attn SAEs at every layer of the tiny model; resid L is a noisy copy of resid L-1 (long chains)."""
+    saes = flow_saes(layers=4, features=128, k=8, noise=0.05, encoder_bias_std=0.1)
+    return FeatureFlow(saes, cache_dir=False)
 
 
 # --------------------------------------------------------------------------------------------------- schedules

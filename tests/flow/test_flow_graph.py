@@ -13,6 +13,7 @@ import torch
 from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.flow import CLASSES, FeatureFlow, FlowError, classify, from_json, graph_to_html, to_graphml, to_json
 from hf_sae.flow.cli import FLOW_SUBCOMMAND, add_flow_subcommand
+from hf_sae.testing.tiny_models import planted_sae
 
 D = 1024  # wide enough that random unit directions have cosines < 0.15 with each other
 
@@ -25,14 +26,7 @@ def _unit(x):
 
 
 def _sae(decoder, layer, site, base_model="org/tiny"):
-    cfg = HierarchicalSAEConfig(
-        d_in=decoder.shape[1], d_sae=decoder.shape[0], k=4, hook_layer=layer, hook_site=site, base_model=base_model
-    )
-    sae = HierarchicalSAE(cfg).eval()
-    with torch.no_grad():
-        sae.W_dec.copy_(decoder)
-        sae.encoder.weight.copy_(decoder)
-    return sae
+    return planted_sae(decoder, layer, site, base_model=base_model)
 
 
 def _planted_layer():

@@ -10,11 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.flow import GROUPS, FeatureFlow, FlowError, graph_to_html
 from hf_sae.flow.evaluation import annotate_top_tokens, mean_nonzero_activations, transcode
 from hf_sae.sites import capture_activations, resolve_site
-from training.embedded import tiny_gemma2
 
 BOS = 2
 
@@ -29,38 +27,8 @@ def _no_grad():
 
 
 @pytest.fixture(scope="module")
-def model():
-    model = tiny_gemma2(0)
-    assert model.config.bos_token_id == BOS
-    return model
-
-
-def _unit(x):
-    return x / x.norm(dim=-1, keepdim=True)
-
-
-def _flow_saes(layers=3, d=64, features=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    saes, previous = {}, None
-    for layer in range(layers):
-        for site in ("attn", "mlp", "resid"):
-            decoder = _unit(torch.randn(features, d, generator=g))
-            if site == "resid" and previous is not None:
-                decoder = _unit(previous + 0.3 * torch.randn(features, d, generator=g))
-            cfg = HierarchicalSAEConfig(d_in=d, d_sae=features, k=6, hook_layer=layer, hook_site=site)
-            sae = HierarchicalSAE(cfg).eval()
-            with torch.no_grad():
-                sae.W_dec.copy_(decoder)
-                sae.encoder.weight.copy_(decoder)
-            saes[(layer, site)] = sae
-            if site == "resid":
-                previous = decoder
-    return saes
-
-
-@pytest.fixture(scope="module")
-def flow():
-    return FeatureFlow(_flow_saes(), cache_dir=False)
+def flow(flow_saes):
+    return FeatureFlow(flow_saes(), cache_dir=False)
 
 
 def _texts():
@@ -165,8 +133,8 @@ def test_deactivation_equals_a_manual_removal(model, flow):
     assert set(result.mean_change()) == {"resid", "mlp", "attn"} and "deactivation" in str(result)
 
 
-def test_skip_layer_eval_with_a_copied_sae_is_its_reconstruction(model):
-    saes = _flow_saes()
+def test_skip_layer_eval_with_a_copied_sae_is_its_reconstruction(model, flow_saes):
+    saes = flow_saes()
     twin = copy.deepcopy(saes[(1, "resid")])
     twin.config.hook_layer = 2
     saes[(2, "resid")] = twin  # T(1 -> 2) is the identity with cosine 1

@@ -8,24 +8,16 @@ import pytest
 import torch
 
 import hf_sae.flow.matching as matching
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.flow import FeatureFlow, FlowError, MatchCache, feature_scales, fold_jumprelu, match_decoders
 from hf_sae.flow.matching import match_features, one_to_one_match
 from hf_sae.modeling_jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from hf_sae.testing.tiny_models import planted_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(x):
     return x / x.norm(dim=-1, keepdim=True)
-
-
-def _sae(decoder, layer=1, site="resid"):
-    cfg = HierarchicalSAEConfig(d_in=decoder.shape[1], d_sae=decoder.shape[0], k=4, hook_layer=layer, hook_site=site)
-    sae = HierarchicalSAE(cfg).eval()
-    with torch.no_grad():
-        sae.W_dec.copy_(decoder)
-    return sae
 
 
 def _dense_topk(a, b, k):
@@ -118,7 +110,10 @@ def test_transition_matrix_and_transport_follow_the_operator():
 
 def test_matches_are_cached_on_disk_keyed_by_the_decoders(tmp_path, monkeypatch):
     torch.manual_seed(5)
-    saes = {(0, "resid"): _sae(_unit(torch.randn(64, 16)), 0), (1, "resid"): _sae(_unit(torch.randn(80, 16)), 1)}
+    saes = {
+        (0, "resid"): planted_sae(_unit(torch.randn(64, 16)), 0),
+        (1, "resid"): planted_sae(_unit(torch.randn(80, 16)), 1),
+    }
     calls = []
     original = matching.match_decoders
     monkeypatch.setattr(matching, "match_decoders", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -172,7 +167,7 @@ def test_feature_scales_are_theta_times_row_norm_or_mean_activation():
     torch.testing.assert_close(scales[1:], sae.threshold.detach()[1:] * norms[1:])
     torch.testing.assert_close(scales[0], norms[0])  # theta = 0: one unit of the raw row
     torch.testing.assert_close(scales, fold_jumprelu(sae).W_dec.detach().norm(dim=1))
-    topk = _sae(_unit(torch.randn(8, 16)))
+    topk = planted_sae(_unit(torch.randn(8, 16)))
     with pytest.raises(FlowError, match="calibrate"):
         feature_scales(topk)
     mean = torch.tensor([2.0, 0.0, 1.0, 3.0, 1.0, 1.0, 1.0, 0.5])

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.flow import FeatureFlow
+from training.embedded import load_small_gemma
 
 pytestmark = pytest.mark.slow
 
@@ -19,40 +19,17 @@ TEXTS = [
     "In 1969, astronauts landed on the Moon and walked on its dusty surface for the first time.",
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
 ]
+SAES = dict(layers=(5, 6, 7), d=640, features=512, k=16, noise=0.02, base_model="google/gemma-3-270m")
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    from training.embedded import load_small_gemma
-
     return load_small_gemma()
 
 
-def _flow_saes(layers=(5, 6, 7), d=640, features=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    saes, previous = {}, None
-    for layer in layers:
-        for site in ("attn", "mlp", "resid"):
-            decoder = torch.randn(features, d, generator=g)
-            if site == "resid" and previous is not None:
-                decoder = previous + 0.02 * torch.randn(features, d, generator=g) * previous.norm(dim=1, keepdim=True)
-            decoder = decoder / decoder.norm(dim=1, keepdim=True)
-            cfg = HierarchicalSAEConfig(
-                d_in=d, d_sae=features, k=16, hook_layer=layer, hook_site=site, base_model="google/gemma-3-270m"
-            )
-            sae = HierarchicalSAE(cfg).eval()
-            with torch.no_grad():
-                sae.W_dec.copy_(decoder)
-                sae.encoder.weight.copy_(decoder)
-            saes[(layer, site)] = sae
-            if site == "resid":
-                previous = decoder
-    return saes
-
-
-def test_flow_on_the_real_small_gemma(gemma):
+def test_flow_on_the_real_small_gemma(gemma, flow_saes):
     model, tokenizer = gemma
-    flow = FeatureFlow(_flow_saes(), cache_dir=False)
+    flow = FeatureFlow(flow_saes(**SAES), cache_dir=False)
     graph = flow.trace(layer=6, feature=3)
     assert {"5/resid/3", "6/resid/3", "7/resid/3"} <= set(graph)
     inputs = tokenizer(["The weather today is"], return_tensors="pt")
@@ -68,7 +45,7 @@ def test_flow_on_the_real_small_gemma(gemma):
     n_tokens = sum(len(tokenizer(t)["input_ids"]) - 1 for t in TEXTS)  # BOS excluded
     assert result.n_tokens == n_tokens and int(result.counts.sum()) > 0
 
-    saes = _flow_saes()
+    saes = flow_saes(**SAES)
     twin = copy.deepcopy(saes[(6, "resid")])
     twin.config.hook_layer = 7
     saes[(7, "resid")] = twin
