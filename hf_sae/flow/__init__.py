@@ -8,6 +8,7 @@ Balagansky et al., "Mechanistic Permutability: Match Features Across Layers" (IC
     g = flow.trace(layer=12, feature=1234)
 """
 
+from ..errors import FlowError
 from .evaluation import (
     GROUPS,
     DeactivationResult,
@@ -24,7 +25,6 @@ from .feature_flow import FLOW_SITES, FeatureFlow, parse_key
 from .graph import from_json, node_id, parse_node_id, to_graphml, to_json, trace
 from .matching import (
     DEFAULT_BLOCK_SIZE,
-    FlowError,
     MatchCache,
     MatchResult,
     decoder_fingerprint,

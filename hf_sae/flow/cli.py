@@ -17,6 +17,12 @@ import csv
 import io
 from pathlib import Path
 
+from .._io import write_text_atomic
+from ..errors import FlowError
+from .feature_flow import FeatureFlow
+from .graph import to_graphml, to_json
+from .plotting import graph_to_html, plot_graph
+
 HELP = "feature flow across layers: trace a feature, per-layer class tables, matches (data-free)"
 GRAPH_FORMATS = (".png", ".svg", ".pdf", ".html", ".json", ".graphml")
 
@@ -84,8 +90,6 @@ def add_flow_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def _flow(args: argparse.Namespace):
-    from .feature_flow import FeatureFlow
-
     cache = args.cache_dir
     if cache is not None and cache.lower() == "none":
         cache = False
@@ -103,12 +107,9 @@ def _flow(args: argparse.Namespace):
 
 
 def _run_trace(args: argparse.Namespace) -> int:
-    from .graph import to_graphml, to_json
-    from .plotting import graph_to_html, plot_graph
-
     bad = [out for out in args.out if Path(out).suffix.lower() not in GRAPH_FORMATS]
     if bad:
-        raise ValueError(f"--out {bad[0]}: unknown format; use one of {list(GRAPH_FORMATS)}.")
+        raise FlowError(f"--out {bad[0]}: unknown format; use one of {list(GRAPH_FORMATS)}.")
     flow = _flow(args)
     graph = flow.trace(args.layer, args.feature, direction=args.direction, max_steps=args.max_steps)
     for out in args.out:
@@ -132,8 +133,6 @@ def _run_trace(args: argparse.Namespace) -> int:
 
 
 def _run_table(args: argparse.Namespace) -> int:
-    from .graph import write_text_atomic
-
     flow = _flow(args)
     summary = flow.summary(args.layer)
     print(summary)
@@ -151,8 +150,6 @@ def _run_table(args: argparse.Namespace) -> int:
 
 
 def _run_match(args: argparse.Namespace) -> int:
-    from .graph import write_text_atomic
-
     flow = _flow(args)
     result = flow.match(args.source, args.target, args.k, one_to_one=args.one_to_one)
     top = result.scores[:, 0]
@@ -172,8 +169,8 @@ def _run_match(args: argparse.Namespace) -> int:
 
 
 def run_flow_command(args: argparse.Namespace) -> int:
-    """Run ``hf-sae flow {trace,table,match}``; returns the exit code. User errors raise ``ValueError`` /
-    ``OSError`` (``FlowError`` is a ``ValueError``), which the ``hf-sae`` main turns into one error line."""
+    """Run ``hf-sae flow {trace,table,match}``; returns the exit code. User errors raise a ``FlowError`` (an
+    ``HfSaeError``, a ``ValueError``) or an ``OSError``, which the ``hf-sae`` main turns into one error line."""
     runners = {"trace": _run_trace, "table": _run_table, "match": _run_match}
     return runners[args.flow_command](args)
 

@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import FlowError
 from ..evaluation import _batches, _kept, _loss_sum, _model_device, _token_lists, _token_strings, _tokenizer_for
 from ..sites import capture_activations, resolve_site
 from ..sparse import SparseLatents
 from ..steering import ActivationPatch
 from .graph import parse_node_id
-from .matching import FlowError
+from .predecessors import PREDECESSOR_SITES
 from .steering import _FlowHook, _latent_values
 
-PREDECESSOR_SITES = ("resid", "mlp", "attn")
 GROUPS = ("nowhere", "RES", "MLP", "RES&MLP", "ATT", "RES&ATT", "MLP&ATT", "RES&MLP&ATT")  # index = bit mask
 
 

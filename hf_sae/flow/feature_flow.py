@@ -24,13 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download, snapshot_download
+from safetensors import safe_open
 from torch import Tensor, nn
+from transformers import AutoConfig
 
-from .matching import DEFAULT_BLOCK_SIZE, FlowError, MatchCache, MatchResult, match_decoders, match_features
+from ..errors import FlowError
+from ..hub import explain_load_failure, load_sae
+from ..sites import D_MODEL_SITES
+from .evaluation import annotate_top_tokens, deactivation, mean_nonzero_activations, skip_layer_eval, validate
+from .graph import to_graphml, to_json, trace
+from .matching import DEFAULT_BLOCK_SIZE, MatchCache, MatchResult, match_decoders, match_features
+from .plotting import graph_to_html, plot_graph
 from .predecessors import DEFAULT_THRESHOLDS, FlowSummary, PredecessorTable, build_table, check_threshold
+from .steering import steer_flow
 
 SiteKey = tuple[int, str]
-FLOW_SITES = ("resid", "mlp", "attn")
+FLOW_SITES = D_MODEL_SITES
+"""The sites feature flow compares in (the d_model ones of :mod:`hf_sae.sites`): resid, mlp, attn."""
 _SUBFOLDER = re.compile(r"^layer_(\d+)/([A-Za-z_]+)$")
 
 
@@ -408,73 +419,51 @@ class FeatureFlow:
         each resid node's top-1 mlp / attn predecessors scoring ≥ ``t_module``; a direction stops where s(R) < t_R
         or where the flow has no SAE. See :func:`hf_sae.flow.graph.trace`.
         """
-        from .graph import trace
-
         return trace(self, layer, feature, direction=direction, max_steps=max_steps)
 
     def plot(self, graph, path, **kwargs) -> None:
         """Write a layered picture of ``graph`` (PNG, SVG or PDF by the file extension); see plotting.plot_graph."""
-        from .plotting import plot_graph
-
         plot_graph(graph, path, **kwargs)
 
     def to_html(self, graph, path, **kwargs) -> None:
         """Write a self-contained interactive HTML view of ``graph`` (hover shows node attributes)."""
-        from .plotting import graph_to_html
-
         graph_to_html(graph, path, **kwargs)
 
     @staticmethod
     def to_json(graph, path=None) -> str:
-        from .graph import to_json
-
         return to_json(graph, path)
 
     @staticmethod
     def to_graphml(graph, path) -> None:
-        from .graph import to_graphml
-
         to_graphml(graph, path)
 
     # ------------------------------------------------------------------------------------------------ steering
     def steer(self, model: nn.Module, graph, strength: float | Mapping[str, float] = 8.0, **kwargs):
         """Steer ``model`` along a flow graph (rescale or activate its features, one layer or cumulative, with a
         constant / linear / exponential schedule); see :func:`hf_sae.flow.steering.steer_flow`."""
-        from .steering import steer_flow
-
         return steer_flow(self, model, graph, strength, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def calibrate(self, model: nn.Module, texts, **kwargs) -> dict[SiteKey, Tensor]:
         """Mean non-zero activation of every latent of every SAE (the TopK analogue of JumpReLU folding)."""
-        from .evaluation import mean_nonzero_activations
-
         self.mean_activations.update(mean_nonzero_activations(self, model, texts, **kwargs))
         return self.mean_activations
 
     def validate(self, model: nn.Module, texts, **kwargs):
         """The paper's data-based check of the predecessor scores; see :func:`hf_sae.flow.evaluation.validate`."""
-        from .evaluation import validate
-
         return validate(self, model, texts, **kwargs)
 
     def deactivation(self, model: nn.Module, texts, layer: int, **kwargs):
         """Remove each top-1 predecessor and measure 1 − z_new/z_old of its target; see evaluation.deactivation."""
-        from .evaluation import deactivation
-
         return deactivation(self, model, texts, layer, **kwargs)
 
     def skip_layer_eval(self, model: nn.Module, layer: int, texts, **kwargs):
         """EV and LM-loss change of the matched "transcoder" resid ``layer`` → ``layer + 1`` (Mechanistic
         Permutability Eq. 5); see :func:`hf_sae.flow.evaluation.skip_layer_eval`."""
-        from .evaluation import skip_layer_eval
-
         return skip_layer_eval(self, model, layer, texts, **kwargs)
 
     def annotate(self, graph, model: nn.Module, texts, **kwargs):
         """Add each node's top activating tokens (``top_tokens``) for the HTML view; see evaluation.annotate."""
-        from .evaluation import annotate_top_tokens
-
         return annotate_top_tokens(self, graph, model, texts, **kwargs)
 
 
@@ -501,8 +490,6 @@ def _collection_root(name_or_path, revision, token) -> tuple[Path, bool]:
         return path, False
     if os.path.sep in str(name_or_path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
         raise FlowError(f"{name_or_path}: no such folder, and it is not a Hub repo id (namespace/name).")
-    from huggingface_hub import snapshot_download
-
     try:
         root = snapshot_download(
             str(name_or_path),
@@ -511,8 +498,6 @@ def _collection_root(name_or_path, revision, token) -> tuple[Path, bool]:
             allow_patterns=["layer_*/*/config.json", "collection.json"],
         )
     except Exception as err:
-        from ..hub import explain_load_failure
-
         better = explain_load_failure(str(name_or_path), err, revision=revision)
         if better is not None:
             raise better from err
@@ -521,10 +506,8 @@ def _collection_root(name_or_path, revision, token) -> tuple[Path, bool]:
 
 
 def _read_config(path: Path):
-    from transformers import AutoConfig
-
-    import hf_sae  # noqa: F401 - registers the SAE configs with AutoConfig
-
+    """The SAE config in ``path``'s folder; AutoConfig knows the hf-sae classes (``import hf_sae`` registered them,
+    and it ran before this subpackage could be imported)."""
     try:
         return AutoConfig.from_pretrained(str(path.parent))
     except ValueError as err:
@@ -535,23 +518,17 @@ def _lazy_entry(name_or_path, root: Path, subfolder: str, config, remote: bool, 
     def weights_file() -> str:
         if not remote:
             return str(root / subfolder / "model.safetensors")
-        from huggingface_hub import hf_hub_download
-
         return hf_hub_download(str(name_or_path), f"{subfolder}/model.safetensors", revision=revision, token=token)
 
-    def load_sae():
-        from ..hub import load_sae
-
+    def load_whole_sae() -> nn.Module:
         if remote:
             return load_sae(str(name_or_path), subfolder=subfolder, revision=revision).eval()
         return load_sae(root / subfolder).eval()
 
     def load_decoder() -> Tensor:
-        from safetensors import safe_open
-
         with safe_open(weights_file(), framework="pt") as f:
             if "W_dec" not in f.keys():
                 raise FlowError(f"{name_or_path}/{subfolder}/model.safetensors has no W_dec tensor: not an hf-sae SAE.")
             return f.get_tensor("W_dec")
 
-    return _Entry(config, load_sae=load_sae, load_decoder=load_decoder)
+    return _Entry(config, load_sae=load_whole_sae, load_decoder=load_decoder)

@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import networkx as nx
 import torch
 
-from .matching import FlowError
-from .predecessors import class_label, classify
+from .._io import atomic_path, write_text_atomic
+from ..errors import FlowError
+from .predecessors import PREDECESSOR_SITES, class_label, classify
 
 DIRECTIONS = ("both", "backward", "forward")
 
@@ -60,7 +60,7 @@ def _predecessor_scores(flow, layer: int, index: int) -> dict[str, tuple[float, 
 
 def _add_resid_node(graph: nx.DiGraph, flow, layer: int, index: int, score: float, role: str) -> dict:
     preds = _predecessor_scores(flow, layer, index)
-    scores = [torch.tensor([preds[s][0] if s in preds else math.nan]) for s in ("resid", "mlp", "attn")]
+    scores = [torch.tensor([preds[s][0] if s in preds else math.nan]) for s in PREDECESSOR_SITES]
     t = flow.thresholds
     category, via = classify(*scores, t["resid"], t["mlp"], t["attn"])
     label = class_label(int(category[0]), int(via[0])) if preds else "unknown"
@@ -155,21 +155,6 @@ def _layer_site_order(text: str) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- export
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -207,17 +192,9 @@ def to_graphml(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
         clean.add_node(node, **{k: _graphml_value(v) for k, v in attrs.items()})
     for a, b, attrs in graph.edges(data=True):
         clean.add_edge(a, b, **{k: _graphml_value(v) for k, v in attrs.items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        nx.write_graphml(clean, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        nx.write_graphml(clean, str(tmp))
+    return Path(path)
 
 
 def _graphml_value(value):

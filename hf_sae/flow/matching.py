@@ -20,14 +20,16 @@ import copy
 import hashlib
 import math
 import os
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .._io import atomic_path
 from ..errors import FlowError
 
 MATCHING_VERSION = 1  # bump when the stored result of a match would change
@@ -203,8 +205,6 @@ def one_to_one_match(
     The assignment needs the whole F × F cosine matrix (filled in blocks, held as float64 for scipy: 2 GiB at
     F = 16,384) and O(F³) time, hence ``max_width``. Returns scores and indices (F, 1) like :func:`match_decoders`.
     """
-    from scipy.optimize import linear_sum_assignment
-
     a, b = _as_matrix(decoder_a), _as_matrix(decoder_b)
     if a.shape != b.shape:
         raise FlowError(
@@ -269,7 +269,8 @@ class MatchCache:
     """Matches on disk as safetensors (``indices`` int64, ``scores`` float32), one file per (A, B, k, method).
 
     The key hashes both decoders' weights, so a retrained or edited SAE never reads a stale match. Files are written
-    to a temporary name and renamed into place, so a crash never leaves a half-written file behind.
+    by :func:`hf_sae._io.atomic_path` (a temporary beside the target, renamed into place), so a crash never leaves a
+    half-written file behind.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None):
@@ -285,8 +286,6 @@ class MatchCache:
         return self.directory / f"match-{key}.safetensors"
 
     def load(self, key: str) -> tuple[Tensor, Tensor] | None:
-        from safetensors.torch import load_file
-
         path = self.path(key)
         if not path.is_file():
             return None
@@ -294,22 +293,13 @@ class MatchCache:
         return tensors["scores"], tensors["indices"]
 
     def save(self, key: str, scores: Tensor, indices: Tensor) -> Path:
-        from safetensors.torch import save_file
-
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.directory)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(
                 {"scores": scores.contiguous(), "indices": indices.contiguous()},
-                tmp,
+                str(tmp),
                 metadata={"hf_sae_matching_version": str(MATCHING_VERSION)},
             )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
 

@@ -13,10 +13,13 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
-from .graph import write_text_atomic
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch
+
+from .._io import atomic_path, write_text_atomic
 
 SITE_ROWS = {"attn": 1.0, "resid": 0.0, "mlp": -1.0}
 COLORS = {
@@ -68,10 +71,6 @@ def _short_class(attrs: dict) -> str:
 
 def plot_graph(graph, path: str | os.PathLike, *, title: str | None = None, dpi: int = 150) -> Path:
     """Write a layered picture of a flow graph (PNG, SVG or PDF by the extension of ``path``)."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import FancyArrowPatch
-
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     positions = _layout(graph)
@@ -179,23 +178,14 @@ def plot_graph(graph, path: str | os.PathLike, *, title: str | None = None, dpi:
     return _save_figure(fig, path, fmt, dpi)
 
 
-def _save_figure(fig, path: Path, fmt: str, dpi: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+def _save_figure(fig: Figure, path: Path, fmt: str, dpi: int) -> Path:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
 def plot_summary(summary, path: str | os.PathLike, *, dpi: int = 150) -> Path:
     """Stacked bars: the share of each class among the resid features of every layer (a FlowSummary)."""
-    from matplotlib.figure import Figure
-
     path = Path(path)
     fractions = summary.fractions()
     names = list(summary.counts[summary.layers[0]]) if summary.layers else []

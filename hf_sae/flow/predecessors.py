@@ -26,8 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .matching import FlowError
+from .._io import write_text_atomic
+from ..errors import FlowError
+from ..sites import D_MODEL_SITES
+from .plotting import plot_summary
 
+PREDECESSOR_SITES = D_MODEL_SITES
+"""The sites of a resid feature's predecessors P, in the order R (resid L−1), M (mlp L), A (attn L)."""
 CLASSES = ("translated", "processed", "newborn", "unexplained")
 VIA = ("", "mlp", "attn", "both")  # which modules explain a processed / newborn feature
 DEFAULT_THRESHOLDS = {"resid": 0.5, "mlp": 0.15, "attn": 0.15}
@@ -156,8 +161,6 @@ class PredecessorTable:
             writer.writerow(row)
         text = buffer.getvalue()
         if path is not None:
-            from .graph import write_text_atomic
-
             write_text_atomic(path, text)
         return text
 
@@ -174,7 +177,7 @@ def build_table(
 ) -> PredecessorTable:
     """Assemble a table from top-1 matches {"resid"|"mlp"|"attn": (scores (F,), ids (F,)) or None (missing)}."""
     columns = {}
-    for site in ("resid", "mlp", "attn"):
+    for site in PREDECESSOR_SITES:
         found = matches.get(site)
         if found is None:
             columns[site] = (torch.full((n_features,), math.nan), torch.full((n_features,), -1, dtype=torch.long))
@@ -240,6 +243,4 @@ class FlowSummary:
 
     def plot(self, path) -> None:
         """A stacked bar chart of the class fractions per layer (PNG)."""
-        from .plotting import plot_summary
-
         plot_summary(self, path)

@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import FlowError
+from ..sites import D_MODEL_SITES
 from ..sparse import SparseLatents
 from ..steering import POSITIONS, SteeringHandle, _apply_rows, _rows, _SiteHook
 from .graph import parse_node_id
-from .matching import FlowError, feature_scales
+from .matching import feature_scales
 
 MODES = ("activate", "rescale")
 SCHEDULES = ("constant", "linear", "exponential")
@@ -102,7 +104,7 @@ def plan_flow_steering(
     end_layer: int | None = None,
     cumulative: bool = False,
     layer: int | None = None,
-    sites: Iterable[str] = ("resid", "mlp", "attn"),
+    sites: Iterable[str] = D_MODEL_SITES,
 ) -> FlowSteeringPlan:
     """Which features of ``graph`` to steer, where, and with which coefficient (no hooks are installed).
 
@@ -229,7 +231,7 @@ def steer_flow(
     end_layer: int | None = None,
     cumulative: bool = False,
     layer: int | None = None,
-    sites: Iterable[str] = ("resid", "mlp", "attn"),
+    sites: Iterable[str] = D_MODEL_SITES,
     units: str = "unit",
     positions: str = "all",
 ) -> FlowSteeringHandle:

@@ -220,6 +220,7 @@ def test_json_and_graphml_round_trip(tmp_path):
     assert read.nodes["2/resid/7"]["class"] == "processed by attn"
     edge = ("2/resid/7", "3/resid/7")
     assert read.edges[edge]["cosine"] == pytest.approx(graph.edges[edge]["cosine"])
+    assert not list(tmp_path.glob(".*"))  # written through temporaries that were renamed into place
 
 
 def test_pictures_are_written_and_the_html_is_self_contained(tmp_path):
@@ -237,6 +238,7 @@ def test_pictures_are_written_and_the_html_is_self_contained(tmp_path):
     assert all(node in page for node in graph)
     assert "&lt;b&gt;not html&lt;/b&gt;" in page and "<b>not html</b>" not in page.split("flow-data")[0]
     assert "mouseenter" in page
+    assert not list(tmp_path.glob(".*"))
 
 
 # ------------------------------------------------------------------------------------------------ collections
