@@ -10,21 +10,11 @@ dead fraction and the CE loss recovered when known. The body has a summary (site
 snippet (load, encode, steer), the metrics table, the EV-vs-budget plot when the run made one, how it was trained
 (objective, command, config) and limitations.
 
-Metrics (``metrics.json`` of a run, or the ``metrics`` argument) — every key optional::
-
-    {
-      "budgets": {"1": {"explained_variance": 0.41, "fvu": 0.59, "l0": 1.0, "dead_fraction": 0.2, "shrinkage": 0.9},
-                  ..., "64": {...}},          # or a list of {"k": 1, ...}; "ev" is accepted for explained_variance
-      "explained_variance": 0.83, "fvu": 0.17, "l0": 64.0, "dead_fraction": 0.01,   # at k (else budgets[k])
-      "ce_loss_recovered": 0.93, "clean_loss": 2.2, "spliced_loss": 2.4, "ablated_loss": 5.1,
-                                              # or nested as "lm": {...} (hf_sae.evaluation.LMLossResult.as_dict())
-      "eval_tokens": 32768, "eval_dataset": "embedded English text", "tokens_trained": 5000000,
-      "command": "python -m training.train ...", "limitations": ["..."], "license": "apache-2.0"
-    }
-
-A run's ``metrics.json`` in training/'s format, ``{"run": {"model", "dataset", "tokens", ...}, "saes": {name: {...}}}``,
-is narrowed to the SAE's own entry (:func:`sae_metrics`); ``run.tokens`` / ``run.dataset`` / ``run.command`` and
-``dead_fraction_eval`` (latents that never fire on the held-out tokens) are used when present.
+What each architecture says about itself (its name, tags, how it was trained, extra facts and limitations) comes
+from its config class (``display_name``, ``card_tags``, ``card_objective``, ``card_facts``, ``card_limitations``,
+``card_source_note``): there is no branch on ``model_type`` here. The metrics are one SAE's entry of a run's
+``metrics.json`` (:class:`hf_sae.run_files.SAEMetrics`, narrowed by :func:`hf_sae.run_files.sae_metrics`), or the same
+shape passed as ``metrics``.
 """
 
 from __future__ import annotations
@@ -39,13 +29,13 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ._version import __version__
+from .run_files import find_plot, read_command, read_run_metrics, sae_metrics
+
 CARD_TEMPLATE = "sae_card_template.md"
 COLLECTION_TEMPLATE = "sae_collection_card_template.md"
-# Plots a run may leave next to its SAE, in order of preference (the first found goes into the card).
-PLOT_NAMES = ("budget_curves.png", "ev_vs_budget.png", "ev_l0_vs_budget.png")
 DEFAULT_LICENSE = "apache-2.0"
 
-_ARCH_TAGS = {"hierarchical_sae": "hierarchical-topk", "kron_sae": "kron-sae", "jumprelu_sae": "jumprelu"}
 _SITE_WORDS = {
     "resid": "residual stream after",
     "mlp": "MLP output (after the post-MLP norm) of",
@@ -79,19 +69,11 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+_BUDGET_KEYS = ("explained_variance", "fvu", "l0", "dead_fraction", "shrinkage")
+
+
 def _budget_entry(raw: Mapping[str, Any]) -> dict[str, float]:
-    entry = {}
-    for key, aliases in (
-        ("explained_variance", ("explained_variance", "ev")),
-        ("fvu", ("fvu",)),
-        ("l0", ("l0",)),
-        ("dead_fraction", ("dead_fraction", "dead")),
-        ("shrinkage", ("shrinkage",)),
-    ):
-        for alias in aliases:
-            if (value := _number(raw.get(alias))) is not None:
-                entry[key] = value
-                break
+    entry = {key: value for key in _BUDGET_KEYS if (value := _number(raw.get(key))) is not None}
     if "fvu" in entry and "explained_variance" not in entry:
         entry["explained_variance"] = 1.0 - entry["fvu"]
     if "explained_variance" in entry and "fvu" not in entry:
@@ -100,7 +82,9 @@ def _budget_entry(raw: Mapping[str, Any]) -> dict[str, float]:
 
 
 def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -> dict[str, Any]:
-    """A run's metrics (see the module docstring) -> ``{"budgets": {k': {...}}, "ce_loss_recovered": ..., ...}``.
+    """One SAE's metrics (:class:`hf_sae.run_files.SAEMetrics`) -> ``{"budgets": {k': {...}}, "ce_loss_recovered":
+    ..., ...}``: budgets as sorted ints, EV and FVU both filled, the LM-loss numbers at the top level; the
+    top-level explained_variance / fvu / l0 / dead_fraction (if any) count as budget k.
 
     Unknown keys are kept; budgets are ints, sorted; values that are not finite numbers are dropped.
     """
@@ -113,9 +97,8 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
         metrics["dead_fraction"] = metrics["dead_fraction_eval"]
     out: dict[str, Any] = {key: value for key, value in metrics.items() if key not in ("budgets", "lm")}
     budgets: dict[int, dict[str, float]] = {}
-    raw_budgets = metrics.get("budgets") or metrics.get("per_budget") or {}
-    items = raw_budgets.items() if isinstance(raw_budgets, Mapping) else ((b.get("k"), b) for b in raw_budgets)
-    for budget, values in items:
+    raw_budgets = metrics.get("budgets") or {}
+    for budget, values in raw_budgets.items() if isinstance(raw_budgets, Mapping) else ():
         try:
             budget = int(budget)
         except (TypeError, ValueError):
@@ -126,7 +109,7 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
     if top and k is not None:
         budgets.setdefault(k, {}).update({key: v for key, v in top.items() if key not in budgets.get(k, {})})
     out["budgets"] = dict(sorted(budgets.items()))
-    lm = metrics.get("lm") or metrics.get("lm_loss") or {}
+    lm = metrics.get("lm_loss") or {}
     for key in ("ce_loss_recovered", "clean_loss", "spliced_loss", "ablated_loss", "delta_loss"):
         value = _number(metrics.get(key, lm.get(key) if isinstance(lm, Mapping) else None))
         out.pop(key, None)
@@ -135,121 +118,13 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
     return out
 
 
-def sae_metrics(metrics: Mapping[str, Any] | None, sae_folder: str | Path | None = None) -> dict[str, Any] | None:
-    """One SAE's metrics out of a run's metrics.
-
-    ``training/`` writes ``{"run": {...}, "saes": {name: {"path": ..., "budgets": ..., ...}}}``: the entry of the SAE
-    saved in ``sae_folder`` (matched by folder name or path, or the only entry) is returned with ``"run"`` kept
-    beside it. Any other dict is already one SAE's metrics and is returned as it is.
-    """
-    if not metrics or not isinstance(metrics.get("saes"), Mapping):
-        return dict(metrics) if metrics else None
-    entries = metrics["saes"]
-    chosen = None
-    if sae_folder is not None:
-        folder = Path(sae_folder)
-        for name, entry in entries.items():
-            path = entry.get("path") if isinstance(entry, Mapping) else None
-            if name == folder.name or (path and Path(path).resolve() == folder.resolve()):
-                chosen = entry
-                break
-    if chosen is None and len(entries) == 1:
-        chosen = next(iter(entries.values()))
-    if chosen is None:
-        return None
-    return {"run": metrics.get("run") or {}, **chosen}
-
-
-def read_run_metrics(run_dir: str | Path | None, sae_folder: str | Path | None = None) -> dict[str, Any] | None:
-    """The metrics of the SAE in ``sae_folder`` (default ``run_dir``) from ``run_dir/metrics.json``; None if none."""
-    if run_dir is None:
-        return None
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); fix or delete it before generating the card.") from None
-    return sae_metrics(raw, sae_folder if sae_folder is not None else run_dir)
-
-
-def find_plot(run_dir: str | Path | None) -> Path | None:
-    """The run's EV/L0-vs-budget plot (``budget_curves.png`` and friends), if it made one."""
-    if run_dir is None:
-        return None
-    for name in PLOT_NAMES:
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
-    return None
-
-
-def _read_command(run_dir: str | Path | None) -> str | None:
-    if run_dir is None:
-        return None
-    for name in ("command.txt", "command.sh"):
-        path = Path(run_dir) / name
-        if path.is_file():
-            return path.read_text().strip() or None
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ describing
-def architecture_name(config) -> str:
-    """Human name of the SAE's architecture/objective."""
-    if config.model_type == "jumprelu_sae":
-        return "JumpReLU"
-    if config.model_type == "kron_sae":
-        return "KronSAE (HierarchicalTopK)" if config.hierarchical else "KronSAE (TopK)"
-    return "HierarchicalTopK" if config.hierarchical else "TopK"
-
-
-def architecture_tags(config) -> list[str]:
-    tags = [_ARCH_TAGS.get(config.model_type, config.model_type)]
-    if config.model_type == "hierarchical_sae" and not config.hierarchical:
-        tags = ["topk"]
-    elif config.model_type == "kron_sae":
-        tags.append("hierarchical-topk" if config.hierarchical else "topk")
-    return tags
-
-
-def _objective(config) -> str:
-    budgets = f"budgets {config.budgets}" if config.budgets else f"every budget 1..{config.k}"
-    if config.model_type == "jumprelu_sae":
-        return (
-            "JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435): acts = ReLU(pre)·1[pre > θ] with a learned "
-            "per-latent threshold θ, pre = x·W_enc + b_enc"
-            + (" with b_dec subtracted from x first" if config.apply_b_dec_to_input else "")
-            + ". It was not trained by hf-sae but converted exactly from its source"
-            + (f" ({config.source_format}: `{config.source}`)" if config.source else "")
-            + f"; `encode` returns at most k = {config.k} active latents per token"
-            + (" (all of them)." if config.k == config.d_sae else ".")
-        )
-    if config.model_type == "kron_sae":
-        encoder = (
-            f"KronSAE encoder (Kurochkin et al. 2025, arXiv 2505.22255): {config.num_heads} heads of "
-            f"{config.base_dim}×{config.ext_dim} latents, each the mAND of a base and an extension pre-activation "
-            f"({config.kron_activation}); "
-        )
-    else:
-        encoder = "TopK encoder (Gao et al. 2024): a = ReLU(W_encᵀ(x − b_dec) + b_enc), the k largest kept; "
-    if config.hierarchical:
-        loss = (
-            f"trained with the HierarchicalTopK objective (Balagansky et al. 2025, arXiv 2505.24473): the mean of the "
-            f"reconstruction MSE at {budgets}, so every prefix budget k' ≤ {config.k} of the sorted latents is a "
-            "good SAE"
-        )
-    else:
-        loss = f"trained with the plain TopK reconstruction MSE at k = {config.k}"
-    if config.auxk:
-        loss += f", plus AuxK on dead latents (coefficient {config.auxk_coefficient:g})"
-    return encoder + loss + ". Decoder rows are kept unit-norm during training."
 
 
 def _default_name(config) -> str:
     base = (config.base_model or "sae").rstrip("/").split("/")[-1]
     layer = f"-l{config.hook_layer}" if config.hook_layer is not None else ""
-    return f"{base}-{config.hook_site}{layer}-{architecture_tags(config)[0]}-{config.d_sae}"
+    return f"{base}-{config.hook_site}{layer}-{config.card_tags()[0]}-{config.d_sae}"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -288,7 +163,7 @@ def _usage(config, repo_id: str | None, subfolder: str | None) -> str:
         f"x = torch.randn(4, {config.d_in})",
         f"latents = sae.encode(x)        # SparseLatents: values, indices (4, {config.k}), sorted descending",
     ]
-    if config.model_type != "jumprelu_sae":
+    if config.topk_budgets:
         lines.append("top8 = sae.encode(x, k=8)      # the first 8 of the same ranking: a smaller budget")
     lines += [
         "x_hat = sae.decode(latents)    # (4, d_in) reconstruction",
@@ -320,13 +195,9 @@ def _limitations(config, metrics: Mapping[str, Any]) -> list[str]:
         items.append(
             "Reads `attn_z` (head outputs before o_proj), which is not in d_model space: feature flow refuses it."
         )
-    if config.model_type == "jumprelu_sae":
-        items.append(
-            "hf-sae does not train JumpReLU SAEs: `forward` returns the reconstruction MSE only, and the "
-            "threshold gets no gradient."
-        )
+    items += config.card_limitations()
     tokens = metrics.get("tokens_trained") or config.tokens_trained
-    if tokens and tokens < 100_000_000 and config.model_type != "jumprelu_sae":
+    if tokens and tokens < 100_000_000 and config.trainable:
         items.append(f"Trained on {int(tokens):,} tokens, far fewer than published SAEs (~10^9): a small-scale run.")
     extra = metrics.get("limitations") or []
     items += [str(item) for item in ([extra] if isinstance(extra, str) else extra)]
@@ -379,7 +250,7 @@ def _eval_results(config, metrics: Mapping[str, Any], dataset: str) -> list[Eval
 
 
 def _facts(config, metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
-    facts = [("architecture", f"{architecture_name(config)} (`{config.model_type}`)")]
+    facts = [("architecture", f"{config.display_name()} (`{config.model_type}`)")]
     if config.base_model:
         facts.append(("base model", f"`{config.base_model}`"))
     facts.append(
@@ -389,8 +260,7 @@ def _facts(config, metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
         )
     )
     facts += [("d_in", f"{config.d_in:,}"), ("width d_sae", f"{config.d_sae:,}"), ("k", str(config.k))]
-    if config.model_type == "kron_sae":
-        facts.append(("Kronecker heads", f"{config.num_heads} × ({config.base_dim}×{config.ext_dim})"))
+    facts += config.card_facts()
     if config.hierarchical:
         budgets = ", ".join(map(str, config.budgets)) if config.budgets else f"every k' in 1..{config.k}"
         facts.append(("budgets", budgets))
@@ -450,13 +320,11 @@ def generate_model_card(
         plot: the file name of the plot inside the repo; default the name of the run's plot, if any.
         tags: extra YAML tags (after ``sparse-autoencoder``, ``hf-sae``, the architecture and the site).
     """
-    import hf_sae
-
     config = getattr(sae, "config", sae)
     metrics = read_run_metrics(run_dir) if metrics is None else sae_metrics(metrics, run_dir)
     has_metrics = bool(metrics)
     metrics = normalize_metrics(metrics, config.k)
-    command = _as_command(command) or metrics.get("command") or _read_command(run_dir)
+    command = _as_command(command) or metrics.get("command") or read_command(run_dir)
     if plot is None and (found := find_plot(run_dir)) is not None:
         plot = found.name
     eval_dataset = str(metrics.get("eval_dataset") or config.dataset or "held-out activations")
@@ -473,7 +341,7 @@ def generate_model_card(
         library_name="hf-sae",
         license=license or metrics.get("license") or DEFAULT_LICENSE,
         tags=list(
-            dict.fromkeys(["sparse-autoencoder", "hf-sae", *architecture_tags(config), config.hook_site, *(tags or [])])
+            dict.fromkeys(["sparse-autoencoder", "hf-sae", *config.card_tags(), config.hook_site, *(tags or [])])
         ),
         base_model=base_model,
         datasets=datasets,
@@ -498,24 +366,22 @@ def generate_model_card(
             ce_text += "."
     layer_text = f"layer {config.hook_layer}" if config.hook_layer is not None else "a layer"
     base_text = f"`{config.base_model}`" if config.base_model else "its language model"
-    title = f"{architecture_name(config)} SAE for {config.base_model or 'a language model'}"
+    title = f"{config.display_name()} SAE for {config.base_model or 'a language model'}"
     title += f", {layer_text} {config.hook_site}" if config.hook_layer is not None else f", {config.hook_site}"
     summary = (
         f"A sparse autoencoder (SAE) with {config.d_sae:,} latents over the {_SITE_WORDS.get(config.hook_site, '')} "
         f"{layer_text} of {base_text}"
-        + (f", k = {config.k} active latents per token" if config.model_type != "jumprelu_sae" else "")
+        + (f", k = {config.k} active latents per token" if config.topk_budgets else "")
         + (f", trained on {int(t):,} tokens" if (t := metrics.get("tokens_trained") or config.tokens_trained) else "")
         + ". It is a plain `transformers` model: weights in `model.safetensors`, every hyperparameter in "
         "`config.json`, loadable with `AutoModel.from_pretrained` once `hf_sae` is imported."
     )
-    source_note = None
-    if config.model_type == "jumprelu_sae" and config.source:
-        source_note = f"Converted from {config.source_format or 'its source format'}: `{config.source}`."
+    source_note = config.card_source_note()
     config_json = json.dumps(config.to_diff_dict(), indent=2, sort_keys=True, default=str)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path(CARD_TEMPLATE)),
-        hf_sae_version=hf_sae.__version__,
+        hf_sae_version=__version__,
         has_metrics=has_metrics,
         title=title,
         summary=summary,
@@ -528,7 +394,7 @@ def generate_model_card(
         eval_description=eval_description,
         ce_text=ce_text,
         plot=plot,
-        objective=_objective(config),
+        objective=config.card_objective(),
         command=command,
         config_json=config_json,
         limitations=[*_limitations(config, metrics), *(limitations or [])],
@@ -548,8 +414,6 @@ def generate_collection_card(
 
     ``saes`` maps subfolder -> SAE (or config); ``metrics`` maps subfolder -> that SAE's metrics.
     """
-    import hf_sae
-
     metrics = metrics or {}
     configs = {sub: getattr(sae, "config", sae) for sub, sae in saes.items()}
     rows = [
@@ -561,12 +425,12 @@ def generate_collection_card(
         m = normalize_metrics(metrics.get(sub), config.k)
         at_k = m["budgets"].get(config.k, {})
         rows.append(
-            f"| [`{sub}`]({sub}) | {architecture_name(config)} | "
+            f"| [`{sub}`]({sub}) | {config.display_name()} | "
             f"{config.hook_layer if config.hook_layer is not None else '–'} | {config.hook_site} | {config.d_sae:,} | "
             f"{config.k} | {_fmt(at_k.get('explained_variance'))} | {_fmt(at_k.get('l0'), 1)} | "
             f"{_fmt(m.get('ce_loss_recovered'))} |"
         )
-        tags.update(architecture_tags(config))
+        tags.update(config.card_tags())
         tags.add(config.hook_site)
         if config.base_model and _HUB_ID.match(config.base_model) and not Path(config.base_model).exists():
             base_models.add(config.base_model)
@@ -616,7 +480,7 @@ def generate_collection_card(
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path(COLLECTION_TEMPLATE)),
-        hf_sae_version=hf_sae.__version__,
+        hf_sae_version=__version__,
         title=f"SAE collection: {name}",
         summary=summary,
         index_table="\n".join(rows),

@@ -7,19 +7,27 @@
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (name -> help, add_arguments(parser), run(args) -> exit code); a
 new one (e.g. ``flow``) is added by appending an entry. Errors a user can fix (bad paths, missing repos, refused
-pushes) print one ``hf-sae: error: ...`` line and exit with status 1, without a traceback.
+pushes; every :class:`~hf_sae.errors.HfSaeError`) print one ``hf-sae: error: ...`` line and exit with status 2,
+without a traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._io import write_text_atomic
+from .cards import generate_collection_card, generate_model_card
+from .convert import FORMATS, convert
+from .errors import HfSaeError
 from .flow.cli import FLOW_SUBCOMMAND
+from .loading import load_sae
+from .push import collection_subfolder, push_run
+from .registry import architectures
+from .run_files import read_command, read_run_metrics, sae_folders
+from .sites import SITES
 
 
 # ------------------------------------------------------------------------------------------------------ push
@@ -45,8 +53,6 @@ def _add_push(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import push_run
-
     commits = push_run(
         args.run_dir,
         args.repo_id,
@@ -72,8 +78,6 @@ def _run_push(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- convert
 def _add_convert(parser: argparse.ArgumentParser) -> None:
-    from .convert import FORMATS
-
     parser.add_argument("format", choices=list(FORMATS), help="the source format")
     parser.add_argument("source", metavar="SRC", help="local folder or Hub repo id of the source SAE(s)")
     parser.add_argument(
@@ -92,25 +96,22 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the saved SAE")
     parser.add_argument("--base-model", help="override the base model recorded in the config")
     parser.add_argument("--hook-layer", type=int, help="override the layer recorded in the config")
-    parser.add_argument("--hook-site", choices=("resid", "mlp", "attn", "attn_z"), help="override the site")
+    parser.add_argument("--hook-site", choices=SITES, help="override the site")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .cards import generate_model_card
-    from .convert import convert
-
     kwargs = {"revision": args.revision, "dtype": args.dtype}
     key = {"gemma-scope": "sae_id", "sae-lens": "subfolder", "sparsify": "hookpoint"}[args.format]
     kwargs[key] = args.subfolder
     if args.k is not None:
         if args.format == "sparsify":
-            raise ValueError("--k applies to JumpReLU SAEs (gemma-scope, sae-lens jumprelu/standard), not sparsify.")
+            raise HfSaeError("--k applies to JumpReLU SAEs (gemma-scope, sae-lens jumprelu/standard), not sparsify.")
         kwargs["k"] = args.k
     overrides = {"base_model": args.base_model, "hook_layer": args.hook_layer, "hook_site": args.hook_site}
     sae = convert(args.format, args.source, **kwargs, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.out)
     sae.save_pretrained(out)
-    _write_atomic(out / "README.md", generate_model_card(sae).content)
+    write_text_atomic(out / "README.md", generate_model_card(sae).content)
     c = sae.config
     print(
         f"converted {args.format} {args.source}{'/' + args.subfolder if args.subfolder else ''} -> {out} "
@@ -129,17 +130,11 @@ def _add_card(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
-    from .cards import generate_collection_card, generate_model_card, read_run_metrics
-    from .hub import _sae_folders, collection_subfolder, load_sae
-
     run_dir = Path(args.run_dir)
-    folders = _sae_folders(run_dir) if run_dir.is_dir() else []
+    folders = sae_folders(run_dir, [architecture.name for architecture in architectures()])
     if not folders:
-        raise FileNotFoundError(f"{run_dir}: no hf-sae SAE (config.json + model.safetensors) found there.")
-    command = None
-    for name in ("command.txt", "command.sh"):
-        if (run_dir / name).is_file():
-            command = (run_dir / name).read_text().strip() or None
+        raise HfSaeError(f"{run_dir}: no hf-sae SAE (config.json + model.safetensors) found there.")
+    command = read_command(run_dir)
     if len(folders) == 1:
         folder = folders[0]
         metrics = read_run_metrics(folder) or read_run_metrics(run_dir, sae_folder=folder)
@@ -154,23 +149,11 @@ def _run_card(args: argparse.Namespace) -> int:
         target = run_dir / "README.md"
     if args.write or args.output:
         target = Path(args.output) if args.output else target
-        _write_atomic(target, card.content)
+        write_text_atomic(target, card.content)
         print(f"wrote {target}")
     else:
         sys.stdout.write(card.content)
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -196,9 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as err:
-        print(f"hf-sae {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except HfSaeError as err:
+        print(f"hf-sae: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

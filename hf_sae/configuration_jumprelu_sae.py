@@ -35,6 +35,8 @@ class JumpReLUSAEConfig(SAEConfig):
     """
 
     model_type: ClassVar[str] = "jumprelu_sae"
+    trainable: ClassVar[bool] = False
+    topk_budgets: ClassVar[bool] = False
 
     k: int | None = None
     hierarchical: bool = False
@@ -59,3 +61,31 @@ class JumpReLUSAEConfig(SAEConfig):
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise SAEConfigError(f"apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}.")
         super().validate_sae()
+
+    def display_name(self) -> str:
+        return "JumpReLU"
+
+    def card_tags(self) -> list[str]:
+        return ["jumprelu"]
+
+    def card_objective(self) -> str:
+        return (
+            "JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435): acts = ReLU(pre)·1[pre > θ] with a learned "
+            "per-latent threshold θ, pre = x·W_enc + b_enc"
+            + (" with b_dec subtracted from x first" if self.apply_b_dec_to_input else "")
+            + ". It was not trained by hf-sae but converted exactly from its source"
+            + (f" ({self.source_format}: `{self.source}`)" if self.source else "")
+            + f"; `encode` returns at most k = {self.k} active latents per token"
+            + (" (all of them)." if self.k == self.d_sae else ".")
+        )
+
+    def card_limitations(self) -> list[str]:
+        return [
+            "hf-sae does not train JumpReLU SAEs: `forward` returns the reconstruction MSE only, and the "
+            "threshold gets no gradient."
+        ]
+
+    def card_source_note(self) -> str | None:
+        if not self.source:
+            return None
+        return f"Converted from {self.source_format or 'its source format'}: `{self.source}`."

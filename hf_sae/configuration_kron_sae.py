@@ -65,3 +65,19 @@ class KronSAEConfig(SAEConfig):
                 f"kron_activation={self.kron_activation!r} is unknown. Use one of {list(KRON_ACTIVATIONS)}."
             )
         super().validate_sae()
+
+    def display_name(self) -> str:
+        return "KronSAE (HierarchicalTopK)" if self.hierarchical else "KronSAE (TopK)"
+
+    def card_tags(self) -> list[str]:
+        return ["kron-sae", "hierarchical-topk" if self.hierarchical else "topk"]
+
+    def card_encoder(self) -> str:
+        return (
+            f"KronSAE encoder (Kurochkin et al. 2025, arXiv 2505.22255): {self.num_heads} heads of "
+            f"{self.base_dim}×{self.ext_dim} latents, each the mAND of a base and an extension pre-activation "
+            f"({self.kron_activation}); "
+        )
+
+    def card_facts(self) -> list[tuple[str, str]]:
+        return [("Kronecker heads", f"{self.num_heads} × ({self.base_dim}×{self.ext_dim})")]

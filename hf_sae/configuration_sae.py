@@ -13,11 +13,13 @@ unknown keys and missing required keys are errors (see :meth:`SAEConfig.from_dic
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
+from ._version import __version__
 from .errors import SAEConfigError
 from .sites import SITES
 
@@ -78,6 +80,10 @@ class SAEConfig(PreTrainedConfig):
     model_type: ClassVar[str] = "sae"
     # Keys a config.json must contain to be loadable (checked in ``from_dict``).
     required_keys: ClassVar[tuple[str, ...]] = ("d_in", "d_sae", "k")
+    # What the rest of hf-sae asks an architecture (see hf_sae.registry): can hf-sae train it, and does it pick a
+    # fixed number k of latents per token whose prefixes are nested budgets (TopK family) rather than a threshold?
+    trainable: ClassVar[bool] = True
+    topk_budgets: ClassVar[bool] = True
 
     d_in: int = 2304
     d_sae: int | None = 16384
@@ -107,16 +113,12 @@ class SAEConfig(PreTrainedConfig):
                 f"{sorted(self.field_names())}. Remove or rename them."
             )
         if self.hf_sae_version is None:
-            from . import __version__
-
             self.hf_sae_version = __version__
         super().__post_init__(**kwargs)
         self.validate_sae()
 
     @classmethod
     def field_names(cls) -> set[str]:
-        import dataclasses
-
         return {f.name for f in dataclasses.fields(cls)}
 
     def validate_sae(self) -> None:
@@ -195,3 +197,44 @@ class SAEConfig(PreTrainedConfig):
                 "It may come from another library or a newer hf-sae; convert it with hf_sae.convert or upgrade hf-sae."
             )
         return super().from_dict(config_dict, **kwargs)
+
+    # ----------------------------------------------------------------------------- what the model card says
+    # Each architecture describes itself; hf_sae.cards asks these and never branches on model_type.
+    def display_name(self) -> str:
+        """Human name of the architecture and objective, e.g. ``"HierarchicalTopK"`` (card titles and tables)."""
+        return "HierarchicalTopK" if self.hierarchical else "TopK"
+
+    def card_tags(self) -> list[str]:
+        """Hub tags naming the architecture and objective (after ``sparse-autoencoder`` and ``hf-sae``)."""
+        return ["hierarchical-topk" if self.hierarchical else "topk"]
+
+    def card_encoder(self) -> str:
+        """One clause on the encoder, cited by paper."""
+        return "TopK encoder (Gao et al. 2024): a = ReLU(W_encᵀ(x − b_dec) + b_enc), the k largest kept; "
+
+    def card_objective(self) -> str:
+        """What the SAE is and how it was trained: the card's "Training" paragraph."""
+        budgets = f"budgets {self.budgets}" if self.budgets else f"every budget 1..{self.k}"
+        if self.hierarchical:
+            loss = (
+                f"trained with the HierarchicalTopK objective (Balagansky et al. 2025, arXiv 2505.24473): the mean of "
+                f"the reconstruction MSE at {budgets}, so every prefix budget k' ≤ {self.k} of the sorted latents is "
+                "a good SAE"
+            )
+        else:
+            loss = f"trained with the plain TopK reconstruction MSE at k = {self.k}"
+        if self.auxk:
+            loss += f", plus AuxK on dead latents (coefficient {self.auxk_coefficient:g})"
+        return self.card_encoder() + loss + ". Decoder rows are kept unit-norm during training."
+
+    def card_facts(self) -> list[tuple[str, str]]:
+        """Extra (label, value) rows of the card's facts table, after d_in, d_sae and k."""
+        return []
+
+    def card_limitations(self) -> list[str]:
+        """Limitations that hold for every SAE of this architecture."""
+        return []
+
+    def card_source_note(self) -> str | None:
+        """Where the weights came from, when they were converted rather than trained by hf-sae."""
+        return None

@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import snapshot_download
 
-from .configuration_hierarchical_sae import HierarchicalSAEConfig
-from .configuration_jumprelu_sae import JumpReLUSAEConfig
 from .errors import SAEConversionError
-from .modeling_hierarchical_sae import HierarchicalSAE
-from .modeling_jumprelu_sae import JumpReLUSAE
+from .loading import explain_load_failure
+from .modeling_sae import SAEPreTrainedModel
+from .registry import resolve_architecture
 
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -56,10 +56,6 @@ def _local_folder(source: str | os.PathLike, subfolder: str | None, revision: st
         return folder
     if path.exists():
         raise SAEConversionError(f"{path} is a file; pass the folder that holds {files}.")
-    from huggingface_hub import snapshot_download
-
-    from .hub import explain_load_failure
-
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         root = snapshot_download(str(source), revision=revision, allow_patterns=[prefix + f for f in files])
@@ -101,6 +97,12 @@ def _take(tensors: dict[str, torch.Tensor], path: Path, names: tuple[str, ...], 
             raise SAEConversionError(
                 f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape} from the config."
             )
+
+
+def _build(arch: str, fields: dict[str, Any]) -> SAEPreTrainedModel:
+    """A fresh SAE of the registered architecture (or preset) ``arch`` whose weights the converter then sets."""
+    architecture, preset = resolve_architecture(arch)
+    return architecture.model_class(architecture.build_config(preset, **fields))
 
 
 def _finish(model, tensors: dict[str, torch.Tensor], dtype: torch.dtype | str | None):
@@ -166,7 +168,7 @@ def from_gemma_scope(
     k: int | None = None,
     dtype: torch.dtype | str | None = None,
     **config_overrides: Any,
-) -> JumpReLUSAE:
+) -> SAEPreTrainedModel:
     """A Gemma Scope SAE (``params.npz``) as a :class:`JumpReLUSAE`.
 
     Args:
@@ -218,7 +220,7 @@ def from_gemma_scope(
         },
         config_overrides,
     )
-    return _finish(JumpReLUSAE(JumpReLUSAEConfig(**fields)), tensors, dtype)
+    return _finish(_build("jumprelu_sae", fields), tensors, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- SAELens
@@ -245,7 +247,7 @@ def from_sae_lens(
     k: int | None = None,
     dtype: torch.dtype | str | None = None,
     **config_overrides: Any,
-) -> HierarchicalSAE | JumpReLUSAE:
+) -> SAEPreTrainedModel:
     """A SAELens SAE folder (``cfg.json`` + ``sae_weights.safetensors``) as an hf-sae model.
 
     * ``jumprelu`` -> :class:`JumpReLUSAE` (``apply_b_dec_to_input`` kept); ``standard`` (ReLU) -> JumpReLUSAE with
@@ -325,11 +327,7 @@ def from_sae_lens(
             W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
         if not apply_b_dec:
             b_enc = b_enc + weights["b_dec"] @ W_enc
-        model = HierarchicalSAE(
-            HierarchicalSAEConfig(
-                **_apply_overrides({**fields, "k": source_k, "hierarchical": False}, config_overrides)
-            )
-        )
+        model = _build("topk", _apply_overrides({**fields, "k": source_k, "hierarchical": False}, config_overrides))
         state = {
             "encoder.weight": W_enc.t().contiguous(),
             "encoder.bias": b_enc,
@@ -337,19 +335,18 @@ def from_sae_lens(
             "b_dec": weights["b_dec"],
         }
     else:
-        model = JumpReLUSAE(
-            JumpReLUSAEConfig(
-                **_apply_overrides(
-                    {
-                        **fields,
-                        "k": k or d_sae,
-                        "apply_b_dec_to_input": apply_b_dec,
-                        "source_format": "sae-lens",
-                        "source": source,
-                    },
-                    config_overrides,
-                )
-            )
+        model = _build(
+            "jumprelu_sae",
+            _apply_overrides(
+                {
+                    **fields,
+                    "k": k or d_sae,
+                    "apply_b_dec_to_input": apply_b_dec,
+                    "source_format": "sae-lens",
+                    "source": source,
+                },
+                config_overrides,
+            ),
         )
         threshold = weights.get("threshold", torch.zeros(d_sae, dtype=torch.float64))
         state = {
@@ -382,7 +379,7 @@ def from_sparsify(
     revision: str | None = None,
     dtype: torch.dtype | str | None = None,
     **config_overrides: Any,
-) -> HierarchicalSAE:
+) -> SAEPreTrainedModel:
     """An EleutherAI sparsify SAE (``cfg.json`` + ``sae.safetensors``) as a :class:`HierarchicalSAE` (TopK).
 
     ``path`` is the hookpoint's folder, or a run folder / Hub repo with ``hookpoint`` (e.g. ``"layers.12"``) naming
@@ -428,7 +425,7 @@ def from_sparsify(
             "the config gets hook_layer=None. Pass hook_layer= and hook_site= to record where the SAE reads.",
             stacklevel=2,
         )
-    model = HierarchicalSAE(HierarchicalSAEConfig(**_apply_overrides(fields, config_overrides)))
+    model = _build("topk", _apply_overrides(fields, config_overrides))
     return _finish(model, {name: tensors[name] for name in names}, dtype)
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .configuration_hierarchical_sae import HierarchicalSAEConfig
 from .modeling_sae import SAEPreTrainedModel
+from .registry import register_architecture
 from .sparse import topk_encode
 
 
@@ -55,3 +56,10 @@ class HierarchicalSAE(SAEPreTrainedModel):
 
     def _encode_topk(self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
         return topk_encode(x - self.b_dec, self.encoder.weight, self.encoder.bias, k, dead_mask, k_aux)
+
+
+register_architecture(
+    HierarchicalSAEConfig,
+    HierarchicalSAE,
+    presets={"hierarchical": {"hierarchical": True}, "topk": {"hierarchical": False}},
+)

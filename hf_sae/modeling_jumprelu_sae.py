@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .configuration_jumprelu_sae import JumpReLUSAEConfig
 from .modeling_sae import SAEOutput, SAEPreTrainedModel
+from .registry import register_architecture
 from .sparse import SparseLatents
 
 
@@ -90,3 +91,6 @@ class JumpReLUSAE(SAEPreTrainedModel):
         reconstruction = self.decode(latents)
         loss = (self._scale_in(reconstruction) - self._scale_in(x)).pow(2).mean()
         return SAEOutput(loss=loss, reconstruction=reconstruction, latents=latents, losses={"reconstruction": loss})
+
+
+register_architecture(JumpReLUSAEConfig, JumpReLUSAE, presets={"jumprelu": {}})

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .configuration_kron_sae import KronSAEConfig
 from .errors import SAEConfigError
 from .modeling_sae import SAEPreTrainedModel
+from .registry import register_architecture
 from .sparse import SparseLinearGather
 
 
@@ -42,6 +43,7 @@ class KronSAE(SAEPreTrainedModel):
     """
 
     config_class = KronSAEConfig
+    b_dec_init = "zeros"  # the paper's listing: biases start at 0 (the encoder reads x, not x - b_dec)
 
     def __init__(self, config: KronSAEConfig):
         super().__init__(config)
@@ -154,3 +156,6 @@ class KronSAE(SAEPreTrainedModel):
         gathered = SparseLinearGather.apply(x, self.encoder.weight, self.encoder.bias, columns, pre)
         t = indices.shape[-1]
         return self._activation(gathered[:, :t], gathered[:, t:])
+
+
+register_architecture(KronSAEConfig, KronSAE, presets={"kron": {}})

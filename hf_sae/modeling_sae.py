@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ._io import staged_files
 from .configuration_sae import SAEConfig
 from .errors import SAEConfigError, SAEInputError, SAELoadError
+from .loading import explain_load_failure
 from .losses import auxk_loss, hierarchical_topk_loss
 from .sparse import SparseLatents, sparse_decode
 
@@ -48,6 +49,9 @@ class SAEPreTrainedModel(PreTrainedModel):
     """Base class of hf-sae SAEs. Holds the decoder ``W_dec`` (d_sae, d_in) with unit-norm rows and ``b_dec``."""
 
     config_class = SAEConfig
+    # Training defaults of the architecture (read by training/ through the registry): how b_dec starts before the
+    # first step ("geometric_median", "mean" or "zeros"); the learning rate comes from default_learning_rate().
+    b_dec_init: ClassVar[str] = "geometric_median"
     base_model_prefix = "sae"
     main_input_name = "x"
     supports_gradient_checkpointing = False
@@ -284,22 +288,8 @@ class SAEPreTrainedModel(PreTrainedModel):
             self.save_pretrained(save_directory, *args, **kwargs)
             return self.push_to_hub(repo_id)
         kwargs["safe_serialization"] = True
-        target = Path(save_directory)
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=target))
-        try:
-            result = super().save_pretrained(tmp, *args, **kwargs)
-            for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-                os.replace(item, target / item.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return result
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Push weights, config and a freshly generated model card as one commit (see hf_sae.hub.push_sae)."""
-        from .hub import push_sae
-
-        return push_sae(self, repo_id, **kwargs)
+        with staged_files(save_directory, last=("config.json",)) as tmp:
+            return super().save_pretrained(tmp, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -328,8 +318,6 @@ class SAEPreTrainedModel(PreTrainedModel):
                     "is probably truncated or corrupt. Download or save it again."
                 ) from err
             if isinstance(err, (OSError, ValueError)) and not isinstance(err, SAELoadError):
-                from .hub import explain_load_failure
-
                 better = explain_load_failure(
                     pretrained_model_name_or_path,
                     err,
@@ -355,19 +343,6 @@ class SAEPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if want_info else model
 
-    # -------------------------------------------------------------------------------------- using the SAE
-    def steer(self, model, features, **kwargs):
-        """Steer ``model`` with this SAE's features ({id: strength}); mode/positions: see hf_sae.steering.steer."""
-        from .steering import steer
-
-        return steer(model, self, features, **kwargs)
-
-    def attach(self, model, **kwargs):
-        """Attach this SAE at its site of ``model`` to record latents or splice (see hf_sae.steering.attach)."""
-        from .steering import attach
-
-        return attach(model, self, **kwargs)
-
     # ----------------------------------------------------------------------------------------------- views
     @property
     def d_in(self) -> int:
@@ -376,6 +351,12 @@ class SAEPreTrainedModel(PreTrainedModel):
     @property
     def d_sae(self) -> int:
         return self.config.d_sae
+
+    # -------------------------------------------------------------------------------------- training defaults
+    @classmethod
+    def default_learning_rate(cls, config: SAEConfig) -> float:
+        """The peak learning rate training uses when none is given: :func:`scaled_learning_rate` of ``d_sae``."""
+        return scaled_learning_rate(config.d_sae)
 
 
 def scaled_learning_rate(d_sae: int, base_lr: float = 8e-4) -> float:

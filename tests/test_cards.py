@@ -22,7 +22,7 @@ METRICS = {
     "budgets": {
         str(b): {"fvu": 0.4 / b, "l0": float(b), "dead_fraction": 0.02, "shrinkage": 0.95} for b in (1, 2, 4, 8)
     },
-    "lm": {"ce_loss_recovered": 0.91, "clean_loss": 2.2, "spliced_loss": 2.5, "ablated_loss": 5.5},
+    "lm_loss": {"ce_loss_recovered": 0.91, "clean_loss": 2.2, "spliced_loss": 2.5, "ablated_loss": 5.5},
     "eval_tokens": 4096,
     "eval_dataset": "embedded English text",
     "tokens_trained": 1_000_000,
@@ -128,13 +128,13 @@ def test_card_tags_name_the_architecture(make, tags):
     assert tags <= set(card.data.tags)
 
 
-def test_metrics_are_normalised_from_aliases_lists_and_nested_lm():
+def test_metrics_are_normalised_from_the_run_schema():
     m = normalize_metrics(
         {
-            "budgets": [{"k": 4, "ev": 0.7}, {"k": 2, "fvu": 0.5}],
+            "budgets": {"4": {"explained_variance": 0.7}, "2": {"fvu": 0.5}},
             "l0": 4,
             "ce_loss_recovered": 0.8,
-            "lm": {"clean_loss": 2.0},
+            "lm_loss": {"clean_loss": 2.0},
             "bad": float("nan"),
         },
         k=4,

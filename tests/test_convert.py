@@ -305,9 +305,9 @@ def test_cli_convert_writes_a_loadable_hf_sae_folder(tmp_path, capsys):
 
 
 def test_cli_convert_reports_errors_without_traceback(tmp_path, capsys):
-    assert cli_main(["convert", "sae-lens", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
+    assert cli_main(["convert", "sae-lens", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hf-sae convert: error:") and "Traceback" not in err
+    assert err.startswith("hf-sae: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -30,7 +30,6 @@ from hf_sae.cli import main as cli_main
 from hf_sae.configuration_jumprelu_sae import JumpReLUSAEConfig
 from hf_sae.convert import from_sae_lens
 from hf_sae.modeling_jumprelu_sae import JumpReLUSAE
-from hf_sae.modeling_sae import SAEPreTrainedModel
 from hf_sae.testing.hub_server import LocalHub, find_olah, hub_client
 
 AutoConfig.register("jumprelu_sae", JumpReLUSAEConfig, exist_ok=True)
@@ -50,12 +49,6 @@ pytestmark = pytest.mark.skipif(
 def hub(tmp_path_factory):
     with LocalHub(tmp_path_factory.mktemp("hub")) as local_hub:
         yield local_hub
-
-
-@pytest.fixture(autouse=True)
-def _push_to_hub_generates_the_card(monkeypatch):
-    """What SAEPreTrainedModel.push_to_hub does once the lead integrates hf_sae.hub (identical behaviour)."""
-    monkeypatch.setattr(SAEPreTrainedModel, "push_to_hub", hf_hub.push_to_hub_method)
 
 
 @pytest.fixture

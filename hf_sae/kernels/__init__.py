@@ -25,12 +25,12 @@ def cpu_kernels() -> ModuleType | None:
     if _CPU_TRIED:
         return _CPU_MODULE
     _CPU_TRIED = True
-    if os.environ.get("HF_SAE_NO_EXTENSION", "0") not in ("", "0"):
-        return None
+    source = Path(__file__).with_name("hierarchical_cpu.cpp")
+    if os.environ.get("HF_SAE_NO_EXTENSION", "0") not in ("", "0") or not source.is_file():
+        return None  # disabled, or a copy of this code without the kernel source (remote code)
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load  # optional: needs a compiler and ninja at run time
 
-        source = Path(__file__).with_name("hierarchical_cpu.cpp")
         _CPU_MODULE = load(
             name="hf_sae_hierarchical_cpu",
             sources=[str(source)],
