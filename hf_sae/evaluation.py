@@ -7,106 +7,55 @@
 * :func:`max_activating_examples`: the contexts (over many texts) where one feature fires most.
 
 Texts may be strings (tokenized with ``tokenizer``, by default ``AutoTokenizer`` of the model's name), a (B, T)
-tensor of token ids, a list of id lists, or a dict / ``BatchEncoding`` with ``input_ids`` and ``attention_mask``.
-BOS (``model.config.bos_token_id``) and the SAE's ``excluded_token_ids`` are neither spliced nor counted: their
-activations are outliers an SAE is not trained on.
+tensor of token ids, a list of id lists, or a dict / ``BatchEncoding`` with ``input_ids`` and ``attention_mask``
+(read by :mod:`hf_sae.lm_inputs`). BOS (``model.config.bos_token_id``) and the SAE's ``excluded_token_ids`` are
+neither spliced nor counted: their activations are outliers an SAE is not trained on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import EvaluationError
-from .sites import capture_activations, model_name, resolve_sae_site
+from .lm_inputs import (
+    Texts,
+    batches,
+    counted_predictions,
+    eval_mode,
+    excluded_token_ids,
+    kept_tokens,
+    model_device,
+    next_token_loss_sum,
+    token_strings,
+    tokenize_texts,
+)
+from .sites import capture_activations, resolve_sae_site
 from .steering import ActivationPatch, attach
-
-Texts = str | Sequence[str] | Tensor | Sequence[Sequence[int]] | Mapping[str, Any]
-
-
-# ------------------------------------------------------------------------------------------------------- inputs
-def _tokenizer_for(model: nn.Module, tokenizer: Any) -> Any:
-    if tokenizer is not None:
-        return tokenizer
-    name = model_name(model)
-    if not name:
-        raise EvaluationError(
-            "texts are strings but no tokenizer was given and the model has no name_or_path to load one from. "
-            "Pass tokenizer=AutoTokenizer.from_pretrained(...) or token ids."
-        )
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)
-
-
-def _token_lists(model: nn.Module, texts: Texts, tokenizer: Any, max_length: int | None) -> list[list[int]]:
-    """Every text as a list of token ids (BOS included when the tokenizer adds it), padding removed."""
-    if isinstance(texts, Mapping):
-        ids, mask = texts["input_ids"], texts.get("attention_mask")
-        ids = torch.as_tensor(ids)
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
-        lists = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-    elif isinstance(texts, Tensor):
-        lists = [row.tolist() for row in (texts if texts.ndim == 2 else texts.unsqueeze(0))]
-    elif isinstance(texts, str):
-        lists = [_tokenizer_for(model, tokenizer)(texts)["input_ids"]]
-    else:
-        items = list(texts)
-        if items and all(isinstance(item, str) for item in items):
-            tok = _tokenizer_for(model, tokenizer)
-            lists = [tok(item)["input_ids"] for item in items]
-        else:
-            lists = [list(map(int, item)) for item in items]
-    lists = [ids[:max_length] if max_length else ids for ids in lists]
-    lists = [ids for ids in lists if ids]
-    if not lists:
-        raise EvaluationError("no tokens to evaluate: texts is empty (or every text tokenized to nothing).")
-    return lists
-
-
-def _batches(lists: list[list[int]], batch_size: int, device: torch.device) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(first text index, input_ids (B, T), attention_mask (B, T)), right-padded with id 0."""
-    for first in range(0, len(lists), batch_size):
-        chunk = lists[first : first + batch_size]
-        length = max(len(ids) for ids in chunk)
-        input_ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        attention_mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        yield first, input_ids.to(device), attention_mask.to(device)
-
-
-def _excluded_ids(model: nn.Module, sae: nn.Module, exclude_token_ids: Sequence[int] | None) -> list[int]:
-    if exclude_token_ids is not None:
-        return sorted(set(exclude_token_ids))
-    excluded = set(sae.config.excluded_token_ids or [])
-    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
-    if isinstance(bos, int):
-        excluded.add(bos)
-    return sorted(excluded)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _kept(input_ids: Tensor, attention_mask: Tensor, excluded: list[int]) -> Tensor:
-    """(B, T) bool: real tokens that are not excluded (BOS, ...)."""
-    kept = attention_mask.bool()
-    if excluded:
-        kept &= ~torch.isin(input_ids, torch.tensor(excluded, device=input_ids.device))
-    return kept
 
 
 # ------------------------------------------------------------------------------------------------------ LM loss
+class LossComparison:
+    """Base of the results that compare next-token losses (:class:`LMLossResult`, the feature-flow skip-layer
+    result): each defines :attr:`delta_loss`; :meth:`as_dict` gives every field, then ``delta_loss`` and
+    ``n_tokens``."""
+
+    @property
+    def delta_loss(self) -> float:  # pragma: no cover - overridden
+        raise TypeError(f"{type(self).__name__} must define delta_loss")
+
+    def as_dict(self) -> dict[str, float]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "n_tokens"}
+        return {**values, "delta_loss": self.delta_loss, "n_tokens": self.n_tokens}
+
+
 @dataclass
-class LMLossResult:
+class LMLossResult(LossComparison):
     """Mean next-token cross-entropy (nats) over the same tokens under three conditions.
 
     Attributes:
@@ -128,27 +77,11 @@ class LMLossResult:
         """spliced_loss - clean_loss (the "delta LM loss" of Gemma Scope)."""
         return self.spliced_loss - self.clean_loss
 
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "clean_loss": self.clean_loss,
-            "spliced_loss": self.spliced_loss,
-            "ablated_loss": self.ablated_loss,
-            "ce_loss_recovered": self.ce_loss_recovered,
-            "delta_loss": self.delta_loss,
-            "n_tokens": self.n_tokens,
-        }
-
 
 def ce_loss_recovered(clean_loss: float, spliced_loss: float, ablated_loss: float) -> float:
     """1 - (spliced - clean) / (ablated - clean); NaN when ablating changes nothing (ablated == clean)."""
     gap = ablated_loss - clean_loss
     return float("nan") if gap == 0 else 1.0 - (spliced_loss - clean_loss) / gap
-
-
-def _loss_sum(logits: Tensor, input_ids: Tensor, counted: Tensor) -> Tensor:
-    """Sum of CE(logits[:, t], input_ids[:, t + 1]) over the positions t where ``counted[:, t]`` (B, T - 1)."""
-    mask = counted > 0  # select the counted rows first: (n, vocab) in float32, never (B, vocab, T) transposed copies
-    return F.cross_entropy(logits[:, :-1][mask].float(), input_ids[:, 1:][mask], reduction="sum")
 
 
 @torch.no_grad()
@@ -169,25 +102,20 @@ def lm_loss_with_sae(
     t is not excluded (BOS and ``sae.config.excluded_token_ids`` by default, or ``exclude_token_ids``). The splice
     and the ablation apply at every real, non-excluded position.
     """
-    was_training = model.training
-    model.eval()
-    excluded = _excluded_ids(model, sae, exclude_token_ids)
-    lists = _token_lists(model, texts, tokenizer, max_length)
+    excluded = excluded_token_ids(model, [sae.config], exclude_token_ids)
+    lists, _ = tokenize_texts(model, texts, tokenizer, max_length)
     totals = torch.zeros(3, dtype=torch.float64)
     n_tokens = 0
-    try:
-        for _, input_ids, attention_mask in _batches(lists, batch_size, _model_device(model)):
-            kept = _kept(input_ids, attention_mask, excluded)
-            counted = kept[:, :-1] & attention_mask[:, 1:].bool()
+    with eval_mode(model):
+        for _, input_ids, attention_mask in batches(lists, batch_size, model_device(model)):
+            counted = counted_predictions(kept_tokens(input_ids, attention_mask, excluded), attention_mask)
             n_tokens += int(counted.sum())
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            totals[0] += float(_loss_sum(model(**inputs).logits, input_ids, counted))
+            totals[0] += float(next_token_loss_sum(model(**inputs).logits, input_ids, counted))
             with attach(model, sae, splice=True, k=k, exclude_token_ids=excluded):
-                totals[1] += float(_loss_sum(model(**inputs).logits, input_ids, counted))
+                totals[1] += float(next_token_loss_sum(model(**inputs).logits, input_ids, counted))
             with ActivationPatch(model, sae, torch.zeros_like, exclude_token_ids=excluded):
-                totals[2] += float(_loss_sum(model(**inputs).logits, input_ids, counted))
-    finally:
-        model.train(was_training)
+                totals[2] += float(next_token_loss_sum(model(**inputs).logits, input_ids, counted))
     if n_tokens == 0:
         raise EvaluationError("no next-token predictions to average: every text is shorter than 2 counted tokens.")
     clean, spliced, ablated = (float(total) / n_tokens for total in totals)
@@ -201,12 +129,6 @@ def _feature_activations(model: nn.Module, sae: nn.Module, input_ids: Tensor, at
     activation = capture_activations(model, [site], input_ids=input_ids, attention_mask=attention_mask)[site.key]
     x = activation.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     return sae.encode(x).to_dense(sae.config.d_sae)
-
-
-def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    if tokenizer is None:
-        return [str(i) for i in ids]
-    return list(tokenizer.convert_ids_to_tokens(ids))
 
 
 @dataclass
@@ -252,20 +174,20 @@ def top_features(
     if by not in ("max", "sum"):
         raise EvaluationError(f"by={by!r} is unknown; use 'max' (peak activation) or 'sum' (total over tokens).")
     if isinstance(text, str):
-        tokenizer = _tokenizer_for(model, tokenizer)
         texts: Texts = text
     else:
         texts = [list(map(int, text.flatten().tolist() if isinstance(text, Tensor) else text))]
-    ids = _token_lists(model, texts, tokenizer, None)[0]
-    _, input_ids, attention_mask = next(_batches([ids], 1, _model_device(model)))
+    lists, tokenizer = tokenize_texts(model, texts, tokenizer)
+    ids = lists[0]
+    _, input_ids, attention_mask = next(batches([ids], 1, model_device(model)))
     dense = _feature_activations(model, sae, input_ids, attention_mask)[0]  # (T, d_sae)
-    kept = _kept(input_ids, attention_mask, _excluded_ids(model, sae, exclude_token_ids))[0]
+    kept = kept_tokens(input_ids, attention_mask, excluded_token_ids(model, [sae.config], exclude_token_ids))[0]
     counted = dense * kept.unsqueeze(-1).to(device=dense.device, dtype=dense.dtype)
     score = counted.amax(0) if by == "max" else counted.sum(0)
     n = min(n, sae.config.d_sae)
     feature_ids = score.topk(n).indices
     return TopFeatures(
-        tokens=_token_strings(tokenizer, ids),
+        tokens=token_strings(tokenizer, ids),
         feature_ids=feature_ids.cpu(),
         max_activations=counted.amax(0)[feature_ids].float().cpu(),
         activations=dense[:, feature_ids].T.float().cpu(),
@@ -320,19 +242,15 @@ def max_activating_examples(
         raise EvaluationError(
             f"feature {feature!r} is out of range: this SAE has d_sae={d_sae} latents, ids 0..{d_sae - 1}."
         )
-    if isinstance(texts, str):
-        texts = [texts]
-    if isinstance(texts, Sequence) and texts and isinstance(texts[0], str):
-        tokenizer = _tokenizer_for(model, tokenizer)
-    lists = _token_lists(model, texts, tokenizer, max_length)
-    excluded = _excluded_ids(model, sae, exclude_token_ids)
+    lists, tokenizer = tokenize_texts(model, texts, tokenizer, max_length)
+    excluded = excluded_token_ids(model, [sae.config], exclude_token_ids)
     site = resolve_sae_site(model, sae)
     peaks: list[tuple[float, int, int, list[float]]] = []
-    for first, input_ids, attention_mask in _batches(lists, batch_size, _model_device(model)):
+    for first, input_ids, attention_mask in batches(lists, batch_size, model_device(model)):
         activation = capture_activations(model, [site], input_ids=input_ids, attention_mask=attention_mask)[site.key]
         latents = sae.encode(activation.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype))
         values = (latents.values * (latents.indices == feature)).sum(-1).float()  # (B, T)
-        values = values * _kept(input_ids, attention_mask, excluded).to(values.device)
+        values = values * kept_tokens(input_ids, attention_mask, excluded).to(values.device)
         best, position = values.max(dim=1)
         for row in range(values.shape[0]):
             if best[row] > 0:
@@ -347,7 +265,7 @@ def max_activating_examples(
                 text_index=text_index,
                 position=position,
                 activation=activation,
-                tokens=_token_strings(tokenizer, ids[lo:hi]),
+                tokens=token_strings(tokenizer, ids[lo:hi]),
                 activations=row[lo:hi],
                 peak=position - lo,
             )

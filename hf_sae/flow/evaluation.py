@@ -13,8 +13,9 @@
 * :func:`mean_nonzero_activations`: each latent's mean non-zero activation (the TopK analogue of JumpReLU folding).
 * :func:`annotate_top_tokens`: each node's top activating tokens, for the HTML view.
 
-Texts are given as in :mod:`hf_sae.evaluation` (strings with a tokenizer, token-id lists, a (B, T) tensor or a
-``BatchEncoding``); BOS (``model.config.bos_token_id``), padding and the SAEs' ``excluded_token_ids`` are not counted.
+Texts are read by :mod:`hf_sae.lm_inputs`, as in :mod:`hf_sae.evaluation` (strings with a tokenizer, token-id lists,
+a (B, T) tensor or a ``BatchEncoding``); BOS (``model.config.bos_token_id``), padding and the SAEs'
+``excluded_token_ids`` are not counted.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import lm_inputs
 from ..errors import FlowError
-from ..evaluation import _batches, _kept, _loss_sum, _model_device, _token_lists, _token_strings, _tokenizer_for
+from ..evaluation import LossComparison
 from ..sites import capture_activations, resolve_site
 from ..sparse import SparseLatents
 from ..steering import ActivationPatch
@@ -42,21 +44,7 @@ GROUPS = ("nowhere", "RES", "MLP", "RES&MLP", "ATT", "RES&ATT", "MLP&ATT", "RES&
 
 # ------------------------------------------------------------------------------------------------------ inputs
 def _excluded(flow, model: nn.Module, keys: Iterable, exclude_token_ids: Sequence[int] | None) -> list[int]:
-    if exclude_token_ids is not None:
-        return sorted(set(exclude_token_ids))
-    excluded = set()
-    for key in keys:
-        excluded |= set(flow.config(key).excluded_token_ids or [])
-    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
-    if isinstance(bos, int):
-        excluded.add(bos)
-    return sorted(excluded)
-
-
-def _prepared(model, texts, tokenizer, max_length):
-    if isinstance(texts, str) or (isinstance(texts, Sequence) and texts and isinstance(texts[0], str)):
-        tokenizer = _tokenizer_for(model, tokenizer)
-    return _token_lists(model, texts, tokenizer, max_length), tokenizer
+    return lm_inputs.excluded_token_ids(model, (flow.config(key) for key in keys), exclude_token_ids)
 
 
 def _predecessor_key(layer: int, site: str) -> tuple[int, str]:
@@ -191,16 +179,16 @@ def validate(
         }
     )
     missing = {layer: [s for s in PREDECESSOR_SITES if _predecessor_key(layer, s) not in flow] for layer in layers}
-    lists, _ = _prepared(model, texts, tokenizer, max_length)
+    lists, _ = lm_inputs.tokenize_texts(model, texts, tokenizer, max_length)
     excluded = _excluded(flow, model, keys, exclude_token_ids)
     sites = [resolve_site(model, *key) for key in keys]
     counts = torch.zeros(len(layers), 8, dtype=torch.long)
     sums = torch.zeros(len(layers), 8, 3, dtype=torch.float64)
     hists = torch.zeros(len(layers), 3, 2, bins, dtype=torch.long)
     n_tokens = 0
-    for _, input_ids, attention_mask in _batches(lists, batch_size, _model_device(model)):
+    for _, input_ids, attention_mask in lm_inputs.batches(lists, batch_size, lm_inputs.model_device(model)):
         acts = capture_activations(model, sites, input_ids=input_ids, attention_mask=attention_mask)
-        kept = _kept(input_ids, attention_mask, excluded)
+        kept = lm_inputs.kept_tokens(input_ids, attention_mask, excluded)
         n_tokens += int(kept.sum())
         latents = {key: _encode(flow[key], acts[key][kept]) for key in keys}
         for row, layer in enumerate(layers):
@@ -291,20 +279,20 @@ def deactivation(
     if not sites:
         raise FlowError(f"layer {layer} has no predecessor SAE in the flow (resid {layer - 1}, mlp or attn {layer}).")
     keys = [target_key] + [_predecessor_key(layer, s) for s in sites]
-    lists, _ = _prepared(model, texts, tokenizer, max_length)
+    lists, _ = lm_inputs.tokenize_texts(model, texts, tokenizer, max_length)
     excluded = _excluded(flow, model, keys, exclude_token_ids)
     target_sae = flow[target_key]
     target_site = resolve_site(model, *target_key)
     all_sites = [resolve_site(model, *key) for key in keys]
-    batches, clean = [], []
-    for _, input_ids, attention_mask in _batches(lists, batch_size, _model_device(model)):
+    inputs, clean = [], []
+    for _, input_ids, attention_mask in lm_inputs.batches(lists, batch_size, lm_inputs.model_device(model)):
         acts = capture_activations(model, all_sites, input_ids=input_ids, attention_mask=attention_mask)
-        kept = _kept(input_ids, attention_mask, excluded)
-        batches.append((input_ids, attention_mask, kept))
+        kept = lm_inputs.kept_tokens(input_ids, attention_mask, excluded)
+        inputs.append((input_ids, attention_mask, kept))
         clean.append({key: _encode(flow[key], acts[key]) for key in keys})
     if features is None:
         frequency = torch.zeros(target_sae.config.d_sae, dtype=torch.long)
-        for (_, _, kept), latents in zip(batches, clean):
+        for (_, _, kept), latents in zip(inputs, clean):
             lat = latents[target_key]
             active = (lat.values > 0) & kept.unsqueeze(-1).to(lat.values.device)
             frequency += torch.bincount(lat.indices[active].cpu(), minlength=target_sae.config.d_sae)
@@ -316,7 +304,7 @@ def deactivation(
             key = _predecessor_key(layer, site)
             predecessor = int(table.ids(site)[feature])
             total, n = 0.0, 0
-            for (input_ids, attention_mask, kept), latents in zip(batches, clean):
+            for (input_ids, attention_mask, kept), latents in zip(inputs, clean):
                 z_old = _token_values(latents[target_key], ids)
                 pred_on = _token_values(latents[key], torch.tensor([predecessor])) > 0
                 chosen = kept.to(z_old.device) & (z_old > 0) & pred_on.to(z_old.device)
@@ -352,7 +340,7 @@ def _token_values(latents: SparseLatents, ids: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ skip-layer transcoder
 @dataclass
-class SkipLayerResult:
+class SkipLayerResult(LossComparison):
     """The matched "transcoder" t → t+1 (Mechanistic Permutability Eq. 5) on real tokens.
 
     Attributes:
@@ -378,19 +366,6 @@ class SkipLayerResult:
     def delta_loss(self) -> float:
         """skip_loss − clean_loss: the LM-loss change of the matched transcoder."""
         return self.skip_loss - self.clean_loss
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "layer": self.layer,
-            "ev": self.ev,
-            "sae_ev": self.sae_ev,
-            "identity_ev": self.identity_ev,
-            "clean_loss": self.clean_loss,
-            "skip_loss": self.skip_loss,
-            "identity_loss": self.identity_loss,
-            "delta_loss": self.delta_loss,
-            "n_tokens": self.n_tokens,
-        }
 
     def __str__(self) -> str:
         return (
@@ -458,26 +433,24 @@ def skip_layer_eval(
     source_key = flow.require((layer, "resid"), f"skip layer {layer + 1} (the transcoder's input SAE)")
     target_key = flow.require((layer + 1, "resid"), f"skip layer {layer + 1} (the transcoder's output SAE)")
     target_sae = flow[target_key]
-    lists, _ = _prepared(model, texts, tokenizer, max_length)
+    lists, _ = lm_inputs.tokenize_texts(model, texts, tokenizer, max_length)
     excluded = _excluded(flow, model, [source_key, target_key], exclude_token_ids)
     site_t, site_next = resolve_site(model, *source_key), resolve_site(model, *target_key)
     ev, sae_ev, identity_ev = _ExplainedVariance(), _ExplainedVariance(), _ExplainedVariance()
     totals = torch.zeros(3, dtype=torch.float64)
     n_tokens = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for _, input_ids, attention_mask in _batches(lists, batch_size, _model_device(model)):
+    with lm_inputs.eval_mode(model):
+        for _, input_ids, attention_mask in lm_inputs.batches(lists, batch_size, lm_inputs.model_device(model)):
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            kept = _kept(input_ids, attention_mask, excluded)
-            counted = kept[:, :-1] & attention_mask[:, 1:].bool()
+            kept = lm_inputs.kept_tokens(input_ids, attention_mask, excluded)
+            counted = lm_inputs.counted_predictions(kept, attention_mask)
             n_tokens += int(counted.sum())
             acts = capture_activations(model, [site_t, site_next], **inputs)
             x_t, x_next = acts[source_key][kept], acts[target_key][kept]
             ev.update(x_next, transcode(flow, layer, x_t, k=k, binary=binary))
             sae_ev.update(x_next, target_sae.decode(_encode(target_sae, x_next)).to(x_next.dtype))
             identity_ev.update(x_next, x_t)
-            totals[0] += float(_loss_sum(model(**inputs).logits, input_ids, counted))
+            totals[0] += float(lm_inputs.next_token_loss_sum(model(**inputs).logits, input_ids, counted))
             for slot, replace in ((1, lambda x: transcode(flow, layer, x, k=k, binary=binary)), (2, lambda x: x)):
                 recorded: dict[str, Tensor] = {}
                 handle = site_t.register(lambda a, store=recorded: store.__setitem__("x", a.detach()))
@@ -488,12 +461,10 @@ def skip_layer_eval(
                     exclude_token_ids=excluded,
                 )
                 try:
-                    totals[slot] += float(_loss_sum(model(**inputs).logits, input_ids, counted))
+                    totals[slot] += float(lm_inputs.next_token_loss_sum(model(**inputs).logits, input_ids, counted))
                 finally:
                     patch.remove()
                     handle.remove()
-    finally:
-        model.train(was_training)
     if n_tokens == 0:
         raise FlowError("no next-token predictions to average: every text is shorter than 2 counted tokens.")
     clean, skip, identity = (float(t) / n_tokens for t in totals)
@@ -515,14 +486,14 @@ def mean_nonzero_activations(
 ) -> dict[tuple[int, str], Tensor]:
     """{(layer, site): (d_sae,) mean activation of each latent over the tokens where it is active (0 if never)}."""
     keys = flow.keys() if keys is None else [flow.require(key, "calibrate it") for key in keys]
-    lists, _ = _prepared(model, texts, tokenizer, max_length)
+    lists, _ = lm_inputs.tokenize_texts(model, texts, tokenizer, max_length)
     excluded = _excluded(flow, model, keys, exclude_token_ids)
     sites = [resolve_site(model, *key) for key in keys]
     sums = {key: torch.zeros(flow.config(key).d_sae, dtype=torch.float64) for key in keys}
     counts = {key: torch.zeros(flow.config(key).d_sae, dtype=torch.long) for key in keys}
-    for _, input_ids, attention_mask in _batches(lists, batch_size, _model_device(model)):
+    for _, input_ids, attention_mask in lm_inputs.batches(lists, batch_size, lm_inputs.model_device(model)):
         acts = capture_activations(model, sites, input_ids=input_ids, attention_mask=attention_mask)
-        kept = _kept(input_ids, attention_mask, excluded)
+        kept = lm_inputs.kept_tokens(input_ids, attention_mask, excluded)
         for key in keys:
             latents = _encode(flow[key], acts[key][kept])
             active = latents.values > 0
@@ -554,13 +525,13 @@ def annotate_top_tokens(
         layer, site, index = parse_node_id(node)
         by_key.setdefault((layer, site), []).append((node, index))
     keys = [flow.require(key, "annotate its nodes") for key in sorted(by_key)]
-    lists, tokenizer = _prepared(model, texts, tokenizer, max_length)
+    lists, tokenizer = lm_inputs.tokenize_texts(model, texts, tokenizer, max_length)
     excluded = _excluded(flow, model, keys, exclude_token_ids)
     sites = [resolve_site(model, *key) for key in keys]
     best: dict[str, list[tuple[float, int, int]]] = {node: [] for node in graph.nodes}
-    for first, input_ids, attention_mask in _batches(lists, batch_size, _model_device(model)):
+    for first, input_ids, attention_mask in lm_inputs.batches(lists, batch_size, lm_inputs.model_device(model)):
         acts = capture_activations(model, sites, input_ids=input_ids, attention_mask=attention_mask)
-        kept = _kept(input_ids, attention_mask, excluded)
+        kept = lm_inputs.kept_tokens(input_ids, attention_mask, excluded)
         for key in keys:
             latents = _encode(flow[key], acts[key])
             nodes = by_key[key]
@@ -592,5 +563,5 @@ def annotate_top_tokens(
 def _render(tokenizer: Any, ids: list[int]) -> str:
     """Token ids as text: the tokenizer's decoding, or the ids separated by spaces without a tokenizer."""
     if tokenizer is None:
-        return " ".join(_token_strings(None, ids))
+        return " ".join(lm_inputs.token_strings(None, ids))
     return tokenizer.decode(ids)
