@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -155,8 +155,14 @@ class _PositionTracker:
 
 
 # ----------------------------------------------------------------------------------------------------- site hooks
-class _SiteHook:
-    """A hook on one SAE's site that edits the activation at the chosen positions; base of steering and attach."""
+class SiteHook:
+    """A hook on one SAE's site that edits the activation at the chosen positions; the base of steering, attach,
+    activation patches and feature-flow steering.
+
+    A subclass overrides ``_edit(activation, mask)`` (activation (B, T, d), mask (B, T) bool of the positions to edit
+    or None for all of them) and returns the new activation, usually through :meth:`add_constant` or
+    :meth:`add_to_rows`; :meth:`remove` takes the hook (and its share of the position tracker) off the model.
+    """
 
     def __init__(
         self,
@@ -185,7 +191,7 @@ class _SiteHook:
     def active(self) -> bool:
         return self._handle is not None
 
-    def _add_constant(self, activation: Tensor, mask: Tensor | None, vector: Tensor) -> Tensor:
+    def add_constant(self, activation: Tensor, mask: Tensor | None, vector: Tensor) -> Tensor:
         """activation + vector at the steered positions; ``vector`` (d,) is cast once per activation dtype."""
         cast = self._cast.get(activation.dtype)
         if cast is None:
@@ -193,6 +199,23 @@ class _SiteHook:
         if mask is None:
             return activation + cast
         return activation + mask.unsqueeze(-1).to(activation.dtype) * cast
+
+    def add_to_rows(self, activation: Tensor, mask: Tensor | None, delta: Callable[[Tensor], Tensor]) -> Tensor:
+        """activation + delta(x) at the steered positions, x (N, d) those rows of the activation in the SAE's dtype.
+
+        The delta is computed without gradients and cast back to the activation's dtype: gradients still flow
+        through the activation (the edit counts as a constant), so steering works inside training or attribution
+        code too.
+        """
+        rows = activation.reshape(-1, activation.shape[-1]) if mask is None else activation[mask]
+        with torch.no_grad():
+            change = delta(rows.detach().to(self.sae.W_dec.dtype)).to(activation.dtype)
+        edited = rows + change
+        if mask is None:
+            return edited.reshape(activation.shape)
+        out = activation.clone()
+        out[mask] = edited
+        return out
 
     def remove(self) -> None:
         """Remove exactly this hook (idempotent)."""
@@ -237,22 +260,8 @@ def _module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def _apply_rows(activation: Tensor, mask: Tensor | None, rows_out: Tensor) -> Tensor:
-    """Put the edited rows (N, d) back: everywhere when mask is None, else at mask's True positions."""
-    if mask is None:
-        return rows_out.reshape(activation.shape)
-    out = activation.clone()
-    out[mask] = rows_out
-    return out
-
-
-def _rows(activation: Tensor, mask: Tensor | None) -> Tensor:
-    """(N, d) the rows to edit: all B*T positions, or those where mask is True."""
-    return activation.reshape(-1, activation.shape[-1]) if mask is None else activation[mask]
-
-
 # -------------------------------------------------------------------------------------------------------- steering
-class _SteeringHook(_SiteHook):
+class _SteeringHook(SiteHook):
     """Edits the activation by one of the modes of the module docstring, for a set of (feature, strength) pairs."""
 
     def __init__(
@@ -282,15 +291,11 @@ class _SteeringHook(_SiteHook):
                 self.directions = directions / scale  # decode(z') - decode(z) = (s - z_f) W_dec[f] / scale
 
     def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
-        # The edit is computed without gradients and added to h: gradients still flow through h (the edit counts as
-        # a constant), so steering works inside training or attribution code too.
         if self.mode == "add":
-            return self._add_constant(activation, mask, self.add_vector)
-        rows = _rows(activation, mask)
-        with torch.no_grad():
-            x = rows.detach().to(self.sae.W_dec.dtype)
-            delta = clamp_delta(self.sae, x, self.feature_ids, self.strengths, self.directions).to(activation.dtype)
-        return _apply_rows(activation, mask, rows + delta)
+            return self.add_constant(activation, mask, self.add_vector)
+        return self.add_to_rows(
+            activation, mask, lambda x: clamp_delta(self.sae, x, self.feature_ids, self.strengths, self.directions)
+        )
 
 
 def clamp_delta(
@@ -305,13 +310,20 @@ def clamp_delta(
 
     ``directions`` (m, d_in), the scaled decoder rows, can be passed precomputed.
     """
-    latents = sae.encode(x)
-    match = latents.indices.unsqueeze(-1) == feature_ids  # (N, k, m)
-    current = (latents.values.unsqueeze(-1) * match).sum(dim=1)  # (N, m): z_f, 0 when f is not among the top k
+    current = latent_values(sae.encode(x), feature_ids, sae.config.d_sae)  # (N, m): z_f, 0 outside the top k
     if directions is None:
         scale = sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
         directions = sae.W_dec[feature_ids] / scale
     return (strengths - current) @ directions
+
+
+def latent_values(latents: SparseLatents, feature_ids: Tensor, d_sae: int) -> Tensor:
+    """(N, m) the values of latents ``feature_ids`` (m,) in (N, k) sparse latents (0 where a feature is not among a
+    row's k), by the cheaper of an (N, k, m) comparison and a dense (N, d_sae) gather."""
+    if latents.k * feature_ids.numel() <= d_sae:
+        match = latents.indices.unsqueeze(-1) == feature_ids  # (N, k, m)
+        return (latents.values.unsqueeze(-1) * match).sum(dim=1)
+    return latents.to_dense(d_sae)[:, feature_ids]
 
 
 def _feature_strengths(
@@ -349,6 +361,20 @@ def _feature_strengths(
     return ids, values
 
 
+def install_hooks(hooks: Iterable[SiteHook]) -> list[SiteHook]:
+    """Run ``hooks`` (typically a generator that validates its entries and installs one hook per step) to the end;
+    when a step raises, the hooks already installed are removed again, so a failed call leaves the model clean."""
+    installed: list[SiteHook] = []
+    try:
+        for hook in hooks:
+            installed.append(hook)
+    except BaseException:
+        for hook in installed:
+            hook.remove()
+        raise
+    return installed
+
+
 class SteeringHandle:
     """The hooks of one :func:`steer` call. Active from creation until ``remove()`` or the end of a ``with`` block.
 
@@ -356,7 +382,7 @@ class SteeringHandle:
     afterwards: ``sae.steer(model, {1234: 8.0}).generate(**inputs)`` leaves the model clean.
     """
 
-    def __init__(self, model: nn.Module, hooks: list[_SiteHook]):
+    def __init__(self, model: nn.Module, hooks: list[SiteHook]):
         self.model = model
         self.hooks = hooks
         self._depth = 0
@@ -442,26 +468,28 @@ def steer(
             raise SteeringError(
                 "features= is only for a single SAE; put each SAE's features in its (sae, features) pair."
             )
-    hooks: list[_SiteHook] = []
-    try:
-        for entry in entries:
-            if len(entry) not in (2, 3) or not isinstance(entry[0], nn.Module):
-                raise SteeringError(
-                    f"each steering entry must be (sae, features) or (sae, features, mode), got {entry!r}."
-                )
-            entry_mode = entry[2] if len(entry) == 3 else mode
-            hooks.append(_SteeringHook(model, entry[0], entry[1], entry_mode, positions, strength))
-    except BaseException:
-        for hook in hooks:
-            hook.remove()
-        raise
-    return SteeringHandle(model, hooks)
+    return SteeringHandle(model, install_hooks(_steering_hooks(model, entries, mode, positions, strength)))
+
+
+def _steering_hooks(model: nn.Module, entries: list[tuple], mode: str, positions: str, strength: float | None):
+    for entry in entries:
+        if len(entry) not in (2, 3) or not isinstance(entry[0], nn.Module):
+            raise SteeringError(f"each steering entry must be (sae, features) or (sae, features, mode), got {entry!r}.")
+        entry_mode = entry[2] if len(entry) == 3 else mode
+        yield _SteeringHook(model, entry[0], entry[1], entry_mode, positions, strength)
 
 
 # ---------------------------------------------------------------------------------------------------------- attach
-class SAEHook(_SiteHook):
+class SAEHook(SiteHook):
     """An SAE attached to its site: records the latents of each forward and, with ``splice=True``, replaces the
-    activation by the SAE's reconstruction at the chosen positions.
+    activation by the SAE's reconstruction at the chosen positions. Made by :func:`attach`.
+
+    Args:
+        splice: replace the activation by ``sae.decode(sae.encode(h, k))`` (cast back to the model's dtype) at the
+            chosen positions; padded positions and tokens in ``exclude_token_ids`` (e.g. BOS) keep h.
+        k: the TopK budget (any k <= config.k of a hierarchical SAE); defaults to config.k.
+        positions: ``"all"``, ``"prompt"`` or ``"generated"`` (where splicing applies).
+        keep_history: also keep the latents of every forward in ``hook.history``.
 
     Attributes:
         latents: :class:`SparseLatents` (B, T, k) of the last forward (every position, padding included).
@@ -506,32 +534,21 @@ class SAEHook(_SiteHook):
         self.remove()
 
 
-def attach(
-    model: nn.Module,
-    sae: nn.Module,
-    *,
-    splice: bool = False,
-    k: int | None = None,
-    positions: Positions = "all",
-    exclude_token_ids: Sequence[int] | None = None,
-    keep_history: bool = False,
-) -> SAEHook:
+def attach(model: nn.Module, sae: nn.Module, **options: Any) -> SAEHook:
     """Attach ``sae`` at its site of ``model``: record its latents (``hook.latents``), optionally splice.
 
-    Args:
-        splice: replace the activation by ``sae.decode(sae.encode(h, k))`` (cast back to the model's dtype) at the
-            chosen positions; padded positions and tokens in ``exclude_token_ids`` (e.g. BOS) keep h.
-        k: the TopK budget (any k <= config.k of a hierarchical SAE); defaults to config.k.
-        positions: ``"all"``, ``"prompt"`` or ``"generated"`` (where splicing applies).
-        keep_history: also keep the latents of every forward in ``hook.history``.
+    ``options`` (keywords) are those of :class:`SAEHook`: ``splice=False`` (replace the activation by the SAE's
+    reconstruction), ``k=None`` (the TopK budget; config.k), ``positions="all"`` (``"prompt"``, ``"generated"``:
+    where splicing applies), ``exclude_token_ids=None`` (tokens that keep h, e.g. BOS) and ``keep_history=False``
+    (also keep every forward's latents in ``hook.history``).
 
     Use it as a context manager (``with sae.attach(model) as hook: model(**inputs); hook.latents``) or call
     ``hook.remove()``.
     """
-    return SAEHook(model, sae, splice, k, positions, exclude_token_ids, keep_history)
+    return SAEHook(model, sae, **options)
 
 
-class ActivationPatch(_SiteHook):
+class ActivationPatch(SiteHook):
     """Replace the activation at an SAE's site by ``fn(h)`` at the chosen positions (used for zero-ablation)."""
 
     def __init__(self, model: nn.Module, sae: nn.Module, fn, positions: str = "all", exclude_token_ids=None):

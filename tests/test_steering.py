@@ -9,7 +9,7 @@ import torch
 
 from hf_sae import SAEPreTrainedModel, SparseLatents
 from hf_sae.sites import SITES, SiteError, capture_activations, resolve_site
-from hf_sae.steering import SteeringError, attach, clamp_delta, steer
+from hf_sae.steering import SteeringError, attach, clamp_delta, latent_values, steer
 from hf_sae.testing.tiny_models import tiny_gemma2, tiny_sae
 
 GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -426,6 +426,15 @@ def test_clamp_delta_is_zero_when_clamping_to_the_current_value():
     f = int(z.indices[0, 0])
     delta = clamp_delta(sae, x[:1], torch.tensor([f]), z.values[0, :1])
     torch.testing.assert_close(delta, torch.zeros(1, 64))
+
+
+def test_latent_values_agree_between_the_sparse_and_dense_paths():
+    values = torch.tensor([[3.0, 2.0, 1.0], [5.0, 0.5, 0.0]])
+    indices = torch.tensor([[4, 1, 7], [2, 4, 0]])
+    ids = torch.tensor([4, 2, 6])
+    expected = torch.tensor([[3.0, 0.0, 0.0], [0.5, 5.0, 0.0]])
+    torch.testing.assert_close(latent_values(SparseLatents(values, indices), ids, 16), expected)  # k*m <= d_sae
+    torch.testing.assert_close(latent_values(SparseLatents(values, indices), ids, 8), expected)  # dense gather
 
 
 @pytest.mark.parametrize("mode", ["add", "clamp"])

@@ -34,10 +34,10 @@ from ..errors import FlowError
 from ..evaluation import LossComparison
 from ..sites import capture_activations, resolve_site
 from ..sparse import SparseLatents
-from ..steering import ActivationPatch
+from ..steering import ActivationPatch, latent_values
 from .graph import parse_node_id
 from .predecessors import PREDECESSOR_SITES
-from .steering import _FlowHook, _latent_values
+from .steering import FlowHook
 
 GROUPS = ("nowhere", "RES", "MLP", "RES&MLP", "ATT", "RES&ATT", "MLP&ATT", "RES&MLP&ATT")  # index = bit mask
 
@@ -310,7 +310,7 @@ def deactivation(
                 chosen = kept.to(z_old.device) & (z_old > 0) & pred_on.to(z_old.device)
                 if not bool(chosen.any()):
                     continue
-                hook = _FlowHook(model, flow[key], {predecessor: 0.0}, "rescale", exclude_token_ids=excluded)
+                hook = FlowHook(model, flow[key], {predecessor: 0.0}, "rescale", exclude_token_ids=excluded)
                 try:
                     act = capture_activations(model, [target_site], input_ids=input_ids, attention_mask=attention_mask)[
                         target_key
@@ -537,7 +537,7 @@ def annotate_top_tokens(
             nodes = by_key[key]
             ids = torch.tensor([index for _, index in nodes], device=latents.indices.device)
             flat = SparseLatents(latents.values.reshape(-1, latents.k), latents.indices.reshape(-1, latents.k))
-            values = _latent_values(flat, ids, flow.config(key).d_sae).reshape(*kept.shape, len(nodes)).cpu()
+            values = latent_values(flat, ids, flow.config(key).d_sae).reshape(*kept.shape, len(nodes)).cpu()
             values = values * kept.unsqueeze(-1).cpu()
             for column, (node, _) in enumerate(nodes):
                 top = values[..., column].flatten().topk(min(n, values[..., column].numel()))

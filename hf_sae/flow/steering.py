@@ -16,7 +16,7 @@ constant s′ = s; exponential s′ = s·e^{α·l′} (default α = −0.05); li
 k = (s* − s)/(l_end − l_start), s′ = k·l′ + s − k·l_start (default s* = 1; l_start / l_end default to the first and
 last steered layer).
 
-The hooks are those of :mod:`hf_sae.steering` (``_SiteHook`` and ``SteeringHandle``): they act at prefill and at
+The hooks are those of :mod:`hf_sae.steering` (``SiteHook`` and ``SteeringHandle``): they act at prefill and at
 every KV-cached decode step, never touch padding, honour ``positions``, and are removed on exit of the ``with`` block.
 """
 
@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import FlowError
 from ..sites import D_MODEL_SITES
-from ..sparse import SparseLatents
-from ..steering import POSITIONS, SteeringHandle, _apply_rows, _rows, _SiteHook
+from ..steering import POSITIONS, SiteHook, SteeringHandle, install_hooks, latent_values
 from .graph import parse_node_id
 from .matching import feature_scales
 
@@ -108,7 +108,15 @@ def plan_flow_steering(
 ) -> FlowSteeringPlan:
     """Which features of ``graph`` to steer, where, and with which coefficient (no hooks are installed).
 
-    ``strength``: one number for every node, or ``{node_id: strength}`` (then only those nodes are steered).
+    Args:
+        strength: s (``activate``) or r (``rescale``): one number for every node, or ``{node_id: value}`` (then only
+            those nodes are steered).
+        mode: ``"activate"`` (h + s·V at every token) or ``"rescale"`` (h + (r − 1)·a·V).
+        schedule: ``"constant"``, ``"linear"`` (to ``end_strength`` s* at ``end_layer``, from ``start_layer``) or
+            ``"exponential"`` (s·e^{α·l}, ``alpha``).
+        cumulative, layer: steer the graph's features at layer ``layer`` only, or at every layer ≤ ``layer``
+            (default: the graph's target layer).
+        sites: which node sites to steer (default all of resid, mlp, attn).
     """
     if mode not in MODES:
         raise FlowError(f"mode={mode!r} is unknown; use one of {list(MODES)}.")
@@ -157,16 +165,13 @@ def plan_flow_steering(
     return plan
 
 
-def _latent_values(latents: SparseLatents, feature_ids: Tensor, d_sae: int) -> Tensor:
-    """(N, m) activations of ``feature_ids`` (0 where a feature is not among a row's latents)."""
-    if latents.k * feature_ids.numel() <= d_sae:  # the (N, k, m) comparison is no larger than a dense (N, d_sae)
-        match = latents.indices.unsqueeze(-1) == feature_ids  # (N, k, m)
-        return (latents.values.unsqueeze(-1) * match).sum(dim=1)
-    return latents.to_dense(d_sae)[:, feature_ids]
+class FlowHook(SiteHook):
+    """One site of a flow steering: adds Σ_f c_f·V_f (activate) or Σ_f (r_f − 1)·a_f·W_dec[f] (rescale).
 
-
-class _FlowHook(_SiteHook):
-    """One site of a flow steering: adds Σ_f c_f·V_f (activate) or Σ_f (r_f − 1)·a_f·W_dec[f] (rescale)."""
+    ``features``: {feature id: coefficient c_f (activate) or r_f (rescale)}; ``scales`` (d_sae,) multiplies each unit
+    direction V_f (the folded units of :func:`steer_flow`). ``rescale`` with r = 0 removes the features (what
+    :func:`hf_sae.flow.evaluation.deactivation` does to a predecessor).
+    """
 
     def __init__(
         self,
@@ -197,19 +202,19 @@ class _FlowHook(_SiteHook):
 
     def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
         if self.mode == "activate":
-            return self._add_constant(activation, mask, self.add_vector)
-        rows = _rows(activation, mask)
-        with torch.no_grad():
-            x = rows.detach().to(self.sae.W_dec.dtype)
-            values = _latent_values(self.sae.encode(x), self.feature_ids, self.sae.config.d_sae)
-            delta = ((self.factors * values) @ self.directions).to(activation.dtype)
-        return _apply_rows(activation, mask, rows + delta)
+            return self.add_constant(activation, mask, self.add_vector)
+        return self.add_to_rows(activation, mask, self._rescale_delta)
+
+    def _rescale_delta(self, x: Tensor) -> Tensor:
+        """Σ_f (r_f − 1)·a_f(x)·W_dec[f] for rows x (N, d_in)."""
+        values = latent_values(self.sae.encode(x), self.feature_ids, self.sae.config.d_sae)
+        return (self.factors * values) @ self.directions
 
 
 class FlowSteeringHandle(SteeringHandle):
     """The hooks of one flow steering (a :class:`hf_sae.steering.SteeringHandle`) and its :attr:`plan`."""
 
-    def __init__(self, model: nn.Module, hooks: list[_SiteHook], plan: FlowSteeringPlan):
+    def __init__(self, model: nn.Module, hooks: list[SiteHook], plan: FlowSteeringPlan):
         super().__init__(model, hooks)
         self.plan = plan
 
@@ -223,61 +228,36 @@ def steer_flow(
     graph,
     strength: float | Mapping[str, float] = 8.0,
     *,
-    mode: str = "activate",
-    schedule: str = "constant",
-    alpha: float = -0.05,
-    end_strength: float = 1.0,
-    start_layer: int | None = None,
-    end_layer: int | None = None,
-    cumulative: bool = False,
-    layer: int | None = None,
-    sites: Iterable[str] = D_MODEL_SITES,
     units: str = "unit",
     positions: str = "all",
+    **plan_options: Any,
 ) -> FlowSteeringHandle:
     """Steer ``model`` along ``graph``: a context manager (``with flow.steer(...): model.generate(...)``), also
     ``handle.generate(...)`` / ``handle.remove()`` like :func:`hf_sae.steer`.
 
     Args:
         strength: s (``activate``) or r (``rescale``): one number, or ``{node_id: value}`` for chosen nodes.
-        mode: ``"activate"`` (h + s·V at every token) or ``"rescale"`` (h + (r − 1)·a·V).
-        schedule: ``"constant"``, ``"linear"`` (to ``end_strength`` s* at ``end_layer``) or ``"exponential"``
-            (s·e^{α·l}, ``alpha``).
-        cumulative, layer: steer the graph's features at layer ``layer`` only, or at every layer ≤ ``layer``.
-        sites: which node sites to steer (default all of resid, mlp, attn).
         units: ``"unit"`` (V = unit decoder rows, the paper's formula) or ``"folded"`` (V scaled by each feature's
             folded scale, :func:`hf_sae.flow.matching.feature_scales`: θ·||W_dec|| for JumpReLU, the mean non-zero
             activation for TopK after ``flow.calibrate``), so s = 1 means "one typical activation".
         positions: ``"all"``, ``"prompt"`` or ``"generated"``; padding is never steered.
+        plan_options: which features, where and with which coefficients, as in :func:`plan_flow_steering`:
+            ``mode`` (``"activate"``: h + s·V at every token, or ``"rescale"``: h + (r − 1)·a·V), ``schedule``
+            (``"constant"``, ``"linear"``, ``"exponential"``), ``alpha``, ``end_strength``, ``start_layer``,
+            ``end_layer``, ``cumulative``, ``layer`` and ``sites``.
     """
     if units not in UNITS:
         raise FlowError(f"units={units!r} is unknown; use one of {list(UNITS)}.")
     if positions not in POSITIONS:
         raise FlowError(f"positions={positions!r} is unknown; use one of {list(POSITIONS)}.")
-    plan = plan_flow_steering(
-        flow,
-        graph,
-        strength,
-        mode=mode,
-        schedule=schedule,
-        alpha=alpha,
-        end_strength=end_strength,
-        start_layer=start_layer,
-        end_layer=end_layer,
-        cumulative=cumulative,
-        layer=layer,
-        sites=sites,
-    )
-    hooks: list[_SiteHook] = []
-    try:
-        for key, features in sorted(plan.coefficients.items()):
-            sae = flow[key]
-            scales = None
-            if units == "folded" and mode == "activate":
-                scales = feature_scales(sae, flow.mean_activations.get(key))
-            hooks.append(_FlowHook(model, sae, features, mode, positions, scales))
-    except BaseException:
-        for hook in hooks:
-            hook.remove()
-        raise
-    return FlowSteeringHandle(model, hooks, plan)
+    plan = plan_flow_steering(flow, graph, strength, **plan_options)
+    return FlowSteeringHandle(model, install_hooks(_flow_hooks(flow, model, plan, units, positions)), plan)
+
+
+def _flow_hooks(flow, model: nn.Module, plan: FlowSteeringPlan, units: str, positions: str):
+    for key, features in sorted(plan.coefficients.items()):
+        sae = flow[key]
+        scales = None
+        if units == "folded" and plan.mode == "activate":
+            scales = feature_scales(sae, flow.mean_activations.get(key))
+        yield FlowHook(model, sae, features, plan.mode, positions, scales)

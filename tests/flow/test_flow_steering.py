@@ -178,13 +178,22 @@ def test_folded_units_scale_each_direction_by_the_mean_activation(model, flow):
     torch.testing.assert_close(recorder.after[0] - recorder.before[0], expected.expand(1, 4, 64), rtol=1e-4, atol=1e-5)
 
 
-def test_latent_values_agree_between_the_sparse_and_dense_paths():
-    from hf_sae.flow.steering import _latent_values
-    from hf_sae.sparse import SparseLatents
+def _hook_count(model) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs) for m in model.modules()
+    )
 
-    values = torch.tensor([[3.0, 2.0, 1.0], [5.0, 0.5, 0.0]])
-    indices = torch.tensor([[4, 1, 7], [2, 4, 0]])
-    ids = torch.tensor([4, 2, 6])
-    expected = torch.tensor([[3.0, 0.0, 0.0], [0.5, 5.0, 0.0]])
-    torch.testing.assert_close(_latent_values(SparseLatents(values, indices), ids, 16), expected)  # k*m <= d_sae
-    torch.testing.assert_close(_latent_values(SparseLatents(values, indices), ids, 8), expected)  # dense gather
+
+def test_a_failing_site_removes_the_hooks_already_installed(model, flow):
+    graph = flow.trace(layer=2, feature=5)
+    plan = plan_flow_steering(flow, graph, 2.0, cumulative=True)
+    first, *rest = sorted(plan.coefficients)
+    assert rest  # the first site's hook is installed before the second one fails
+    before = _hook_count(model)
+    flow.mean_activations[first] = torch.ones(128)  # only the first site is calibrated
+    try:
+        with pytest.raises(FlowError, match="calibrate"):
+            flow.steer(model, graph, 2.0, units="folded", cumulative=True)
+    finally:
+        flow.mean_activations.clear()
+    assert _hook_count(model) == before
