@@ -29,6 +29,12 @@ import sys
 import tempfile
 import time
 
+import torch
+
+from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
+from hf_sae.flow import FLOW_SITES, FeatureFlow
+from hf_sae.flow.matching import match_decoders
+
 
 def _current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -37,10 +43,6 @@ def _current_rss_bytes() -> int:
 
 def _worker(args: argparse.Namespace) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
-    import torch
-
-    from hf_sae.flow.matching import match_decoders
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -154,13 +156,9 @@ def _matching_table(args: argparse.Namespace) -> None:
 def _random_collection(folder: str, args: argparse.Namespace) -> str:
     """A stand-in collection with the real small model's shape (Gemma 3 270M: 18 layers, d_model 640) and random
     unit decoders: the timing of the whole-model tables does not depend on training; the classes mean nothing."""
-    import torch
-
-    from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
-
     generator = torch.Generator().manual_seed(0)
     for layer in range(18):
-        for site in ("resid", "mlp", "attn"):
+        for site in FLOW_SITES:
             cfg = HierarchicalSAEConfig(
                 d_in=640,
                 d_sae=args.collection_d_sae,
@@ -178,8 +176,6 @@ def _random_collection(folder: str, args: argparse.Namespace) -> str:
 
 
 def _collection_table(args: argparse.Namespace) -> None:
-    from hf_sae.flow import FeatureFlow
-
     with tempfile.TemporaryDirectory(prefix="hf-sae-flow-bench-") as cache:
         start = time.perf_counter()
         flow = FeatureFlow.from_pretrained(
