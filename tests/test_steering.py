@@ -374,15 +374,11 @@ def test_attach_splice_replaces_the_activation_by_the_reconstruction(model):
 
 
 def test_sae_methods_delegate(monkeypatch):
-    from hf_sae import steering
-
     if not hasattr(SAEPreTrainedModel, "steer"):
         monkeypatch.setattr(
-            SAEPreTrainedModel, "steer", lambda self, m, f, **kw: steering.steer(m, self, f, **kw), raising=False
+            SAEPreTrainedModel, "steer", lambda self, m, f, **kw: steer(m, self, f, **kw), raising=False
         )
-        monkeypatch.setattr(
-            SAEPreTrainedModel, "attach", lambda self, m, **kw: steering.attach(m, self, **kw), raising=False
-        )
+        monkeypatch.setattr(SAEPreTrainedModel, "attach", lambda self, m, **kw: attach(m, self, **kw), raising=False)
     model, sae = tiny_gemma2(), _sae()
     ids = torch.randint(1, 1000, (1, 4))
     expected = steer(model, sae, {3: 30.0}, mode="clamp").generate(input_ids=ids, **GREEDY)

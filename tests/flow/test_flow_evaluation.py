@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_sae.flow import GROUPS, FeatureFlow, FlowError, graph_to_html
-from hf_sae.flow.evaluation import annotate_top_tokens, mean_nonzero_activations, transcode
+from hf_sae.flow.evaluation import ValidationResult, annotate_top_tokens, mean_nonzero_activations, transcode
 from hf_sae.sites import capture_activations, resolve_site
 
 BOS = 2
@@ -84,8 +84,6 @@ def test_validate_groups_equal_a_naive_loop(model, flow):
 
 
 def test_auc_from_histograms_matches_the_pairwise_definition():
-    from hf_sae.flow.evaluation import ValidationResult
-
     bins = 10
     hist = torch.zeros(1, 3, 2, bins, dtype=torch.long)
     negatives, positives = [1, 2, 2, 5], [2, 6, 7]  # bin indices

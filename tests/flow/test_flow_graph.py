@@ -13,6 +13,8 @@ import torch
 from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
 from hf_sae.flow import CLASSES, FeatureFlow, FlowError, classify, from_json, graph_to_html, to_graphml, to_json
 from hf_sae.flow.cli import FLOW_SUBCOMMAND, add_flow_subcommand
+from hf_sae.hub import push_collection
+from hf_sae.testing.hub_server import PushServer, hub_client
 from hf_sae.testing.tiny_models import planted_sae
 
 D = 1024  # wide enough that random unit directions have cosines < 0.15 with each other
@@ -268,9 +270,6 @@ def test_a_collection_on_disk_gives_the_same_flow_lazily(tmp_path):
 
 
 def test_a_collection_on_the_hub_loads_like_the_local_one(tmp_path):
-    from hf_sae.hub import push_collection
-    from hf_sae.testing.hub_server import PushServer, hub_client
-
     saes = _chain(layers=3)
     with PushServer(tmp_path / "hub") as server, hub_client(server.url, cache_dir=tmp_path / "hf-cache"):
         push_collection({f"layer_{layer}/{site}": sae for (layer, site), sae in saes.items()}, "org/flow-saes")
