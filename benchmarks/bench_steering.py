@@ -20,7 +20,7 @@ import torch
 
 from hf_sae.steering import steer
 from hf_sae.testing.tiny_models import tiny_gemma2, tiny_gemma3, tiny_sae
-from training.embedded import load_small_gemma
+from training.small_gemma import load_small_gemma
 
 TARGETS = {"add": 0.95, "clamp": 0.80}
 

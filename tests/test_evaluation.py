@@ -180,7 +180,7 @@ def test_errors_name_the_value_and_the_fix():
 @pytest.mark.slow
 def test_real_small_gemma_splice_recovers_most_of_the_loss(tmp_path):
     """The real Gemma 3 270M with an untrained SAE: the numbers are finite and ordered clean < spliced-ish < ablated."""
-    embedded = pytest.importorskip("training.embedded")
+    embedded = pytest.importorskip("training.small_gemma")
     if not hasattr(embedded, "load_small_gemma"):
         pytest.skip("training.embedded.load_small_gemma is not available")
     model, tokenizer = embedded.load_small_gemma(cache_dir=os.environ.get("HF_SAE_CACHE"))

