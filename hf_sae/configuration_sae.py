@@ -84,6 +84,21 @@ class SAEConfig(PreTrainedConfig):
     # fixed number k of latents per token whose prefixes are nested budgets (TopK family) rather than a threshold?
     trainable: ClassVar[bool] = True
     topk_budgets: ClassVar[bool] = True
+    # Where the SAE lives and what reproduces its inputs (the second and third kinds above, and d_in, the width of
+    # the site): set by whoever trains or converts the SAE, not hyperparameters a user picks for training.
+    provenance_fields: ClassVar[tuple[str, ...]] = (
+        "d_in",
+        "base_model",
+        "hook_layer",
+        "hook_site",
+        "activation_scale",
+        "activation_scale_folded",
+        "context_length",
+        "excluded_token_ids",
+        "dataset",
+        "tokens_trained",
+        "hf_sae_version",
+    )
 
     d_in: int = 2304
     d_sae: int | None = 16384

@@ -76,6 +76,10 @@ class DataError(HfSaeError):
     """The training text cannot be read: unknown data set, missing split or column, no documents."""
 
 
+class MissingSplitError(DataError):
+    """The data set has no such split (training then holds documents of the training split out instead)."""
+
+
 class ModelLoadError(HfSaeError):
     """The language model cannot be loaded; the message names it and the fix."""
 

@@ -7,19 +7,17 @@
     trainer_state.json           step, tokens, counters, number of processes
     train_config.yaml            the run's config
 
-Everything is written into a temporary sibling folder that is renamed into place when complete, so a crash or a
-SIGKILL at any moment leaves the previous checkpoints untouched; only the newest ``keep`` are kept. Only the main
-process writes (the other processes' states are gathered to it first).
+Everything is written into a temporary sibling folder that is renamed into place when complete
+(:func:`hf_sae._io.atomic_dir`), so a crash or a SIGKILL at any moment leaves the previous checkpoints untouched; only
+the newest ``keep`` are kept. Only the main process writes (the other processes' states are gathered to it first).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +25,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-CHECKPOINTS = "checkpoints"
+from hf_sae._io import atomic_dir
+from hf_sae.run_files import CHECKPOINTS
+
 _STEP_DIR = re.compile(r"step-(\d{8})")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------- RNG states
@@ -106,8 +87,7 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step again (a resumed run that had already finished): identical content
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         for i, sae in enumerate(saes):
             sae.save_pretrained(tmp / f"sae_{i}")
         save_file(
@@ -122,11 +102,6 @@ def save_checkpoint(
         torch.save(process_states, tmp / "process_states.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         (tmp / "train_config.yaml").write_text(config_yaml)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -155,12 +130,3 @@ def load_checkpoint(path: Path, sae_classes: list[type], device: torch.device) -
         "process_states": torch.load(path / "process_states.pt", map_location="cpu", weights_only=True),
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
     }
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete temporary folders left by checkpoint writes that were killed midway."""
-    root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
-        for item in root.iterdir():
-            if item.name.startswith(".step-") and ".tmp-" in item.name:
-                shutil.rmtree(item, ignore_errors=True)

@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import load_dataset
+from datasets.distributed import split_dataset_by_node
 from torch import Tensor
 
-from hf_sae.errors import DataError
+from hf_sae.errors import DataError, MissingSplitError
 
 from .config import EMBEDDED, TrainConfig
+from .corpus import corpus_paths
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +44,10 @@ _BUILDERS = {
 # ---------------------------------------------------------------------------------------------------- loading
 def _load(dataset: str, split: str, dataset_config: str | None):
     """A streaming ``datasets.IterableDataset`` for one split of a local file / folder / Hub id / 'embedded'."""
-    from datasets import load_dataset
-
     if dataset == EMBEDDED:
-        from .embedded import corpus_paths
-
         paths = corpus_paths()
         if split not in paths:
-            raise _MissingSplit(split)
+            raise MissingSplitError(split)
         return load_dataset("json", data_files={split: str(paths[split])}, split=split, streaming=True)
     path = Path(dataset).expanduser()
     try:
@@ -61,7 +60,7 @@ def _load(dataset: str, split: str, dataset_config: str | None):
                     ".parquet file, or a folder of them."
                 )
             if split != "train":  # a single file is one split
-                raise _MissingSplit(split)
+                raise MissingSplitError(split)
             return load_dataset(builder, data_files={"train": str(path)}, split="train", streaming=True)
         if path.is_dir():
             return load_dataset(str(path), dataset_config, split=split, streaming=True)
@@ -71,12 +70,12 @@ def _load(dataset: str, split: str, dataset_config: str | None):
                 "id such as HuggingFaceFW/fineweb, or 'embedded'."
             )
         return load_dataset(dataset, dataset_config, split=split, streaming=True)
-    except (DataError, _MissingSplit):
+    except (DataError, MissingSplitError):
         raise
     except ValueError as error:
         text = str(error).lower()
         if "split" in text and any(word in text for word in ("unknown", "bad split", "not found", "should be one of")):
-            raise _MissingSplit(split) from None
+            raise MissingSplitError(split) from None
         raise DataError(f"--dataset {dataset} (split {split!r}): {error}") from None
     except Exception as error:  # datasets raises several types for "not found" / offline; name them all the same
         kind = type(error).__name__
@@ -85,12 +84,6 @@ def _load(dataset: str, split: str, dataset_config: str | None):
             " Check the Hub id and --dataset-config (and network access, or HF_DATASETS_OFFLINE), or pass a local "
             ".jsonl/.txt/.parquet file, or 'embedded'."
         ) from None
-
-
-class _MissingSplit(Exception):
-    def __init__(self, split: str):
-        super().__init__(split)
-        self.split = split
 
 
 def _check_text_column(ds, dataset: str, text_column: str) -> None:
@@ -109,12 +102,11 @@ def dataset_factories(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Cal
     held-out split (evaluation runs on the main process). Without ``cfg.eval_split`` in the data set, the first
     ``cfg.eval_holdout_documents`` documents of the training split are held out of training.
     """
-    from datasets.distributed import split_dataset_by_node
 
     def load_split(split: str):
         try:
             ds = _load(cfg.dataset, split, cfg.dataset_config)
-        except _MissingSplit:
+        except MissingSplitError:
             return None
         _check_text_column(ds, cfg.dataset, cfg.text_column)
         return ds

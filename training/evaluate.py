@@ -2,8 +2,8 @@
 
 For each SAE (folded: it takes raw activations, as saved) and each budget k' = 1, 2, 4, ..., K: FVU, explained
 variance, L0 and shrinkage (``hf_sae.metrics``); the fraction of latents that never fire on the held-out tokens and
-the training-time dead fraction; and, when ``hf_sae.evaluation.lm_loss_with_sae`` exists, the language-model loss
-with the SAE spliced in (clean / spliced / zero-ablated loss, CE loss recovered).
+the training-time dead fraction; and the language-model loss with the SAE spliced in
+(``hf_sae.evaluation.lm_loss_with_sae``: clean / spliced / zero-ablated loss, CE loss recovered).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hf_sae import metrics as sae_metrics
+from hf_sae.evaluation import lm_loss_with_sae
 
 from .data import TokenWindows
 from .harvest import ActivationHarvester, SiteKey
@@ -94,19 +95,11 @@ def lm_loss_metrics(
     model, sae, batches: list[dict[str, Tensor]], excluded: list[int], lm_batch_size: int = 4
 ) -> dict[str, Any] | None:
     """Clean / spliced / zero-ablated LM loss and CE loss recovered (``hf_sae.evaluation.lm_loss_with_sae``, the
-    steering issue's splice) on held-out windows; None when that function is not available in this hf-sae.
+    steering issue's splice) on held-out windows; None when there are no windows (``--eval-lm-windows 0``).
 
     Few windows per forward: with a 262k vocabulary (Gemma) the float32 logits of 4 x 128 tokens are already 0.5 GB.
     """
     if not batches:
-        return None
-    try:
-        from hf_sae.evaluation import lm_loss_with_sae
-    except ImportError:
-        logger.warning(
-            "hf_sae.evaluation.lm_loss_with_sae is not available: the CE-loss-recovered evaluation is "
-            "skipped (metrics.json has lm_loss: null)."
-        )
         return None
     windows = {key: torch.cat([batch[key] for batch in batches]) for key in ("input_ids", "attention_mask")}
     result = lm_loss_with_sae(

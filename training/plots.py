@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+
+from hf_sae._io import atomic_path
+
+matplotlib.use("Agg")  # files only, never a window
 
 
 def plot_budget_curves(sae_metrics: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
     """Write a PNG with EV(k') and L0(k') for every SAE in ``{name: {"budgets": {k': {...}}}}``; returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (ax_ev, ax_l0) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for name, result in sae_metrics.items():
         budgets = sorted(int(b) for b in result["budgets"])
@@ -41,14 +41,9 @@ def plot_budget_curves(sae_metrics: dict[str, dict[str, Any]], path: Path, title
     ax_l0.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -1,0 +1,100 @@
+"""The end of a run (main process): fold the activation scale, save every SAE, evaluate on held-out windows, and
+write metrics.json, command.txt, the plot and each SAE's model card."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from hf_sae._io import write_bytes_atomic, write_text_atomic
+from hf_sae.cards import generate_model_card
+from hf_sae.run_files import RunInfo, RunMetrics, SAEMetrics, write_command, write_run_metrics
+
+from .data import TokenWindows
+from .evaluate import collect_eval_data, lm_loss_metrics, reconstruction_metrics
+from .plots import plot_budget_curves
+from .report import summary_table
+from .run import Run
+
+
+def training_command(argv: list[str] | None = None) -> str:
+    """The command line of this process, as it will be recorded (``python -m training.train ...``)."""
+    return ("python -m training.train " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+
+
+def finish_run(run: Run) -> RunMetrics:
+    """Fold, save, evaluate, write metrics/command/plot/cards, print the summary; returns the metrics."""
+    cfg, started = run.cfg, time.perf_counter()
+    tokens = run.total_steps * run.tokens_per_step
+    # dead after dead_tokens tokens, by the training counters (read before the config gets the global threshold)
+    dead_fractions = [float(sae.dead_mask().float().mean()) for sae in run.saes]
+    folders = {}
+    for spec, sae, dead_tokens in zip(run.specs, run.saes, run.dead_tokens):
+        sae.eval()
+        sae.check_finite = True
+        sae.config.dead_tokens = dead_tokens
+        sae.config.tokens_trained = tokens
+        sae.fold_activation_scale()
+        folders[spec.name] = run.run_dir if len(run.specs) == 1 else run.run_dir / spec.name
+        sae.save_pretrained(folders[spec.name])  # keeps the folder's other files (checkpoints, metrics)
+
+    eval_windows = TokenWindows(
+        run.eval_data, run.tokenizer, cfg.context_length, cfg.text_column, loop=False, name=f"{cfg.dataset} (held out)"
+    )
+    activations, lm_batches = collect_eval_data(
+        run.harvester, eval_windows, cfg.eval_tokens, cfg.eval_lm_windows, cfg.lm_batch_size
+    )
+    info: RunInfo = {
+        "model": run.model_name,
+        "dataset": run.data_name,
+        "tokens": tokens,
+        "steps": run.total_steps,
+        "batch_size": cfg.batch_size,
+        "processes": run.world,
+        "device": str(run.accelerator.device),
+        "setup_seconds": round(run.setup_seconds, 1),
+        "train_seconds": round(run.trainer_state["seconds"], 1),
+        "tokens_per_second": round(run.session_tokens / max(run.session_seconds, 1e-9), 1)
+        if run.session_tokens
+        else None,
+        "skipped_steps": run.trainer_state["skipped_steps"],
+        "dead_tokens": run.dead_tokens[0] if len(set(run.dead_tokens)) == 1 else run.dead_tokens,
+        "context_length": cfg.context_length,
+        "excluded_token_ids": run.excluded,
+        "eval_lm_windows": cfg.eval_lm_windows,
+        "command": training_command(),
+    }
+    results: dict[str, SAEMetrics] = {}
+    for spec, site, sae, dead in zip(run.specs, run.sites, run.saes, dead_fractions):
+        result: SAEMetrics = {
+            "path": str(folders[spec.name]),
+            "layer": spec.layer,
+            "site": spec.site,
+            "arch": spec.arch,
+            "d_sae": sae.config.d_sae,
+            "k": sae.config.k,
+            "activation_scale": sae.config.activation_scale,
+            "dead_fraction": dead,
+        }
+        result.update(reconstruction_metrics(sae, activations[site.key]))
+        result["lm_loss"] = lm_loss_metrics(run.model, sae, lm_batches, run.excluded)
+        results[spec.name] = result
+    info["evaluation_seconds"] = round(time.perf_counter() - started, 1)
+    metrics: RunMetrics = {"run": info, "saes": results}
+    write_run_metrics(run.run_dir, metrics)
+    write_command(run.run_dir, info["command"])
+    if cfg.plot:
+        plot = plot_budget_curves(
+            results, run.run_dir / "budget_curves.png", title=f"{info['model']} — {tokens:,} tokens"
+        )
+        for folder in folders.values():  # each SAE folder of a multi-SAE run gets the figure for its card
+            if folder != run.run_dir:
+                write_bytes_atomic(Path(folder) / plot.name, plot.read_bytes())
+    if cfg.model_card:
+        for spec, sae in zip(run.specs, run.saes):
+            card = generate_model_card(sae, metrics={"run": info, **results[spec.name]}, run_dir=folders[spec.name])
+            write_text_atomic(Path(folders[spec.name]) / "README.md", str(card))
+    print(summary_table(metrics, run.run_dir), flush=True)
+    return metrics

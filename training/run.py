@@ -1,0 +1,85 @@
+"""The state of one training run, shared by the loop, the checkpoints and the finish (one object, not 18 arguments)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+
+from hf_sae.modeling_sae import SAEPreTrainedModel
+from hf_sae.sites import Site
+
+from . import checkpoint as ckpt
+from .config import SAESpec, TrainConfig
+from .harvest import ActivationBuffer, ActivationHarvester
+
+
+@dataclass
+class Run:
+    """A run: its config and accelerator, the language model and what reads it, the SAEs and the bookkeeping.
+
+    ``trainer_state`` is what a checkpoint restores besides weights and optimiser: ``step``, ``skipped_steps``,
+    ``seconds`` (training time of every session so far).
+    """
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: nn.Module
+    tokenizer: Any
+    sites: list[Site]
+    run_dir: Path
+    model_name: str
+    data_name: str
+    excluded: list[int]
+    harvester: ActivationHarvester
+    buffer: ActivationBuffer
+    eval_data: Callable[[], Any]
+    total_steps: int
+    config_yaml: str | None
+    saes: list[SAEPreTrainedModel] = field(default_factory=list)
+    dead_tokens: list[int] = field(default_factory=list)  # each SAE's threshold, in tokens of all processes
+    trainer_state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "skipped_steps": 0, "seconds": 0.0})
+    setup_seconds: float = 0.0
+    session_tokens: int = 0
+    session_seconds: float = 0.0
+
+    @property
+    def specs(self) -> list[SAESpec]:
+        return self.cfg.saes
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.world
+
+    def save_checkpoint(self, step: int, optimizer, scheduler) -> None:
+        """Gather every process's data position and RNG state, then the main process writes the checkpoint."""
+        process_states = gather_object([{"buffer": self.buffer.state(), "rng": ckpt.rng_state()}])
+        if self.accelerator.is_main_process:
+            state = {
+                **self.trainer_state,
+                "step": step,
+                "tokens": step * self.tokens_per_step,
+                "processes": self.world,
+                "nonfinite_lm_batches": sum(s["buffer"]["nonfinite_batches"] for s in process_states),
+            }
+            ckpt.save_checkpoint(
+                self.run_dir,
+                step,
+                self.saes,
+                optimizer,
+                scheduler,
+                state,
+                process_states,
+                self.config_yaml,
+                keep=self.cfg.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()

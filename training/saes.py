@@ -1,0 +1,97 @@
+"""The SAEs of a run before their first step: each architecture's config built from the run's entry, the activation
+scale, b_dec, the learning rate (the architecture's default unless given), the optimiser and its schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+from transformers import get_scheduler
+
+from hf_sae.modeling_sae import SAEPreTrainedModel
+from hf_sae.registry import resolve_architecture
+from hf_sae.sites import Site
+
+from .config import SAESpec, TrainConfig
+
+
+def default_dead_tokens(cfg: TrainConfig, world: int) -> int:
+    """Tokens without firing after which a latent counts as dead, when the SAE's config does not say:
+    min(10M, tokens // 10), at least one step's tokens."""
+    return max(cfg.batch_size * world, min(10_000_000, cfg.tokens // 10))
+
+
+def dead_tokens_of(cfg: TrainConfig, spec: SAESpec, world: int) -> int:
+    """The dead-latent threshold of one SAE: its config's ``dead_tokens`` if the run sets it, else the default."""
+    return int(spec.config.get("dead_tokens") or default_dead_tokens(cfg, world))
+
+
+def activation_scale(x: Tensor, accelerator: Accelerator) -> float:
+    """The scalar s with E||s x||² = d_in over every process's sample x: (N, d_in)."""
+    mean_sq_norm = accelerator.reduce(x.pow(2).sum(-1).mean().to(accelerator.device), reduction="mean")
+    return math.sqrt(x.shape[-1] / float(mean_sq_norm))
+
+
+def build_sae(
+    cfg: TrainConfig,
+    spec: SAESpec,
+    site: Site,
+    scale: float,
+    dead_tokens: int,
+    provenance: dict,
+    sample: Tensor,
+    device: torch.device,
+) -> SAEPreTrainedModel:
+    """A freshly initialised SAE that scales its own input by ``scale`` (unfolded until the end of training).
+
+    The config is the architecture's own, from the run's entry plus what training knows (d_in, where it reads, the
+    scale, ``provenance``: base_model, context_length, excluded_token_ids, dataset). Init: the architecture's, then
+    b_dec per ``--b-dec-init`` (auto: the architecture's ``b_dec_init``) from ``sample`` (raw activations, scaled).
+    """
+    architecture, _ = resolve_architecture(spec.arch)
+    config = spec.build_config(
+        d_in=site.width,
+        hook_layer=spec.layer,
+        hook_site=spec.site,
+        activation_scale=scale,
+        activation_scale_folded=False,
+        dead_tokens=dead_tokens,
+        **provenance,
+    )
+    sae = architecture.model_class(config).to(device)
+    method = cfg.b_dec_init if cfg.b_dec_init != "auto" else architecture.model_class.b_dec_init
+    if method != "zeros":
+        sae.initialize_b_dec(sample[:4096] * scale, method=method)
+    return sae
+
+
+def learning_rate(spec: SAESpec, sae: SAEPreTrainedModel) -> float:
+    """The entry's ``lr``, else the architecture's default for its config (8e-4 / sqrt(d_sae / 2^14))."""
+    return spec.lr or type(sae).default_learning_rate(sae.config)
+
+
+def build_optimizer(
+    cfg: TrainConfig, saes: list[SAEPreTrainedModel], specs: list[SAESpec], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with one parameter group per SAE (its own learning rate), warm-up then cosine decay to ``lr_min``."""
+    optimizer = torch.optim.AdamW(
+        [{"params": sae.parameters(), "lr": learning_rate(spec, sae)} for sae, spec in zip(saes, specs)],
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = get_scheduler(
+        "cosine_with_min_lr",
+        optimizer,
+        num_warmup_steps=int(cfg.lr_warmup_fraction * total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs={"min_lr": cfg.lr_min},
+    )
+    return optimizer, scheduler
+
+
+def model_classes(specs: list[SAESpec]) -> list[type[SAEPreTrainedModel]]:
+    """The model class of each entry (to read its checkpoint back)."""
+    return [resolve_architecture(spec.arch)[0].model_class for spec in specs]
