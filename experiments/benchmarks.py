@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import ROOT, update_results  # noqa: E402
+from hf_sae._io import write_text_atomic  # noqa: E402
 
 BENCHMARKS = {
     "peers": ["benchmarks/bench_peers.py", "--quick"],
@@ -68,7 +69,7 @@ def main() -> None:
             output = stdout
             status = f"timed out after {args.timeout} s (partial output)"
         seconds = time.perf_counter() - started
-        (args.out / f"{name}.txt").write_text(f"{status}; {seconds:.0f} s\n{output}")
+        write_text_atomic(args.out / f"{name}.txt", f"{status}; {seconds:.0f} s\n{output}")
         print(output, flush=True)
         write_section(args.out, args.timeout)
 

@@ -1,20 +1,36 @@
 """Shared helpers of the experiment scripts: the real model, held-out windows, activation harvests, LM-loss splices,
 and a small SAE trainer (the training CLI's recipe) for variants the CLI does not expose.
 
-Everything runs offline on CPU: the model is training/embedded.py's Gemma 3 270M, the text its English corpus
-(train split for training, validation split for every held-out number).
+Everything runs offline on CPU: the model is training/small_gemma.py's Gemma 3 270M, the text training/corpus.py's
+English corpus (train split for training, validation split for every held-out number).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
 import torch
 from torch import Tensor
+from transformers import get_scheduler
+
+from hf_sae import training_step
+from hf_sae._io import write_json_atomic, write_text_atomic
+from hf_sae.metrics import budget_metrics, dead_fraction, fvu
+from hf_sae.sites import resolve_site
+from hf_sae.steering import ActivationPatch, attach
+from training.corpus import corpus_paths
+from training.data import TokenWindows
+from training.harvest import ActivationHarvester
+from training.small_gemma import load_small_gemma
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -22,10 +38,6 @@ RUNS = ROOT / "runs"
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -33,27 +45,26 @@ def seed_everything(seed: int) -> None:
 
 def load_model(dtype: str = "bfloat16"):
     """The real Gemma 3 270M (bf16 by default: this CPU has native bf16, like the training CLI's ``auto``)."""
-    from training.embedded import load_small_gemma
-
     model, tokenizer = load_small_gemma(dtype=getattr(torch, dtype))
     model.requires_grad_(False)
     return model.eval(), tokenizer
 
 
-def windows(tokenizer, split: str, n_windows: int, context_length: int = 128, skip_windows: int = 0):
-    """``n_windows`` BOS-led windows of ``context_length`` tokens from the embedded corpus ``split``
-    (the same packing as the training CLI). Returns (input_ids, attention_mask)."""
-    import datasets
-
-    from training.data import TokenWindows
-    from training.embedded import corpus_paths
-
+def corpus_windows(tokenizer, split: str, context_length: int = 128) -> TokenWindows:
+    """A single pass over the embedded corpus ``split`` as BOS-led windows of ``context_length`` tokens (the same
+    packing as the training CLI)."""
     path = str(corpus_paths()[split])
 
     def make():
         return datasets.load_dataset("json", data_files=path, split="train", streaming=True)
 
-    stream = TokenWindows(make, tokenizer, context_length, "text", loop=False, name=f"embedded {split}")
+    return TokenWindows(make, tokenizer, context_length, "text", loop=False, name=f"embedded {split}")
+
+
+def windows(tokenizer, split: str, n_windows: int, context_length: int = 128, skip_windows: int = 0):
+    """``n_windows`` BOS-led windows of ``context_length`` tokens from the embedded corpus ``split``
+    (the same packing as the training CLI). Returns (input_ids, attention_mask)."""
+    stream = corpus_windows(tokenizer, split, context_length)
     ids, masks = [], []
     for _ in range(skip_windows):
         if stream.next_window() is None:
@@ -80,19 +91,7 @@ def harvest(
     log_every: int = 50,
 ) -> dict:
     """Activations of ``tokens`` kept tokens (BOS/padding excluded) at each (layer, site) of ``keys``."""
-    import datasets
-
-    from hf_sae.sites import resolve_site
-    from training.data import TokenWindows
-    from training.embedded import corpus_paths
-    from training.harvest import ActivationHarvester
-
-    path = str(corpus_paths()[split])
-
-    def make():
-        return datasets.load_dataset("json", data_files=path, split="train", streaming=True)
-
-    stream = TokenWindows(make, tokenizer, context_length, "text", loop=False, name=f"embedded {split}")
+    stream = corpus_windows(tokenizer, split, context_length)
     excluded = sorted({tokenizer.bos_token_id, tokenizer.pad_token_id} - {None})
     harvester = ActivationHarvester(model, [resolve_site(model, layer, site) for layer, site in keys], excluded)
     parts: dict = {key: [] for key in keys}
@@ -137,8 +136,6 @@ def lm_losses(
     The same counting as ``hf_sae.evaluation.lm_loss_with_sae`` (BOS excluded, padding excluded), but the clean and
     ablated passes run once for all splices (each lm_loss_with_sae call would repeat them).
     """
-    from hf_sae.steering import ActivationPatch, attach
-
     excluded = excluded if excluded is not None else [2, 0]
     totals = {name: 0.0 for name in ["clean", "ablated", *splices]}
     n = 0
@@ -158,8 +155,61 @@ def lm_losses(
     return {name: total / max(n, 1) for name, total in totals.items()} | {"tokens": n}
 
 
-def recovered(clean: float, spliced: float, ablated: float) -> float:
-    return (ablated - spliced) / (ablated - clean)
+def recovered(losses: dict[str, float], name: str) -> float:
+    """CE loss recovered by the splice ``name`` of :func:`lm_losses`' result: 1 at the clean loss, 0 at the
+    zero-ablated one."""
+    return (losses["ablated"] - losses[name]) / (losses["ablated"] - losses["clean"])
+
+
+class HeldOut:
+    """The held-out evaluation of SAEs that read ``layer``'s resid, on the validation split: ``tokens`` activations
+    (``x``: float32, (tokens, d_in)) for EV / L0 / dead latents, and ``lm_windows`` windows of 128 tokens
+    (``input_ids``, ``attention_mask``) for the LM loss with a reconstruction spliced in."""
+
+    def __init__(self, model, tokenizer, layer: int, tokens: int, lm_windows: int):
+        key = (layer, "resid")
+        self.model = model
+        self.x = harvest(model, tokenizer, [key], "validation", tokens)[key].float()
+        self.input_ids, self.attention_mask = windows(tokenizer, "validation", lm_windows)
+
+    @torch.no_grad()
+    def budgets(self, sae, budgets: list[int]) -> tuple[dict[str, dict[str, float]], float]:
+        """The metrics of ``sae`` on ``x`` at each budget ({"8": {...}, ...}) and the fraction of its latents that
+        never fire on ``x``."""
+        metrics = {str(budget): values for budget, values in budget_metrics(sae, self.x, budgets).items()}
+        latents = sae.encode(self.x)
+        return metrics, dead_fraction(latents.indices, latents.values, sae.config.d_sae)
+
+    def losses(self, splices: dict[str, tuple[Any, int | None]], ablate_sae) -> dict[str, float]:
+        """:func:`lm_losses` on the held-out windows."""
+        return lm_losses(self.model, self.input_ids, self.attention_mask, splices, ablate_sae=ablate_sae)
+
+
+# ------------------------------------------------------------------------------------------- the training CLI
+def training_command(
+    placement: list[str], saes: list[str], *, d_sae: int, tokens: int, seed: int, eval_tokens: int, run: Path
+) -> list[str]:
+    """``python -m training.train`` as the experiments run it: ``placement`` options, one ``--sae`` per entry of
+    ``saes``, batch 4096, AuxK off, no LM-loss evaluation, no checkpoints, into the run folder ``run``."""
+    command = [sys.executable, "-m", "training.train", *placement]
+    command += ["--d-sae", str(d_sae), "--tokens", str(tokens), "--batch-size", "4096"]
+    for sae in saes:
+        command += ["--sae", sae]
+    command += ["--no-auxk", "--eval-lm-windows", "0", "--eval-tokens", str(eval_tokens), "--seed", str(seed)]
+    return command + ["--checkpoint-every", "0", "--out", str(run), "--overwrite"]
+
+
+def command_text(command: list[str]) -> str:
+    """A training command as docs/results.md shows it: without the interpreter, paths relative to the checkout."""
+    return " ".join(command[1:]).replace(str(ROOT) + "/", "")
+
+
+def train_once(command: list[str], run: Path, train: bool) -> dict[str, Any]:
+    """Run the training ``command`` (printed) if ``train`` and ``run`` has no metrics.json yet; return its metrics."""
+    if train and not (run / "metrics.json").exists():
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    return json.loads((run / "metrics.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------ a small trainer
@@ -178,18 +228,14 @@ def train_sae(
     name: str = "sae",
 ) -> dict[str, Any]:
     """Train ``sae`` on rows of ``data`` (raw activations, (N, d_in)) with the training CLI's recipe: activation
-    scale s (E||s x||² = d_in from the first 16k rows), b_dec init, AdamW at ``hf_sae.scaled_learning_rate``,
-    10% linear warm-up then cosine to ``lr_min``, gradient clipping 1.0, decoder maintenance
-    (``hf_sae.train_step.training_step``), AuxK as configured; the scale is folded at the end (raw-unit SAE).
+    scale s (E||s x||² = d_in from the first 16k rows), b_dec init, AdamW at the architecture's default learning
+    rate (``default_learning_rate``: 8e-4 / sqrt(d_sae / 2^14)), 10% linear warm-up then cosine to ``lr_min``,
+    gradient clipping 1.0, decoder maintenance (``hf_sae.training_step``), AuxK as configured; the scale is folded at
+    the end (raw-unit SAE).
 
     Rows are drawn in a seeded random order, without replacement while ``tokens`` <= N (wraps around beyond).
     Returns timing: seconds of SAE steps only (data already in memory), tokens, steps.
     """
-    from transformers import get_scheduler
-
-    from hf_sae.modeling_sae import scaled_learning_rate
-    from hf_sae.train_step import training_step
-
     generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(tokens / batch_size)
     first = data[:16384].float()
@@ -201,7 +247,7 @@ def train_sae(
         sae.initialize_b_dec(first[:4096] * scale, method=b_dec_init)
     sae.train()
     sae.check_finite = False
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=lr or scaled_learning_rate(sae.config.d_sae))
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=lr or sae.default_learning_rate(sae.config))
     scheduler = get_scheduler(
         "cosine_with_min_lr",
         optimizer,
@@ -221,10 +267,9 @@ def train_sae(
         out = training_step(sae, optimizer, x, max_grad_norm=max_grad_norm, scheduler=scheduler)
         seconds += time.perf_counter() - started
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            from hf_sae.metrics import fvu
-
             print(
-                f"{name}: step {step + 1}/{steps} loss {float(out.loss):.4f} fvu {fvu(x, out.reconstruction):.3f}"
+                f"{name}: step {step + 1}/{steps} loss {float(out.loss):.4f} "
+                f"fvu {fvu(x, out.output.reconstruction):.3f}"
                 f" dead {100 * float(sae.dead_mask().float().mean()):.1f}% ({seconds:.0f} s)",
                 flush=True,
             )
@@ -232,7 +277,7 @@ def train_sae(
     sae.eval()
     sae.check_finite = True
     sae.config.tokens_trained = steps * batch_size
-    fold(sae)
+    sae.fold_activation_scale()
     return {
         "seconds": seconds,
         "tokens": steps * batch_size,
@@ -242,27 +287,9 @@ def train_sae(
     }
 
 
-@torch.no_grad()
-def fold(sae) -> None:
-    """``sae.fold_activation_scale()``, except for KronSAE's ``relu_product``, where that is wrong (hf_sae bug):
-    ReLU(u)·ReLU(w) is homogeneous of degree 2 in the input, so dividing the biases by s gives latents z/s² instead
-    of z/s. The exact fold there: encoder weight × √s, encoder bias / √s (so u, w → u/√s, w/√s and z → z/s),
-    b_dec / s. Rankings and decoder rows are unchanged."""
-    if getattr(sae.config, "kron_activation", "mand") != "relu_product":
-        sae.fold_activation_scale()
-        return
-    s = float(sae.config.activation_scale)
-    sae.encoder.weight.mul_(math.sqrt(s))
-    sae.encoder.bias.div_(math.sqrt(s))
-    sae.b_dec.div_(s)
-    sae.config.activation_scale_folded = True
-
-
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    """``data`` as indented JSON at ``path``, written atomically (values JSON cannot hold are written with str)."""
+    write_json_atomic(path, data)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -282,7 +309,6 @@ SECTION_ORDER = ["intro", "pareto", "kron", "flow", "bench", "missing"]
 
 def update_results(section: str, text: str) -> None:
     """Replace (or add) the ``section`` block of docs/results.md, keeping the other experiments' blocks."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     current = RESULTS.read_text() if RESULTS.exists() else ""
     blocks = {}
     for name in SECTION_ORDER:
@@ -291,6 +317,4 @@ def update_results(section: str, text: str) -> None:
             blocks[name] = current.split(begin, 1)[1].split(end, 1)[0].strip("\n")
     blocks[section] = text.strip("\n")
     parts = [f"<!-- BEGIN {name} -->\n{blocks[name]}\n<!-- END {name} -->" for name in SECTION_ORDER if name in blocks]
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text("\n\n".join(parts) + "\n")
-    tmp.replace(RESULTS)
+    write_text_atomic(RESULTS, "\n\n".join(parts) + "\n")

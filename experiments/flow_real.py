@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,13 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.common import (  # noqa: E402
     DOCS,
     ROOT,
+    command_text,
     load_model,
     markdown_table,
     seed_everything,
+    train_once,
+    training_command,
     update_results,
     windows,
     write_json,
 )
+from hf_sae import HierarchicalSAE  # noqa: E402
+from hf_sae.flow import FeatureFlow  # noqa: E402
+from hf_sae.sites import capture_activations, resolve_site  # noqa: E402
 
 LAYERS = [5, 6, 7]
 
@@ -51,38 +56,11 @@ def sae_keys(layers: list[int]) -> list[tuple[int, str]]:
 
 
 def train_command(args) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "training.train",
-        "--arch",
-        "topk",
-        "--k",
-        str(args.k),
-        "--d-sae",
-        str(args.d_sae),
-        "--tokens",
-        str(args.tokens),
-        "--batch-size",
-        "4096",
-    ]
-    for layer, site in sae_keys(args.layers):
-        command += ["--sae", f"layer={layer},site={site}"]
-    command += [
-        "--no-auxk",
-        "--eval-lm-windows",
-        "0",
-        "--eval-tokens",
-        "16384",
-        "--seed",
-        str(args.seed),
-        "--checkpoint-every",
-        "0",
-        "--out",
-        str(args.run),
-        "--overwrite",
-    ]
-    return command
+    saes = [f"layer={layer},site={site}" for layer, site in sae_keys(args.layers)]
+    placement = ["--arch", "topk", "--k", str(args.k)]
+    return training_command(
+        placement, saes, d_sae=args.d_sae, tokens=args.tokens, seed=args.seed, eval_tokens=16384, run=args.run
+    )
 
 
 def main() -> None:
@@ -101,14 +79,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="My favourite thing about the weekend is")
     args = parser.parse_args()
     seed_everything(args.seed)
-    if args.train and not (args.run / "metrics.json").exists():
-        command = train_command(args)
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT)
-    train_metrics = json.loads((args.run / "metrics.json").read_text())
-
-    from hf_sae import HierarchicalSAE
-    from hf_sae.flow import FeatureFlow
+    train_metrics = train_once(train_command(args), args.run, args.train)
 
     saes = {}
     for layer, site in sae_keys(args.layers):
@@ -177,9 +148,6 @@ def main() -> None:
     for name, text in generations.items():
         print(f"[{name}] {text!r}", flush=True)
 
-    summary_rows = [
-        [layer, *[summary.counts[layer].get(c, 0) for c in coarse_names(summary)]] for layer in summary.layers
-    ]
     write_json(
         args.run / "flow_results.json",
         {
@@ -201,7 +169,7 @@ one multi-SAE harvest (`training.train`, AuxK off, seed {args.seed}); held-out E
 Thresholds: the defaults (t_R 0.5, t_M = t_A 0.15).
 
 Command: `python experiments/flow_real.py --train --tokens {args.tokens} --seed {args.seed}`
-(training: `{" ".join(train_command(args)[1:]).replace(str(ROOT) + "/", "")}`)
+(training: `{command_text(train_command(args))}`)
 
 ### Per-layer classes of the resid features
 
@@ -230,13 +198,8 @@ Chosen automatically: {why}. Interactive view: [flow_graph.html](flow_graph.html
 
 {gen_lines}
 """
-    _ = summary_rows
     update_results("flow", text)
     print(text, flush=True)
-
-
-def coarse_names(summary) -> list[str]:
-    return list(summary.counts[summary.layers[0]])
 
 
 def held_out_ev(metrics: dict) -> str:
@@ -258,8 +221,6 @@ def generate(model, tokenizer, prompt, new_tokens: int = 30) -> str:
 def choose_feature(flow, model, sae, ids, mask, tokenizer, layer: int):
     """The resid feature whose top-20 held-out activations are most often one word (alphabetic, ≥ 3 letters),
     among features firing on ≥ 20 tokens whose flow graph has ≥ 3 nodes."""
-    from hf_sae.sites import capture_activations, resolve_site
-
     site = resolve_site(model, layer, "resid")
     values, tokens = [], []
     for start in range(0, ids.shape[0], 8):

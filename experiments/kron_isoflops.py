@@ -4,8 +4,9 @@
 The training CLI trains KronSAEs only with the hierarchical loss, one (m, n) per run and mAND only (no
 ``kron_activation`` option), so this script harvests the activations once (training/harvest.py, the CLI's harvester)
 and trains every variant itself with the CLI's recipe (experiments/common.train_sae: activation scale, b_dec init,
-AdamW at hf_sae.scaled_learning_rate, warm-up + cosine, clipping, decoder maintenance via
-hf_sae.train_step.training_step, AuxK off, scale folded at the end).
+AdamW at the architecture's default learning rate, warm-up + cosine, clipping, decoder maintenance via
+hf_sae.training_step, AuxK off, scale folded at the end). Every SAE is built by architecture name through
+hf_sae.registry (``topk``, ``hierarchical``, ``kron``), as the training CLI builds them.
 
 Iso-FLOPs (the KronSAE paper's protocol): the encoder dominates the training cost, d_in·F multiply-adds per token
 for TopK vs d_in·h·(m+n) for KronSAE (F = h·m·n), forward and backward alike. So a KronSAE gets
@@ -20,7 +21,7 @@ Command (what docs/results.md reports):
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,22 +32,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (  # noqa: E402
     ROOT,
+    HeldOut,
     harvest,
-    lm_losses,
     load_model,
     markdown_table,
     recovered,
     seed_everything,
     train_sae,
     update_results,
-    windows,
     write_json,
 )
+from hf_sae._io import atomic_path  # noqa: E402
+from hf_sae.registry import resolve_architecture  # noqa: E402
+from training.small_gemma import SMALL_GEMMA_ID  # noqa: E402
 
 
 def variants(tokens: int) -> list[dict]:
-    """name, kind, (m, n), activation, hierarchical, training tokens (iso-FLOPs for KronSAE vs TopK), in the order
-    they are trained (the most important first: each result is written as soon as it exists)."""
+    """name, architecture name (``arch``, for hf_sae.registry) and its config fields (``config``), (m, n),
+    activation, hierarchical, training tokens (iso-FLOPs for KronSAE vs TopK), in the order they are trained (the
+    most important first: each result is written as soon as it exists)."""
 
     def iso(m, n):
         return int(round(tokens * m * n / (m + n) / 4096)) * 4096
@@ -54,7 +58,8 @@ def variants(tokens: int) -> list[dict]:
     def kron(m, n, act, hier=False):
         return dict(
             name=f"kron_m{m}n{n}_{'mand' if act == 'mand' else 'relu'}{'_hier' if hier else ''}",
-            kind="kron",
+            arch="kron",
+            config=dict(base_dim=m, ext_dim=n, kron_activation=act, hierarchical=hier),
             mn=(m, n),
             act=act,
             hier=hier,
@@ -62,12 +67,12 @@ def variants(tokens: int) -> list[dict]:
         )
 
     return [
-        dict(name="topk", kind="topk", mn=None, act=None, hier=False, tokens=tokens),
+        dict(name="topk", arch="topk", config={}, mn=None, act=None, hier=False, tokens=tokens),
         kron(2, 4, "mand"),
         kron(4, 8, "mand"),
         kron(2, 4, "relu_product"),
         kron(2, 4, "mand", hier=True),
-        dict(name="topk_hier", kind="topk", mn=None, act=None, hier=True, tokens=tokens),
+        dict(name="topk_hier", arch="hierarchical", config={}, mn=None, act=None, hier=True, tokens=tokens),
         kron(4, 8, "relu_product"),
     ]
 
@@ -76,21 +81,26 @@ DEFAULT_VARIANTS = ["topk", "kron_m2n4_mand", "kron_m4n8_mand", "kron_m2n4_relu"
 
 
 def build(v: dict, d_in: int, d_sae: int, k: int):
-    from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, KronSAE, KronSAEConfig
-
-    common = dict(
-        d_in=d_in, d_sae=d_sae, k=k, auxk=False, hook_layer=6, hook_site="resid", base_model="google/gemma-3-270m"
+    """The variant's SAE, by architecture name through the registry (AuxK off, reading resid 6 of Gemma 3 270M)."""
+    architecture, preset = resolve_architecture(v["arch"])
+    config = architecture.build_config(
+        preset,
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        auxk=False,
+        hook_layer=6,
+        hook_site="resid",
+        base_model=SMALL_GEMMA_ID,
+        **v["config"],
     )
-    if v["kind"] == "topk":
-        return HierarchicalSAE(HierarchicalSAEConfig(**common, hierarchical=v["hier"]))
-    m, n = v["mn"]
-    return KronSAE(KronSAEConfig(**common, base_dim=m, ext_dim=n, kron_activation=v["act"], hierarchical=v["hier"]))
+    return architecture.model_class(config)
 
 
-def encoder_flops(v: dict, d_in: int, d_sae: int) -> int:
-    """Encoder multiply-adds x 2 (fwd) x 3 (fwd + bwd) per token."""
-    cols = d_sae if v["kind"] == "topk" else d_sae // (v["mn"][0] * v["mn"][1]) * sum(v["mn"])
-    return 6 * d_in * cols
+def encoder_flops(sae) -> int:
+    """Encoder multiply-adds x 2 (fwd) x 3 (fwd + bwd) per token: d_in x the encoder's output columns (d_sae for
+    TopK, h·(m+n) = d_sae·(m+n)/(m·n) for KronSAE)."""
+    return 6 * sae.encoder.weight.numel()
 
 
 def main() -> None:
@@ -113,8 +123,6 @@ def main() -> None:
     args = parser.parse_args()
     seed_everything(args.seed)
     if args.report_only:
-        import json
-
         write_section(json.loads((args.out / "kron_results.json").read_text())["results"], args)
         return
     key = (args.layer, "resid")
@@ -129,18 +137,14 @@ def main() -> None:
         data = torch.load(cache)
     else:
         data = harvest(model, tokenizer, [key], "train", need)[key]
-        torch.save(data, cache)
+        with atomic_path(cache) as tmp:
+            torch.save(data, tmp)
     print(f"train activations {tuple(data.shape)} ({time.perf_counter() - started:.0f} s)", flush=True)
-    x_eval = harvest(model, tokenizer, [key], "validation", args.eval_tokens)[key].float()
-    ids, mask = windows(tokenizer, "validation", args.lm_windows)
-
-    from hf_sae.metrics import budget_metrics, dead_fraction
+    held_out = HeldOut(model, tokenizer, args.layer, args.eval_tokens, args.lm_windows)
 
     results = {}
     results_path = args.out / "kron_results.json"
     if results_path.exists():
-        import json
-
         results = json.loads(results_path.read_text())["results"]
     d_in = data.shape[1]
     for v in todo:
@@ -148,18 +152,15 @@ def main() -> None:
         sae = build(v, d_in, args.d_sae, args.k)
         timing = train_sae(sae, data, v["tokens"], seed=args.seed, name=v["name"], b_dec_init="geometric_median")
         sae.save_pretrained(args.out / v["name"])
-        budgets = [8, 16, args.k]
-        ev = {str(b): m for b, m in budget_metrics(sae, x_eval, budgets).items()}
-        with torch.no_grad():
-            lat = sae.encode(x_eval)
-        losses = lm_losses(model, ids, mask, {"spliced": (sae, args.k)}, ablate_sae=sae)
+        ev, dead = held_out.budgets(sae, [8, 16, args.k])
+        losses = held_out.losses({"spliced": (sae, args.k)}, ablate_sae=sae)
         results[v["name"]] = {
             **{key_: (list(val) if isinstance(val, tuple) else val) for key_, val in v.items()},
             **timing,
             "ev": ev,
-            "dead_eval": dead_fraction(lat.indices, lat.values, sae.config.d_sae),
-            "encoder_flops_per_token": encoder_flops(v, d_in, args.d_sae),
-            "ce_recovered": recovered(losses["clean"], losses["spliced"], losses["ablated"]),
+            "dead_eval": dead,
+            "encoder_flops_per_token": encoder_flops(sae),
+            "ce_recovered": recovered(losses, "spliced"),
             "losses": losses,
         }
         write_json(results_path, {"results": results, "args": {k: str(val) for k, val in vars(args).items()}})
@@ -255,24 +256,15 @@ def comparison(results: dict, args) -> str:
                 f"{ev[f'kron_{mn}_relu']:.4f} (Δ {ev[f'kron_{mn}_mand'] - ev[f'kron_{mn}_relu']:+.4f}; "
                 "paper +0.0117)"
             )
-    if "kron_m2n4_mand_hier" in results and "kron_m2n4_mand" in results:
-        h, p = results["kron_m2n4_mand_hier"]["ev"], results["kron_m2n4_mand"]["ev"]
-        lines.append(
-            "- hierarchical KronSAE (2, 4) vs plain-loss KronSAE (2, 4), EV at k' = 8 / 16 / 32: "
-            + " / ".join(
-                f"{h[b]['explained_variance']:.4f} vs {p[b]['explained_variance']:.4f}"
-                for b in ("8", "16", str(args.k))
-            )
-        )
-    if "topk_hier" in results and "topk" in results:
-        h, p = results["topk_hier"]["ev"], results["topk"]["ev"]
-        lines.append(
-            "- for reference, HierarchicalTopK vs TopK (same tokens), EV at k' = 8 / 16 / 32: "
-            + " / ".join(
-                f"{h[b]['explained_variance']:.4f} vs {p[b]['explained_variance']:.4f}"
-                for b in ("8", "16", str(args.k))
-            )
-        )
+    budgets = ("8", "16", str(args.k))
+    for hierarchical, plain, label in (
+        ("kron_m2n4_mand_hier", "kron_m2n4_mand", "hierarchical KronSAE (2, 4) vs plain-loss KronSAE (2, 4)"),
+        ("topk_hier", "topk", "for reference, HierarchicalTopK vs TopK (same tokens)"),
+    ):
+        if hierarchical in results and plain in results:
+            h, p = results[hierarchical]["ev"], results[plain]["ev"]
+            pairs = " / ".join(f"{h[b]['explained_variance']:.4f} vs {p[b]['explained_variance']:.4f}" for b in budgets)
+            lines.append(f"- {label}, EV at k' = 8 / 16 / 32: {pairs}")
     lines.append(
         "- dead latents: every KronSAE here ends with ~90% of its latents dead (TopK: 3%), AuxK off, ~40-85 "
         "steps; the paper reports the opposite tendency (fewer dead latents for KronSAE) at 125M tokens. At "
@@ -289,7 +281,7 @@ def comparison(results: dict, args) -> str:
         for name, r in results.items():
             if name != "topk":
                 lines.append(f"- wall-clock per token, {name} / topk: {r['seconds_per_million_tokens'] / t:.2f}x")
-    return "\n".join(lines) if math.isfinite(len(lines)) else ""
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -18,68 +18,43 @@ without it only the evaluation runs on the existing run folder.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+import matplotlib
+import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (  # noqa: E402
     DOCS,
     ROOT,
-    harvest,
-    lm_losses,
+    HeldOut,
+    command_text,
     load_model,
     markdown_table,
     recovered,
     seed_everything,
+    train_once,
+    training_command,
     update_results,
-    windows,
     write_json,
 )
+from hf_sae import HierarchicalSAE  # noqa: E402
+from hf_sae._io import atomic_path  # noqa: E402
+
+matplotlib.use("Agg")
 
 TOPK = [4, 8, 16, 32, 64]
 
 
 def train_command(args) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "training.train",
-        "--layer",
-        str(args.layer),
-        "--site",
-        "resid",
-        "--d-sae",
-        str(args.d_sae),
-        "--tokens",
-        str(args.tokens),
-        "--batch-size",
-        "4096",
-    ]
-    for k in TOPK:
-        command += ["--sae", f"arch=topk,k={k}"]
-    command += [
-        "--sae",
-        f"arch=hierarchical,k={args.K}",
-        "--no-auxk",
-        "--eval-lm-windows",
-        "0",
-        "--eval-tokens",
-        "32768",
-        "--seed",
-        str(args.seed),
-        "--checkpoint-every",
-        "0",
-        "--out",
-        str(args.run),
-        "--overwrite",
-    ]
-    return command
+    saes = [f"arch=topk,k={k}" for k in TOPK] + [f"arch=hierarchical,k={args.K}"]
+    placement = ["--layer", str(args.layer), "--site", "resid"]
+    return training_command(
+        placement, saes, d_sae=args.d_sae, tokens=args.tokens, seed=args.seed, eval_tokens=32768, run=args.run
+    )
 
 
 def main() -> None:
@@ -96,41 +71,29 @@ def main() -> None:
     args = parser.parse_args()
     seed_everything(args.seed)
 
-    if args.train and not (args.run / "metrics.json").exists():
-        command = train_command(args)
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT)
-    train_metrics = json.loads((args.run / "metrics.json").read_text())
-    from hf_sae import HierarchicalSAE
-    from hf_sae.metrics import budget_metrics, dead_fraction
-
+    train_metrics = train_once(train_command(args), args.run, args.train)
     names = {f"topk{k}": f"L{args.layer}_resid_topk_k{k}_d{args.d_sae}" for k in TOPK}
     names["hier64"] = f"L{args.layer}_resid_hierarchical_k{args.K}_d{args.d_sae}"
     saes = {label: HierarchicalSAE.from_pretrained(args.run / name).eval() for label, name in names.items()}
 
     started = time.perf_counter()
     model, tokenizer = load_model("bfloat16")
-    # EV / L0 / dead on held-out activations (validation split), the windows after the CE windows
-    x = harvest(model, tokenizer, [(args.layer, "resid")], "validation", args.eval_tokens)[(args.layer, "resid")]
-    x = x.float()
+    # EV / L0 / dead on held-out activations, CE on held-out windows (both from the validation split)
+    held_out = HeldOut(model, tokenizer, args.layer, args.eval_tokens, args.lm_windows)
     budgets_all = [1, 2, 4, 8, 16, 32, 48, 64]
     ev = {}
     for label, sae in saes.items():
-        ks = [b for b in budgets_all if b <= sae.config.k]
-        ev[label] = {str(b): m for b, m in budget_metrics(sae, x, ks).items()}
-        with torch.no_grad():
-            lat = sae.encode(x)
-        ev[label]["dead_eval"] = dead_fraction(lat.indices, lat.values, sae.config.d_sae)
+        metrics, dead = held_out.budgets(sae, [b for b in budgets_all if b <= sae.config.k])
+        ev[label] = {**metrics, "dead_eval": dead}
     print(f"EV done ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    # CE loss recovered on held-out windows (clean and zero-ablation once, one spliced pass per SAE x budget)
-    ids, mask = windows(tokenizer, "validation", args.lm_windows)
+    # CE loss recovered (clean and zero-ablation once, one spliced pass per SAE x budget)
     splices = {f"topk{k}@{k}": (saes[f"topk{k}"], k) for k in TOPK}
     for k in TOPK[:-1]:
         splices[f"hier64@{k}"] = (saes["hier64"], k)
         splices[f"trunc64@{k}"] = (saes["topk64"], k)
     splices["hier64@64"] = (saes["hier64"], 64)
-    losses = lm_losses(model, ids, mask, splices, ablate_sae=saes["topk64"])
+    losses = held_out.losses(splices, ablate_sae=saes["topk64"])
     print(f"CE done ({time.perf_counter() - started:.0f} s): {losses}", flush=True)
 
     rows, results = [], []
@@ -149,7 +112,7 @@ def main() -> None:
                 "budget": k,
                 "ev": m["explained_variance"],
                 "l0": m["l0"],
-                "ce_recovered": recovered(losses["clean"], losses[label], losses["ablated"]),
+                "ce_recovered": recovered(losses, label),
                 "spliced_loss": losses[label],
                 "dead_train": dead_train,
                 "dead_eval": ev[sae_label]["dead_eval"],
@@ -180,12 +143,12 @@ def main() -> None:
 
 Gemma 3 270M (embedded, bf16), resid of layer 6, d_sae {args.d_sae}, {train_metrics["run"]["tokens"]:,} training
 tokens for every SAE from one harvest (`training.train`, batch 4096, AuxK off, seed {args.seed}); evaluation on the
-held-out validation split: EV / L0 / dead on {x.shape[0]:,} tokens, CE loss on {losses["tokens"]:,} predicted
+held-out validation split: EV / L0 / dead on {held_out.x.shape[0]:,} tokens, CE loss on {losses["tokens"]:,} predicted
 tokens ({args.lm_windows} windows of 128). Clean loss {losses["clean"]:.4f}, zero-ablated {losses["ablated"]:.4f}.
 The TopK k=64 SAE is also the truncation baseline (its first k' sorted latents).
 
 Command: `python experiments/pareto.py --train --tokens {args.tokens} --seed {args.seed}`
-(training: `{" ".join(train_command(args)[1:]).replace(str(ROOT) + "/", "")}`)
+(training: `{command_text(train_command(args))}`)
 
 ![EV against L0](pareto.png)
 
@@ -224,11 +187,6 @@ def compare(results: list[dict]) -> str:
 
 
 def plot(ev: dict, path: Path, tokens: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4.6))
     sep = [(ev[f"topk{k}"][str(k)]["l0"], ev[f"topk{k}"][str(k)]["explained_variance"]) for k in TOPK]
     ax.plot(*zip(*sep), "o-", color="black", lw=2, label="separate TopK SAEs (k = 4…64)")
@@ -248,8 +206,8 @@ def plot(ev: dict, path: Path, tokens: int) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
