@@ -20,6 +20,15 @@ from pathlib import Path
 
 import torch
 
+from hf_sae import training_step
+from hf_sae.registry import resolve_architecture
+from hf_sae.sites import capture_activations, num_layers, resolve_site
+from training import train as train_module
+from training.config import make_config, parse_args
+from training.data import TokenWindows, dataset_factories, excluded_token_ids
+from training.harvest import ActivationBuffer, ActivationHarvester
+from training.small_gemma import load_small_gemma
+
 
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
@@ -33,9 +42,6 @@ def median_time(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def bench_early_stop(layers: list[int], dtype: torch.dtype, batch: int, context: int, repeats: int) -> None:
-    from hf_sae.sites import capture_activations, num_layers, resolve_site
-    from training.embedded import load_small_gemma
-
     model, tokenizer = load_small_gemma(dtype=dtype)
     n = num_layers(model)
     generator = torch.Generator().manual_seed(0)
@@ -65,11 +71,6 @@ def bench_early_stop(layers: list[int], dtype: torch.dtype, batch: int, context:
 
 
 def bench_end_to_end(tokens: int) -> None:
-    from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
-    from hf_sae.modeling_sae import scaled_learning_rate
-    from training import train as train_module
-    from training.config import make_config, parse_args
-
     defaults = make_config()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
@@ -96,10 +97,6 @@ def bench_end_to_end(tokens: int) -> None:
 
     # The two halves alone, on the same model, data and sizes.
     model, tokenizer = train_module.load_language_model(defaults, torch.device("cpu"))
-    from hf_sae.sites import resolve_site
-    from training.data import TokenWindows, dataset_factories, excluded_token_ids
-    from training.harvest import ActivationBuffer, ActivationHarvester
-
     layer = (18 - 1) // 2 if defaults.layer is None else defaults.layer  # the default: the middle layer
     train_data, _ = dataset_factories(defaults, 0, 1)
     windows = TokenWindows(train_data, tokenizer, defaults.context_length)
@@ -118,11 +115,11 @@ def bench_end_to_end(tokens: int) -> None:
     start = time.perf_counter()
     buffer.peek(1)
     harvest_tps = buffer.rows / (time.perf_counter() - start)
-    sae = HierarchicalSAE(HierarchicalSAEConfig(d_in=640, d_sae=defaults.d_sae, k=defaults.k, dead_tokens=10**9))
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=scaled_learning_rate(defaults.d_sae))
+    architecture, preset = resolve_architecture(defaults.arch)
+    config = architecture.build_config(preset, d_in=640, d_sae=defaults.d_sae, k=defaults.k, dead_tokens=10**9)
+    sae = architecture.model_class(config)
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=architecture.model_class.default_learning_rate(config))
     batches = [buffer.next_batch()[(layer, "resid")] for _ in range(4)]
-    from hf_sae.train_step import training_step
-
     training_step(sae, optimizer, batches[0])
     start = time.perf_counter()
     for x in batches:

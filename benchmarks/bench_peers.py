@@ -25,7 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch  # in every interpreter this file runs in: ours and the peers' venvs
+
 PEERS = {"sparsify": "eai-sparsify==1.3.3", "saelens": "sae-lens==6.54.12"}
+OURS = {
+    "hf_sae_topk": ("topk", {}),
+    "hf_sae_hier": ("hierarchical", {}),
+    "hf_sae_kron": ("kron", {"base_dim": 2, "ext_dim": 4, "hierarchical": False}),
+}
+"""hf-sae's entries: an architecture name of hf_sae.registry and the extra fields of its config."""
 
 
 def _rss_bytes() -> int:
@@ -34,22 +42,21 @@ def _rss_bytes() -> int:
 
 
 def child(spec: dict) -> dict:
-    """Build one library's SAE and step, time ``steps`` steps after ``warmup``."""
-    import torch
+    """Build one library's SAE and step, time ``steps`` steps after ``warmup``.
 
+    Each library is imported here, in the interpreter that measures it: the peers' venvs have neither hf_sae nor
+    the other peer, and this environment has neither peer."""
     torch.manual_seed(0)
     d_in, d_sae, k, batch = spec["d_in"], spec["d_sae"], spec["k"], spec["batch"]
     data = torch.randn(4, batch, d_in)
     lib = spec["lib"]
-    if lib.startswith("hf_sae"):
-        from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, KronSAE, KronSAEConfig
-        from hf_sae.train_step import training_step
+    if lib in OURS:
+        from hf_sae import training_step
+        from hf_sae.registry import resolve_architecture
 
-        if lib == "hf_sae_kron":
-            sae = KronSAE(KronSAEConfig(d_in=d_in, d_sae=d_sae, k=k, base_dim=2, ext_dim=4, hierarchical=False))
-        else:
-            cfg = HierarchicalSAEConfig(d_in=d_in, d_sae=d_sae, k=k, hierarchical=lib == "hf_sae_hier")
-            sae = HierarchicalSAE(cfg)
+        name, fields = OURS[lib]
+        architecture, preset = resolve_architecture(name)
+        sae = architecture.model_class(architecture.build_config(preset, d_in=d_in, d_sae=d_sae, k=k, **fields))
         sae.train()
         optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)
 
@@ -102,7 +109,7 @@ def child(spec: dict) -> dict:
 
 
 def python_for(lib: str, venv_dir: Path) -> Path | None:
-    if lib.startswith("hf_sae"):
+    if lib in OURS:
         return Path(sys.executable)
     exe = venv_dir / lib / "bin" / "python"
     return exe if exe.exists() else None
@@ -130,7 +137,7 @@ def run(lib: str, venv_dir: Path, **spec) -> dict | str:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])} if lib.startswith("hf") else None,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])} if lib in OURS else None,
     )
     if out.returncode != 0:
         return "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:200]
@@ -152,10 +159,8 @@ def main() -> None:
         setup(args.venv_dir)
         return
 
-    import torch
-
     shapes = [(640, 4096, 32, 4096)] + ([] if args.quick else [(2304, 16384, 64, 2048)])
-    libs = ["hf_sae_topk", "hf_sae_hier", "hf_sae_kron", "sparsify", "saelens"]
+    libs = [*OURS, *PEERS]
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads; median of {args.steps} timed steps after 2 warm-up")
     for d_in, d_sae, k, batch in shapes:

@@ -18,6 +18,14 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
+
+from hf_sae import training_step
+from hf_sae.losses import hierarchical_topk_loss
+from hf_sae.registry import resolve_architecture
+
+STEPS = {"step_topk": "topk", "step_hier": "hierarchical", "step_kron": "kron"}
+"""The full-step measurements and the architecture (a name of hf_sae.registry) each one trains."""
 
 
 def _rss_bytes() -> int:
@@ -35,14 +43,11 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def measure(kind: str, d_in: int, d_sae: int, k: int, batch: int, repeats: int, m: int = 2, n: int = 4) -> dict:
-    """Run one configuration in this process; returns seconds per step and peak extra memory in bytes."""
-    import torch.nn.functional as F
+def measure(kind: str, d_in: int, d_sae: int, k: int, batch: int, repeats: int, config: dict | None = None) -> dict:
+    """Run one configuration in this process; returns seconds per step and peak extra memory in bytes.
 
-    from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, KronSAE, KronSAEConfig
-    from hf_sae.losses import hierarchical_topk_loss
-    from hf_sae.train_step import training_step
-
+    ``kind`` is a decoder-only measurement, ``encoder_matmul``, or a full training step of one of ``STEPS``
+    (``config``: extra fields of that architecture's config, e.g. KronSAE's base_dim / ext_dim)."""
     torch.manual_seed(0)
     x = torch.randn(batch, d_in)
     if kind in ("decoder_topk_embedding_bag", "decoder_topk_fused", "decoder_hierarchical"):
@@ -68,11 +73,8 @@ def measure(kind: str, d_in: int, d_sae: int, k: int, batch: int, repeats: int, 
             torch.addmm(torch.zeros(d_sae), x, W.t())
 
     else:
-        if kind.startswith("kron"):
-            cfg = KronSAEConfig(d_in=d_in, d_sae=d_sae, k=k, base_dim=m, ext_dim=n, hierarchical=kind.endswith("hier"))
-            sae = KronSAE(cfg)
-        else:
-            sae = HierarchicalSAE(HierarchicalSAEConfig(d_in=d_in, d_sae=d_sae, k=k, hierarchical=kind == "step_hier"))
+        architecture, preset = resolve_architecture(STEPS[kind])
+        sae = architecture.model_class(architecture.build_config(preset, d_in=d_in, d_sae=d_sae, k=k, **(config or {})))
         sae.train()
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
 
@@ -95,6 +97,11 @@ def run(kind: str, **kw) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{kind} {kw} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_grid(cells: list[tuple[int, int]], kinds: list[str], **common) -> list[tuple[int, int, list[dict]]]:
+    """(d_sae, k, one result per kind) for each (d_sae, k) of ``cells``, every kind measured in its own interpreter."""
+    return [(d_sae, k, [run(kind, d_sae=d_sae, k=k, **common) for kind in kinds]) for d_sae, k in cells]
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -125,17 +132,13 @@ def main() -> None:
     gib = 2**30
 
     rows = []
-    for d_sae in widths:
-        for k in ks:
-            bag = run("decoder_topk_embedding_bag", d_sae=d_sae, k=k, **common)
-            fused = run("decoder_topk_fused", d_sae=d_sae, k=k, **common)
-            hier = run("decoder_hierarchical", d_sae=d_sae, k=k, **common)
-            best_topk = min(bag, fused, key=lambda r: r["seconds"])
-            rows.append(
-                [d_sae, k, bag["seconds"] * 1e3, fused["seconds"] * 1e3, hier["seconds"] * 1e3,
-                 hier["seconds"] / best_topk["seconds"], hier["peak_extra_bytes"] / gib,
-                 hier["peak_extra_bytes"] / max(1, best_topk["peak_extra_bytes"])]
-            )  # fmt: skip
+    decoders = ["decoder_topk_embedding_bag", "decoder_topk_fused", "decoder_hierarchical"]
+    for d_sae, k, (bag, fused, hier) in measure_grid([(d, k) for d in widths for k in ks], decoders, **common):
+        best_topk = min(bag, fused, key=lambda r: r["seconds"])
+        rows.append(
+            [d_sae, k, *(r["seconds"] * 1e3 for r in (bag, fused, hier)), hier["seconds"] / best_topk["seconds"],
+             hier["peak_extra_bytes"] / gib, hier["peak_extra_bytes"] / max(1, best_topk["peak_extra_bytes"])]
+        )  # fmt: skip
     table(
         "Decoder + loss step (forward + backward): HierarchicalTopK vs plain TopK (target <= 1.3x time, <= 1.1x mem)",
         ["d_sae", "K", "TopK emb-bag ms", "TopK fused ms", "Hier ms", "time ratio", "Hier peak GiB", "mem ratio"],
@@ -143,16 +146,10 @@ def main() -> None:
     )
 
     rows = []
-    for d_sae in widths:
-        for k in ks if d_sae == 16384 else [64]:
-            matmul = run("encoder_matmul", d_sae=d_sae, k=k, **common)
-            topk = run("step_topk", d_sae=d_sae, k=k, **common)
-            hier = run("step_hier", d_sae=d_sae, k=k, **common)
-            rows.append(
-                [d_sae, k, matmul["seconds"] * 1e3, topk["seconds"] * 1e3, hier["seconds"] * 1e3,
-                 hier["seconds"] / topk["seconds"], topk["seconds"] / matmul["seconds"],
-                 hier["seconds"] / matmul["seconds"]]
-            )  # fmt: skip
+    cells = [(d, k) for d in widths for k in (ks if d == 16384 else [64])]
+    for d_sae, k, results in measure_grid(cells, ["encoder_matmul", "step_topk", "step_hier"], **common):
+        matmul, topk, hier = (r["seconds"] for r in results)
+        rows.append([d_sae, k, matmul * 1e3, topk * 1e3, hier * 1e3, hier / topk, topk / matmul, hier / matmul])
     table(
         "Full training step (encoder + decoder + loss + backward + Adam) (target hier/topk <= 1.05x)",
         ["d_sae", "K", "enc matmul ms", "TopK step ms", "Hier step ms", "hier/topk", "topk/matmul", "hier/matmul"],
@@ -163,7 +160,7 @@ def main() -> None:
     d_sae, k = 16384, 64
     topk = run("step_topk", d_sae=d_sae, k=k, **common)
     for m, n in [(2, 4), (4, 8)]:
-        kron = run("kron_topk", d_sae=d_sae, k=k, m=m, n=n, **common)
+        kron = run("step_kron", d_sae=d_sae, k=k, config={"base_dim": m, "ext_dim": n, "hierarchical": False}, **common)
         flop_ratio = (d_sae // (m * n)) * (m + n) / d_sae
         measured = kron["seconds"] / topk["seconds"]
         rows.append([f"({m}, {n})", flop_ratio, topk["seconds"] * 1e3, kron["seconds"] * 1e3, measured,
