@@ -170,6 +170,8 @@ def architecture_of(obj: Any) -> Architecture:
     """The architecture of an SAE, a config, one of their classes, or a ``model_type`` / preset name."""
     if isinstance(obj, str):
         return resolve_architecture(obj)[0]
+    if isinstance(obj, type) and issubclass(obj, SAEPreTrainedModel):
+        obj = obj.config_class
     config = getattr(obj, "config", obj)
     model_type = getattr(config, "model_type", None)
     if model_type in _REGISTRY:

@@ -14,10 +14,10 @@ from hf_sae import (
     SAEInputError,
     SAELoadError,
     SparseLatents,
+    training_step,
 )
 from hf_sae.metrics import explained_variance
 from hf_sae.modeling_kron_sae import mand
-from hf_sae.train_step import training_step
 
 
 def make_sae(arch: str, **overrides):

@@ -85,7 +85,7 @@ def _dependencies(module: ModuleType) -> list[ModuleType]:
                         f"{module.__name__}, line {node.lineno}: an import of {target} inside a function cannot be "
                         "bundled into remote code; move it to the top of the module."
                     )
-                found += _internal_sources(module, node, target)
+                found += [m for m in _internal_sources(module, node, target) if m.__name__ not in _NOT_BUNDLED]
     return list(dict.fromkeys(found))
 
 

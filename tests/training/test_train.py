@@ -22,84 +22,14 @@ from safetensors.torch import load_file
 import hf_sae  # noqa: F401  (registers the SAE classes with AutoModel)
 from hf_sae import HierarchicalSAE
 from hf_sae.sites import SiteError, resolve_site
-from hf_sae.testing.tiny_models import tiny_gemma2
 from training import checkpoint as ckpt
 from training import train as train_module
 from training.config import TrainConfigError, build_parser, make_config, parse_args, parse_count
 from training.data import DataError, TokenWindows
-from training.cache import cache_root
 from training.harvest import ActivationBuffer, ActivationHarvester, BufferMemoryError, NonFiniteActivationsError
 
 REPO = Path(__file__).resolve().parents[2]
 BOS, EOS, PAD = 2, 1, 0
-
-
-# ------------------------------------------------------------------------------------------------------ fixtures
-def _english_documents() -> list[str]:
-    validation = cache_root() / "corpus" / "validation.jsonl"
-    if (cache_root() / "corpus" / "manifest.json").exists():
-        return [json.loads(line)["text"] for line in validation.read_text().splitlines()][:60]
-    from pydoc_data.topics import topics
-
-    return [topics[name] for name in sorted(topics)][:60]
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory):
-    """(model folder, docs.jsonl): a tiny Gemma-2 + word-level tokenizer saved together, and 60 English documents."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny_lm")
-    documents = _english_documents()
-    counts = collections.Counter(word for text in documents for word in text.split())
-    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
-    for word, _ in counts.most_common(1000 - len(vocab)):
-        vocab[word] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    model = tiny_gemma2(seed=0, vocab_size=1000, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
-    model.save_pretrained(root / "model")
-    fast.save_pretrained(root / "model")
-    docs = root / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
-    return root / "model", docs
-
-
-def tiny_args(tiny_lm, out, **overrides) -> list[str]:
-    """CLI arguments of a small, fast run on the tiny model (~30 SAE steps)."""
-    model_dir, docs = tiny_lm
-    options = {
-        "model": model_dir,
-        "dataset": docs,
-        "eval_holdout_documents": 5,
-        "layer": 2,
-        "d_sae": 128,
-        "k": 8,
-        "context_length": 32,
-        "lm_batch_size": 8,
-        "batch_size": 128,
-        "buffer_size": 1024,
-        "tokens": 128 * 30,
-        "checkpoint_every": 10,
-        "eval_tokens": 1000,
-        "eval_lm_windows": 4,
-        "log_every": 5,
-        "out": out,
-    }
-    options.update(overrides)
-    args = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not False:
-            args += [flag, str(value)]
-    return args
 
 
 def run(args: list[str]):
@@ -108,24 +38,24 @@ def run(args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_lm, tmp_path_factory):
+def finished_run(tiny_args, saved_lm, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    metrics = run(tiny_args(tiny_lm, out))
+    metrics = run(tiny_args(out))
     return out, metrics
 
 
-def load_tiny(tiny_lm):
+def load_tiny(saved_lm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_lm[0]).eval(), AutoTokenizer.from_pretrained(tiny_lm[0])
+    return AutoModelForCausalLM.from_pretrained(saved_lm[0]).eval(), AutoTokenizer.from_pretrained(saved_lm[0])
 
 
-def windows_of(tiny_lm, tokenizer, texts=None, context_length=32, loop=False, **kwargs) -> TokenWindows:
+def windows_of(saved_lm, tokenizer, texts=None, context_length=32, loop=False, **kwargs) -> TokenWindows:
     from datasets import load_dataset
 
     if texts is None:
         return TokenWindows(
-            lambda: load_dataset("json", data_files=str(tiny_lm[1]), split="train", streaming=True),
+            lambda: load_dataset("json", data_files=str(saved_lm[1]), split="train", streaming=True),
             tokenizer,
             context_length,
             loop=loop,
@@ -176,7 +106,7 @@ def test_tiny_run_saves_a_loadable_model_metrics_plot_and_card(finished_run, cap
         assert {"clean_loss", "spliced_loss", "ablated_loss", "ce_loss_recovered"} <= set(result["lm_loss"])
 
 
-def test_activation_scale_is_estimated_then_folded_into_the_biases(finished_run, tiny_lm):
+def test_activation_scale_is_estimated_then_folded_into_the_biases(finished_run, saved_lm):
     """The saved (folded) SAE on raw activations = the unfolded checkpoint SAE (which scales its input itself)."""
     out, _ = finished_run
     folded = HierarchicalSAE.from_pretrained(out)
@@ -187,9 +117,9 @@ def test_activation_scale_is_estimated_then_folded_into_the_biases(finished_run,
     torch.testing.assert_close(folded.b_dec * s, unfolded.b_dec)
     torch.testing.assert_close(folded.encoder.bias * s, unfolded.encoder.bias)
 
-    model, tokenizer = load_tiny(tiny_lm)
+    model, tokenizer = load_tiny(saved_lm)
     harvester = ActivationHarvester(model, [resolve_site(model, 2, "resid")], [PAD, BOS])
-    x = harvester(*windows_of(tiny_lm, tokenizer).next_batch(8))[(2, "resid")]
+    x = harvester(*windows_of(saved_lm, tokenizer).next_batch(8))[(2, "resid")]
     # the estimate: E||s x||^2 = d_in (on other windows than the estimate used, so only roughly)
     assert (s * x).pow(2).sum(-1).mean().item() == pytest.approx(x.shape[-1], rel=0.5)
     raw, ref = folded.encode(x), unfolded.encode(x)
@@ -198,9 +128,9 @@ def test_activation_scale_is_estimated_then_folded_into_the_biases(finished_run,
     torch.testing.assert_close(folded(x).reconstruction, unfolded(x).reconstruction, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tiny_lm, tmp_path):
+def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tiny_args, saved_lm, tmp_path):
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    run(tiny_args(tiny_lm, uninterrupted))
+    run(tiny_args(uninterrupted))
     # The same run in a fresh process that SIGKILLs itself after step 15: checkpoint 10 is the last one on disk.
     script = (
         "import os, signal, sys\n"
@@ -218,7 +148,7 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tiny
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", script, *tiny_args(tiny_lm, killed)],
+        [sys.executable, "-c", script, *tiny_args(killed)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -240,11 +170,11 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tiny
 
 
 @pytest.mark.slow
-def test_two_processes_train_with_ddp_on_uneven_data(tiny_lm, tmp_path):
+def test_two_processes_train_with_ddp_on_uneven_data(tiny_args, saved_lm, tmp_path):
     """torchrun, 2 ranks over gloo: each rank harvests its own shard (an odd number of documents of different
     lengths, so the ranks' buffer rounds differ), gradients are all-reduced, only rank 0 writes, nothing hangs."""
     docs = tmp_path / "odd.jsonl"
-    docs.write_text("".join(tiny_lm[1].read_text().splitlines(keepends=True)[:25]))
+    docs.write_text("".join(saved_lm[1].read_text().splitlines(keepends=True)[:25]))
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
@@ -255,7 +185,7 @@ def test_two_processes_train_with_ddp_on_uneven_data(tiny_lm, tmp_path):
         "2",
         "-m",
         "training.train",
-        *tiny_args((tiny_lm[0], docs), out, tokens=128 * 2 * 12, checkpoint_every=5, eval_lm_windows=0),
+        *tiny_args(out, dataset=docs, tokens=128 * 2 * 12, checkpoint_every=5, eval_lm_windows=0),
     ]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -286,9 +216,9 @@ def test_two_processes_train_with_ddp_on_uneven_data(tiny_lm, tmp_path):
 
 # ------------------------------------------------------------------------------------------- harvesting and data
 @pytest.mark.parametrize("site", ["resid", "mlp", "attn", "attn_z"])
-def test_harvest_equals_the_hooked_activations_of_a_full_forward(tiny_lm, site):
-    model, tokenizer = load_tiny(tiny_lm)
-    input_ids, attention_mask = windows_of(tiny_lm, tokenizer).next_batch(4)
+def test_harvest_equals_the_hooked_activations_of_a_full_forward(saved_lm, site):
+    model, tokenizer = load_tiny(saved_lm)
+    input_ids, attention_mask = windows_of(saved_lm, tokenizer).next_batch(4)
     resolved = resolve_site(model, 1, site)
     harvested = ActivationHarvester(model, [resolved], [])
     got = harvested.activations(input_ids, attention_mask)[(1, site)]
@@ -309,8 +239,8 @@ def test_harvest_equals_the_hooked_activations_of_a_full_forward(tiny_lm, site):
     assert torch.equal(kept, seen["x"][attention_mask.bool()])
 
 
-def test_the_forward_stops_after_the_deepest_hooked_layer(tiny_lm):
-    model, tokenizer = load_tiny(tiny_lm)
+def test_the_forward_stops_after_the_deepest_hooked_layer(saved_lm):
+    model, tokenizer = load_tiny(saved_lm)
     calls = collections.Counter()
     layers = model.model.layers
     handles = [
@@ -320,17 +250,17 @@ def test_the_forward_stops_after_the_deepest_hooked_layer(tiny_lm):
     handles.append(model.lm_head.register_forward_pre_hook(lambda m, a: calls.update(["lm_head"])))
     sites = [resolve_site(model, 0, "mlp"), resolve_site(model, 1, "resid"), resolve_site(model, 1, "attn")]
     harvester = ActivationHarvester(model, sites, [BOS])
-    result = harvester(*windows_of(tiny_lm, tokenizer).next_batch(2))
+    result = harvester(*windows_of(saved_lm, tokenizer).next_batch(2))
     for handle in handles:
         handle.remove()
     assert set(result) == {(0, "mlp"), (1, "resid"), (1, "attn")}
     assert calls == {"layer0": 1, "layer1": 1}  # layers 2, 3, the final norm and the LM head never ran
 
 
-def test_windows_start_with_bos_and_never_contain_it_elsewhere(tiny_lm):
-    _, tokenizer = load_tiny(tiny_lm)
+def test_windows_start_with_bos_and_never_contain_it_elsewhere(saved_lm):
+    _, tokenizer = load_tiny(saved_lm)
     texts = ["the cat <bos> sat on the mat " * 7, "a short one", "<bos> starts with a literal bos " * 3]
-    windows = windows_of(tiny_lm, tokenizer, texts, context_length=16)
+    windows = windows_of(saved_lm, tokenizer, texts, context_length=16)
     rows = []
     while (window := windows.next_window()) is not None:
         rows.append(window)
@@ -343,9 +273,9 @@ def test_windows_start_with_bos_and_never_contain_it_elsewhere(tiny_lm):
     assert int(mask.sum()) - len(rows) == text_tokens + len(texts)  # every text token + one EOS per document
 
 
-def test_bos_and_padding_are_excluded_from_training_activations(tiny_lm):
-    model, tokenizer = load_tiny(tiny_lm)
-    windows = windows_of(tiny_lm, tokenizer, ["one two three four five six seven"] * 3, context_length=16)
+def test_bos_and_padding_are_excluded_from_training_activations(saved_lm):
+    model, tokenizer = load_tiny(saved_lm)
+    windows = windows_of(saved_lm, tokenizer, ["one two three four five six seven"] * 3, context_length=16)
     input_ids, attention_mask = windows.next_batch(8)
     assert (input_ids == BOS).sum() == input_ids.shape[0] and (attention_mask == 0).any()
     harvester = ActivationHarvester(model, [resolve_site(model, 1, "resid")], [BOS, PAD])
@@ -358,25 +288,25 @@ def test_bos_and_padding_are_excluded_from_training_activations(tiny_lm):
     assert configured(input_ids, attention_mask)[(1, "resid")].shape[0] == int(attention_mask.sum())
 
 
-def test_token_windows_resume_exactly_where_their_state_was_taken(tiny_lm):
-    _, tokenizer = load_tiny(tiny_lm)
-    first = windows_of(tiny_lm, tokenizer, loop=True, documents_per_group=4)
+def test_token_windows_resume_exactly_where_their_state_was_taken(saved_lm):
+    _, tokenizer = load_tiny(saved_lm)
+    first = windows_of(saved_lm, tokenizer, loop=True, documents_per_group=4)
     for _ in range(37):
         first.next_window()
     state = first.state()
     expected = [first.next_window()[0] for _ in range(50)]
-    again = windows_of(tiny_lm, tokenizer, loop=True, documents_per_group=4)
+    again = windows_of(saved_lm, tokenizer, loop=True, documents_per_group=4)
     again.load_state(state)
     assert all(torch.equal(a, again.next_window()[0]) for a in expected)
 
 
-def test_the_buffer_mixes_windows_and_replays_a_round_from_its_state(tiny_lm):
-    model, tokenizer = load_tiny(tiny_lm)
+def test_the_buffer_mixes_windows_and_replays_a_round_from_its_state(saved_lm):
+    model, tokenizer = load_tiny(saved_lm)
     sites = [resolve_site(model, 1, "resid"), resolve_site(model, 2, "mlp")]
 
     def buffer():
         return ActivationBuffer(
-            windows_of(tiny_lm, tokenizer, loop=True),
+            windows_of(saved_lm, tokenizer, loop=True),
             ActivationHarvester(model, sites, [BOS]),
             buffer_size=600,
             batch_size=64,
@@ -399,7 +329,9 @@ def test_the_buffer_mixes_windows_and_replays_a_round_from_its_state(tiny_lm):
         assert all(torch.equal(want[key], got[key]) for key in want)
 
 
-def test_nan_activations_are_skipped_counted_and_stop_the_run_when_they_persist(tiny_lm, tmp_path, monkeypatch):
+def test_nan_activations_are_skipped_counted_and_stop_the_run_when_they_persist(
+    tiny_args, saved_lm, tmp_path, monkeypatch
+):
     original = train_module.load_language_model
     poisoned = {"batches": 0, "from": None}
 
@@ -417,14 +349,14 @@ def test_nan_activations_are_skipped_counted_and_stop_the_run_when_they_persist(
 
     monkeypatch.setattr(train_module, "load_language_model", load_with_nans)
     out = tmp_path / "nan"
-    run(tiny_args(tiny_lm, out, tokens=128 * 10, eval_lm_windows=0))
+    run(tiny_args(out, tokens=128 * 10, eval_lm_windows=0))
     state = json.loads((ckpt.latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["nonfinite_lm_batches"] == 1 and (out / "model.safetensors").exists()
 
     poisoned.update(batches=0, **{"from": 30})  # from the 30th LM batch on, everything is NaN
     out = tmp_path / "nan-persistent"
     with pytest.raises(NonFiniteActivationsError, match="NaN/inf activations at layer 2 resid"):
-        run(tiny_args(tiny_lm, out, tokens=128 * 200, checkpoint_every=5, max_nonfinite_batches=3))
+        run(tiny_args(out, tokens=128 * 200, checkpoint_every=5, max_nonfinite_batches=3))
     good = ckpt.latest_checkpoint(out)
     assert good is not None and HierarchicalSAE.from_pretrained(good / "sae_0").config.d_sae == 128
 
@@ -502,52 +434,54 @@ def test_unknown_yaml_keys_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- bad input
-def test_an_unknown_model_is_a_clear_error(tiny_lm, tmp_path):
+def test_an_unknown_model_is_a_clear_error(tiny_args, saved_lm, tmp_path):
     with pytest.raises(hf_sae.errors.ModelLoadError, match="--model .*nonexistent.*cannot load it"):
-        run(tiny_args(tiny_lm, tmp_path / "x", model=tmp_path / "nonexistent"))
+        run(tiny_args(tmp_path / "x", model=tmp_path / "nonexistent"))
 
 
-def test_an_unknown_dataset_is_a_clear_error(tiny_lm, tmp_path):
+def test_an_unknown_dataset_is_a_clear_error(tiny_args, saved_lm, tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
-        run(tiny_args(tiny_lm, tmp_path / "x", dataset=tmp_path / "missing" / "data.jsonl"))
+        run(tiny_args(tmp_path / "x", dataset=tmp_path / "missing" / "data.jsonl"))
 
 
-def test_a_layer_out_of_range_is_a_clear_error(tiny_lm, tmp_path):
+def test_a_layer_out_of_range_is_a_clear_error(tiny_args, saved_lm, tmp_path):
     with pytest.raises(TrainConfigError, match=r"--layer 9 is out of range: .* has 4 decoder layers \(0..3\)"):
-        run(tiny_args(tiny_lm, tmp_path / "x", layer=9))
+        run(tiny_args(tmp_path / "x", layer=9))
 
 
-def test_a_site_the_model_lacks_is_a_clear_error(tiny_lm, tmp_path):
+def test_a_site_the_model_lacks_is_a_clear_error(tiny_args, saved_lm, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1000)).save_pretrained(gpt2)
-    load_tiny(tiny_lm)[1].save_pretrained(gpt2)
+    load_tiny(saved_lm)[1].save_pretrained(gpt2)
     with pytest.raises(SiteError, match="cannot find the decoder layers of GPT2LMHeadModel"):
-        run(tiny_args(tiny_lm, tmp_path / "x", model=gpt2, layer=1))
+        run(tiny_args(tmp_path / "x", model=gpt2, layer=1))
 
 
-def test_an_empty_dataset_or_a_missing_text_column_is_a_clear_error(tiny_lm, tmp_path):
+def test_an_empty_dataset_or_a_missing_text_column_is_a_clear_error(tiny_args, saved_lm, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n' * 20)
     with pytest.raises(DataError, match="yields no text in column 'text'"):
-        run(tiny_args(tiny_lm, tmp_path / "x", dataset=empty))
+        run(tiny_args(tmp_path / "x", dataset=empty))
     other = tmp_path / "other.jsonl"
     other.write_text('{"content": "hello world"}\n' * 20)
     with pytest.raises(DataError, match=r"no column 'text'; its columns are \['content'\]. Pass --text-column"):
-        run(tiny_args(tiny_lm, tmp_path / "y", dataset=other))
+        run(tiny_args(tmp_path / "y", dataset=other))
 
 
-def test_a_buffer_too_big_for_memory_is_a_clear_error(tiny_lm, tmp_path):
+def test_a_buffer_too_big_for_memory_is_a_clear_error(tiny_args, saved_lm, tmp_path):
     with pytest.raises(BufferMemoryError, match="Lower --buffer-size"):
-        run(tiny_args(tiny_lm, tmp_path / "x", buffer_size=10**12))
+        run(tiny_args(tmp_path / "x", buffer_size=10**12))
 
 
-def test_resuming_with_a_different_config_or_without_a_checkpoint_is_refused(finished_run, tiny_lm, tmp_path):
+def test_resuming_with_a_different_config_or_without_a_checkpoint_is_refused(
+    tiny_args, finished_run, saved_lm, tmp_path
+):
     out, _ = finished_run
     with pytest.raises(hf_sae.errors.ResumeError, match="k: run has 8, you passed 16"):
         run(["--resume", str(out), "--k", "16"])
     with pytest.raises(hf_sae.errors.ResumeError, match="no train_config.yaml"):
         run(["--resume", str(tmp_path)])
     with pytest.raises(TrainConfigError, match="already exists"):  # and a new run never overwrites an old one
-        run(tiny_args(tiny_lm, out))
+        run(tiny_args(out))

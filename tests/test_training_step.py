@@ -1,0 +1,64 @@
+"""hf_sae.training_step: the one place an SAE parameter is updated."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, training_step
+
+
+def _sae(seed: int) -> HierarchicalSAE:
+    torch.manual_seed(seed)
+    return HierarchicalSAE(HierarchicalSAEConfig(d_in=8, d_sae=32, k=4, auxk=False)).train()
+
+
+def _sgd(saes):
+    return torch.optim.SGD([{"params": sae.parameters()} for sae in saes], lr=0.1)
+
+
+def test_each_sae_is_clipped_on_its_own():
+    """A second SAE with a huge gradient must not shrink the first SAE's step (a global clip would)."""
+    x = torch.randn(64, 8)
+    alone, together, loud = _sae(1), _sae(1), _sae(2)
+    training_step(alone, _sgd([alone]), x, max_grad_norm=0.5)
+    result = training_step([together, loud], _sgd([together, loud]), [x, 1000 * torch.randn(64, 8)], max_grad_norm=0.5)
+    assert result.stepped and float(result.grad_norms[1]) > 100 * float(result.grad_norms[0])
+    for a, b in zip(alone.parameters(), together.parameters()):  # a global clip would shrink it > 100x
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_clipping_bounds_the_gradient_norm_of_each_sae():
+    sae = _sae(3)
+    before = copy.deepcopy(sae)
+    optimizer = torch.optim.SGD(sae.parameters(), lr=1.0)
+    result = training_step(sae, optimizer, 100 * torch.randn(64, 8), max_grad_norm=1e-3)
+    assert float(result.grad_norms[0]) > 1e-3
+    moved = torch.cat([(p - q).flatten() for p, q in zip(sae.encoder.parameters(), before.encoder.parameters())])
+    assert float(moved.detach().norm()) <= 1e-3 * (
+        1 + 1e-4
+    )  # SGD with lr 1: the encoder moved by at most the clipped norm
+
+
+def test_a_non_finite_gradient_skips_the_step_and_the_schedule():
+    sae = _sae(4)
+    before = copy.deepcopy(sae.state_dict())
+    optimizer = torch.optim.SGD(sae.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    x = torch.randn(16, 8)
+    x[3, 2] = float("nan")
+    sae.check_finite = False
+    result = training_step(sae, optimizer, x, scheduler=scheduler, max_grad_norm=1.0)
+    assert not result.stepped and scheduler.last_epoch == 0
+    assert all(torch.equal(before[name], value) for name, value in sae.state_dict().items())
+    assert all(p.grad is None for p in sae.parameters())
+
+
+def test_a_step_keeps_decoder_rows_unit_norm_and_returns_detached_losses():
+    sae = _sae(5)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(3):
+        result = training_step(sae, optimizer, torch.randn(32, 8))
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(32), atol=1e-6)
+    assert not result.loss.requires_grad and not result.output.losses["reconstruction"].requires_grad
