@@ -23,11 +23,13 @@ import torch
 from hf_sae import training_step
 from hf_sae.registry import resolve_architecture
 from hf_sae.sites import capture_activations, num_layers, resolve_site
-from training import train as train_module
 from training.config import make_config, parse_args
 from training.data import TokenWindows, dataset_factories, excluded_token_ids
 from training.harvest import ActivationBuffer, ActivationHarvester
+from training.language_model import load_language_model, resolve_layers
+from training.saes import learning_rate
 from training.small_gemma import load_small_gemma
+from training.train import train
 
 
 def median_time(fn, repeats: int) -> float:
@@ -71,7 +73,6 @@ def bench_early_stop(layers: list[int], dtype: torch.dtype, batch: int, context:
 
 
 def bench_end_to_end(tokens: int) -> None:
-    defaults = make_config()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cfg, explicit = parse_args(
@@ -91,18 +92,18 @@ def bench_end_to_end(tokens: int) -> None:
             ]
         )
         start = time.perf_counter()
-        metrics = train_module.train(cfg, explicit)
+        metrics = train(cfg, explicit)
         wall = time.perf_counter() - start
     run = metrics["run"]
 
-    # The two halves alone, on the same model, data and sizes.
-    model, tokenizer = train_module.load_language_model(defaults, torch.device("cpu"))
-    layer = (18 - 1) // 2 if defaults.layer is None else defaults.layer  # the default: the middle layer
+    # The two halves alone, on the same model, data and sizes: the default run's one SAE (at the middle layer).
+    defaults = make_config()
+    model, tokenizer = load_language_model(defaults, torch.device("cpu"))
+    (spec,) = resolve_layers(defaults, model)
+    site = resolve_site(model, spec.layer, spec.site)
     train_data, _ = dataset_factories(defaults, 0, 1)
     windows = TokenWindows(train_data, tokenizer, defaults.context_length)
-    harvester = ActivationHarvester(
-        model, [resolve_site(model, layer, "resid")], excluded_token_ids(defaults, tokenizer)
-    )
+    harvester = ActivationHarvester(model, [site], excluded_token_ids(defaults, tokenizer))
     buffer = ActivationBuffer(
         windows,
         harvester,
@@ -115,11 +116,10 @@ def bench_end_to_end(tokens: int) -> None:
     start = time.perf_counter()
     buffer.peek(1)
     harvest_tps = buffer.rows / (time.perf_counter() - start)
-    architecture, preset = resolve_architecture(defaults.arch)
-    config = architecture.build_config(preset, d_in=640, d_sae=defaults.d_sae, k=defaults.k, dead_tokens=10**9)
-    sae = architecture.model_class(config)
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=architecture.model_class.default_learning_rate(config))
-    batches = [buffer.next_batch()[(layer, "resid")] for _ in range(4)]
+    architecture, _ = resolve_architecture(spec.arch)
+    sae = architecture.model_class(spec.build_config(d_in=site.width, dead_tokens=10**9))
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=learning_rate(spec, sae))
+    batches = [buffer.next_batch()[site.key] for _ in range(4)]
     training_step(sae, optimizer, batches[0])
     start = time.perf_counter()
     for x in batches:
@@ -127,8 +127,8 @@ def bench_end_to_end(tokens: int) -> None:
     sae_tps = len(batches) * defaults.batch_size / (time.perf_counter() - start)
     both = 1 / (1 / harvest_tps + 1 / sae_tps)
     print(
-        f"\n## End to end: the default run (layer {layer} resid, d_sae {defaults.d_sae}, k {defaults.k}, batch "
-        f"{defaults.batch_size}), {run['tokens']:,} tokens"
+        f"\n## End to end: the default run (layer {spec.layer} {spec.site}, d_sae {sae.config.d_sae}, "
+        f"k {sae.config.k}, batch {defaults.batch_size}), {run['tokens']:,} tokens"
     )
     print("| part | tokens/s | ratio to end-to-end |")
     print("|---|---:|---:|")
