@@ -1,7 +1,7 @@
 """Generation speed under SAE steering: tokens/s without steering, with ``add`` and with ``clamp``, as ratios.
 
     python benchmarks/bench_steering.py                 # tiny and medium random Gemma-2 / Gemma-3 (no files needed)
-    python benchmarks/bench_steering.py --real          # the real Gemma 3 270M of training.embedded (CPU ok, ~1 min)
+    python benchmarks/bench_steering.py --real          # the real Gemma 3 270M of training.small_gemma (CPU ok, ~1 min)
 
 Each configuration runs greedy ``generate`` (KV cache on, fixed length) under the three conditions interleaved,
 ``--repeats`` times, and reports the best (timeit-style: the least disturbed by other processes on a shared CPU) and
@@ -76,7 +76,7 @@ def bench(name: str, model, sae, batch: int, prompt: int, new_tokens: int, repea
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real", action="store_true", help="also run the real Gemma 3 270M (training.embedded)")
+    parser.add_argument("--real", action="store_true", help="also run the real Gemma 3 270M (training.small_gemma)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=32)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModel
 
 import hf_sae
-from training.embedded import load_small_gemma
+from training.small_gemma import load_small_gemma
 
 
 def main() -> None:

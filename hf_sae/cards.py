@@ -212,40 +212,27 @@ def _eval_results(config, metrics: Mapping[str, Any], dataset: str) -> list[Eval
         "dataset_type": dataset if _HUB_ID.match(dataset) else "activations",
         "dataset_name": dataset,
     }
-    results = []
-    for budget, entry in metrics["budgets"].items():
-        for key, label in (("explained_variance", "EV"), ("fvu", "FVU")):
-            if key in entry:
-                results.append(
-                    EvalResult(
-                        metric_type=key,
-                        metric_name=f"{label} @ k={budget}",
-                        metric_value=round(entry[key], 6),
-                        metric_config=f"k={budget}",
-                        **common,
-                    )
-                )
-    at_k = metrics["budgets"].get(config.k, {})
-    for key, label in (("l0", "L0"), ("dead_fraction", "dead fraction")):
-        if key in at_k:
-            results.append(
-                EvalResult(
-                    metric_type=key,
-                    metric_name=f"{label} @ k={config.k}",
-                    metric_value=round(at_k[key], 6),
-                    metric_config=f"k={config.k}",
-                    **common,
-                )
-            )
-    if "ce_loss_recovered" in metrics:
-        results.append(
-            EvalResult(
-                metric_type="ce_loss_recovered",
-                metric_name="CE loss recovered",
-                metric_value=round(metrics["ce_loss_recovered"], 6),
-                **common,
-            )
+
+    def result(key: str, name: str, value: float, metric_config: str | None = None) -> EvalResult:
+        return EvalResult(
+            metric_type=key, metric_name=name, metric_value=round(value, 6), metric_config=metric_config, **common
         )
+
+    labels = {"explained_variance": "EV", "fvu": "FVU", "l0": "L0", "dead_fraction": "dead fraction"}
+    results = [
+        result(key, f"{labels[key]} @ k={budget}", entry[key], f"k={budget}")
+        for budget, entry in metrics["budgets"].items()
+        for key in ("explained_variance", "fvu")
+        if key in entry
+    ]
+    at_k = metrics["budgets"].get(config.k, {})
+    results += [
+        result(key, f"{labels[key]} @ k={config.k}", at_k[key], f"k={config.k}")
+        for key in ("l0", "dead_fraction")
+        if key in at_k
+    ]
+    if "ce_loss_recovered" in metrics:
+        results.append(result("ce_loss_recovered", "CE loss recovered", metrics["ce_loss_recovered"]))
     return results
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
 
 from .errors import SAEConversionError
 from .loading import explain_load_failure
@@ -75,8 +76,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise SAEConversionError(f"{path}: missing; the weights of the SAE are expected in this file.")
     try:

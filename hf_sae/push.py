@@ -20,10 +20,11 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
+from typing_extensions import Unpack
 
 from ._io import write_json_atomic
 from .cards import generate_collection_card, generate_model_card
@@ -109,18 +110,40 @@ def stage_sae(
     return folder
 
 
+class CommitOptions(TypedDict, total=False):
+    """How a push commits (the keyword arguments every push function takes).
+
+    revision: the branch to commit to (created from main if missing); default main.
+    tag: a tag for the new commit (e.g. ``"v1"``); refused before uploading if it exists.
+    commit_message, commit_description: the commit's text (a message is generated when none is given).
+    private: create the repo private. token: the Hub token (default: the logged-in one).
+    create_pr: open a pull request instead of committing to the branch.
+    endpoint: the Hub URL (default ``HF_ENDPOINT`` / huggingface.co).
+    """
+
+    revision: str | None
+    tag: str | None
+    commit_message: str | None
+    commit_description: str | None
+    private: bool | None
+    token: str | bool | None
+    create_pr: bool
+    endpoint: str | None
+
+
 def _upload(
     folder: Path,
     repo_id: str,
+    default_message: str,
     *,
-    revision: str | None,
-    tag: str | None,
-    commit_message: str,
-    commit_description: str | None,
-    private: bool | None,
-    token,
-    create_pr: bool,
-    endpoint: str | None,
+    revision: str | None = None,
+    tag: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+    endpoint: str | None = None,
 ):
     """create_repo (exist_ok) -> branch (if any) -> one upload_folder commit -> tag (if any)."""
     api = _api(token, endpoint)
@@ -135,6 +158,7 @@ def _upload(
                 )
         if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit_message = commit_message or default_message
         info = api.upload_folder(
             folder_path=folder,
             repo_id=repo_id,
@@ -162,18 +186,11 @@ def push_sae(
     metrics: Mapping[str, Any] | None = None,
     run_dir: str | Path | None = None,
     command: str | Sequence[str] | None = None,
-    revision: str | None = None,
-    tag: str | None = None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
     include_code: bool = False,
     license: str | None = None,
-    create_pr: bool = False,
-    endpoint: str | None = None,
     tags: Sequence[str] | None = None,
     max_shard_size: int | str | None = None,
+    **commit: Unpack[CommitOptions],
 ):
     """Push one SAE (weights, config, generated card, metrics, plot) to ``repo_id`` as one commit.
 
@@ -182,12 +199,11 @@ def push_sae(
         repo_id: ``namespace/name``; created if missing.
         metrics, run_dir, command: what the card reports (see :func:`hf_sae.cards.generate_model_card`); ``run_dir``
             (only read) supplies ``metrics.json``, the plot and ``command.txt`` when not given.
-        revision: the branch to commit to (created from main if missing); default main.
-        tag: a tag for the new commit (e.g. ``"v1"``); refused before uploading if it exists.
         include_code: also upload ``modeling_hf_sae.py`` and an ``auto_map`` so that
             ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` works without hf-sae installed.
-        endpoint: the Hub URL (default ``HF_ENDPOINT`` / huggingface.co).
+        license: the card's license (default apache-2.0).
         tags, max_shard_size: as in ``PreTrainedModel.push_to_hub`` (extra card tags; checkpoint shard size).
+        **commit: :class:`CommitOptions` (revision, tag, commit_message, private, token, create_pr, endpoint, ...).
 
     Returns: the ``huggingface_hub.CommitInfo`` of the commit (``.oid`` is the new revision).
     Raises: :class:`SAEPushError` (an ``OSError``) when the Hub refuses; local files are never modified.
@@ -207,19 +223,8 @@ def push_sae(
             tags=tags,
             max_shard_size=max_shard_size,
         )
-        message = commit_message or f"Upload {arch} SAE (d_sae={sae.config.d_sae}, k={sae.config.k}) with hf-sae"
-        return _upload(
-            folder,
-            repo_id,
-            revision=revision,
-            tag=tag,
-            commit_message=message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            create_pr=create_pr,
-            endpoint=endpoint,
-        )
+        message = f"Upload {arch} SAE (d_sae={sae.config.d_sae}, k={sae.config.k}) with hf-sae"
+        return _upload(folder, repo_id, message, **commit)
 
 
 def collection_subfolder(config) -> str:
@@ -246,15 +251,9 @@ def push_collection(
     metrics: Mapping[str, Mapping[str, Any] | None] | None = None,
     run_dirs: Mapping[str, str | Path] | None = None,
     command: str | Sequence[str] | None = None,
-    revision: str | None = None,
-    tag: str | None = None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
     include_code: bool = False,
     license: str | None = None,
-    endpoint: str | None = None,
+    **commit: Unpack[CommitOptions],
 ):
     """Push many SAEs into one repo, **one commit**: subfolder ``name`` for each ``saes[name]`` plus a root card.
 
@@ -321,19 +320,8 @@ def push_collection(
             (root / REMOTE_CODE_NAME).write_text(code)
         card = generate_collection_card(loaded, metrics, repo_id=repo_id, license=license)
         card.save(root / "README.md")
-        message = commit_message or f"Upload {len(loaded)} SAEs with hf-sae: {', '.join(loaded)}"
-        return _upload(
-            root,
-            repo_id,
-            revision=revision,
-            tag=tag,
-            commit_message=message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            create_pr=False,
-            endpoint=endpoint,
-        )
+        message = f"Upload {len(loaded)} SAEs with hf-sae: {', '.join(loaded)}"
+        return _upload(root, repo_id, message, **{**commit, "create_pr": False})
 
 
 def push_checkpoint(sae, repo_id: str, step: int, *, tag: str | None = None, **kwargs):

@@ -11,11 +11,12 @@ import torch
 from huggingface_hub import ModelCard
 
 import hf_sae
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, KronSAE, KronSAEConfig
+from hf_sae import HierarchicalSAE, KronSAE, KronSAEConfig
 from hf_sae.cards import generate_collection_card, generate_model_card, normalize_metrics, template_path
 from hf_sae.cli import main as cli_main
 from hf_sae.configuration_jumprelu_sae import JumpReLUSAEConfig
 from hf_sae.modeling_jumprelu_sae import JumpReLUSAE
+from hf_sae.testing.tiny_models import tiny_sae
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {
@@ -30,18 +31,10 @@ METRICS = {
 
 
 def _sae(**overrides) -> HierarchicalSAE:
-    fields = {
-        "d_in": 16,
-        "d_sae": 64,
-        "k": 8,
-        "base_model": "google/gemma-2-2b",
-        "hook_layer": 12,
-        "hook_site": "resid",
-        "dataset": "org/some-text",
-        "excluded_token_ids": [2],
-        **overrides,
-    }
-    return HierarchicalSAE(HierarchicalSAEConfig(**fields))
+    """A small SAE that says it reads layer 12 of Gemma-2 2B (what a card describes)."""
+    where = {"layer": overrides.pop("hook_layer", 12), "site": overrides.pop("hook_site", "resid")}
+    described = {"dataset": "org/some-text", "excluded_token_ids": [2], "base_model": "google/gemma-2-2b"}
+    return tiny_sae(**where, d_in=16, d_sae=64, k=8, **{**described, **overrides})
 
 
 def _metric(results, metric_type, config=None):

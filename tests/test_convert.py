@@ -311,21 +311,8 @@ def test_cli_convert_reports_errors_without_traceback(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_converted_jumprelu_steers_a_gemma_model(tmp_path):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    model = Gemma2ForCausalLM(
-        Gemma2Config(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            intermediate_size=128,
-            vocab_size=100,
-            attn_implementation="eager",
-        )
-    ).eval()
+def test_converted_jumprelu_steers_a_gemma_model(tmp_path, tiny_lm):
+    model = tiny_lm("gemma2", num_hidden_layers=2, vocab_size=100)
     repo = tmp_path / "gemma-scope-2b-pt-res"
     _write_gemma_scope(repo, "layer_1/width_1k/average_l0_5", d_in=64, d_sae=1024)
     sae = hf_convert.from_gemma_scope(repo, "layer_1/width_1k/average_l0_5")

@@ -182,7 +182,7 @@ def test_real_small_gemma_splice_recovers_most_of_the_loss(tmp_path):
     """The real Gemma 3 270M with an untrained SAE: the numbers are finite and ordered clean < spliced-ish < ablated."""
     embedded = pytest.importorskip("training.small_gemma")
     if not hasattr(embedded, "load_small_gemma"):
-        pytest.skip("training.embedded.load_small_gemma is not available")
+        pytest.skip("training.small_gemma.load_small_gemma is not available")
     model, tokenizer = embedded.load_small_gemma(cache_dir=os.environ.get("HF_SAE_CACHE"))
     sae = HierarchicalSAE(HierarchicalSAEConfig(d_in=model.config.hidden_size, d_sae=1024, k=32, hook_layer=5))
     texts = ["The cat sat on the mat and looked out of the window.", "def add(a, b):\n    return a + b\n"]

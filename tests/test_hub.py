@@ -24,13 +24,14 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, KronSAE, KronSAEConfig, SAELoadError
+from hf_sae import HierarchicalSAE, KronSAE, KronSAEConfig, SAELoadError
 from hf_sae import hub as hf_hub
 from hf_sae.cli import main as cli_main
 from hf_sae.configuration_jumprelu_sae import JumpReLUSAEConfig
 from hf_sae.convert import from_sae_lens
 from hf_sae.modeling_jumprelu_sae import JumpReLUSAE
 from hf_sae.testing.hub_server import LocalHub, find_olah, hub_client
+from hf_sae.testing.tiny_models import tiny_sae
 
 AutoConfig.register("jumprelu_sae", JumpReLUSAEConfig, exist_ok=True)
 AutoModel.register(JumpReLUSAEConfig, JumpReLUSAE, exist_ok=True)
@@ -57,20 +58,13 @@ def cache(tmp_path):
 
 
 def _sae(seed=0, **overrides) -> HierarchicalSAE:
-    torch.manual_seed(seed)
-    fields = {
-        "d_in": 16,
-        "d_sae": 64,
-        "k": 8,
-        "base_model": "google/gemma-2-2b",
-        "hook_layer": 12,
-        "hook_site": "resid",
-        **overrides,
-    }
-    sae = HierarchicalSAE(HierarchicalSAEConfig(**fields))
+    """A small SAE that says it reads layer 12 of Gemma-2 2B, with non-zero biases (so a lost bias shows)."""
+    where = {"layer": overrides.pop("hook_layer", 12), "site": overrides.pop("hook_site", "resid")}
+    sae = tiny_sae(
+        **where, d_in=16, d_sae=64, k=8, seed=seed, b_dec_std=1.0, base_model="google/gemma-2-2b", **overrides
+    )
     with torch.no_grad():
-        sae.encoder.bias.normal_(0, 0.1)
-        sae.b_dec.normal_()
+        sae.encoder.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
     return sae
 
 

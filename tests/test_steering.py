@@ -452,7 +452,7 @@ def test_real_small_gemma_steering_with_and_without_cache():
     """The real Gemma 3 270M: clamping a feature changes greedy text identically with and without the KV cache."""
     embedded = pytest.importorskip("training.small_gemma")
     if not hasattr(embedded, "load_small_gemma"):
-        pytest.skip("training.embedded.load_small_gemma is not available")
+        pytest.skip("training.small_gemma.load_small_gemma is not available")
     model, tokenizer = embedded.load_small_gemma()
     sae = _sae(layer=6, d_in=model.config.hidden_size, d_sae=2048, k=32)
     inputs = tokenizer(["The capital of France is", "def fibonacci(n):"], return_tensors="pt", padding=True)

@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import psutil
 import torch
 from torch import Tensor, nn
 
@@ -80,8 +81,6 @@ def available_memory(device: torch.device) -> int:
     """Bytes free for a new tensor on ``device`` (RAM shared by this machine's processes for CPU)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return psutil.virtual_memory().available // max(1, local_processes)
 

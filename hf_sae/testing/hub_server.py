@@ -26,12 +26,14 @@ one of them. No LFS, no xet: the client inlines file contents as base64 in the c
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -43,6 +45,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+from huggingface_hub import constants, hf_api
 
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "hf-sae local hub",
@@ -253,8 +258,6 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.match(r"\s*---\n(.*?)\n---", payload.get("content", ""), flags=re.S)
         errors = []
         if match:
-            import yaml
-
             try:
                 yaml.safe_load(match.group(1))
             except yaml.YAMLError as err:
@@ -609,8 +612,6 @@ def hub_client(
     ``huggingface_hub`` reads ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` once, at import; this sets the
     environment *and* the module constants it derived from them, and restores both on exit.
     """
-    from huggingface_hub import constants, hf_api
-
     endpoint = endpoint.rstrip("/")
     env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HUB_OFFLINE": "1" if offline else "0"}
     if cache_dir is not None:
@@ -644,12 +645,9 @@ def hub_client(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m hf_sae.testing.hub_server ROOT``: run a LocalHub until interrupted, printing its two URLs."""
-    import argparse
-
     parser = argparse.ArgumentParser(description="A local Hub: push server + olah over git repos under ROOT.")
     parser.add_argument("root", help="folder for the git repositories (created)")
     args = parser.parse_args(argv)
-    import signal
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt

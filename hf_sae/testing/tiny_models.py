@@ -42,7 +42,7 @@ TINY_CONFIG: dict[str, Any] = dict(
     intermediate_size=128,
     vocab_size=1000,
 )
-"""The shape every tiny model shares unless overridden (the values of ``training.embedded``'s tiny models)."""
+"""The shape every tiny model shares unless overridden (the shape the tests have always used)."""
 
 
 def seeded_model(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
