@@ -159,14 +159,8 @@ def _upload(
         if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit_message = commit_message or default_message
-        info = api.upload_folder(
-            folder_path=folder,
-            repo_id=repo_id,
-            revision=revision,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            create_pr=create_pr,
-        )
+        text = {"commit_message": commit_message, "commit_description": commit_description}
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr, **text)
         if tag is not None:
             api.create_tag(repo_id, tag=tag, revision=info.oid, tag_message=commit_message)
     except (HfHubHTTPError, OSError) as err:
@@ -371,15 +365,10 @@ def push_run(
     repo_id: str,
     *,
     push_checkpoints: bool = False,
-    tag: str | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
     include_code: bool = False,
     command: str | Sequence[str] | None = None,
     license: str | None = None,
-    endpoint: str | None = None,
+    **commit: Unpack[CommitOptions],
 ) -> list:
     """Push a finished training run: the final SAE(s) with their card, and optionally every checkpoint first.
 
@@ -391,6 +380,7 @@ def push_run(
     * with ``push_checkpoints``: ``run_dir/checkpoints/step_N`` (or ``step-N`` / ``checkpoint-N``), each pushed, oldest
       first, as its own commit tagged ``step-N``; the final push comes last, so ``main`` is the final SAE.
 
+    ``commit`` (:class:`CommitOptions`) applies to every push; ``tag`` and ``commit_message`` to the final one only.
     Returns the ``CommitInfo`` of every push (checkpoints first, the final one last).
     """
     run_dir = Path(run_dir)
@@ -402,15 +392,8 @@ def push_run(
             "model.safetensors, at the run folder, in final/ or sae/, or one per subfolder). Has the run finished?"
         )
     command = command or read_command(run_dir)
-    common = {
-        "revision": revision,
-        "private": private,
-        "token": token,
-        "include_code": include_code,
-        "command": command,
-        "license": license,
-        "endpoint": endpoint,
-    }
+    final_only = {key: commit.pop(key, None) for key in ("tag", "commit_message")}
+    common = {**commit, "include_code": include_code, "command": command, "license": license}
     commits = []
     if push_checkpoints:
         for step, folder in find_checkpoints(run_dir, _model_types()):
@@ -424,5 +407,5 @@ def push_run(
                     **common,
                 )
             )
-    commits.append(_push_folder_set(final, repo_id, run_dir, tag=tag, commit_message=commit_message, **common))
+    commits.append(_push_folder_set(final, repo_id, run_dir, **final_only, **common))
     return commits

@@ -36,19 +36,11 @@ from .modeling_sae import SAEPreTrainedModel
 class Architecture:
     """One registered architecture: its config and model classes and its training presets."""
 
+    name: str  # the model_type written into config.json, e.g. "hierarchical_sae"
     config_class: type[SAEConfig]
     model_class: type[SAEPreTrainedModel]
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        """The ``model_type`` written into config.json, e.g. ``"hierarchical_sae"``."""
-        return self.config_class.model_type
-
-    @property
-    def trainable(self) -> bool:
-        """Whether hf-sae's training step can train it (JumpReLU SAEs are loaded, not trained)."""
-        return self.config_class.trainable
+    trainable: bool = True  # whether hf-sae's training step can train it (JumpReLU SAEs are loaded, not trained)
 
     @property
     def modules(self) -> tuple[ModuleType, ...]:
@@ -135,7 +127,7 @@ def register_architecture(
             raise ArchitectureError(
                 f"architecture name {training_name!r} is already used by {owner[0]}; pick another preset name."
             )
-    architecture = Architecture(config_class, model_class, MappingProxyType(presets))
+    architecture = Architecture(name, config_class, model_class, MappingProxyType(presets), config_class.trainable)
     AutoConfig.register(name, config_class, exist_ok=True)
     AutoModel.register(config_class, model_class, exist_ok=True)
     _REGISTRY[name] = architecture

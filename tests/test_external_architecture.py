@@ -60,8 +60,8 @@ def test_the_user_architecture_round_trips_through_the_auto_classes(user_module,
 
 def test_the_user_architecture_gets_a_generated_card(user_module):
     card = generate_model_card(_sae(user_module), {"budgets": {"8": {"explained_variance": 0.7, "l0": 8.0}}})
-    assert "gain-topk" in card.data.tags and "hierarchical-topk" not in card.data.tags
-    assert "# Gain-TopK SAE" in card.content
+    assert {"gain-topk", "hierarchical-topk"} <= set(card.data.tags)
+    assert "# Gain-TopK (HierarchicalTopK) SAE" in card.content
     assert "Gain-TopK encoder: a = exp(log_gain)" in card.content  # the architecture's own training paragraph
     assert "| initial gain | 0.5 |" in card.content
 
@@ -78,7 +78,7 @@ def test_the_user_architecture_trains_from_the_cli_with_import(user_module, tiny
     result = metrics["saes"]["L2_resid_gain_topk_k8_d128"]
     assert result["budgets"]["8"]["explained_variance"] > 0.2
     card = (out / "README.md").read_text()
-    assert "Gain-TopK SAE" in card and "python -m training.train" in card
+    assert "Gain-TopK (HierarchicalTopK) SAE" in card and "python -m training.train" in card
 
 
 REMOTE = textwrap.dedent(

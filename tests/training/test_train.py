@@ -169,6 +169,15 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tiny
     assert state_a["step"] == state_b["step"] == 30 and state_a["tokens"] == state_b["tokens"]
 
 
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node N -m training.train ARGS`` (gloo ranks on CPU)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    return subprocess.run(
+        [*command, "-m", "training.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
+
+
 @pytest.mark.slow
 def test_two_processes_train_with_ddp_on_uneven_data(tiny_args, saved_lm, tmp_path):
     """torchrun, 2 ranks over gloo: each rank harvests its own shard (an odd number of documents of different
@@ -176,18 +185,7 @@ def test_two_processes_train_with_ddp_on_uneven_data(tiny_args, saved_lm, tmp_pa
     docs = tmp_path / "odd.jsonl"
     docs.write_text("".join(saved_lm[1].read_text().splitlines(keepends=True)[:25]))
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "training.train",
-        *tiny_args(out, dataset=docs, tokens=128 * 2 * 12, checkpoint_every=5, eval_lm_windows=0),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = torchrun(*tiny_args(out, dataset=docs, tokens=128 * 2 * 12, checkpoint_every=5, eval_lm_windows=0))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["processes"] == 2 and metrics["run"]["tokens"] == 128 * 2 * 12
@@ -199,18 +197,7 @@ def test_two_processes_train_with_ddp_on_uneven_data(tiny_args, saved_lm, tmp_pa
 
     # and it resumes with the same number of processes
     (ckpt.latest_checkpoint(out)).rename(out / "checkpoints" / "step-99999999-removed")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "training.train",
-        "--resume",
-        str(out),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = torchrun("--resume", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

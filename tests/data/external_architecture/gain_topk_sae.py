@@ -31,15 +31,15 @@ class GainTopKSAEConfig(SAEConfig):
     gain_init: float = 1.0
 
     def validate_sae(self) -> None:
-        if not (isinstance(self.gain_init, (int, float)) and self.gain_init > 0):
-            raise SAEConfigError(f"gain_init must be a number > 0, got {self.gain_init!r}.")
         super().validate_sae()
+        if isinstance(self.gain_init, bool) or not isinstance(self.gain_init, (int, float)) or self.gain_init <= 0:
+            raise SAEConfigError(f"gain_init must be a number > 0, got {self.gain_init!r}.")
 
     def display_name(self) -> str:
-        return "Gain-TopK"
+        return "Gain-TopK" if not self.hierarchical else "Gain-TopK (HierarchicalTopK)"
 
     def card_tags(self) -> list[str]:
-        return ["gain-topk"]
+        return ["gain-topk", *super().card_tags()]
 
     def card_encoder(self) -> str:
         return "Gain-TopK encoder: a = exp(log_gain) ⊙ ReLU(W_encᵀ(x − b_dec) + b_enc), the k largest kept; "
@@ -60,12 +60,13 @@ class GainTopKSAE(SAEPreTrainedModel):
         self.post_init()
 
     def reset_parameters(self) -> None:
-        self.W_dec.normal_()
+        """Encoder and decoder drawn independently (not tied), every gain at ``gain_init``, biases 0."""
+        for weight in (self.encoder.weight, self.W_dec):
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         self.set_decoder_norm_to_unit_norm()
-        self.encoder.weight.copy_(self.W_dec)
-        self.encoder.bias.zero_()
         self.log_gain.fill_(math.log(self.config.gain_init))
-        self.b_dec.zero_()
+        for bias in (self.encoder.bias, self.b_dec):
+            bias.zero_()
 
     def encoder_biases(self) -> list[nn.Parameter]:
         return [self.encoder.bias]
