@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from huggingface_hub import ModelCard
 
-import hf_sae
 from hf_sae import HierarchicalSAE, KronSAE, KronSAEConfig
 from hf_sae.cards import generate_collection_card, generate_model_card, normalize_metrics, template_path
 from hf_sae.cli import main as cli_main
@@ -160,13 +160,18 @@ def test_collection_card_indexes_every_subfolder():
     assert any(r.metric_type == "ce_loss_recovered" for r in card.data.eval_results)
 
 
-def test_templates_live_in_model_cards_and_ship_inside_the_package():
+def test_templates_live_once_in_model_cards_and_the_wheel_ships_them_in_the_package():
     assert template_path() == REPO / "model_cards" / "sae_card_template.md"
-    for name in ("sae_card_template.md", "sae_collection_card_template.md"):
-        packaged = Path(hf_sae.__file__).parent / "model_cards" / name
-        assert packaged.read_text() == (REPO / "model_cards" / name).read_text(), (
-            f"hf_sae/model_cards/{name} must be a copy of model_cards/{name}: cp model_cards/*.md hf_sae/model_cards/"
-        )
+    assert not (REPO / "hf_sae" / "model_cards").exists()  # one copy only
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["hf_sae.model_cards"] == "model_cards"
+    assert setuptools["package-data"]["hf_sae.model_cards"] == ["*.md"]
+    packages = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for root in ("hf_sae", "training")
+        for init in REPO.glob(f"{root}/**/__init__.py")
+    }
+    assert packages | {"hf_sae.model_cards"} == set(setuptools["packages"])  # a new subpackage must be listed
 
 
 def test_cli_card_prints_or_writes_the_card(tmp_path, capsys):
