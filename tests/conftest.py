@@ -12,11 +12,13 @@ from pydoc_data.topics import topics  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from datasets import IterableDataset, load_dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
 from hf_sae.testing.tiny_models import TINY_MODELS, tiny_gemma2, tiny_sae  # noqa: E402
 from training.cache import cache_root  # noqa: E402
+from training.data import TokenWindows  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -134,6 +136,30 @@ def tiny_args(saved_lm) -> Callable[..., list[str]]:
         return args
 
     return arguments
+
+
+@pytest.fixture(scope="session")
+def load_saved_lm(saved_lm) -> Callable[[], tuple]:
+    """``load_saved_lm()``: a fresh (model, tokenizer) of the saved tiny LM, read back as a run reads it."""
+    return lambda: (
+        AutoModelForCausalLM.from_pretrained(saved_lm[0]).eval(),
+        AutoTokenizer.from_pretrained(saved_lm[0]),
+    )
+
+
+@pytest.fixture(scope="session")
+def windows_of(saved_lm) -> Callable[..., TokenWindows]:
+    """``windows_of(tokenizer, texts=None, context_length=32, loop=False, **kwargs)``: TokenWindows over the saved
+    documents (or over ``texts``)."""
+
+    def windows(tokenizer, texts=None, context_length=32, loop=False, **kwargs) -> TokenWindows:
+        if texts is None:
+            source = lambda: load_dataset("json", data_files=str(saved_lm[1]), split="train", streaming=True)  # noqa: E731
+        else:
+            source = lambda: IterableDataset.from_generator(lambda: ({"text": t} for t in texts))  # noqa: E731
+        return TokenWindows(source, tokenizer, context_length, loop=loop, **kwargs)
+
+    return windows
 
 
 def pytest_collection_modifyitems(config, items):

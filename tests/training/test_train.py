@@ -1,4 +1,4 @@
-"""The training script (training/): harvesting, packing, the buffer, end-to-end runs, resume, DDP, bad input.
+"""The training script (training/train.py): end-to-end runs, resume after SIGKILL, DDP, NaN handling, bad input.
 
 Real components throughout: a tiny random-weight Gemma-2 saved with a real word-level tokenizer (ids 0..3 are
 <pad>, <eos>, <bos>, <unk>, as in Gemma) and real English text (the embedded corpus's held-out split when it is
@@ -7,7 +7,6 @@ built, else CPython's documentation topics, which are always on disk).
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -24,9 +23,9 @@ from hf_sae import HierarchicalSAE
 from hf_sae.sites import SiteError, resolve_site
 from training import checkpoint as ckpt
 from training import train as train_module
-from training.config import TrainConfigError, build_parser, make_config, parse_args, parse_count
-from training.data import DataError, TokenWindows
-from training.harvest import ActivationBuffer, ActivationHarvester, BufferMemoryError, NonFiniteActivationsError
+from training.config import TrainConfigError, parse_args
+from training.data import DataError
+from training.harvest import ActivationHarvester, BufferMemoryError, NonFiniteActivationsError
 
 REPO = Path(__file__).resolve().parents[2]
 BOS, EOS, PAD = 2, 1, 0
@@ -42,34 +41,6 @@ def finished_run(tiny_args, saved_lm, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     metrics = run(tiny_args(out))
     return out, metrics
-
-
-def load_tiny(saved_lm):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(saved_lm[0]).eval(), AutoTokenizer.from_pretrained(saved_lm[0])
-
-
-def windows_of(saved_lm, tokenizer, texts=None, context_length=32, loop=False, **kwargs) -> TokenWindows:
-    from datasets import load_dataset
-
-    if texts is None:
-        return TokenWindows(
-            lambda: load_dataset("json", data_files=str(saved_lm[1]), split="train", streaming=True),
-            tokenizer,
-            context_length,
-            loop=loop,
-            **kwargs,
-        )
-    from datasets import IterableDataset
-
-    return TokenWindows(
-        lambda: IterableDataset.from_generator(lambda: ({"text": t} for t in texts)),
-        tokenizer,
-        context_length,
-        loop=loop,
-        **kwargs,
-    )
 
 
 # --------------------------------------------------------------------------------------------------- end to end
@@ -106,7 +77,7 @@ def test_tiny_run_saves_a_loadable_model_metrics_plot_and_card(finished_run, cap
         assert {"clean_loss", "spliced_loss", "ablated_loss", "ce_loss_recovered"} <= set(result["lm_loss"])
 
 
-def test_activation_scale_is_estimated_then_folded_into_the_biases(finished_run, saved_lm):
+def test_activation_scale_is_estimated_then_folded_into_the_biases(load_saved_lm, windows_of, finished_run, saved_lm):
     """The saved (folded) SAE on raw activations = the unfolded checkpoint SAE (which scales its input itself)."""
     out, _ = finished_run
     folded = HierarchicalSAE.from_pretrained(out)
@@ -117,9 +88,9 @@ def test_activation_scale_is_estimated_then_folded_into_the_biases(finished_run,
     torch.testing.assert_close(folded.b_dec * s, unfolded.b_dec)
     torch.testing.assert_close(folded.encoder.bias * s, unfolded.encoder.bias)
 
-    model, tokenizer = load_tiny(saved_lm)
+    model, tokenizer = load_saved_lm()
     harvester = ActivationHarvester(model, [resolve_site(model, 2, "resid")], [PAD, BOS])
-    x = harvester(*windows_of(saved_lm, tokenizer).next_batch(8))[(2, "resid")]
+    x = harvester(*windows_of(tokenizer).next_batch(8))[(2, "resid")]
     # the estimate: E||s x||^2 = d_in (on other windows than the estimate used, so only roughly)
     assert (s * x).pow(2).sum(-1).mean().item() == pytest.approx(x.shape[-1], rel=0.5)
     raw, ref = folded.encode(x), unfolded.encode(x)
@@ -201,121 +172,6 @@ def test_two_processes_train_with_ddp_on_uneven_data(tiny_args, saved_lm, tmp_pa
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-# ------------------------------------------------------------------------------------------- harvesting and data
-@pytest.mark.parametrize("site", ["resid", "mlp", "attn", "attn_z"])
-def test_harvest_equals_the_hooked_activations_of_a_full_forward(saved_lm, site):
-    model, tokenizer = load_tiny(saved_lm)
-    input_ids, attention_mask = windows_of(saved_lm, tokenizer).next_batch(4)
-    resolved = resolve_site(model, 1, site)
-    harvested = ActivationHarvester(model, [resolved], [])
-    got = harvested.activations(input_ids, attention_mask)[(1, site)]
-
-    seen = {}
-    module = resolved.module
-    if resolved.kind == "forward_pre":
-        handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))
-    else:
-        handle = module.register_forward_hook(lambda m, args, out: seen.setdefault("x", out.clone()))
-    with torch.no_grad():
-        full = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    handle.remove()
-    assert torch.equal(got, seen["x"])
-    if site == "resid":  # and the residual stream after layer 1 is hidden_states[2]
-        assert torch.equal(got, full.hidden_states[2])
-    kept = harvested(input_ids, attention_mask)[(1, site)]
-    assert torch.equal(kept, seen["x"][attention_mask.bool()])
-
-
-def test_the_forward_stops_after_the_deepest_hooked_layer(saved_lm):
-    model, tokenizer = load_tiny(saved_lm)
-    calls = collections.Counter()
-    layers = model.model.layers
-    handles = [
-        layer.register_forward_pre_hook(lambda m, a, i=i: calls.update([f"layer{i}"])) for i, layer in enumerate(layers)
-    ]
-    handles.append(model.model.norm.register_forward_pre_hook(lambda m, a: calls.update(["norm"])))
-    handles.append(model.lm_head.register_forward_pre_hook(lambda m, a: calls.update(["lm_head"])))
-    sites = [resolve_site(model, 0, "mlp"), resolve_site(model, 1, "resid"), resolve_site(model, 1, "attn")]
-    harvester = ActivationHarvester(model, sites, [BOS])
-    result = harvester(*windows_of(saved_lm, tokenizer).next_batch(2))
-    for handle in handles:
-        handle.remove()
-    assert set(result) == {(0, "mlp"), (1, "resid"), (1, "attn")}
-    assert calls == {"layer0": 1, "layer1": 1}  # layers 2, 3, the final norm and the LM head never ran
-
-
-def test_windows_start_with_bos_and_never_contain_it_elsewhere(saved_lm):
-    _, tokenizer = load_tiny(saved_lm)
-    texts = ["the cat <bos> sat on the mat " * 7, "a short one", "<bos> starts with a literal bos " * 3]
-    windows = windows_of(saved_lm, tokenizer, texts, context_length=16)
-    rows = []
-    while (window := windows.next_window()) is not None:
-        rows.append(window)
-    ids = torch.stack([r[0] for r in rows])
-    mask = torch.stack([r[1] for r in rows])
-    assert (ids[:, 0] == BOS).all() and not (ids[:, 1:] == BOS).any()
-    assert mask[:-1].all() and not mask[-1].all()  # only the very last window of a finite stream is padded
-    assert (ids[mask == 0] == PAD).all()
-    text_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) - t.count("<bos>") for t in texts)
-    assert int(mask.sum()) - len(rows) == text_tokens + len(texts)  # every text token + one EOS per document
-
-
-def test_bos_and_padding_are_excluded_from_training_activations(saved_lm):
-    model, tokenizer = load_tiny(saved_lm)
-    windows = windows_of(saved_lm, tokenizer, ["one two three four five six seven"] * 3, context_length=16)
-    input_ids, attention_mask = windows.next_batch(8)
-    assert (input_ids == BOS).sum() == input_ids.shape[0] and (attention_mask == 0).any()
-    harvester = ActivationHarvester(model, [resolve_site(model, 1, "resid")], [BOS, PAD])
-    kept = harvester(input_ids, attention_mask)[(1, "resid")]
-    everything = harvester.activations(input_ids, attention_mask)[(1, "resid")]
-    real = attention_mask.bool() & (input_ids != BOS)
-    assert kept.shape[0] == int(real.sum()) == int(attention_mask.sum()) - input_ids.shape[0]
-    assert torch.equal(kept, everything[real])
-    configured = ActivationHarvester(model, [resolve_site(model, 1, "resid")], [PAD])  # BOS trained on if asked
-    assert configured(input_ids, attention_mask)[(1, "resid")].shape[0] == int(attention_mask.sum())
-
-
-def test_token_windows_resume_exactly_where_their_state_was_taken(saved_lm):
-    _, tokenizer = load_tiny(saved_lm)
-    first = windows_of(saved_lm, tokenizer, loop=True, documents_per_group=4)
-    for _ in range(37):
-        first.next_window()
-    state = first.state()
-    expected = [first.next_window()[0] for _ in range(50)]
-    again = windows_of(saved_lm, tokenizer, loop=True, documents_per_group=4)
-    again.load_state(state)
-    assert all(torch.equal(a, again.next_window()[0]) for a in expected)
-
-
-def test_the_buffer_mixes_windows_and_replays_a_round_from_its_state(saved_lm):
-    model, tokenizer = load_tiny(saved_lm)
-    sites = [resolve_site(model, 1, "resid"), resolve_site(model, 2, "mlp")]
-
-    def buffer():
-        return ActivationBuffer(
-            windows_of(saved_lm, tokenizer, loop=True),
-            ActivationHarvester(model, sites, [BOS]),
-            buffer_size=600,
-            batch_size=64,
-            lm_batch_size=4,
-            dtype=torch.float32,
-            storage_device=torch.device("cpu"),
-            seed=3,
-        )
-
-    first = buffer()
-    batches = [first.next_batch() for _ in range(13)]  # crosses a round boundary (600 // 64 = 9 per round)
-    assert first.round == 1 and set(batches[0]) == {(1, "resid"), (2, "mlp")}
-    assert not torch.equal(batches[0][(1, "resid")], batches[1][(1, "resid")])
-    state = first.state()
-    expected = [first.next_batch() for _ in range(12)]
-    second = buffer()
-    second.load_state(state)
-    for want in expected:
-        got = second.next_batch()
-        assert all(torch.equal(want[key], got[key]) for key in want)
-
-
 def test_nan_activations_are_skipped_counted_and_stop_the_run_when_they_persist(
     tiny_args, saved_lm, tmp_path, monkeypatch
 ):
@@ -348,78 +204,6 @@ def test_nan_activations_are_skipped_counted_and_stop_the_run_when_they_persist(
     assert good is not None and HierarchicalSAE.from_pretrained(good / "sae_0").config.d_sae == 128
 
 
-# ------------------------------------------------------------------------------------------------------ config
-def test_help_documents_every_field_with_its_default(capsys):
-    import dataclasses
-
-    from training.config import RunOptions, SAEPlacement, sae_fields
-
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for f in (*dataclasses.fields(RunOptions), *dataclasses.fields(SAEPlacement)):
-        assert "--" + f.name.replace("_", "-") in text, f.name
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert f"(default: {default!r})" in text, f.name
-    for name, (_, default, _) in sae_fields().items():  # generated from the architectures' config classes
-        assert f"--{name.replace('_', '-')}" in text and f"(default: {default!r})" in text, name
-    assert "--base-dim" in text and "[kron_sae]" in text and "--sae KEY=VALUE" in text
-
-
-def test_yaml_then_flags_fill_the_config_and_several_saes_share_one_harvest(tmp_path):
-    path = tmp_path / "runs.yaml"
-    path.write_text(
-        "model: google/gemma-2-2b\ntokens: 1e9\nd-sae: 65536\nk: 64\n"
-        "saes:\n  - {layer: 6}\n  - {layer: 12, arch: kron, k: 32, base_dim: 4, ext_dim: 8}\n"
-    )
-    cfg, explicit = parse_args(["--config", str(path), "--k", "128", "--no-auxk", "--trackers", "tensorboard"])
-    assert cfg.model == "google/gemma-2-2b" and cfg.tokens == 10**9 and explicit["k"] == 128
-    assert cfg.trackers == ["tensorboard"]
-    assert [(s.layer, s.arch, s.config) for s in cfg.saes] == [
-        (6, "hierarchical", {"d_sae": 65536, "k": 128, "auxk": False}),
-        (12, "kron", {"d_sae": 65536, "k": 32, "auxk": False, "base_dim": 4, "ext_dim": 8}),
-    ]
-    assert cfg.saes[1].build_config().num_heads == 65536 // 32  # the config class's own derivation
-    cfg, _ = parse_args(["--sae", "layer=3,site=mlp", "--sae", "layer=4,k=16,d_sae=8192,budgets=4+8+16"])
-    assert [(s.layer, s.site, s.config) for s in cfg.saes] == [
-        (3, "mlp", {"d_sae": 4096, "k": 32}),
-        (4, "resid", {"d_sae": 8192, "k": 16, "budgets": [4, 8, 16]}),
-    ]
-    assert parse_count("10M") == 10_000_000 and parse_count("2_000") == 2000
-
-
-def test_an_sae_field_of_another_architecture_is_refused():
-    with pytest.raises(TrainConfigError, match="'base_dim' is not a field of hierarchical_sae"):
-        parse_args(["--sae", "layer=3,base_dim=2"])
-    with pytest.raises(TrainConfigError, match="--base-dim is not a field of hierarchical: no SAE of this run has it"):
-        parse_args(["--base-dim", "2"])
-    with pytest.raises(TrainConfigError, match="arch 'kron': d_sae=100 is not a multiple of base_dim\\*ext_dim=8"):
-        parse_args(["--arch", "kron", "--d-sae", "100"])
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"site": "mlp_out"}, "site 'mlp_out' is unknown"),
-        ({"arch": "nosuch"}, "arch 'nosuch' is unknown"),
-        ({"arch": "jumprelu"}, "jumprelu_sae cannot be trained by hf-sae"),
-        ({"k": 64, "d_sae": 32}, "k=64 is larger than d_sae=32"),
-        ({"buffer_size": 100, "batch_size": 4096}, "--buffer-size 100 is smaller than --batch-size 4096"),
-        ({"tokens": 0}, "--tokens must be a positive integer"),
-    ],
-)
-def test_bad_options_name_the_problem_and_the_fix(options, message):
-    with pytest.raises(TrainConfigError, match=message):
-        make_config(options)
-
-
-def test_unknown_yaml_keys_are_refused(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("lrate: 0.1\n")
-    with pytest.raises(TrainConfigError, match="unknown option 'lrate'"):
-        parse_args(["--config", str(path)])
-
-
 # ------------------------------------------------------------------------------------------------- bad input
 def test_an_unknown_model_is_a_clear_error(tiny_args, saved_lm, tmp_path):
     with pytest.raises(hf_sae.errors.ModelLoadError, match="--model .*nonexistent.*cannot load it"):
@@ -436,12 +220,12 @@ def test_a_layer_out_of_range_is_a_clear_error(tiny_args, saved_lm, tmp_path):
         run(tiny_args(tmp_path / "x", layer=9))
 
 
-def test_a_site_the_model_lacks_is_a_clear_error(tiny_args, saved_lm, tmp_path):
+def test_a_site_the_model_lacks_is_a_clear_error(load_saved_lm, tiny_args, saved_lm, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1000)).save_pretrained(gpt2)
-    load_tiny(saved_lm)[1].save_pretrained(gpt2)
+    load_saved_lm()[1].save_pretrained(gpt2)
     with pytest.raises(SiteError, match="cannot find the decoder layers of GPT2LMHeadModel"):
         run(tiny_args(tmp_path / "x", model=gpt2, layer=1))
 
