@@ -237,8 +237,8 @@ def coerce(annotation: Any, value: Any, where: str) -> Any:
             return float(value)
         if kind is str:
             return str(value)
-    except TrainConfigError:
-        raise
+    except TrainConfigError as error:
+        raise TrainConfigError(f"{where}: {error}") from None
     except (TypeError, ValueError):
         name = getattr(kind, "__name__", str(kind))
         raise TrainConfigError(f"{where}: cannot read {value!r} as {name}.") from None
@@ -516,7 +516,7 @@ def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known)
         architecture, _ = resolve_architecture(str(placement["arch"]))
     except ArchitectureError as error:
         raise TrainConfigError(f"{where}: arch {placement['arch']!r} is unknown. {error}") from None
-    own = architecture.config_class.field_names() - set(SAEConfig.provenance_fields)
+    own = set(_sae_annotations(architecture.config_class)) - set(SAEConfig.provenance_fields)
     config = {name: value for name, value in {**SAE_DEFAULTS, **sae_defaults}.items() if name in own}
     for name, value in entry.items():
         if name not in own:

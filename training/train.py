@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from hf_sae import training_step
-from hf_sae.errors import NonFiniteLossError, ResumeError
+from hf_sae.errors import HfSaeError, NonFiniteLossError, ResumeError
 from hf_sae.modeling_sae import SAEOutput
 from hf_sae.sites import resolve_site
 
@@ -237,8 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     transformers_logging.disable_progress_bar()  # weight-loading / shard-writing bars; ours is the only one
     for noisy in ("httpx", "datasets", "filelock", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg, explicit = parse_args(argv)
-    train(cfg, explicit)
+    try:
+        cfg, explicit = parse_args(argv)
+        train(cfg, explicit)
+    except HfSaeError as error:  # bad input: one line, no traceback (anything else is a bug and keeps it)
+        print(f"hf-sae: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

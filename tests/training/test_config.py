@@ -9,6 +9,7 @@ import pytest
 
 import hf_sae  # noqa: F401  (registers the SAE classes with AutoModel)
 from training.config import TrainConfigError, build_parser, make_config, parse_args, parse_count
+from training.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
 BOS, EOS, PAD = 2, 1, 0
@@ -84,3 +85,12 @@ def test_unknown_yaml_keys_are_refused(tmp_path):
     path.write_text("lrate: 0.1\n")
     with pytest.raises(TrainConfigError, match="unknown option 'lrate'"):
         parse_args(["--config", str(path)])
+
+
+def test_the_cli_prints_bad_input_as_one_line_and_exits_with_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--sae", "layer=1,base_dim=2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-sae: error: saes[0]: 'base_dim' is not a field of hierarchical_sae") and "\n" not in err
+    assert "'k'" in err and "'dtype'" not in err  # the architecture's own fields, not transformers' bookkeeping
