@@ -23,7 +23,8 @@ import torch
 from hf_sae import training_step
 from hf_sae.registry import resolve_architecture
 from hf_sae.sites import capture_activations, num_layers, resolve_site
-from training.config import make_config, parse_args
+from training.cli import parse_args
+from training.config import make_config
 from training.data import TokenWindows, dataset_factories, excluded_token_ids
 from training.harvest import ActivationBuffer, ActivationHarvester
 from training.language_model import load_language_model, resolve_layers

@@ -19,7 +19,7 @@ from hf_sae import SAEConfigError
 from hf_sae.cards import generate_model_card
 from hf_sae.registry import architecture_of, resolve_architecture
 from hf_sae.remote_code import generate_remote_code
-from training.config import parse_args
+from training.cli import parse_args
 from training.train import train
 
 FILE = Path(__file__).resolve().parent / "data" / "external_architecture" / "gain_topk_sae.py"

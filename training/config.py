@@ -7,8 +7,8 @@
 each SAE reads (``layer``, ``site``), its architecture (``arch``: a registered ``model_type`` or preset such as
 ``hierarchical``, ``topk``, ``kron``), its learning rate, and ``config`` — keyword arguments of that architecture's
 config class (``d_sae``, ``k``, ``budgets``, ``auxk``, ``base_dim``, ...), validated by that class. No SAE field is
-declared here: the CLI flags for them (``--d-sae``, ``--k``, ``--base-dim``, ...) are generated from the registered
-config classes, with their docstrings as help.
+declared here: :mod:`training.sae_options` reads them from the registered config classes, and :mod:`training.cli`
+generates the flags (``--d-sae``, ``--k``, ``--base-dim``, ...) with their docstrings as help.
 
 Where values come from, last wins: defaults < YAML (``--config``) < flags. A YAML file is the same keys::
 
@@ -26,32 +26,20 @@ your own before the SAEs are read.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
-import importlib.util
 import math
-import re
-import sys
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-from transformers import HfArgumentParser
-
-from hf_sae._io import write_text_atomic
 from hf_sae.configuration_sae import SAEConfig
 from hf_sae.errors import ArchitectureError, SAEConfigError, TrainConfigError
-from hf_sae.registry import architectures, resolve_architecture, training_names
+from hf_sae.registry import resolve_architecture
 from hf_sae.sites import SITES
 
+from .sae_options import SAE_DEFAULTS, Count, coerce, sae_annotations, sae_fields
+
 EMBEDDED = "embedded"
-# Training's defaults for SAE fields whose config-class default is for published SAEs (16384 latents, k=64):
-# the embedded CPU run trains a smaller SAE.
-SAE_DEFAULTS = {"d_sae": 4096, "k": 32}
 # Options that may differ between a run and its --resume (they do not change the trained weights).
 RESUME_MAY_CHANGE = frozenset(
     {
@@ -75,34 +63,6 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
-def parse_count(text: Any) -> int:
-    """'1e9', '10M', '2_000_000', 4096 -> int. Used for --tokens and other large counts."""
-    if isinstance(text, bool):
-        raise TrainConfigError(f"expected a count such as 1e9 or 10M, got {text!r}.")
-    if isinstance(text, int):
-        return int(text)
-    if isinstance(text, float):
-        if not text.is_integer():
-            raise TrainConfigError(f"expected a whole count, got {text!r}.")
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9_.eE+]+)\s*([kKmMbBgG]?)\s*", str(text))
-    if not match:
-        raise TrainConfigError(f"cannot read {text!r} as a count; write e.g. 1e9, 10M, 500k or 2_000_000.")
-    number = (
-        float(match.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[match.group(2).lower()]
-    )
-    if not number.is_integer():
-        raise TrainConfigError(f"{text!r} is not a whole count.")
-    return int(number)
-
-
-class Count(int):
-    """An int field that also reads '1e9', '10M', '2_000_000' (argparse and YAML call it on the raw text)."""
-
-    def __new__(cls, value: Any) -> Count:
-        return super().__new__(cls, parse_count(value))
-
-
 def _f(default: Any, help: str, **metadata: Any) -> Any:
     """A dataclass field with its --help text (argparse appends the default)."""
     if isinstance(default, list):
@@ -110,7 +70,7 @@ def _f(default: Any, help: str, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -154,98 +114,7 @@ class SAESpec(SAEPlacement):
         return {**placement, **({"lr": self.lr} if self.lr is not None else {}), **self.config}
 
 
-def _trainable_config_classes() -> list[type[SAEConfig]]:
-    return [a.config_class for a in architectures() if a.trainable]
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """``name (`type`, ...): text`` entries of a transformers-style docstring's Args section, over the MRO."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        text = klass.__doc__ or ""
-        for match in re.finditer(r"^\s{8}(\w+) \(`[^)]*\)?[^:]*:\s*(.*(?:\n\s{12,}.*)*)", text, re.M):
-            docs[match.group(1)] = " ".join(match.group(2).split())
-    return docs
-
-
-def _sae_annotations(cls: type[SAEConfig]) -> dict[str, Any]:
-    """The evaluated annotations of the fields SAEConfig and its subclasses declare (not transformers' own)."""
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, SAEConfig)):
-            continue
-        namespace = vars(sys.modules[klass.__module__])
-        for name, annotation in vars(klass).get("__annotations__", {}).items():
-            value = eval(annotation, namespace) if isinstance(annotation, str) else annotation
-            if typing.get_origin(value) is not typing.ClassVar:
-                hints[name] = value
-    return hints
-
-
-def sae_fields() -> dict[str, tuple[Any, Any, str]]:
-    """The SAE config fields a user may set: name -> (annotation, training's default, help), over every trainable
-    architecture (provenance fields such as d_in or hook_layer are filled by training)."""
-    found: dict[str, tuple[Any, Any, str]] = {}
-    owners: dict[str, list[str]] = {}
-    for cls in _trainable_config_classes():
-        hints = _sae_annotations(cls)
-        docs = _field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if f.name not in hints or f.name in SAEConfig.provenance_fields or not f.init:
-                continue
-            owners.setdefault(f.name, []).append(cls.model_type)
-            if f.name not in found:
-                default = SAE_DEFAULTS.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-                found[f.name] = (hints[f.name], default, docs.get(f.name, f.name.replace("_", " ")))
-    every = {cls.model_type for cls in _trainable_config_classes()}
-    return {
-        name: (annotation, default, text + ("" if set(owners[name]) == every else f" [{', '.join(owners[name])}]"))
-        for name, (annotation, default, text) in found.items()
-    }
-
-
-def _inner(annotation: Any) -> Any:
-    """``X | None`` -> X."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
-def coerce(annotation: Any, value: Any, where: str) -> Any:
-    """A YAML or ``--sae k=v`` value as the field type ``annotation`` (text is read as argparse would read it)."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        return None
-    kind = _inner(annotation)
-    try:
-        if typing.get_origin(kind) is list:
-            (item,) = typing.get_args(kind)
-            items = value if isinstance(value, list) else str(value).replace("+", " ").split()
-            return [coerce(item, v, where) for v in items]
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                return str(value).lower() in ("true", "1", "yes", "on")
-            raise ValueError(value)
-        if kind in (int, Count):
-            if isinstance(value, float) and not value.is_integer() or isinstance(value, bool):
-                raise ValueError(value)
-            return parse_count(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if kind is str:
-            return str(value)
-    except TrainConfigError as error:
-        raise TrainConfigError(f"{where}: {error}") from None
-    except (TypeError, ValueError):
-        name = getattr(kind, "__name__", str(kind))
-        raise TrainConfigError(f"{where}: cannot read {value!r} as {name}.") from None
-    return value
-
-
-def parse_sae_flag(text: str) -> dict[str, str]:
+def parse_saeflag(text: str) -> dict[str, str]:
     """``--sae layer=6,site=mlp,budgets=8+16+32`` -> {key: text} (list items joined by '+')."""
     pairs = [p for p in text.split(",") if p.strip()]
     if not all("=" in p for p in pairs):
@@ -373,7 +242,7 @@ class RunOptions:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainConfigError(
-                    f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}."
+                    f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}."
                 )
         if self.context_length < 2:
             raise TrainConfigError(f"--context-length must be >= 2 (BOS plus text), got {self.context_length}.")
@@ -388,7 +257,7 @@ class RunOptions:
         for name in ("lr_min", "weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise TrainConfigError(f"{_flag(name)} must be a finite number >= 0, got {value!r}.")
+                raise TrainConfigError(f"{flag(name)} must be a finite number >= 0, got {value!r}.")
         if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise TrainConfigError(f"--max-grad-norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}.")
         if not self.text_column:
@@ -400,7 +269,7 @@ class RunOptions:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise TrainConfigError(f"{_flag(name)} must be {what}, got {value!r}.")
+        raise TrainConfigError(f"{flag(name)} must be {what}, got {value!r}.")
 
 
 @dataclass
@@ -468,11 +337,11 @@ def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None =
             + (f" Did you mean {close}?" if close else "")
             + " Run `python -m training.train --help` for the list."
         )
-    run = {name: coerce(run_hints[name], value, _flag(name)) for name, value in values.items() if name in run_hints}
+    run = {name: coerce(run_hints[name], value, flag(name)) for name, value in values.items() if name in run_hints}
     placement_hints = typing.get_type_hints(SAEPlacement)
-    defaults = {name: coerce(placement_hints[name], values[name], _flag(name)) for name in _PLACEMENT if name in values}
+    defaults = {name: coerce(placement_hints[name], values[name], flag(name)) for name in _PLACEMENT if name in values}
     sae_defaults = {
-        name: coerce(sae_known[name][0], value, _flag(name)) for name, value in values.items() if name in sae_known
+        name: coerce(sae_known[name][0], value, flag(name)) for name, value in values.items() if name in sae_known
     }
     if base is not None:
         run = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(RunOptions)}, **run}
@@ -487,7 +356,7 @@ def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None =
         if name not in used and name not in SAE_DEFAULTS:
             archs = sorted({spec.arch for spec in specs})
             raise TrainConfigError(
-                f"{_flag(name)} is not a field of {', '.join(archs)}: no SAE of this run has it. "
+                f"{flag(name)} is not a field of {', '.join(archs)}: no SAE of this run has it. "
                 "Drop it, or use an architecture that has it (see --help)."
             )
     run = {name: int(v) if isinstance(v, Count) else v for name, v in run.items()}
@@ -500,7 +369,7 @@ def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known)
     if isinstance(entry, SAESpec):
         entry = entry.to_dict()
     if isinstance(entry, str):
-        entry = parse_sae_flag(entry)
+        entry = parse_saeflag(entry)
     if not isinstance(entry, dict):
         raise TrainConfigError(f"{where} must be a mapping such as {{layer: 6, site: resid}}, got {entry!r}.")
     entry = {str(key).replace("-", "_"): value for key, value in entry.items()}
@@ -516,7 +385,7 @@ def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known)
         architecture, _ = resolve_architecture(str(placement["arch"]))
     except ArchitectureError as error:
         raise TrainConfigError(f"{where}: arch {placement['arch']!r} is unknown. {error}") from None
-    own = set(_sae_annotations(architecture.config_class)) - set(SAEConfig.provenance_fields)
+    own = set(sae_annotations(architecture.config_class)) - set(SAEConfig.provenance_fields)
     config = {name: value for name, value in {**SAE_DEFAULTS, **sae_defaults}.items() if name in own}
     for name, value in entry.items():
         if name not in own:
@@ -527,111 +396,6 @@ def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known)
         annotation = sae_known[name][0] if name in sae_known else Any
         config[name] = coerce(annotation, value, f"{where}.{name}")
     return SAESpec(**placement, config=config)
-
-
-# ------------------------------------------------------------------------------------------------ CLI and YAML
-def _sae_options_dataclass() -> type:
-    """A dataclass of every SAE config field (default None: not given), made from the registered config classes."""
-    fields_ = []
-    for name, (annotation, default, text) in sae_fields().items():
-        kind = _inner(annotation)
-        metadata = {"help": f"{text} (default: {default!r})"}
-        if kind is bool:
-            metadata.update(nargs="?", const=True)
-        fields_.append((name, kind | None, field(default=None, metadata=metadata)))
-    return dataclasses.make_dataclass("SAEOptions", fields_)
-
-
-def build_parser() -> HfArgumentParser:
-    """The CLI, generated from :class:`RunOptions`, :class:`SAEPlacement` and the SAE config classes."""
-    sae_options = _sae_options_dataclass()
-    sae_options._argument_group_name = (
-        "every SAE: its config's fields (defaults of each --sae entry; [..] = only these architectures). "
-        f"Architectures: {', '.join(training_names())}"
-    )
-    parser = HfArgumentParser(
-        [RunOptions, SAEPlacement, sae_options],
-        prog="python -m training.train",
-        description="Train sparse autoencoders on a language model's activations. With no arguments: the embedded "
-        "CPU run (real Gemma 3 270M and bundled English text, a few minutes). Precedence: defaults < --config YAML < "
-        "flags. The same script runs under `accelerate launch` on N processes.",
-    )
-    for name, (annotation, _, _) in sae_fields().items():
-        if _inner(annotation) is bool:
-            parser.add_argument(
-                _flag("no_" + name), dest=name, action="store_false", help=f"the same as {_flag(name)} false"
-            )
-    parser.add_argument(
-        "--sae",
-        dest="saes",
-        action="append",
-        metavar="KEY=VALUE,...",
-        help="one SAE of the run (repeat for several, one harvest): its placement and config fields, e.g. "
-        "layer=6,site=mlp,arch=kron,base_dim=2,k=64 (list values joined by '+': budgets=8+16+32); keys it leaves "
-        "out take the flags above",
-    )
-    parser.add_argument("--config", metavar="YAML", help="YAML file of option: value (keys as the flags, - or _)")
-    for action in parser._actions:
-        documented = action.help and "(default: " in action.help
-        if action.dest != "help" and not documented and not action.option_strings[0].startswith("--no"):
-            action.help = f"{action.help or ''} (default: {action.default!r})".strip()
-        if action.dest != "help":  # only what the user gave reaches the namespace (YAML < flags)
-            action.default = argparse.SUPPRESS
-    return parser
-
-
-def _import(target: str) -> None:
-    """Import a module by name or a Python file by path (e.g. one that registers an architecture)."""
-    path = Path(target)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise TrainConfigError(f"--import {target}: no such file.")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-        return
-    try:
-        importlib.import_module(target)
-    except ImportError as error:
-        raise TrainConfigError(f"--import {target}: cannot import it ({error}).") from None
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file of options -> {name: value} (keys with - or _)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainConfigError(f"--config {path}: no such file. Pass the path of a YAML file of option: value lines.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise TrainConfigError(f"--config {path}: not valid YAML ({error}).") from None
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}.")
-    return {str(key).replace("-", "_"): value for key, value in data.items()}
-
-
-def save_yaml(config: TrainConfig, path: Path) -> str:
-    """The YAML text of a config (and write it to ``path`` atomically)."""
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    write_text_atomic(path, text)
-    return text
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
-    """CLI (+ YAML) -> (validated TrainConfig, the options the user set explicitly)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--imports", "--import", nargs="+", default=[])
-    early.add_argument("--config")
-    known, _ = early.parse_known_args(argv)
-    explicit: dict[str, Any] = load_yaml(known.config) if known.config else {}
-    for target in [*explicit.get("imports", []), *known.imports]:
-        _import(target)
-    args = vars(build_parser().parse_args(argv))
-    args.pop("config", None)
-    explicit.update(args)
-    return make_config(explicit), explicit
 
 
 def config_differences(saved: TrainConfig, explicit: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -646,7 +410,7 @@ def config_differences(saved: TrainConfig, explicit: dict[str, Any]) -> dict[str
     for name, value in explicit.items():
         if name in _PLACEMENT or name in sae_known:
             annotation = typing.get_type_hints(SAEPlacement).get(name) or sae_known[name][0]
-            wanted = coerce(annotation, value, _flag(name))
+            wanted = coerce(annotation, value, flag(name))
             for spec in saved.saes:
                 old = getattr(spec, name) if name in _PLACEMENT else spec.config.get(name)
                 if name in _PLACEMENT or name in spec.config:

@@ -16,7 +16,8 @@ from hf_sae._io import remove_stale_temporaries
 from hf_sae.errors import ResumeError, TrainConfigError
 
 from . import checkpoint as ckpt
-from .config import SAESpec, TrainConfig, config_differences, load_yaml, make_config
+from .cli import load_yaml
+from .config import SAESpec, TrainConfig, config_differences, make_config
 
 TRAIN_CONFIG = "train_config.yaml"
 

@@ -42,7 +42,8 @@ from hf_sae.modeling_sae import SAEOutput
 from hf_sae.sites import resolve_site
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, parse_args, save_yaml
+from .cli import parse_args, save_yaml
+from .config import TrainConfig
 from .data import TokenWindows, dataset_factories, excluded_token_ids
 from .finish import finish_run
 from .harvest import ActivationBuffer, ActivationHarvester

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 import hf_sae  # noqa: F401  (registers the SAE classes with AutoModel)
-from training.config import TrainConfigError, build_parser, make_config, parse_args, parse_count
+from training.cli import build_parser, parse_args
+from training.config import TrainConfigError, make_config
+from training.sae_options import parse_count
 from training.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +21,8 @@ BOS, EOS, PAD = 2, 1, 0
 def test_help_documents_every_field_with_its_default(capsys):
     import dataclasses
 
-    from training.config import RunOptions, SAEPlacement, sae_fields
+    from training.config import RunOptions, SAEPlacement
+    from training.sae_options import sae_fields
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

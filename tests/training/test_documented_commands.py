@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import parse_args
+from training.cli import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 

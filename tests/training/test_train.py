@@ -23,7 +23,8 @@ from hf_sae import HierarchicalSAE
 from hf_sae.sites import SiteError, resolve_site
 from training import checkpoint as ckpt
 from training import train as train_module
-from training.config import TrainConfigError, parse_args
+from training.cli import parse_args
+from training.config import TrainConfigError
 from training.data import DataError
 from training.harvest import ActivationHarvester, BufferMemoryError, NonFiniteActivationsError
 
