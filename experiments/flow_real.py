@@ -41,7 +41,7 @@ from experiments.common import (  # noqa: E402
     windows,
     write_json,
 )
-from hf_sae import HierarchicalSAE  # noqa: E402
+from hf_sae import load_sae  # noqa: E402
 from hf_sae.flow import FeatureFlow  # noqa: E402
 from hf_sae.sites import capture_activations, resolve_site  # noqa: E402
 
@@ -83,9 +83,7 @@ def main() -> None:
 
     saes = {}
     for layer, site in sae_keys(args.layers):
-        saes[(layer, site)] = HierarchicalSAE.from_pretrained(
-            args.run / f"L{layer}_{site}_topk_k{args.k}_d{args.d_sae}"
-        ).eval()
+        saes[(layer, site)] = load_sae(args.run / f"L{layer}_{site}_topk_k{args.k}_d{args.d_sae}").eval()
     flow = FeatureFlow(saes, cache_dir=args.run / "match-cache")
     started = time.perf_counter()
     summary = flow.summary(layers=args.layers)

@@ -41,7 +41,7 @@ from experiments.common import (  # noqa: E402
     update_results,
     write_json,
 )
-from hf_sae import HierarchicalSAE  # noqa: E402
+from hf_sae import load_sae  # noqa: E402
 from hf_sae._io import atomic_path  # noqa: E402
 
 matplotlib.use("Agg")
@@ -74,7 +74,7 @@ def main() -> None:
     train_metrics = train_once(train_command(args), args.run, args.train)
     names = {f"topk{k}": f"L{args.layer}_resid_topk_k{k}_d{args.d_sae}" for k in TOPK}
     names["hier64"] = f"L{args.layer}_resid_hierarchical_k{args.K}_d{args.d_sae}"
-    saes = {label: HierarchicalSAE.from_pretrained(args.run / name).eval() for label, name in names.items()}
+    saes = {label: load_sae(args.run / name).eval() for label, name in names.items()}
 
     started = time.perf_counter()
     model, tokenizer = load_model("bfloat16")

@@ -31,7 +31,7 @@ from .registry import Architecture, architectures, register_architecture
 from .sites import SITES, Site, SiteError, decoder_layers, num_layers, resolve_site
 from .sparse import SparseLatents
 from .steering import SAEHook, SteeringError, SteeringHandle, attach, steer
-from .training_step import TrainingStepOutput, training_step
+from .train_step import TrainingStepOutput, training_step
 
 _ARCHITECTURE_MODULES = sorted(
     info.name

@@ -61,5 +61,8 @@ class HierarchicalSAE(SAEPreTrainedModel):
 register_architecture(
     HierarchicalSAEConfig,
     HierarchicalSAE,
-    presets={"hierarchical": {"hierarchical": True}, "topk": {"hierarchical": False}},
+    presets={
+        "hierarchical": {},
+        "topk": {"hierarchical": False},
+    },  # "hierarchical" fixes nothing: --no-hierarchical works
 )

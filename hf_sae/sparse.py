@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import SAEInputError
 from .kernels import cpu_kernels
 
 
@@ -31,7 +32,7 @@ class SparseLatents:
 
     def __post_init__(self):
         if self.values.shape != self.indices.shape:
-            raise ValueError(
+            raise SAEInputError(
                 f"SparseLatents values {tuple(self.values.shape)} and indices {tuple(self.indices.shape)} must have "
                 "the same shape (..., k)."
             )
@@ -47,7 +48,7 @@ class SparseLatents:
     def truncate(self, k: int) -> SparseLatents:
         """The first ``k`` latents of every row: the SAE's encoding at budget ``k`` (budgets are nested)."""
         if not 1 <= k <= self.k:
-            raise ValueError(f"cannot truncate {self.k} latents to k={k}; use 1 <= k <= {self.k}.")
+            raise SAEInputError(f"cannot truncate {self.k} latents to k={k}; use 1 <= k <= {self.k}.")
         return SparseLatents(self.values[..., :k], self.indices[..., :k])
 
     def to_dense(self, d_sae: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""The one training step: the only place an SAE parameter is updated.
+"""The one training step, :func:`training_step`: the only place an SAE parameter is updated.
 
 The training script, the experiments, the benchmarks and the tests all call :func:`training_step`, so a benchmark
 times what users run. The recipe (Gao et al. 2024, Sec. A) per step:
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import HfSaeError
 from .modeling_sae import SAEOutput, SAEPreTrainedModel
 
 
@@ -79,10 +80,12 @@ def training_step(
 
     Returns: :class:`TrainingStepOutput` (summed loss, per-SAE outputs and gradient norms, whether it stepped).
     """
-    saes = list(sae) if isinstance(sae, Sequence) else [sae]
-    inputs = list(x) if isinstance(x, Sequence) else [x]
+    saes = [sae] if isinstance(sae, SAEPreTrainedModel) else list(sae)  # one SAE, a list or an nn.ModuleList
+    inputs = [x] if isinstance(x, Tensor) else list(x)
     if len(saes) != len(inputs):
-        raise ValueError(f"training_step got {len(saes)} SAE(s) but {len(inputs)} input tensor(s); pass one each.")
+        raise HfSaeError(f"training_step got {len(saes)} SAE(s) but {len(inputs)} input tensor(s); pass one each.")
+    if max_grad_norm is not None and not max_grad_norm >= 0:
+        raise HfSaeError(f"max_grad_norm={max_grad_norm!r} must be >= 0 (0 or None disables clipping).")
     optimizer.zero_grad(set_to_none=True)
     device_type = inputs[0].device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, training_step
+from hf_sae import HfSaeError, HierarchicalSAE, HierarchicalSAEConfig, training_step
 
 
 def _sae(seed: int) -> HierarchicalSAE:
@@ -62,3 +63,13 @@ def test_a_step_keeps_decoder_rows_unit_norm_and_returns_detached_losses():
         result = training_step(sae, optimizer, torch.randn(32, 8))
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(32), atol=1e-6)
     assert not result.loss.requires_grad and not result.output.losses["reconstruction"].requires_grad
+
+
+def test_a_module_list_is_several_saes_and_a_negative_clip_is_refused():
+    saes = torch.nn.ModuleList([_sae(6), _sae(7)])
+    result = training_step(saes, _sgd(saes), [torch.randn(8, 8), torch.randn(8, 8)])
+    assert len(result.outputs) == 2 and result.stepped
+    with pytest.raises(HfSaeError, match="max_grad_norm=-1 must be >= 0"):
+        training_step(saes[0], _sgd([saes[0]]), torch.randn(8, 8), max_grad_norm=-1)
+    with pytest.raises(HfSaeError, match="got 2 SAE\\(s\\) but 1 input tensor"):
+        training_step(saes, _sgd(saes), [torch.randn(8, 8)])
