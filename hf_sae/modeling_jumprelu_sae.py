@@ -60,6 +60,24 @@ class JumpReLUSAE(SAEPreTrainedModel):
         self.threshold.zero_()
         self.b_dec.zero_()
 
+    @torch.no_grad()
+    def unit_activations(self) -> Tensor:
+        """The thresholds θ (1 where θ <= 0, a plain ReLU latent): a latent value of θ_i is "just firing"."""
+        theta = self.threshold.detach()
+        return torch.where(theta > 0, theta, torch.ones_like(theta))
+
+    @torch.no_grad()
+    def fold_unit_activations(self) -> JumpReLUSAE:
+        """Fold the thresholds in (Mechanistic Permutability Eq. 4), in place: W_enc′ = W_enc·diag(1/θ),
+        b_enc′ = b_enc/θ, W_dec′ = diag(θ)·W_dec, θ′ = 1. A latent's value becomes z/θ and its decoder row θ·W_dec, so
+        z·W_dec is the same, and pre/θ > 1 exactly when pre > θ; latents with θ <= 0 are left as they are."""
+        scale = self.unit_activations()
+        self.W_enc.div_(scale)
+        self.b_enc.div_(scale)
+        self.W_dec.mul_(scale[:, None])
+        self.threshold.copy_(torch.where(self.threshold > 0, torch.ones_like(scale), self.threshold))
+        return self
+
     def encoder_biases(self) -> list[nn.Parameter]:
         """Parameters measured in input units: folding an activation scale s divides them by s (with b_dec)."""
         return [self.b_enc, self.threshold]

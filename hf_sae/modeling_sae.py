@@ -352,6 +352,14 @@ class SAEPreTrainedModel(PreTrainedModel):
     def d_sae(self) -> int:
         return self.config.d_sae
 
+    @torch.no_grad()
+    def unit_activations(self) -> Tensor | None:
+        """(d_sae,) the activation of each latent that counts as "one unit" of it, when the architecture defines one
+        (a JumpReLU SAE: its threshold); None when it must be measured on data (TopK: the mean non-zero activation).
+        Feature flow steers in these units. An architecture that defines them also defines
+        ``fold_unit_activations()`` (rescale latents in place so that the units become 1, outputs unchanged)."""
+        return None
+
     # -------------------------------------------------------------------------------------- training defaults
     @classmethod
     def default_learning_rate(cls, config: SAEConfig) -> float:

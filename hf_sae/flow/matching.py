@@ -338,24 +338,12 @@ def match_features(
 # ------------------------------------------------------------------------------------------------------ folding
 @torch.no_grad()
 def fold_jumprelu(sae):
-    """A copy of a JumpReLU SAE with its thresholds folded in (Mechanistic Permutability Eq. 4):
-
-    W_enc′ = W_enc·diag(1/θ), b_enc′ = b_enc/θ, W_dec′ = diag(θ)·W_dec (rows scaled), θ′ = 1.
-
-    Outputs are unchanged: a latent's value becomes z/θ and its decoder row θ·W_dec, so z·W_dec is the same, and
-    pre/θ > 1 exactly when pre > θ. Latents with θ <= 0 (a plain ReLU) are left as they are. After folding, a
-    latent value of 1 means "at its threshold" for every feature, the scale :func:`feature_scales` uses.
-    """
-    if not hasattr(sae, "threshold"):
+    """A copy of a JumpReLU SAE with its thresholds folded in (Mechanistic Permutability Eq. 4; see
+    :meth:`hf_sae.JumpReLUSAE.fold_unit_activations`): outputs are unchanged, and a latent value of 1 means "at its
+    threshold" for every feature, the scale :func:`feature_scales` uses."""
+    if sae.unit_activations() is None:
         raise FlowError(f"fold_jumprelu needs a JumpReLU SAE (with a per-latent threshold), got {type(sae).__name__}.")
-    folded = copy.deepcopy(sae)
-    theta = folded.threshold.detach().clone()
-    scale = torch.where(theta > 0, theta, torch.ones_like(theta))
-    folded.W_enc.div_(scale)
-    folded.b_enc.div_(scale)
-    folded.W_dec.mul_(scale[:, None])
-    folded.threshold.copy_(torch.where(theta > 0, torch.ones_like(theta), theta))
-    return folded
+    return copy.deepcopy(sae).fold_unit_activations()
 
 
 @torch.no_grad()
@@ -369,9 +357,9 @@ def feature_scales(sae, mean_activations: Tensor | None = None) -> Tensor:
       strength 1 adds a typical activation of the feature. Latents never seen active get μ = 1.
     """
     norms = sae.W_dec.detach().float().norm(dim=1)
-    if hasattr(sae, "threshold"):
-        theta = sae.threshold.detach().float()
-        return torch.where(theta > 0, theta, torch.ones_like(theta)) * norms
+    units = sae.unit_activations()
+    if units is not None:
+        return units.float() * norms
     if mean_activations is None:
         raise FlowError(
             f"{type(sae).__name__} (layer {sae.config.hook_layer}, {sae.config.hook_site}) is a TopK SAE: its folded "
