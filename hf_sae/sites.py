@@ -38,6 +38,13 @@ SITES = ("resid", "mlp", "attn", "attn_z")
 """Every hook site hf-sae knows: the one list (configs, training, steering and feature flow read it)."""
 D_MODEL_SITES = ("resid", "mlp", "attn")
 """The sites whose activations live in d_model space (the residual stream and what adds to it): feature flow's."""
+SITE_DESCRIPTIONS = {
+    "resid": "residual stream after",
+    "mlp": "MLP output (after the post-MLP norm) of",
+    "attn": "attention output (after o_proj and the post-attention norm) of",
+    "attn_z": "concatenated attention head outputs (input of o_proj) of",
+}
+"""What each site reads, in words that precede "layer L" (model cards)."""
 
 ActivationFn = Callable[[Tensor], "Tensor | None"]
 
