@@ -24,6 +24,9 @@ class KronSAEConfig(SAEConfig):
         ext_dim (`int`, defaults to 4): n, the extension pre-activations per head (m <= n recommended).
         kron_activation (`str`, defaults to `"mand"`): ``"mand"`` (sqrt(u·w) where both are positive) or
             ``"relu_product"`` (ReLU(u)·ReLU(w), the ablation of the paper's Table 1).
+        apply_b_dec_to_input (`bool`, defaults to `True`): the encoder reads x − b_dec instead of x (as TopK SAEs
+            do). The paper's listing reads raw x; on a residual stream, whose mean dominates the sign of every u and
+            w, that leaves most latents dead. KronSAEs saved before this field existed load with it off.
         d_sae: must equal h·m·n; derived from the factors when omitted.
 
     All other fields are those of :class:`~hf_sae.configuration_sae.SAEConfig`.
@@ -37,6 +40,7 @@ class KronSAEConfig(SAEConfig):
     base_dim: int = 2
     ext_dim: int = 4
     kron_activation: str = "mand"
+    apply_b_dec_to_input: bool = True
 
     def validate_sae(self) -> None:
         _positive_int("base_dim", self.base_dim)
@@ -60,11 +64,21 @@ class KronSAEConfig(SAEConfig):
                 f"{self.num_heads * pair} != d_sae={self.d_sae}. Set d_sae={self.num_heads * pair} or "
                 f"num_heads={self.d_sae // pair if self.d_sae % pair == 0 else '<d_sae / (base_dim*ext_dim)>'}."
             )
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise SAEConfigError(f"apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}.")
         if self.kron_activation not in KRON_ACTIVATIONS:
             raise SAEConfigError(
                 f"kron_activation={self.kron_activation!r} is unknown. Use one of {list(KRON_ACTIVATIONS)}."
             )
         super().validate_sae()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As :meth:`SAEConfig.from_dict`; a config.json written before ``apply_b_dec_to_input`` existed was trained
+        on raw input, so it loads with the field off."""
+        if "apply_b_dec_to_input" not in config_dict:
+            config_dict = {**config_dict, "apply_b_dec_to_input": False}
+        return super().from_dict(config_dict, **kwargs)
 
     def display_name(self) -> str:
         return "KronSAE (HierarchicalTopK)" if self.hierarchical else "KronSAE (TopK)"
@@ -76,7 +90,7 @@ class KronSAEConfig(SAEConfig):
         return (
             f"KronSAE encoder (Kurochkin et al. 2025, arXiv 2505.22255): {self.num_heads} heads of "
             f"{self.base_dim}×{self.ext_dim} latents, each the mAND of a base and an extension pre-activation "
-            f"({self.kron_activation}); "
+            f"({self.kron_activation}), reading {'x − b_dec' if self.apply_b_dec_to_input else 'raw x'}; "
         )
 
     def card_facts(self) -> list[tuple[str, str]]:

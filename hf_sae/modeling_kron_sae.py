@@ -2,7 +2,8 @@
 
 Kurochkin et al., "Kronecker Factorization Improves Efficiency and Interpretability of Sparse Autoencoders"
 (arXiv 2505.22255, App. H). One fused encoder matrix gives, per head h, m base pre-activations u_h and n
-extension pre-activations w_h (u = P x + b_P, w = Q x + b_Q; no b_dec subtraction, as in the paper's listing).
+extension pre-activations w_h (u = P x̃ + b_P, w = Q x̃ + b_Q with x̃ = x − b_dec, as TopK SAEs read their input;
+``apply_b_dec_to_input=False`` reads raw x as the paper's listing does, and loses most latents on a residual stream).
 Latent (h, i, j), at index h·m·n + i·n + j, is
 
     mAND(u_hi, w_hj) = sqrt(u_hi · w_hj) if u_hi > 0 and w_hj > 0 else 0,
@@ -43,7 +44,6 @@ class KronSAE(SAEPreTrainedModel):
     """
 
     config_class = KronSAEConfig
-    b_dec_init = "zeros"  # the paper's listing: biases start at 0 (the encoder reads x, not x - b_dec)
 
     def __init__(self, config: KronSAEConfig):
         super().__init__(config)
@@ -109,9 +109,13 @@ class KronSAE(SAEPreTrainedModel):
             return torch.relu(u) * torch.relu(w)
         raise SAEConfigError(f"unknown kron_activation {self.config.kron_activation!r}")
 
+    def _encoder_input(self, x: Tensor) -> Tensor:
+        """x̃ = x − b_dec (or x itself with ``apply_b_dec_to_input=False``): what the encoder reads. x: (N, d_in)."""
+        return x - self.b_dec if self.config.apply_b_dec_to_input else x
+
     def head_factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (N, d_in) -> u (N, h, m), w (N, h, n): the base and extension pre-activations."""
-        return self._split(self.encoder(x))
+        return self._split(self.encoder(self._encoder_input(x)))
 
     def _pre_acts_flat(self, x: Tensor) -> Tensor:
         u, w = self.head_factors(x)
@@ -121,6 +125,7 @@ class KronSAE(SAEPreTrainedModel):
     def _encode_topk(self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
         cfg = self.config
         weight, bias = self.encoder.weight, self.encoder.bias
+        x = self._encoder_input(x)  # x̃; the sparse gathers below read it too and pass its gradient on to b_dec
         sparse_backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         with torch.no_grad():  # select on the dense scores, then recompute only the selected ones with gradient
             pre = torch.addmm(bias, x, weight.t())
