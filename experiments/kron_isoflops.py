@@ -216,7 +216,8 @@ AuxK off (as in experiments 1 and 3, for CPU time),
 seed {args.seed}.
 Activations harvested once from the training split and trained on by `experiments/common.train_sae` (the CLI's
 recipe on activations held in memory, so that every variant sees the same rows; the CLI now takes each variant's
-`kron_activation`, `hierarchical`, `base_dim` and `ext_dim` per `--sae` entry, but it harvests afresh per run). Iso-FLOPs: a KronSAE gets m·n/(m+n) times TopK's
+`kron_activation`, `hierarchical`, `base_dim` and `ext_dim` per `--sae` entry, but it harvests afresh per run).
+Iso-FLOPs: a KronSAE gets m·n/(m+n) times TopK's
 {args.tokens:,} tokens (its encoder is that much cheaper); "encoder FLOPs vs TopK" is the resulting total encoder
 cost (1.00 = iso-FLOPs). b_dec starts at the geometric median for every SAE, KronSAEs included (the paper and
 the CLI start KronSAE's at zero: with ~10^2 steps a zero b_dec never learns the residual stream's large mean — a
