@@ -71,6 +71,11 @@ class SAEMetrics(TypedDict, total=False):
     eval_dataset: str
     tokens_trained: int
     lm_loss: LMLossMetrics | None
+    # Metrics passed by hand (push_sae(metrics=...)) may give the numbers at k and the LM loss at the top level:
+    explained_variance: float
+    fvu: float
+    l0: float
+    ce_loss_recovered: float
     command: str
     limitations: list[str]
     license: str
