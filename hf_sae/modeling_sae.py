@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 from ._io import staged_files
 from .configuration_sae import SAEConfig
 from .errors import SAEConfigError, SAEInputError, SAELoadError
-from .loading import explain_load_failure
+from .loading import describe_location, explain_load_failure
 from .losses import auxk_loss, hierarchical_topk_loss
 from .sparse import SparseLatents, sparse_decode
 
@@ -292,38 +292,41 @@ class SAEPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(tmp, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Strict load: missing, unexpected or mis-shaped tensors and truncated files raise SAELoadError."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, check_finite_weights: bool = True, **kwargs):
+        """Strict load: missing, unexpected or mis-shaped tensors, truncated files and NaN/inf weights raise
+        SAELoadError; a location that holds no SAE (a missing subfolder, a collection root, a folder without
+        config.json, another library's layout) raises the SAEHubError of :func:`hf_sae.loading.explain_load_failure`.
+
+        ``check_finite_weights=False`` skips the NaN/inf check (one pass over the weights) for trusted files.
+        """
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("use_safetensors", True)  # never unpickle
+        name = pretrained_model_name_or_path
+        subfolder, revision = kwargs.get("subfolder") or None, kwargs.get("revision")
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
+            model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except SAEConfigError as err:
+            better = explain_load_failure(name, err, subfolder=subfolder, revision=revision)
+            if better is not None:  # no config.json there at all: say what is there instead
+                raise better from err
             if str(err).startswith("config.json:"):
-                where = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "", "config.json")
+                where = Path(str(name), subfolder or "", "config.json")
                 raise SAEConfigError(f"{where}{str(err)[len('config.json') :]}") from None
             raise
         except Exception as err:
             text = str(err)
             if "size mismatch" in text or "ignore_mismatched_sizes" in text:
                 raise SAELoadError(
-                    f"{pretrained_model_name_or_path}: tensor shapes in model.safetensors disagree with config.json "
+                    f"{name}: tensor shapes in model.safetensors disagree with config.json "
                     f"({text.strip().splitlines()[0]}). The config and weights come from different SAEs."
                 ) from err
             if "deserializ" in text or "header" in text.lower() or "incomplete" in text.lower():
                 raise SAELoadError(
-                    f"{pretrained_model_name_or_path}: model.safetensors cannot be read ({text.strip()}); the file "
+                    f"{name}: model.safetensors cannot be read ({text.strip()}); the file "
                     "is probably truncated or corrupt. Download or save it again."
                 ) from err
             if isinstance(err, (OSError, ValueError)) and not isinstance(err, SAELoadError):
-                better = explain_load_failure(
-                    pretrained_model_name_or_path,
-                    err,
-                    subfolder=kwargs.get("subfolder") or None,
-                    revision=kwargs.get("revision"),
-                )
+                better = explain_load_failure(name, err, subfolder=subfolder, revision=revision)
                 if better is not None:
                     raise better from err
             raise
@@ -341,6 +344,8 @@ class SAEPreTrainedModel(PreTrainedModel):
                 f"{json.dumps({k: sorted(map(str, v)) for k, v in problems.items()})}. "
                 "The weights file belongs to another architecture or config."
             )
+        if check_finite_weights:
+            _check_finite_weights(model, name, subfolder, revision)
         return (model, info) if want_info else model
 
     # ----------------------------------------------------------------------------------------------- views
@@ -365,6 +370,34 @@ class SAEPreTrainedModel(PreTrainedModel):
     def default_learning_rate(cls, config: SAEConfig) -> float:
         """The peak learning rate training uses when none is given: :func:`scaled_learning_rate` of ``d_sae``."""
         return scaled_learning_rate(config.d_sae)
+
+
+def _check_finite_weights(model: nn.Module, name, subfolder: str | None, revision: str | None) -> None:
+    """Refuse NaN/inf weights: a safetensors file with a valid header and a corrupt payload loads without error."""
+    bad = {
+        param_name: int((~torch.isfinite(param)).sum())
+        for param_name, param in model.named_parameters()
+        if param.is_floating_point() and not bool(torch.isfinite(param).all())
+    }
+    if not bad:
+        return
+    local = Path(str(name), subfolder or "")
+    if local.is_dir():
+        file = next(
+            (local / f for f in ("model.safetensors", "model.safetensors.index.json") if (local / f).exists()), local
+        )
+    else:
+        file = describe_location(
+            f"{name}/{subfolder.strip('/') + '/' if subfolder else ''}model.safetensors", None, revision
+        )
+    counts = ", ".join(
+        f"{param_name} ({count} of {model.get_parameter(param_name).numel()})" for param_name, count in bad.items()
+    )
+    raise SAELoadError(
+        f"{file}: NaN/inf weights in {counts}. The file's header is valid but its data is corrupt (a damaged "
+        "download or disk), or the SAE diverged before it was saved. Download or save it again; pass "
+        "check_finite_weights=False to from_pretrained to load it anyway."
+    )
 
 
 def scaled_learning_rate(d_sae: int, base_lr: float = 8e-4) -> float:

@@ -29,12 +29,13 @@ from typing_extensions import Unpack
 from ._io import write_json_atomic
 from .cards import generate_collection_card, generate_model_card
 from .errors import SAEPushError
-from .loading import load_sae
+from .loading import explain_auto_model_failures, load_sae
 from .registry import architecture_of, architectures
 from .remote_code import REMOTE_CODE_NAME, add_remote_code, generate_remote_code
 from .run_files import find_checkpoints, find_plot, read_command, read_run_metrics, sae_folders, sae_metrics
 
 COLLECTION_MANIFEST = "collection.json"
+explain_auto_model_failures()  # AutoModel.from_pretrained explains missing repos, subfolders, collection roots
 _SUBFOLDER = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 
 

@@ -23,6 +23,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
+from transformers.utils import hub as transformers_hub
 
 from hf_sae import HierarchicalSAE, KronSAE, KronSAEConfig, SAELoadError
 from hf_sae import hub as hf_hub
@@ -388,11 +389,52 @@ def test_unreachable_endpoint_names_the_endpoint_and_the_cache(cache, monkeypatc
 def test_subfolder_and_collection_root_errors_list_the_saes(hub, cache):
     with hub_client(hub.push_url, cache):
         hf_hub.push_collection({"layer_1/resid": _sae(hook_layer=1), "layer_2/resid": _sae(hook_layer=2)}, "me/coll")
+    # the README's calls give load_sae's message, not "config is missing required key(s)"
+    for load in (hf_hub.load_sae, HierarchicalSAE.from_pretrained, AutoModel.from_pretrained):
+        with hub_client(hub.pull_url, cache):
+            with pytest.raises(
+                hf_hub.SAEHubError, match=r"collection, not a single SAE: pass subfolder=.*layer_1/resid"
+            ):
+                load("me/coll")
+            with pytest.raises(hf_hub.SAEHubError, match=r"subfolder does not exist; SAEs in this repo: layer_1/resid"):
+                load("me/coll", subfolder="layer_9/resid")
+            with pytest.raises(hf_hub.SAEHubError, match=r"at revision 'v9': the repo exists .* \(branches and tags"):
+                load("me/coll", subfolder="layer_1/resid", revision="v9")
+
+
+def test_auto_model_errors_name_the_endpoint_in_use(hub, cache):
+    with hub_client(hub.pull_url, cache), pytest.raises(hf_hub.SAEHubError) as info:
+        AutoModel.from_pretrained("me/never-pushed")
+    assert f"no such repo on {hub.pull_url}" in str(info.value) and "huggingface.co" not in str(info.value)
+
+
+def test_errors_show_a_resolved_revision_by_name_and_short_sha(hub, cache, tmp_path, monkeypatch):
+    # transformers keeps one HfApi whose endpoint is the one in use when it was made (hub_client does not reset it):
+    # a fresh one here, so that transformers resolves the revision on this hub (as it does under HF_ENDPOINT).
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
+    sae = _sae(seed=14)
+    sae.save_pretrained(tmp_path / "config-only")
+    (tmp_path / "config-only" / "model.safetensors").unlink()
+    with hub_client(hub.push_url, cache):
+        HfApi().create_repo("me/config-only", exist_ok=True)
+        commit = HfApi().upload_folder(folder_path=tmp_path / "config-only", repo_id="me/config-only")
+    for load in (AutoModel.from_pretrained, hf_hub.load_sae):  # transformers resolves the revision first
+        with hub_client(hub.pull_url, cache), pytest.raises(hf_hub.SAEHubError) as info:
+            load("me/config-only", revision="main")
+        assert f"at revision 'main' (commit {commit.oid[:8]})" in str(info.value), str(info.value)
+        assert "ResolvedRevision(" not in str(info.value) and "found .gitattributes, config.json" in str(info.value)
+
+
+def test_offline_load_of_a_cached_collection_root_says_it_is_a_collection(hub, cache):
+    with hub_client(hub.push_url, cache):
+        hf_hub.push_collection({"layer_4/resid": _sae(hook_layer=4)}, "me/cached-coll")
     with hub_client(hub.pull_url, cache):
-        with pytest.raises(hf_hub.SAEHubError, match=r"collection, not a single SAE: pass subfolder=.*layer_1/resid"):
-            hf_hub.load_sae("me/coll")
-        with pytest.raises(hf_hub.SAEHubError, match=r"subfolder does not exist; SAEs in this repo: layer_1/resid"):
-            hf_hub.load_sae("me/coll", subfolder="layer_9/resid")
+        hf_hub.load_sae("me/cached-coll", subfolder="layer_4/resid")  # now in the cache
+    with hub_client(hub.pull_url, cache, offline=True):
+        with pytest.raises(hf_hub.SAEHubError, match=r"collection, not a single SAE: pass subfolder=.*layer_4/resid"):
+            HierarchicalSAE.from_pretrained("me/cached-coll")
+        with pytest.raises(hf_hub.SAEHubError, match=r"offline mode is on .* holds 1 snapshot"):
+            HierarchicalSAE.from_pretrained("me/cached-coll", subfolder="layer_5/resid")  # maybe on the Hub
 
 
 def test_peer_layout_on_the_hub_names_the_converter_which_then_works(hub, cache):

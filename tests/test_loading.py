@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ResolvedRevision
+from transformers import AutoModel
 
 from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, SAEConfigError, SAELoadError
 from hf_sae.hub import SAEHubError, detect_layout, explain_load_failure, load_sae
+from hf_sae.loading import describe_location, revision_text
 
 PEER = Path(__file__).parent / "data" / "peer_formats"
 
@@ -120,3 +123,83 @@ def test_detect_layout_reads_file_lists():
     assert detect_layout(["l/r/config.json", "l/r/model.safetensors"]) == ("hf-sae-collection", ["l/r"])
     assert detect_layout(["l/r/config.json", "l/r/model.safetensors"], subfolder="l/r") == ("hf-sae", [""])
     assert detect_layout(["README.md"]) == ("unknown", [])
+
+
+# ------------------------------------------------------------ every entry point explains a location the same way
+LOADERS = {
+    "HierarchicalSAE.from_pretrained": HierarchicalSAE.from_pretrained,
+    "AutoModel.from_pretrained": AutoModel.from_pretrained,
+    "load_sae": load_sae,
+}
+
+
+@pytest.fixture
+def collection(tmp_path) -> Path:
+    for layer in (1, 2):
+        HierarchicalSAE(HierarchicalSAEConfig(d_in=8, d_sae=16, k=2, hook_layer=layer)).save_pretrained(
+            tmp_path / "coll" / f"layer_{layer}" / "resid"
+        )
+    (tmp_path / "coll" / "notes").mkdir()
+    (tmp_path / "coll" / "notes" / "README.md").write_text("no SAE here")
+    return tmp_path / "coll"
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+@pytest.mark.parametrize(
+    "subfolder,pattern",
+    [
+        ("layer_3/resid", r"has no subfolder 'layer_3/resid'; SAEs found in: layer_1/resid, layer_2/resid"),
+        (None, r"is an hf-sae collection, not a single SAE: pass subfolder=, one of \['layer_1/resid'"),
+        ("notes", r"\(subfolder 'notes'\) has no config.json \(found README.md\)"),
+    ],
+    ids=["missing-subfolder", "collection-root", "no-config"],
+)
+def test_every_loader_says_what_is_at_the_location_instead_of_a_config_error(collection, loader, subfolder, pattern):
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    with pytest.raises(SAEHubError, match=pattern) as info:
+        LOADERS[loader](collection, **kwargs)
+    assert "missing required key" not in str(info.value) and "model_type" not in str(info.value)
+    assert isinstance(info.value, OSError) and isinstance(info.value, ValueError)  # what transformers raised
+
+
+def test_auto_model_keeps_transformers_errors_for_other_models(tmp_path, tiny_lm):
+    tiny_lm("gemma2").save_pretrained(tmp_path / "lm")
+    (tmp_path / "lm" / "model.safetensors").unlink()
+    with pytest.raises(OSError) as info:
+        AutoModel.from_pretrained(tmp_path / "lm")
+    assert not isinstance(info.value, SAEHubError)  # a Gemma folder without weights: transformers says so itself
+
+
+def test_load_sae_refuses_a_model_that_is_not_an_sae(tmp_path, tiny_lm):
+    tiny_lm("gemma2").save_pretrained(tmp_path / "gemma")
+    with pytest.raises(SAELoadError, match=r"is not an SAE: its config.json says model_type='gemma2'") as info:
+        load_sae(tmp_path / "gemma")
+    assert "hierarchical_sae" in str(info.value) and "kron_sae" in str(info.value)
+    assert "register_architecture" in str(info.value)
+
+
+def _corrupt_payload(weights: Path) -> None:
+    """Overwrite the last 16 bytes (tensor data, not the header) with 0xff: float32 NaNs."""
+    data = bytearray(weights.read_bytes())
+    data[-16:] = b"\xff" * 16
+    weights.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_corrupt_payload_with_a_valid_header_is_refused_naming_the_file(saved, loader):
+    _corrupt_payload(saved / "model.safetensors")
+    with pytest.raises(SAELoadError, match=r"NaN/inf weights in .* \(4 of \d+\)") as info:
+        LOADERS[loader](saved)
+    assert str(saved / "model.safetensors") in str(info.value) and "check_finite_weights=False" in str(info.value)
+    trusted = LOADERS[loader](saved, check_finite_weights=False)  # the opt-out for files known to be fine
+    assert not all(bool(torch.isfinite(p).all()) for p in trusted.parameters())
+
+
+def test_revisions_show_their_name_and_short_sha_not_a_repr():
+    resolved = ResolvedRevision("54fc7e8321f9d9f06ea69ad977463bab5ef6e44a", initial="v1")
+    assert revision_text(resolved) == "'v1' (commit 54fc7e83)"
+    assert revision_text(ResolvedRevision("54fc7e8321f9d9f06ea69ad977463bab5ef6e44a")) == "'main' (commit 54fc7e83)"
+    assert revision_text("v2") == "'v2'"
+    where = describe_location("me/saes", "layer_1/resid", resolved)
+    assert where == "me/saes (subfolder 'layer_1/resid') at revision 'v1' (commit 54fc7e83)"
+    assert "ResolvedRevision(" not in where
