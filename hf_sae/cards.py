@@ -275,6 +275,14 @@ def _facts(config, metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     return facts
 
 
+def find_command(folder: str | Path | None) -> str | None:
+    """The command that trained the SAE saved in ``folder``: its ``command.txt``, else its run folder's (the parent
+    of each SAE folder of a multi-SAE run)."""
+    if folder is None:
+        return None
+    return read_command(folder) or read_command(Path(folder).parent)
+
+
 def _as_command(command: str | Sequence[str] | None) -> str | None:
     if command is None or isinstance(command, str):
         return command
@@ -311,7 +319,7 @@ def generate_model_card(
     metrics = read_run_metrics(run_dir) if metrics is None else sae_metrics(metrics, run_dir)
     has_metrics = bool(metrics)
     metrics = normalize_metrics(metrics, config.k)
-    command = _as_command(command) or metrics.get("command") or read_command(run_dir)
+    command = _as_command(command) or metrics.get("command") or find_command(run_dir)
     if plot is None and (found := find_plot(run_dir)) is not None:
         plot = found.name
     eval_dataset = str(metrics.get("eval_dataset") or config.dataset or "held-out activations")
@@ -396,10 +404,12 @@ def generate_collection_card(
     repo_id: str | None = None,
     license: str | None = None,
     limitations: Sequence[str] | None = None,
+    commands: Mapping[str, str | Sequence[str] | None] | None = None,
 ) -> ModelCard:
     """The root card of a collection repo: one row per SAE subfolder (``layer_{L}/{site}``) with its key numbers.
 
-    ``saes`` maps subfolder -> SAE (or config); ``metrics`` maps subfolder -> that SAE's metrics.
+    ``saes`` maps subfolder -> SAE (or config); ``metrics`` maps subfolder -> that SAE's metrics; ``commands`` maps
+    subfolder -> the command that trained it (default: each metrics' ``run.command``), listed once per command.
     """
     metrics = metrics or {}
     configs = {sub: getattr(sae, "config", sae) for sub, sae in saes.items()}
@@ -464,9 +474,15 @@ def generate_collection_card(
             ),
         ]
     )
+    trained_by: dict[str, list[str]] = {}
+    for sub in configs:
+        found = _as_command((commands or {}).get(sub)) or normalize_metrics(metrics.get(sub)).get("command")
+        if found:
+            trained_by.setdefault(found, []).append(sub)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path(COLLECTION_TEMPLATE)),
+        commands=list(trained_by.items()),
         hf_sae_version=__version__,
         title=f"SAE collection: {name}",
         summary=summary,

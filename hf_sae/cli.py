@@ -4,21 +4,28 @@
     hf-sae convert {gemma-scope,sae-lens,sparsify} SRC OUT [--subfolder PATH] [--revision REV] [--k K] [--dtype T]
     hf-sae card RUN_DIR [--repo-id ID] [--output FILE | --write]
     hf-sae flow {trace,table,match} REPO ...   (feature flow; see hf_sae.flow.cli)
+    hf-sae --version
+
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (name -> help, add_arguments(parser), run(args) -> exit code); a
-new one (e.g. ``flow``) is added by appending an entry. Errors a user can fix (bad paths, missing repos, refused
-pushes; every :class:`~hf_sae.errors.HfSaeError`) print one ``hf-sae: error: ...`` line and exit with status 2,
-without a traceback; anything else is a bug and keeps its traceback.
+new one (e.g. ``flow``) is added by appending an entry, and its ``--help`` examples by an entry of :data:`EXAMPLES`.
+Errors a user can fix (bad paths, missing repos, an unreachable Hub, refused pushes; every
+:class:`~hf_sae.errors.HfSaeError`) print one ``hf-sae: error: ...`` line and exit with status 2, without a
+traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
 from ._io import write_text_atomic
+from ._version import __version__
 from .cards import generate_collection_card, generate_model_card
 from .convert import FORMATS, convert
 from .errors import HfSaeError
@@ -108,8 +115,10 @@ def _run_convert(args: argparse.Namespace) -> int:
             raise HfSaeError("--k applies to JumpReLU SAEs (gemma-scope, sae-lens jumprelu/standard), not sparsify.")
         kwargs["k"] = args.k
     overrides = {"base_model": args.base_model, "hook_layer": args.hook_layer, "hook_site": args.hook_site}
-    sae = convert(args.format, args.source, **kwargs, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HfSaeError(f"OUT={out} is a file; pass a folder (created if missing) to write the converted SAE into.")
+    sae = convert(args.format, args.source, **kwargs, **{k: v for k, v in overrides.items() if v is not None})
     sae.save_pretrained(out)
     write_text_atomic(out / "README.md", generate_model_card(sae).content)
     c = sae.config
@@ -165,23 +174,101 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 }
 
 
+EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "push": [
+        (
+            "push a finished run (a single SAE, or a collection for a multi-SAE run)",
+            "hf-sae push runs/my-run me/my-sae",
+        ),
+        (
+            "every checkpoint as a revision tagged step-N, then the final SAE tagged v1",
+            "hf-sae push runs/my-run me/my-sae --push-checkpoints --tag v1",
+        ),
+        (
+            "to your own namespace (bare name), loadable without hf-sae",
+            "hf-sae push runs/my-run my-sae --include-code --private",
+        ),
+    ],
+    "convert": [
+        (
+            "a Gemma Scope SAE from the Hub",
+            "hf-sae convert gemma-scope google/gemma-scope-2b-pt-res out/l20 --sae-id layer_20/width_16k/average_l0_71",
+        ),
+        ("a SAELens SAE folder", "hf-sae convert sae-lens path/to/blocks.12.hook_resid_post out/l12"),
+        (
+            "one hookpoint of a sparsify run",
+            "hf-sae convert sparsify EleutherAI/sae-llama-3-8b-32x out/l10 --hookpoint layers.10",
+        ),
+    ],
+    "card": [
+        ("print the card of a run's SAE", "hf-sae card runs/my-run"),
+        (
+            "write README.md next to the SAE, with the repo it will live in",
+            "hf-sae card runs/my-run --repo-id me/my-sae --write",
+        ),
+    ],
+    "flow": [
+        (
+            "trace feature 1234 of layer 12 into a picture",
+            "hf-sae flow trace me/gemma-2-2b-saes --layer 12 --feature 1234 --out flow.png",
+        ),
+        ("per-layer class table as CSV", "hf-sae flow table me/gemma-2-2b-saes --out table.csv"),
+        (
+            "match layer 12's features into layer 11",
+            "hf-sae flow match me/gemma-2-2b-saes --source 12/resid --target 11/resid",
+        ),
+    ],
+}
+
+
+def _epilog(name: str) -> str | None:
+    examples = EXAMPLES.get(name)
+    if not examples:
+        return None
+    return "examples:\n" + "\n".join(f"  # {what}\n  {command}\n" for what, command in examples)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-sae", description="Sparse autoencoders as Hugging Face models.")
+    parser = argparse.ArgumentParser(
+        prog="hf-sae",
+        description="Sparse autoencoders as Hugging Face models.",
+        epilog="examples:\n"
+        + "\n".join(f"  {examples[0][1]}" for examples in EXAMPLES.values())
+        + "\n\n`hf-sae COMMAND --help` shows each command's options and more examples.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hf-sae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
-        child = sub.add_parser(name, help=help_text, description=help_text)
+        child = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_epilog(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_arguments(child)
         child.set_defaults(run=run)
     return parser
 
 
+def error_line(err: BaseException) -> str:
+    """``hf-sae: error: <message>`` on one line (a server's multi-line answer is folded into it)."""
+    return "hf-sae: error: " + re.sub(r"\s*\n\s*", " ", str(err).strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" of a few tensors
     try:
         return args.run(args)
     except HfSaeError as err:
-        print(f"hf-sae: error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -115,29 +115,34 @@ def describe_location(name: str, subfolder: str | None = None, revision: str | N
     )
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def network_failure(error: BaseException | None) -> str | None:
-    """The network error behind ``error`` (walking its causes), as one line; None if it is not one.
-
-    huggingface_hub's HTTP clients raise their own errors for a refused connection, a DNS failure or a timeout
-    (``httpx2`` / ``httpx`` ``TransportError``, ``requests`` ``ConnectionError``); none of them is an ``OSError``.
-    """
-    network: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-    for module in ("httpx2", "httpx", "requests"):  # huggingface_hub 2.x uses httpx2, 1.x httpx, 0.x requests
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a failed connection (refused, DNS, TLS, timeout) in the HTTP clients huggingface_hub
+    uses (2.x httpx2, 1.x httpx, 0.x requests); none of theirs is an ``OSError``."""
+    found: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    for module in ("httpx2", "httpx", "requests"):
         try:
             imported = __import__(module)
         except ImportError:
             continue
-        network += tuple(getattr(imported, n) for n in ("TransportError", "ConnectionError") if hasattr(imported, n))
+        found += tuple(getattr(imported, n) for n in ("TransportError", "ConnectionError") if hasattr(imported, n))
+    return found
+
+
+NETWORK_ERRORS = _network_errors()
+
+
+def network_failure(error: BaseException | None) -> str | None:
+    """The network error behind ``error`` (walking its causes), as one line; None if it is not one."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, network):
-            return _one_line(error)
+        if isinstance(error, NETWORK_ERRORS):
+            return one_line(error)
         error = error.__cause__ or error.__context__
     return None
 
@@ -156,7 +161,7 @@ def _probe(endpoint: str) -> str | None:
     try:
         get_session().get(f"{endpoint}/api/whoami-v2", timeout=5)
     except Exception as err:
-        return _one_line(err)
+        return one_line(err)
     return None
 
 
@@ -225,7 +230,7 @@ def _hub_files(name: str, revision: str | None, subfolder: str | None, error: Ba
         )
     except Exception as err:  # the endpoint went away, TLS, proxy...
         return SAEHubError(
-            f"{where} cannot be loaded: the Hub at {constants.ENDPOINT} did not answer ({_one_line(err)}); "
+            f"{where} cannot be loaded: the Hub at {constants.ENDPOINT} did not answer ({one_line(err)}); "
             f"{cache}. Check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use a cached copy."
         )
 

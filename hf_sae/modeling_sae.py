@@ -45,6 +45,26 @@ class SAEOutput(ModelOutput):
     losses: dict[str, Tensor] | None = None
 
 
+# save_pretrained(..., push_to_hub=True, **these) hands these to push_to_hub (hf_sae.push_sae) instead of saving them.
+_PUSH_OPTIONS = (
+    "repo_id",
+    "commit_message",
+    "commit_description",
+    "private",
+    "token",
+    "create_pr",
+    "revision",
+    "tag",
+    "tags",
+    "endpoint",
+    "license",
+    "include_code",
+    "metrics",
+    "command",
+    "safe_serialization",
+)
+
+
 class SAEPreTrainedModel(PreTrainedModel):
     """Base class of hf-sae SAEs. Holds the decoder ``W_dec`` (d_sae, d_in) with unit-norm rows and ``b_dec``."""
 
@@ -281,12 +301,18 @@ class SAEPreTrainedModel(PreTrainedModel):
 
         Files the SAE does not write (model cards, metrics, plots, checkpoint subfolders) are kept; config.json is
         renamed last, so a reader never sees a new config beside old weights.
+
+        ``push_to_hub=True`` (transformers' idiom) then pushes the SAE with ``push_to_hub`` to ``repo_id`` (default:
+        the folder's name in the token's namespace), its card reading the folder's metrics, plot and command; the
+        push options (``commit_message``, ``private``, ``token``, ``tag``, ...) go to the push, the rest to the save.
         """
-        if kwargs.get("push_to_hub"):
-            kwargs.pop("push_to_hub")
-            repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
+        if kwargs.pop("push_to_hub", False):
+            push = {key: kwargs.pop(key) for key in _PUSH_OPTIONS if key in kwargs}
+            repo_id = push.pop("repo_id", None) or Path(save_directory).name  # a bare name: the token's namespace
+            if "max_shard_size" in kwargs:
+                push["max_shard_size"] = kwargs["max_shard_size"]
             self.save_pretrained(save_directory, *args, **kwargs)
-            return self.push_to_hub(repo_id)
+            return self.push_to_hub(repo_id, run_dir=save_directory, **push)
         kwargs["safe_serialization"] = True
         with staged_files(save_directory, last=("config.json",)) as tmp:
             return super().save_pretrained(tmp, *args, **kwargs)

@@ -8,6 +8,7 @@ run's own folder, so a failed push leaves them untouched. Every push is a new co
 it.
 
     push_sae(sae, "me/gemma-2-2b-res-l12-hier")                        # = sae.push_to_hub(...)
+    push_sae(sae, "gemma-2-2b-res-l12-hier")                           # the token's own namespace (whoami)
     push_collection({"layer_12/resid": sae12, "layer_12/mlp": sae12m}, "me/gemma-2-2b-saes", tag="v1")
     push_run("runs/my-run", "me/my-sae", push_checkpoints=True)       # hf-sae push RUN REPO
 """
@@ -23,13 +24,13 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from typing_extensions import Unpack
 
 from ._io import write_json_atomic
-from .cards import generate_collection_card, generate_model_card
+from .cards import find_command, generate_collection_card, generate_model_card
 from .errors import SAEPushError
-from .loading import explain_auto_model_failures, load_sae
+from .loading import NETWORK_ERRORS, explain_auto_model_failures, load_sae, network_failure, one_line
 from .registry import architecture_of, architectures
 from .remote_code import REMOTE_CODE_NAME, add_remote_code, generate_remote_code
 from .run_files import find_checkpoints, find_plot, read_command, read_run_metrics, sae_folders, sae_metrics
@@ -51,8 +52,31 @@ def _endpoint(endpoint: str | None = None) -> str:
 def _check_repo_id(repo_id: str) -> None:
     if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id):
         raise SAEPushError(
-            f"repo_id={repo_id!r} is not a Hub repo id; pass 'namespace/name', e.g. 'me/gemma-2-2b-saes'."
+            f"repo_id={repo_id!r} is not a Hub repo id; pass 'namespace/name', e.g. 'me/gemma-2-2b-saes', or a bare "
+            "name ('gemma-2-2b-saes') for your own namespace."
         )
+
+
+def resolve_repo_id(repo_id: str, token: str | bool | None = None, endpoint: str | None = None) -> str:
+    """``namespace/name`` as given, or a bare ``name`` in the token's own namespace (``HfApi.whoami``), as
+    transformers' ``push_to_hub("name")`` does."""
+    if isinstance(repo_id, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*", repo_id):
+        try:
+            user = _api(token, endpoint).whoami()["name"]
+        except (HfHubHTTPError, OSError, KeyError, *NETWORK_ERRORS) as err:
+            raise _unreachable(err, repo_id, endpoint) or SAEPushError(
+                f"repo_id={repo_id!r} has no namespace, and {_endpoint(endpoint)} cannot say whose token this is "
+                f"({one_line(err)}). Log in (`hf auth login` or HF_TOKEN), or pass 'namespace/{repo_id}'."
+            ) from err
+        repo_id = f"{user}/{repo_id}"
+    _check_repo_id(repo_id)
+    return repo_id
+
+
+def _source_folder(sae) -> Path | None:
+    """The local folder ``sae`` was loaded from (transformers records it as ``config._name_or_path``), if any."""
+    name = str(getattr(sae.config, "_name_or_path", "") or "")
+    return Path(name) if name and (Path(name) / "config.json").is_file() else None
 
 
 def _check_subfolder(name: str) -> str:
@@ -164,14 +188,29 @@ def _upload(
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr, **text)
         if tag is not None:
             api.create_tag(repo_id, tag=tag, revision=info.oid, tag_message=commit_message)
-    except (HfHubHTTPError, OSError) as err:
+    except (HfHubHTTPError, OSError, *NETWORK_ERRORS) as err:
         if isinstance(err, SAEPushError):
             raise
-        raise SAEPushError(
+        raise _unreachable(err, repo_id, endpoint) or SAEPushError(
             f"pushing to {repo_id} on {_endpoint(endpoint)} failed: {type(err).__name__}: {str(err).strip()}. "
             "Nothing local was changed; fix the cause (token, network, repo name) and push again."
         ) from err
     return info
+
+
+def _unreachable(err: BaseException, repo_id: str, endpoint: str | None) -> SAEPushError | None:
+    """The error of a push that never reached the Hub (offline mode, refused connection, DNS, TLS), else None."""
+    if isinstance(err, OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE:
+        return SAEPushError(
+            f"pushing to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1), and a push needs the Hub at "
+            f"{_endpoint(endpoint)}. Nothing local was changed. Unset HF_HUB_OFFLINE (or set it to 0) and push again."
+        )
+    if (reason := network_failure(err)) is not None:
+        return SAEPushError(
+            f"pushing to {repo_id}: the Hub at {_endpoint(endpoint)} did not answer ({reason}). Nothing local was "
+            "changed. Check the network and the endpoint (HF_ENDPOINT, or endpoint=), then push again."
+        )
+    return None
 
 
 def push_sae(
@@ -185,25 +224,37 @@ def push_sae(
     license: str | None = None,
     tags: Sequence[str] | None = None,
     max_shard_size: int | str | None = None,
+    safe_serialization: bool = True,
     **commit: Unpack[CommitOptions],
 ):
     """Push one SAE (weights, config, generated card, metrics, plot) to ``repo_id`` as one commit.
 
     Args:
         sae: an hf-sae model.
-        repo_id: ``namespace/name``; created if missing.
+        repo_id: ``namespace/name``, or a bare ``name`` for the token's own namespace; created if missing.
         metrics, run_dir, command: what the card reports (see :func:`hf_sae.cards.generate_model_card`); ``run_dir``
-            (only read) supplies ``metrics.json``, the plot and ``command.txt`` when not given.
+            (only read) supplies ``metrics.json``, the plot and ``command.txt`` when not given. Without ``run_dir``
+            the command comes from the ``command.txt`` of the folder the SAE was loaded from (or its run folder).
         include_code: also upload ``modeling_hf_sae.py`` and an ``auto_map`` so that
             ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` works without hf-sae installed.
-        license: the card's license (default apache-2.0).
+        license: the card's license (default: the base model's, see :func:`hf_sae.cards.default_license`).
         tags, max_shard_size: as in ``PreTrainedModel.push_to_hub`` (extra card tags; checkpoint shard size).
+        safe_serialization: accepted for transformers' ``push_to_hub`` signature; hf-sae writes safetensors only,
+            so ``False`` is refused.
         **commit: :class:`CommitOptions` (revision, tag, commit_message, private, token, create_pr, endpoint, ...).
 
     Returns: the ``huggingface_hub.CommitInfo`` of the commit (``.oid`` is the new revision).
-    Raises: :class:`SAEPushError` (an ``OSError``) when the Hub refuses; local files are never modified.
+    Raises: :class:`SAEPushError` (an ``OSError``) when the Hub refuses or cannot be reached; local files are never
+    modified.
     """
-    _check_repo_id(repo_id)
+    if safe_serialization is not True:
+        raise SAEPushError(
+            f"safe_serialization={safe_serialization!r}: hf-sae pushes safetensors only (pickled weights can run "
+            "code when loaded). Drop the argument or pass safe_serialization=True."
+        )
+    repo_id = resolve_repo_id(repo_id, commit.get("token"), commit.get("endpoint"))
+    if command is None and run_dir is None:
+        command = find_command(_source_folder(sae))
     arch = sae.config.model_type
     with tempfile.TemporaryDirectory(prefix="hf-sae-push-") as tmp:
         folder = stage_sae(
@@ -264,7 +315,7 @@ def push_collection(
     even when loading with ``subfolder=``.
     Returns the ``CommitInfo`` of the commit.
     """
-    _check_repo_id(repo_id)
+    repo_id = resolve_repo_id(repo_id, commit.get("token"), commit.get("endpoint"))
     if not saes:
         raise SAEPushError("push_collection got no SAEs; pass {'layer_12/resid': sae, ...}.")
     names = [_check_subfolder(name) for name in saes]
@@ -283,6 +334,9 @@ def push_collection(
             run_dirs.setdefault(name, folder)
         if name not in metrics:
             metrics[name] = metrics.pop(raw_name, None) or read_run_metrics(run_dirs.get(name))
+    commands = {
+        name: command or find_command(run_dirs.get(name) or _source_folder(sae)) for name, sae in loaded.items()
+    }
     with tempfile.TemporaryDirectory(prefix="hf-sae-push-") as tmp:
         root = Path(tmp) / "repo"
         root.mkdir()
@@ -293,7 +347,7 @@ def push_collection(
                 root / name,
                 metrics=metrics.get(name),
                 run_dir=run_dirs.get(name),
-                command=command,
+                command=commands[name],
                 repo_id=repo_id,
                 subfolder=name,
                 include_code=include_code,
@@ -313,7 +367,7 @@ def push_collection(
         if include_code:  # transformers fetches auto_map modules from the repo root, even with subfolder=
             code = generate_remote_code([architecture_of(sae) for sae in loaded.values()])
             (root / REMOTE_CODE_NAME).write_text(code)
-        card = generate_collection_card(loaded, metrics, repo_id=repo_id, license=license)
+        card = generate_collection_card(loaded, metrics, repo_id=repo_id, license=license, commands=commands)
         card.save(root / "README.md")
         message = f"Upload {len(loaded)} SAEs with hf-sae: {', '.join(loaded)}"
         return _upload(root, repo_id, message, **{**commit, "create_pr": False})
@@ -385,7 +439,7 @@ def push_run(
     Returns the ``CommitInfo`` of every push (checkpoints first, the final one last).
     """
     run_dir = Path(run_dir)
-    _check_repo_id(repo_id)
+    repo_id = resolve_repo_id(repo_id, commit.get("token"), commit.get("endpoint"))
     final = _run_sae_folders(run_dir)
     if not final:
         raise SAEPushError(

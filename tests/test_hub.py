@@ -266,6 +266,88 @@ def test_existing_tag_is_refused_before_any_commit(hub, cache):
     assert len(hub.push.commits) == commits
 
 
+# ------------------------------------------------------------------------------------- transformers' idioms
+def test_push_to_hub_with_a_bare_name_goes_to_the_tokens_namespace(hub, cache):
+    sae = _sae(seed=15)
+    with hub_client(hub.push_url, cache):
+        commit = sae.push_to_hub("bare-name", safe_serialization=True)  # whoami says "me"
+    assert hub.push.commits[-1] == ("me/bare-name", "main", commit.oid)
+    with hub_client(hub.pull_url, cache):
+        _assert_same(sae, AutoModel.from_pretrained("me/bare-name"))
+        card = ModelCard.load("me/bare-name")
+    assert 'AutoModel.from_pretrained("me/bare-name")' in card.text
+
+
+def test_save_pretrained_with_push_to_hub_saves_then_pushes_the_folder(hub, cache, tmp_path):
+    sae = _sae(seed=16)
+    folder = tmp_path / "my-local-sae"
+    folder.mkdir()
+    (folder / "command.txt").write_text("python -m training.train --k 8 --layer 12\n")
+    with hub_client(hub.push_url, cache):
+        sae.save_pretrained(folder, push_to_hub=True)  # repo: the folder's name, in the token's namespace
+        sae.save_pretrained(folder, push_to_hub=True, repo_id="me/named", commit_message="first", private=True)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    assert [c[0] for c in hub.push.commits[-2:]] == ["me/my-local-sae", "me/named"]
+    with hub_client(hub.pull_url, cache):
+        _assert_same(sae, AutoModel.from_pretrained("me/my-local-sae"))
+        root = Path(snapshot_download("me/named"))
+        log = hub.push.store.git("me/named", "log", "-1", "--format=%s", "main").strip()
+    assert "python -m training.train --k 8 --layer 12" in (root / "README.md").read_text()
+    assert log == "first"
+
+
+def test_unsafe_serialization_and_a_bare_name_without_a_token_are_refused_before_uploading(hub, cache, monkeypatch):
+    with hub_client(hub.push_url, cache):
+        commits = len(hub.push.commits)
+        with pytest.raises(hf_hub.SAEPushError, match=r"safe_serialization=False: hf-sae pushes safetensors only"):
+            _sae().push_to_hub("me/unsafe", safe_serialization=False)
+        monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: (_ for _ in ()).throw(OSError("no token")))
+        with pytest.raises(hf_hub.SAEPushError, match=r"'bare' has no namespace.*pass 'namespace/bare'"):
+            _sae().push_to_hub("bare")
+    assert len(hub.push.commits) == commits
+
+
+def test_push_to_an_unreachable_endpoint_names_it_and_the_fix(cache, tmp_path, monkeypatch, capsys):
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None}))
+    with hub_client("http://127.0.0.1:9", cache), pytest.raises(hf_hub.SAEPushError) as info:
+        hf_hub.push_sae(_sae(), "me/nowhere")
+    message = str(info.value)
+    assert "the Hub at http://127.0.0.1:9 did not answer" in message and "HF_ENDPOINT" in message
+    assert "Nothing local was changed" in message and isinstance(info.value, OSError)
+    _sae().save_pretrained(tmp_path / "sae")
+    capsys.readouterr()
+    with hub_client("http://127.0.0.1:9", cache):
+        assert cli_main(["push", str(tmp_path / "sae"), "me/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-sae: error: pushing to me/nowhere: the Hub at http://127.0.0.1:9 did not answer")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_pushed_cards_carry_the_training_command(hub, cache, tmp_path):
+    run = tmp_path / "run"
+    for layer in (1, 2):
+        _sae(seed=20 + layer, hook_layer=layer).save_pretrained(run / f"L{layer}_resid")
+    (run / "command.txt").write_text("python -m training.train --sae layer=1 --sae layer=2\n")
+    single = tmp_path / "single"
+    _sae(seed=23).save_pretrained(single)
+    (single / "command.txt").write_text("python -m training.train --layer 12\n")
+    with hub_client(hub.push_url, cache):
+        hf_hub.push_sae(hf_hub.load_sae(single), "me/cmd-loaded")  # the folder it was loaded from
+        hf_hub.push_collection({"layer_1/resid": run / "L1_resid", "layer_2/resid": run / "L2_resid"}, "me/cmd-coll")
+    with hub_client(hub.pull_url, cache):
+        loaded = Path(snapshot_download("me/cmd-loaded"))
+        coll = Path(snapshot_download("me/cmd-coll"))
+    assert "python -m training.train --layer 12" in (loaded / "README.md").read_text()
+    for card in (
+        coll / "README.md",
+        coll / "layer_1" / "resid" / "README.md",
+        coll / "layer_2" / "resid" / "README.md",
+    ):
+        assert "python -m training.train --sae layer=1 --sae layer=2" in card.read_text(), card
+
+
 # ---------------------------------------------------------------------------------------- remote code
 REMOTE_SCRIPT = textwrap.dedent(
     """
