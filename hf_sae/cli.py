@@ -56,7 +56,9 @@ def _add_push(parser: argparse.ArgumentParser) -> None:
         help="upload a self-contained modeling file so that trust_remote_code=True loads the SAE "
         "without hf-sae installed",
     )
-    parser.add_argument("--license", help="license in the card (default apache-2.0)")
+    parser.add_argument(
+        "--license", help="license in the card (default: the base model's, e.g. gemma for Gemma; else apache-2.0)"
+    )
 
 
 def _run_push(args: argparse.Namespace) -> int:

@@ -27,8 +27,6 @@ class JumpReLUSAEConfig(SAEConfig):
             ``k`` largest, which changes their reconstruction.
         hierarchical (`bool`, defaults to `False`): must stay False (a JumpReLU SAE has no budget objective).
         auxk (`bool`, defaults to `False`): must stay False (hf-sae does not train JumpReLU SAEs).
-        source_format (`str`, *optional*): the format the weights came from (``"gemma-scope"``, ``"sae-lens"``).
-        source (`str`, *optional*): the source repo / path / release id, for the card.
 
     All other fields are those of :class:`~hf_sae.configuration_sae.SAEConfig`. ``activation_scale`` folding divides
     ``b_enc`` *and* ``threshold`` by the scale, so a folded SAE compares raw pre-activations with raw thresholds.
@@ -42,8 +40,6 @@ class JumpReLUSAEConfig(SAEConfig):
     hierarchical: bool = False
     auxk: bool = False
     apply_b_dec_to_input: bool = False
-    source_format: str | None = None
-    source: str | None = None
 
     def validate_sae(self) -> None:
         if self.k is None and isinstance(self.d_sae, int) and not isinstance(self.d_sae, bool):
@@ -84,8 +80,3 @@ class JumpReLUSAEConfig(SAEConfig):
             "hf-sae does not train JumpReLU SAEs: `forward` returns the reconstruction MSE only, and the "
             "threshold gets no gradient."
         ]
-
-    def card_source_note(self) -> str | None:
-        if not self.source:
-            return None
-        return f"Converted from {self.source_format or 'its source format'}: `{self.source}`."

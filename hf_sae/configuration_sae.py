@@ -74,6 +74,10 @@ class SAEConfig(PreTrainedConfig):
         excluded_token_ids (`list[int]`, *optional*): token ids (BOS, padding) excluded from training activations.
         dataset (`str`, *optional*): name of the training data set, recorded for the model card.
         tokens_trained (`int`, defaults to 0): number of activations the SAE was trained on.
+        source_format (`str`, *optional*): for an SAE converted by ``hf_sae.convert`` rather than trained by hf-sae,
+            the format its weights came from (``"gemma-scope"``, ``"sae-lens"``, ``"sparsify"``); the model card then
+            describes the source instead of hf-sae's training. Configs saved before this field load with None.
+        source (`str`, *optional*): the converted SAE's source repo / path / hookpoint, for the card.
         hf_sae_version (`str`, *optional*): version of hf-sae that wrote the config.
     """
 
@@ -97,6 +101,8 @@ class SAEConfig(PreTrainedConfig):
         "excluded_token_ids",
         "dataset",
         "tokens_trained",
+        "source_format",
+        "source",
         "hf_sae_version",
     )
 
@@ -118,6 +124,8 @@ class SAEConfig(PreTrainedConfig):
     excluded_token_ids: list[int] | None = None
     dataset: str | None = None
     tokens_trained: int = 0
+    source_format: str | None = None
+    source: str | None = None
     hf_sae_version: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -228,7 +236,17 @@ class SAEConfig(PreTrainedConfig):
         return "TopK encoder (Gao et al. 2024): a = ReLU(W_encᵀ(x − b_dec) + b_enc), the k largest kept; "
 
     def card_objective(self) -> str:
-        """What the SAE is and how it was trained: the card's "Training" paragraph."""
+        """What the SAE is and how it was trained: the card's "Training" paragraph (for a converted SAE: where its
+        weights came from, since hf-sae did not train it)."""
+        if self.source_format:
+            return (
+                self.card_encoder()
+                + f"k = {self.k}. Converted exactly from {self.source_format}"
+                + (f" (`{self.source}`)" if self.source else "")
+                + ", not trained by hf-sae: its training objective, data and decoder-row norms are the source's "
+                "(rows are kept as they are, not renormalised, so they need not be unit-norm). See the source for "
+                "how it was trained."
+            )
         budgets = f"budgets {self.budgets}" if self.budgets else f"every budget 1..{self.k}"
         if self.hierarchical:
             loss = (
@@ -252,4 +270,6 @@ class SAEConfig(PreTrainedConfig):
 
     def card_source_note(self) -> str | None:
         """Where the weights came from, when they were converted rather than trained by hf-sae."""
-        return None
+        if not self.source_format:
+            return None
+        return f"Converted from {self.source_format}" + (f": `{self.source}`." if self.source else ".")

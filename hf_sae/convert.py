@@ -104,8 +104,14 @@ def _build(arch: str, fields: dict[str, Any]) -> SAEPreTrainedModel:
     return architecture.model_class(architecture.build_config(preset, **fields))
 
 
-def _finish(model, tensors: dict[str, torch.Tensor], dtype: torch.dtype | str | None):
-    """Load exactly these tensors (strict) and cast to ``dtype`` (default: the source's dtype)."""
+def _finish(model, tensors: dict[str, torch.Tensor], dtype: torch.dtype | str | None, path: Path):
+    """Load exactly these tensors (strict) and cast to ``dtype`` (default: the source's dtype); NaN/inf weights (a
+    corrupt payload behind a valid header) are refused, naming ``path``."""
+    bad = sorted(name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all()))
+    if bad:
+        raise SAEConversionError(
+            f"{path}: NaN/inf values in {bad}; the file is corrupt (or the source SAE diverged). Download it again."
+        )
     source_dtype = next(iter(tensors.values())).dtype
     with torch.no_grad():
         model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
@@ -115,25 +121,84 @@ def _finish(model, tensors: dict[str, torch.Tensor], dtype: torch.dtype | str | 
     return model
 
 
-def _hook_from_name(hook_name: str | None) -> tuple[int | None, str | None]:
-    """TransformerLens hook names -> (hook_layer, hook_site) of hf-sae (None where there is no equivalent)."""
+_TRANSFORMER_LENS_HOOKS = {
+    "hook_resid_post": (0, "resid"),
+    "hook_resid_pre": (-1, "resid"),  # the residual stream entering block L is the one leaving block L-1
+    "hook_mlp_out": (0, "mlp"),
+    "hook_attn_out": (0, "attn"),
+    "hook_z": (0, "attn_z"),
+    "attn.hook_z": (0, "attn_z"),
+}
+_NO_SITE_REASONS = {
+    "hook_resid_mid": "the residual stream between the attention and the MLP of block {layer}",
+    "hook_mlp_in": "the input of the MLP of block {layer}",
+    "ln2.hook_normalized": "the normalised input of the MLP of block {layer}",
+    "hook_attn_in": "the input of the attention of block {layer}",
+    "ln1.hook_normalized": "the normalised input of the attention of block {layer}",
+    "mlp.hook_post": "the MLP's hidden activations (d_mlp wide) of block {layer}",
+    "mlp.hook_pre": "the MLP's hidden pre-activations (d_mlp wide) of block {layer}",
+}
+
+
+def hook_site_of(hook_name: str | None) -> tuple[int, str] | str | None:
+    """A TransformerLens hook name (SAELens' ``hook_name``) or a transformers module name -> ``(hook_layer,
+    hook_site)``; a string saying why it has no hf-sae site; None for no hook name.
+
+    ``blocks.L.hook_resid_post`` -> (L, resid), ``hook_resid_pre`` of L -> (L-1, resid) (of block 0: the embeddings,
+    no site), ``hook_mlp_out`` -> mlp, ``hook_attn_out`` -> attn, ``attn.hook_z`` -> attn_z; module names as in
+    :func:`from_sparsify` (``model.layers.L`` -> (L, resid)). Everything else (``hook_resid_mid``, the MLP's hidden
+    units, ...) reads activations no hf-sae site hooks.
+    """
     if not hook_name:
-        return None, None
-    match = re.match(r"blocks\.(\d+)\.(.+)$", hook_name)
+        return None
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook_name)
     if not match:
-        return None, None
+        layer, site = _sparsify_hook(hook_name)
+        return (layer, site) if layer is not None else f"{hook_name!r} is not a TransformerLens hook hf-sae knows"
     layer, hook = int(match.group(1)), match.group(2)
-    if hook == "hook_resid_post":
-        return layer, "resid"
-    if hook == "hook_resid_pre":
-        return (layer - 1, "resid") if layer > 0 else (None, None)
-    if hook == "hook_mlp_out":
-        return layer, "mlp"
-    if hook == "hook_attn_out":
-        return layer, "attn"
-    if hook in ("attn.hook_z", "hook_z"):
-        return layer, "attn_z"
-    return None, None
+    if hook in _TRANSFORMER_LENS_HOOKS:
+        offset, site = _TRANSFORMER_LENS_HOOKS[hook]
+        if layer + offset < 0:
+            return (
+                f"{hook_name!r} reads the embeddings (the residual stream before block 0), which no hf-sae site hooks"
+            )
+        return layer + offset, site
+    reason = _NO_SITE_REASONS.get(hook, "activations no hf-sae site hooks")
+    return f"{hook_name!r} reads {reason.format(layer=layer)}"
+
+
+_LLAMA = re.compile(r"(?:meta-)?llama-(3(?:\.\d)?)-(\d+)b(-instruct)?")
+_LLAMA_2 = re.compile(r"llama-2-(\d+)b(-chat)?(?:-hf)?")
+_QWEN = re.compile(r"qwen(\d(?:\.\d)?)-([\d.]+)b(-instruct|-chat|-base)?")
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """A TransformerLens model name (what SAELens records as ``model_name``) -> the model's Hugging Face Hub id.
+
+    Mapped: Gemma (``gemma-2-2b`` -> ``google/gemma-2-2b``, ``gemma-3-270m``, ``gemma-2b-it``, ...), Llama 2 / 3.x
+    (``Llama-3.1-8B`` -> ``meta-llama/Llama-3.1-8B``, ``Meta-Llama-3-8B``, ``Llama-2-7b`` ->
+    ``meta-llama/Llama-2-7b-hf``), Qwen 1.5 / 2 / 2.5 / 3 (``qwen2.5-7b-instruct`` -> ``Qwen/Qwen2.5-7B-Instruct``) and
+    Pythia. A name that already is a Hub id (``org/name``) is kept; any other name is returned unchanged (the caller
+    warns).
+    """
+    if not name or "/" in name:
+        return name
+    lower = name.lower()
+    if lower.startswith("gemma-"):
+        return f"google/{lower}"
+    if lower.startswith("pythia-"):
+        return f"EleutherAI/{lower}"
+    if match := _LLAMA.fullmatch(lower):
+        version, size, instruct = match.groups()
+        family = "Meta-Llama-3" if version == "3" else f"Llama-{version}"
+        return f"meta-llama/{family}-{size}B" + ("-Instruct" if instruct else "")
+    if match := _LLAMA_2.fullmatch(lower):
+        size, chat = match.groups()
+        return f"meta-llama/Llama-2-{size}b" + ("-chat" if chat else "") + "-hf"
+    if match := _QWEN.fullmatch(lower):
+        version, size, variant = match.groups()
+        return f"Qwen/Qwen{version}-{size}B" + (variant.title() if variant else "")
+    return name
 
 
 def _apply_overrides(fields: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +284,7 @@ def from_gemma_scope(
         },
         config_overrides,
     )
-    return _finish(_build("jumprelu_sae", fields), tensors, dtype)
+    return _finish(_build("jumprelu_sae", fields), tensors, dtype, path)
 
 
 # ---------------------------------------------------------------------------------------------------- SAELens
@@ -236,6 +301,29 @@ def _sae_lens_architecture(cfg: dict[str, Any]) -> tuple[str, int | None]:
         if activation not in (None, "relu", "topk"):
             raise SAEConversionError(f"activation_fn={activation!r} is not supported (relu, topk are).")
     return architecture, k
+
+
+def _sae_lens_site(metadata: dict[str, Any], cfg_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """hook_layer / hook_site from SAELens' hook name; a hook without an hf-sae site is refused unless the caller
+    names the site (``hook_layer=`` and ``hook_site=``), and a missing hook name leaves hook_layer None (warned)."""
+    hook_name = metadata.get("hook_name") or metadata.get("hook_point")
+    found = hook_site_of(hook_name)
+    if isinstance(found, tuple):
+        return {"hook_layer": found[0], "hook_site": found[1]}
+    if "hook_layer" in overrides and "hook_site" in overrides:
+        return {}
+    if found is None:
+        warnings.warn(
+            f"{cfg_path}: no hook_name, so the layer and site this SAE reads are unknown; the config gets "
+            "hook_layer=None. Pass hook_layer= and hook_site= to record them.",
+            stacklevel=3,
+        )
+        return {}
+    raise SAEConversionError(
+        f"{cfg_path}: hook {found}; hf-sae's sites are resid (after a layer), mlp, attn and attn_z, so attaching "
+        "or steering this SAE would read the wrong activations. Pass hook_layer= and hook_site= (CLI: --hook-layer, "
+        "--hook-site) to convert it anyway, recording the site you will use it at."
+    )
 
 
 def from_sae_lens(
@@ -303,13 +391,18 @@ def from_sae_lens(
         raise SAEConversionError(f"{weights_path}: unexpected tensor(s) {unexpected} for a {architecture} SAE.")
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
     metadata = {**cfg, **(cfg.get("metadata") or {})}
-    hook_layer, hook_site = _hook_from_name(metadata.get("hook_name") or metadata.get("hook_point"))
     source = str(path) + (f"/{subfolder}" if subfolder else "")
-    fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae}
+    fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "source_format": "sae-lens", "source": source}
+    fields.update(_sae_lens_site(metadata, cfg_path, config_overrides))
+    base_model = hub_model_id(metadata.get("model_name"))
+    if base_model is not None and "/" not in base_model and "base_model" not in config_overrides:
+        warnings.warn(
+            f"{cfg_path}: model_name {base_model!r} is a TransformerLens name hf-sae cannot map to a Hub id; the "
+            "config keeps it as base_model. Pass base_model='org/name' to record the model's Hub id.",
+            stacklevel=2,
+        )
     for key, value in (
-        ("base_model", metadata.get("model_name")),
-        ("hook_layer", hook_layer),
-        ("hook_site", hook_site),
+        ("base_model", base_model),
         ("context_length", metadata.get("context_size")),
         ("dataset", metadata.get("dataset_path")),
     ):
@@ -326,7 +419,8 @@ def from_sae_lens(
             W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
         if not apply_b_dec:
             b_enc = b_enc + weights["b_dec"] @ W_enc
-        model = _build("topk", _apply_overrides({**fields, "k": source_k, "hierarchical": False}, config_overrides))
+        topk = {**fields, "k": source_k, "hierarchical": False, "auxk": False}
+        model = _build("topk", _apply_overrides(topk, config_overrides))
         state = {
             "encoder.weight": W_enc.t().contiguous(),
             "encoder.bias": b_enc,
@@ -337,13 +431,7 @@ def from_sae_lens(
         model = _build(
             "jumprelu_sae",
             _apply_overrides(
-                {
-                    **fields,
-                    "k": k or d_sae,
-                    "apply_b_dec_to_input": apply_b_dec,
-                    "source_format": "sae-lens",
-                    "source": source,
-                },
+                {**fields, "k": k or d_sae, "apply_b_dec_to_input": apply_b_dec},
                 config_overrides,
             ),
         )
@@ -355,7 +443,7 @@ def from_sae_lens(
             "W_dec": weights["W_dec"],
             "b_dec": weights["b_dec"],
         }
-    return _finish(model, {name: t.to(source_dtype) for name, t in state.items()}, dtype)
+    return _finish(model, {name: t.to(source_dtype) for name, t in state.items()}, dtype, weights_path)
 
 
 # --------------------------------------------------------------------------------------------------- sparsify
@@ -415,7 +503,16 @@ def from_sparsify(
     if not isinstance(k, int) or not 1 <= k <= d_sae:
         raise SAEConversionError(f"{cfg_path}: k must be an integer in 1..{d_sae}, got {k!r}.")
     hook_layer, hook_site = _sparsify_hook(hookpoint or Path(folder).name)
-    fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "k": k, "hierarchical": False}
+    source = str(path) + (f"/{hookpoint}" if hookpoint else "")
+    fields: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k,
+        "hierarchical": False,
+        "auxk": False,
+        "source_format": "sparsify",
+        "source": source,
+    }
     if hook_layer is not None:
         fields.update(hook_layer=hook_layer, hook_site=hook_site)
     elif "hook_layer" not in config_overrides:
@@ -425,7 +522,7 @@ def from_sparsify(
             stacklevel=2,
         )
     model = _build("topk", _apply_overrides(fields, config_overrides))
-    return _finish(model, {name: tensors[name] for name in names}, dtype)
+    return _finish(model, {name: tensors[name] for name in names}, dtype, weights_path)
 
 
 # ------------------------------------------------------------------------------------------------- the CLI's
@@ -435,5 +532,5 @@ FORMATS = {"gemma-scope": from_gemma_scope, "sae-lens": from_sae_lens, "sparsify
 def convert(format: str, source: str | os.PathLike, **kwargs: Any):
     """``FORMATS[format](source, **kwargs)`` with a clear error for an unknown format."""
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; use one of {list(FORMATS)}.")
+        raise SAEConversionError(f"unknown format {format!r}; use one of {list(FORMATS)}.")
     return FORMATS[format](source, **kwargs)

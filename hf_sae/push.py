@@ -128,6 +128,7 @@ def stage_sae(
         license=license,
         plot=plot.name if plot is not None else None,
         tags=tags,
+        remote_code=include_code,
     )
     card.save(folder / "README.md")
     if include_code:
@@ -367,7 +368,9 @@ def push_collection(
         if include_code:  # transformers fetches auto_map modules from the repo root, even with subfolder=
             code = generate_remote_code([architecture_of(sae) for sae in loaded.values()])
             (root / REMOTE_CODE_NAME).write_text(code)
-        card = generate_collection_card(loaded, metrics, repo_id=repo_id, license=license, commands=commands)
+        card = generate_collection_card(
+            loaded, metrics, repo_id=repo_id, license=license, commands=commands, remote_code=include_code
+        )
         card.save(root / "README.md")
         message = f"Upload {len(loaded)} SAEs with hf-sae: {', '.join(loaded)}"
         return _upload(root, repo_id, message, **{**commit, "create_pr": False})

