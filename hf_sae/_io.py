@@ -9,21 +9,30 @@ leaves either the old file or the new one, never a half-written one, and the tem
     with atomic_path(path) as tmp: figure.savefig(tmp)      # for writers that want a path
     with atomic_dir(path) as tmp: ...fill tmp...            # a whole folder, renamed into place at the end
     with staged_files(folder) as tmp: ...fill tmp...        # files moved into an existing folder, one by one
+    remove_tree(path)                                       # a folder deleted so that no part of it keeps its name
+
+A write that fails because the disk is full raises :class:`hf_sae.errors.DiskFullError` naming the file (torch.save
+and safetensors report it as RuntimeError / SafetensorError without an errno; the free space tells).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import DiskFullError
+
 FILE_MODE = 0o644  # mkstemp makes files private; what we write is readable like any other file
 DIR_MODE = 0o755
+LOW_SPACE_BYTES = 16 * 2**20  # a failed write with less than this left on its file system is a full disk
 
 
 def _fsync_file(path: Path) -> None:
@@ -45,6 +54,57 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _free_bytes(path: Path) -> int | None:
+    """Bytes free on the file system of ``path`` (its nearest existing folder), None if unknown."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _disk_is_full(error: BaseException, path: Path) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    writer_error = isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
+    free = _free_bytes(path)
+    return writer_error and free is not None and free < LOW_SPACE_BYTES
+
+
+def _newest_file(folder: Path) -> Path | None:
+    """The file written last in ``folder`` (the one a failed write was writing)."""
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+@contextmanager
+def naming_full_disk(path: str | os.PathLike, staging: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn an exception of a write to ``path`` that failed for lack of space into a :class:`DiskFullError` naming
+    the file; with ``staging`` (the temporary folder being filled for ``path``), the file written last in it."""
+    path = Path(path)
+    where = Path(staging) if staging is not None else path.parent  # the file system the bytes went to
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not _disk_is_full(error, where):
+            raise
+        target = path
+        if staging is not None and (newest := _newest_file(where)) is not None:
+            target = path / newest.relative_to(where)
+        free = _free_bytes(where) or 0
+        raise DiskFullError(
+            f"cannot write {target}: the disk is full ({free / 2**20:.1f} MiB free there); the half-written file "
+            "was removed and what it would replace is untouched. Free some space there, or write to another disk."
+        ) from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsync-ed and renamed over ``path``.
@@ -58,9 +118,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.chmod(tmp, FILE_MODE)
-        _fsync_file(tmp)
+        with naming_full_disk(path):
+            yield tmp
+            os.chmod(tmp, FILE_MODE)
+            _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -103,8 +164,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        with naming_full_disk(path, staging=tmp):
+            yield tmp
+            _fsync_tree(tmp)
         os.chmod(tmp, DIR_MODE)
         os.replace(tmp, path)
     except BaseException:
@@ -125,12 +187,13 @@ def staged_files(folder: str | os.PathLike, last: Sequence[str] = ("config.json"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-save-"))
     try:
-        yield tmp
-        items = sorted(tmp.iterdir(), key=lambda p: (p.name in last, p.name))
-        for item in items:
-            if item.is_file():
-                os.chmod(item, FILE_MODE)
-                _fsync_file(item)
+        with naming_full_disk(folder, staging=tmp):
+            yield tmp
+            items = sorted(tmp.iterdir(), key=lambda p: (p.name in last, p.name))
+            for item in items:
+                if item.is_file():
+                    os.chmod(item, FILE_MODE)
+                    _fsync_file(item)
         for item in items:
             target = folder / item.name
             if item.is_dir() and target.is_dir():
@@ -139,6 +202,16 @@ def staged_files(folder: str | os.PathLike, last: Sequence[str] = ("config.json"
         _fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete the folder ``path`` so that a kill midway never leaves part of it under its own name: it is renamed to
+    a temporary name beside it first (which :func:`remove_stale_temporaries` clears), then deleted."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.tmp-removed-{uuid.uuid4().hex[:8]}")
+    os.replace(path, doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -102,3 +102,35 @@ class NonFiniteLossError(HfSaeError, RuntimeError):
 
 class CorpusDownloadError(HfSaeError, RuntimeError):
     """A registry download (pip or npm) for the embedded corpus failed; the message says how to run it by hand."""
+
+
+# ----------------------------------------------------------------------------------- run folders, disks, signals
+class DiskFullError(HfSaeError, OSError):
+    """A write failed because its file system is full. The message names the file; nothing it replaces was touched
+    (see :mod:`hf_sae._io`), and training adds which checkpoint is intact."""
+
+
+class RunLockedError(TrainConfigError):
+    """Another process holds the run folder's lock (two sessions of one run); the message names it."""
+
+
+class SAEMemoryError(TrainConfigError):
+    """An SAE of the run (weights, gradients, optimiser moments) would not fit in the memory of its device."""
+
+
+class DataChangedError(ResumeError):
+    """The training files changed between a checkpoint and its --resume, so the data stream would not continue."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (preemption, ``kill``, Slurm, Kubernetes) stopped training after a checkpoint.
+
+    Not an :class:`HfSaeError` (nothing was wrong with the input) but a ``KeyboardInterrupt``, so ``except Exception``
+    does not swallow a stop request. ``exit_status`` is the shell's for the signal: 130 (SIGINT), 143 (SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int, announce: bool = True):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
+        self.announce = announce  # only the main process of a multi-process run prints the line
