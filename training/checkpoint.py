@@ -4,20 +4,25 @@
     sae_state.safetensors        each SAE's dead-latent counters (tokens since each latent last fired)
     optimizer.pt, scheduler.pt   AdamW moments and step, learning-rate schedule position
     process_states.pt            per process: shuffle-buffer / data position and RNG states (torch, numpy, python, cuda)
-    trainer_state.json           step, tokens, counters, number of processes
+    trainer_state.json           step, tokens, counters, number of processes, the data files' sizes and times
     train_config.yaml            the run's config
+    manifest.json                written last: every other file's size and sha256
 
-Everything is written into a temporary sibling folder that is renamed into place when complete
+Everything is written into a temporary sibling folder that is fsync-ed and renamed into place when complete
 (:func:`hf_sae._io.atomic_dir`), so a crash or a SIGKILL at any moment leaves the previous checkpoints untouched; only
-the newest ``keep`` are kept. Only the main process writes (the other processes' states are gathered to it first).
+the newest ``keep`` are kept, and an old one is renamed to a temporary name before it is deleted (a kill while
+pruning never leaves part of a checkpoint under a valid name). Only the main process writes (the other processes'
+states are gathered to it first). Resume reads the newest checkpoint whose files match its manifest
+(:func:`newest_intact_checkpoint`), so a damaged one (a disk error, a truncated copy) is passed over, not loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +30,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_sae._io import atomic_dir
+from hf_sae._io import atomic_dir, remove_tree
+from hf_sae.errors import ResumeError
 from hf_sae.run_files import CHECKPOINTS
 
+logger = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"step-(\d{8})")
+MANIFEST = "manifest.json"
+DAMAGED_SUFFIX = ".damaged"
 
 
 # ----------------------------------------------------------------------------------------------------- RNG states
@@ -70,6 +80,83 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint folder's (``step-00000050``)."""
+    return _STEP_DIR.fullmatch(name) is not None
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.fullmatch(Path(path).name).group(1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json``: {relative path: {bytes, sha256}} of every file in ``folder`` (written last)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=2) + "\n")
+
+
+def checkpoint_problem(path: Path, hashes: bool = True) -> str | None:
+    """What is wrong with the checkpoint folder ``path`` (None: every file matches its manifest; ``hashes=False``
+    compares sizes only, for a quick look)."""
+    path = Path(path)
+    try:
+        entries = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (it is written last: the checkpoint is incomplete)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} is unreadable ({type(error).__name__}: {error})"
+    for name, entry in entries.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
+        if hashes and _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (the same size, other bytes)"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint whose files match its manifest or None, [(newer damaged checkpoint, problem)])."""
+    damaged = []
+    for path in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def set_damaged_aside(damaged: list[tuple[Path, str]]) -> None:
+    """Rename damaged checkpoints to ``step-N.damaged`` (kept to look at; no longer a checkpoint of the run)."""
+    for path, _ in damaged:
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        if aside.exists():
+            remove_tree(aside)
+        path.rename(aside)
+        logger.warning("moved the damaged checkpoint %s to %s (delete it once you have looked at it)", path, aside)
+
+
+def saved_state(run_dir: Path | None) -> str:
+    """One sentence: which checkpoint of ``run_dir`` a resume would continue from, or that there is none."""
+    for path in reversed(checkpoint_dirs(run_dir) if run_dir is not None else []):
+        if checkpoint_problem(path, hashes=False) is None:
+            return (
+                f"The newest checkpoint, {path} (step {step_of(path)}) is intact; continue with: "
+                f"python -m training.train --resume {run_dir}"
+            )
+    return "No checkpoint was written yet, so there is nothing to resume: run the same command again."
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -86,7 +173,9 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step again (a resumed run that had already finished): identical content
-        return final
+        if checkpoint_problem(final) is None:
+            return final
+        remove_tree(final)  # a damaged one of an earlier session
     with atomic_dir(final) as tmp:
         for i, sae in enumerate(saes):
             sae.save_pretrained(tmp / f"sae_{i}")
@@ -102,8 +191,9 @@ def save_checkpoint(
         torch.save(process_states, tmp / "process_states.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         (tmp / "train_config.yaml").write_text(config_yaml)
+        _write_manifest(tmp)
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return final
 
 
@@ -111,22 +201,30 @@ def load_checkpoint(path: Path, sae_classes: list[type], device: torch.device) -
     """Read a checkpoint written by :func:`save_checkpoint`: SAEs (on ``device``, counters restored), the optimizer
     and scheduler state dicts, the per-process states and the trainer state."""
     path = Path(path)
-    counters = load_file(str(path / "sae_state.safetensors"))
-    saes = []
-    for i, cls in enumerate(sae_classes):
-        sae = cls.from_pretrained(path / f"sae_{i}").to(device)
-        with torch.no_grad():
-            # Tensors read from safetensors may sit at 8-byte offsets; BLAS picks other code paths (other rounding)
-            # for such memory than for the 64-byte-aligned tensors of an uninterrupted run. Re-allocate them so a
-            # resumed CPU run stays bit-identical.
-            for param in sae.parameters():
-                param.data = param.data.clone(memory_format=torch.contiguous_format)
-        sae.tokens_since_fired.copy_(counters[f"sae_{i}.tokens_since_fired"].to(device))
-        saes.append(sae)
-    return {
-        "saes": saes,
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
-        "process_states": torch.load(path / "process_states.pt", map_location="cpu", weights_only=True),
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
-    }
+    try:
+        counters = load_file(str(path / "sae_state.safetensors"))
+        saes = []
+        for i, cls in enumerate(sae_classes):
+            sae = cls.from_pretrained(path / f"sae_{i}").to(device)
+            with torch.no_grad():
+                # Tensors read from safetensors may sit at 8-byte offsets; BLAS picks other code paths (other
+                # rounding) for such memory than for the 64-byte-aligned tensors of an uninterrupted run.
+                # Re-allocate them so a resumed CPU run stays bit-identical.
+                for param in sae.parameters():
+                    param.data = param.data.clone(memory_format=torch.contiguous_format)
+            sae.tokens_since_fired.copy_(counters[f"sae_{i}.tokens_since_fired"].to(device))
+            saes.append(sae)
+        return {
+            "saes": saes,
+            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+            "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
+            "process_states": torch.load(path / "process_states.pt", map_location="cpu", weights_only=True),
+            "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        }
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ResumeError(
+            f"cannot read the checkpoint {path} ({type(error).__name__}: {first_line}), although its files match "
+            f"its manifest. Move it aside (e.g. rename it to {path.name}{DAMAGED_SUFFIX}) to resume from the one "
+            "before it."
+        ) from None
