@@ -9,21 +9,28 @@ excluded from training (see ``training/harvest.py``).
 :class:`TokenWindows` is resumable: its ``state()`` (the data set's own ``state_dict()`` plus the tokens not yet
 emitted) restores the exact next window, and training streams loop over the data (epochs) so every process can
 always produce another batch, whatever the data set's size or the number of processes.
+
+Problems are said, not passed over: an empty file, a folder of several formats (a folder is read as one), a
+malformed row (by file and line), rows that are not text (counted), a shard read many times over (by rank and
+epochs), token ids outside the vocabulary, and local files changed between a checkpoint and its resume
+(:func:`data_file_state` goes into every checkpoint).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow
 import torch
 from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
 from torch import Tensor
 
-from hf_sae.errors import DataError, MissingSplitError
+from hf_sae.errors import DataChangedError, DataError, MissingSplitError, TrainConfigError
 
 from .config import EMBEDDED, TrainConfig
 from .corpus import corpus_paths
@@ -41,6 +48,127 @@ _BUILDERS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------- files
+def _builder_of(path: Path) -> str | None:
+    """The ``datasets`` builder of a data file by its suffixes (``a.jsonl.gz`` is json), None if not a data file."""
+    suffixes = [s for s in path.suffixes if s in _BUILDERS]
+    return _BUILDERS.get(suffixes[0]) if suffixes else None
+
+
+def data_files(dataset: str) -> list[Path]:
+    """The local files behind ``--dataset``: the file, a folder's data files (hidden ones aside, as ``datasets``
+    does), the embedded corpus's; [] for a Hub data set."""
+    if dataset == EMBEDDED:
+        return sorted(corpus_paths().values())
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    found = [p for p in path.rglob("*") if p.is_file() and _builder_of(p)]
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def _check_local(dataset: str, path: Path) -> None:
+    """Refuse an empty file, a folder without data files or with files of several formats (only one is read)."""
+    files = data_files(dataset)
+    if path.is_dir():
+        if not files:
+            raise DataError(
+                f"--dataset {dataset}: the folder holds no data files. Put .jsonl/.json, .txt, .csv or .parquet "
+                "files in it."
+            )
+        formats: dict[str, list[str]] = {}
+        for file in files:
+            formats.setdefault(_builder_of(file), []).append(file.relative_to(path).as_posix())
+        if len(formats) > 1:
+            listed = "; ".join(f"{builder}: {', '.join(names[:3])}" for builder, names in sorted(formats.items()))
+            raise DataError(
+                f"--dataset {dataset} holds files of several formats ({listed}); a folder is read as one format, so "
+                "the others would be skipped. Put each format in a folder of its own, or convert them to one format."
+            )
+    if all(file.stat().st_size == 0 for file in files):
+        what = f"{files[0]} is empty" if len(files) == 1 else f"every file in {dataset} is empty"
+        raise DataError(
+            f"--dataset {dataset}: {what} (0 bytes), so there are no documents. Pass a file with documents, e.g. "
+            'one {"text": "..."} object per line of a .jsonl file.'
+        )
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first line of a JSON Lines file that is not a JSON object."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                return number, error.msg
+            if not isinstance(value, dict):
+                return number, f"a JSON {type(value).__name__}, not an object"
+    return None
+
+
+def unreadable_data_message(name: str, files: Sequence[Path], error: Exception) -> str:
+    """What a reader's exception (pyarrow's ArrowInvalid, ...) means: the file and line when it can be found."""
+    for file in files:
+        if file.suffix == ".jsonl" and (bad := _first_bad_json_line(file)) is not None:
+            number, problem = bad
+            return (
+                f"{file} line {number}: not valid JSON ({problem}). Fix or delete that line: each line of a .jsonl "
+                'file is one JSON object, e.g. {"text": "..."}.'
+            )
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    where = str(files[0]) if len(files) == 1 else f"{name} ({len(files)} files)" if files else name
+    return f"{where}: cannot read it ({type(error).__name__}: {text}). Check that the file(s) are valid {name!r} data."
+
+
+def data_file_state(dataset: str) -> list[dict[str, Any]]:
+    """Name, size and modification time of each local training file (what a checkpoint records of its data)."""
+    files = data_files(dataset)
+    root = Path(dataset).expanduser() if Path(dataset).expanduser().is_dir() else None
+    return [
+        {
+            "file": f.relative_to(root).as_posix() if root else f.name,
+            "bytes": f.stat().st_size,
+            "mtime_ns": f.stat().st_mtime_ns,
+        }
+        for f in files
+    ]
+
+
+def check_data_unchanged(saved: list[dict[str, Any]] | None, dataset: str, run_dir: str) -> list[dict[str, Any]]:
+    """Refuse a resume whose local training files were added, removed or resized since the checkpoint; announce a
+    file that only has another modification time (a copy); returns the files as they are now."""
+    current = data_file_state(dataset)
+    if saved is None:  # a checkpoint of an hf-sae that did not record its files
+        return current
+    old, new = {e["file"]: e for e in saved}, {e["file"]: e for e in current}
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        if name not in new:
+            changes.append(f"{name}: gone")
+        elif name not in old:
+            changes.append(f"{name}: new")
+        elif old[name]["bytes"] != new[name]["bytes"]:
+            changes.append(f"{name}: {old[name]['bytes']} -> {new[name]['bytes']} bytes")
+    if changes:
+        raise DataChangedError(
+            f"--resume {run_dir}: the training data changed since the checkpoint: {'; '.join(changes)}. The "
+            "checkpoint's position in the data would point elsewhere. Restore the files, or start a new run on the "
+            "new data."
+        )
+    touched = [name for name in old if old[name]["mtime_ns"] != new[name]["mtime_ns"]]
+    if touched:
+        logger.warning(
+            "--resume %s: %s modified since the checkpoint but of the same size: taken to be the same data (a copy)",
+            run_dir,
+            ", ".join(touched),
+        )
+    return current
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 def _load(dataset: str, split: str, dataset_config: str | None):
     """A streaming ``datasets.IterableDataset`` for one split of a local file / folder / Hub id / 'embedded'."""
@@ -52,8 +180,7 @@ def _load(dataset: str, split: str, dataset_config: str | None):
     path = Path(dataset).expanduser()
     try:
         if path.is_file():
-            suffixes = [s for s in path.suffixes if s in _BUILDERS]
-            builder = _BUILDERS.get(suffixes[0]) if suffixes else None
+            builder = _builder_of(path)
             if builder is None:
                 raise DataError(
                     f"--dataset {dataset}: cannot tell the format of this file. Use a .jsonl/.json, .txt, .csv or "
@@ -111,6 +238,9 @@ def dataset_factories(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Cal
         _check_text_column(ds, cfg.dataset, cfg.text_column)
         return ds
 
+    local = Path(cfg.dataset).expanduser()
+    if cfg.dataset != EMBEDDED and local.exists():
+        _check_local(cfg.dataset, local)
     train = load_split(cfg.split)
     if train is None:
         raise DataError(f"--dataset {cfg.dataset} has no split {cfg.split!r}. Pass --split with an existing split.")
@@ -149,7 +279,10 @@ class TokenWindows:
         text_column: column holding the text.
         loop: restart the data set when it ends (training); a finite stream (evaluation) pads its last window.
         documents_per_group: documents tokenised per tokenizer call.
-        name: the data set's name for error messages.
+        name: the data set's name for messages.
+        files: the local files behind the stream (:func:`data_files`), to name a malformed one.
+        rank, tokens_needed: this process's index and how many activations training draws from it, to warn when a
+            small shard would be read many times over.
     """
 
     def __init__(
@@ -161,6 +294,9 @@ class TokenWindows:
         loop: bool = True,
         documents_per_group: int = 64,
         name: str = "dataset",
+        files: Sequence[Path] = (),
+        rank: int = 0,
+        tokens_needed: int | None = None,
     ):
         self.make_dataset = make_dataset
         self.tokenizer = tokenizer
@@ -169,6 +305,8 @@ class TokenWindows:
         self.loop = loop
         self.documents_per_group = documents_per_group
         self.name = name
+        self.files = list(files)
+        self.rank, self.tokens_needed = rank, tokens_needed
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
@@ -181,10 +319,11 @@ class TokenWindows:
         self.epoch = 0
         self.documents = 0
         self.windows = 0
+        self.non_text_rows = 0  # rows whose text column held no string (skipped), in total
         self._iterator: Iterator[dict] | None = None
         self._finished = False
         self._fresh_pass = True  # the current pass over the data set started at its beginning
-        self._texts_this_pass = 0
+        self._texts_this_pass = self._rows_this_pass = self._non_text_this_pass = self._tokens_this_pass = 0
 
     # ------------------------------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -195,6 +334,7 @@ class TokenWindows:
             "epoch": self.epoch,
             "documents": self.documents,
             "windows": self.windows,
+            "non_text_rows": self.non_text_rows,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -206,10 +346,11 @@ class TokenWindows:
         self.epoch = state["epoch"]
         self.documents = state["documents"]
         self.windows = state["windows"]
+        self.non_text_rows = state.get("non_text_rows", 0)
         self._iterator = None
         self._finished = False
         self._fresh_pass = state["dataset"] is None
-        self._texts_this_pass = 0
+        self._texts_this_pass = self._rows_this_pass = self._non_text_this_pass = self._tokens_this_pass = 0
 
     # ---------------------------------------------------------------------------------------------- reading
     def _read_group(self) -> list[str] | None:
@@ -219,7 +360,9 @@ class TokenWindows:
             if self._iterator is None:
                 if self._dataset is None:
                     self._dataset = self.make_dataset()
-                    self._fresh_pass, self._texts_this_pass = True, 0
+                    self._fresh_pass = True
+                    self._texts_this_pass = self._rows_this_pass = self._non_text_this_pass = 0
+                    self._tokens_this_pass = 0
                 self._iterator = iter(self._dataset)
             try:
                 example = next(self._iterator)
@@ -230,6 +373,7 @@ class TokenWindows:
                         f"{self.text_column!r}. Check --dataset, --split and --text-column, and that the data has "
                         "at least as many documents as there are processes."
                     ) from None
+                self._end_of_pass(texts)
                 self._iterator, self._dataset, self._dataset_state = None, None, None
                 if not self.loop:
                     self._finished = True
@@ -239,6 +383,8 @@ class TokenWindows:
                 if texts:
                     return texts
                 continue
+            except (pyarrow.ArrowException, ValueError) as error:  # a row the reader cannot parse
+                raise DataError(unreadable_data_message(self.name, self.files, error)) from None
             if self.text_column not in example:
                 raise DataError(
                     f"{self.name} has no column {self.text_column!r}; its columns are {sorted(example)}. "
@@ -246,20 +392,61 @@ class TokenWindows:
                 )
             text = example[self.text_column]
             self.documents += 1
-            if isinstance(text, str) and text.strip():
+            self._rows_this_pass += 1
+            if not isinstance(text, str):
+                self.non_text_rows += 1
+                self._non_text_this_pass += 1
+                if self.non_text_rows == 1:
+                    logger.warning(
+                        "%s: row %d of column %r is %s, not text: skipped (such rows are counted)",
+                        self.name,
+                        self._rows_this_pass,
+                        self.text_column,
+                        type(text).__name__,
+                    )
+            elif text.strip():
                 texts.append(text)
                 self._texts_this_pass += 1
         self._dataset_state = self._dataset.state_dict()
         return texts
 
+    def _end_of_pass(self, texts: list[str]) -> None:
+        """Report a pass's rows that were not text, and (after a whole first pass) a shard read many times over."""
+        if self._non_text_this_pass:
+            logger.warning(
+                "%s: %d of %d rows of column %r were not text and were skipped",
+                self.name,
+                self._non_text_this_pass,
+                self._rows_this_pass,
+                self.text_column,
+            )
+        if self.epoch == 0 and self._fresh_pass and self.tokens_needed:
+            last_group = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            pass_tokens = self._tokens_this_pass + sum(len(ids) + 1 for ids in last_group)  # + EOS each
+            epochs = self.tokens_needed / max(pass_tokens, 1)
+            if epochs >= 2:
+                logger.warning(
+                    "rank %d: %s (this process's shard: %d documents, about %s tokens) is read about %s times "
+                    "(epochs) to give the %s activations training draws from it; an SAE then fits these documents, "
+                    "not the text they stand for. Use more data, fewer --tokens or fewer processes.",
+                    self.rank,
+                    self.name,
+                    self._texts_this_pass,
+                    f"{pass_tokens:,}",
+                    f"{epochs:,.0f}",
+                    f"{self.tokens_needed:,}",
+                )
+
     def _tokenize(self, texts: list[str]) -> None:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         self._pending, self._offset = self._pending[self._offset :], 0
         dropped = {self.bos_id, self.pad_id} - {None}
+        before = len(self._pending)
         for doc in ids:
             self._pending.extend(t for t in doc if t not in dropped)
             if self.eos_id is not None:
                 self._pending.append(self.eos_id)
+        self._tokens_this_pass += len(self._pending) - before
 
     def next_window(self) -> tuple[Tensor, Tensor] | None:
         """(input_ids (T,), attention_mask (T,)) of the next window, or None at the end of a finite stream."""
@@ -290,8 +477,33 @@ class TokenWindows:
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
+def training_windows(
+    cfg: TrainConfig, tokenizer, make_dataset: Callable[[], Any], rank: int, activations: int
+) -> TokenWindows:
+    """This process's looping stream of training windows; ``activations``: how many training draws from it."""
+    return TokenWindows(
+        make_dataset,
+        tokenizer,
+        cfg.context_length,
+        cfg.text_column,
+        loop=True,
+        name=cfg.dataset,
+        files=data_files(cfg.dataset),
+        rank=rank,
+        tokens_needed=activations,
+    )
+
+
 def excluded_token_ids(cfg: TrainConfig, tokenizer) -> list[int]:
     """The token ids whose activations are not trained on: ``cfg.excluded_token_ids`` or BOS + padding."""
     if cfg.excluded_token_ids is not None:
+        vocab = len(tokenizer)
+        outside = [t for t in cfg.excluded_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise TrainConfigError(
+                f"--excluded-token-ids {' '.join(map(str, outside))}: outside the vocabulary of {vocab} tokens (ids "
+                f"0..{vocab - 1}) of {cfg.model}'s tokenizer. Pass ids in 0..{vocab - 1}, or leave it out to exclude "
+                f"BOS ({tokenizer.bos_token_id}) and padding ({tokenizer.pad_token_id})."
+            )
         return sorted(set(cfg.excluded_token_ids))
     return sorted({t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None})

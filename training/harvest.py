@@ -175,8 +175,8 @@ class ActivationBuffer:
                     raise NonFiniteActivationsError(
                         f"the language model produced NaN/inf activations at {keys} in "
                         f"{self._consecutive_nonfinite} consecutive batches (skipped {self.nonfinite_batches} in "
-                        "all), so training stopped; the last checkpoint is intact. Load the model in float32 "
-                        "(--lm-dtype float32), check its weights, or raise --max-nonfinite-batches if it is rare."
+                        "all), so training stopped. Load the model in float32 (--lm-dtype float32), check its "
+                        "weights, or raise --max-nonfinite-batches if it is rare."
                     )
                 continue
             self._consecutive_nonfinite = 0
@@ -224,7 +224,12 @@ class ActivationBuffer:
         """Where the current round started, its carried rows, and the batches drawn from it."""
         if self.permutation is None:
             self._fill()
-        return {"round_start": self.round_start, "drawn": self.drawn, "nonfinite_batches": self.nonfinite_batches}
+        return {
+            "round_start": self.round_start,
+            "drawn": self.drawn,
+            "nonfinite_batches": self.nonfinite_batches,
+            "non_text_rows": self.windows.non_text_rows,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Re-harvest the round a checkpoint was in and skip the batches it had drawn."""

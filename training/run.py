@@ -24,7 +24,8 @@ class Run:
     """A run: its config and accelerator, the language model and what reads it, the SAEs and the bookkeeping.
 
     ``trainer_state`` is what a checkpoint restores besides weights and optimiser: ``step``, ``skipped_steps``,
-    ``seconds`` (training time of every session so far).
+    ``seconds`` (training time of every session so far), ``data_files`` (the local training files' sizes and times).
+    ``start_step`` is where this session began (0 unless resumed).
     """
 
     cfg: TrainConfig
@@ -40,7 +41,8 @@ class Run:
     buffer: ActivationBuffer
     eval_data: Callable[[], Any]
     total_steps: int
-    config_yaml: str | None
+    config_yaml: str | None = None  # the run's train_config.yaml text (main process), once the folder is prepared
+    start_step: int = 0
     saes: list[SAEPreTrainedModel] = field(default_factory=list)
     dead_tokens: list[int] = field(default_factory=list)  # each SAE's threshold, in tokens of all processes
     trainer_state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "skipped_steps": 0, "seconds": 0.0})
@@ -70,6 +72,7 @@ class Run:
                 "tokens": step * self.tokens_per_step,
                 "processes": self.world,
                 "nonfinite_lm_batches": sum(s["buffer"]["nonfinite_batches"] for s in process_states),
+                "non_text_rows": sum(s["buffer"]["non_text_rows"] for s in process_states),
             }
             ckpt.save_checkpoint(
                 self.run_dir,
