@@ -24,14 +24,24 @@ from hf_sae.errors import TrainConfigError
 from hf_sae.registry import training_names
 
 from .config import RunOptions, SAEPlacement, TrainConfig, flag, make_config
-from .sae_options import inner_type, sae_fields
+from .sae_options import Count, inner_type, sae_fields
+
+
+class _Parser(HfArgumentParser):
+    """argparse, but a bad command line is a :class:`TrainConfigError` (one line, exit 2), not usage + exit."""
+
+    def error(self, message: str):
+        message = message.replace("invalid Count value", "not a count (write e.g. 64, 4096, 1e9 or 10M)")
+        raise TrainConfigError(f"{message}. Run `python -m training.train --help` for the options.")
 
 
 def _sae_options_dataclass() -> type:
-    """A dataclass of every SAE config field (default None: not given), made from the registered config classes."""
+    """A dataclass of every SAE config field (default None: not given), made from the registered config classes;
+    integer fields read counts like --tokens (65536, 64k, 1e6)."""
     fields_ = []
     for name, (annotation, default, text) in sae_fields().items():
         kind = inner_type(annotation)
+        kind = Count if kind is int else kind
         metadata = {"help": f"{text} (default: {default!r})"}
         if kind is bool:
             metadata.update(nargs="?", const=True)
@@ -46,7 +56,7 @@ def build_parser() -> HfArgumentParser:
         "every SAE: its config's fields (defaults of each --sae entry; [..] = only these architectures). "
         f"Architectures: {', '.join(training_names())}"
     )
-    parser = HfArgumentParser(
+    parser = _Parser(
         [RunOptions, SAEPlacement, sae_options],
         prog="python -m training.train",
         description="Train sparse autoencoders on a language model's activations. With no arguments: the embedded "

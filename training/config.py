@@ -32,6 +32,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from accelerate.utils import LoggerType
+
 from hf_sae.configuration_sae import SAEConfig
 from hf_sae.errors import ArchitectureError, SAEConfigError, TrainConfigError
 from hf_sae.registry import resolve_architecture
@@ -264,6 +267,24 @@ class RunOptions:
             raise TrainConfigError(
                 "--text-column is empty; name the column that holds the text, e.g. --text-column text."
             )
+        known = sorted({*LoggerType.list(), *LOGGER_TYPE_TO_CLASS})
+        for tracker in self.trackers:
+            if tracker not in known:
+                raise TrainConfigError(
+                    f"--trackers {tracker}: accelerate has no such tracker. Use some of {', '.join(known)} (or none)."
+                )
+
+
+def check_trackers_installed(trackers: list[str]) -> None:
+    """Refuse a named tracker whose package is missing (accelerate would silently log nowhere)."""
+    registered = set(LOGGER_TYPE_TO_CLASS) - set(LoggerType.list())  # trackers of the user's own (no package)
+    available = {getattr(t, "value", str(t)) for t in get_available_trackers()} | registered | {"all"}
+    missing = [t for t in trackers if t not in available]
+    if missing:
+        raise TrainConfigError(
+            f"--trackers {' '.join(missing)}: not installed here (pip install {' '.join(missing)}), so nothing would "
+            f"be logged to it. Installed: {', '.join(sorted(available - {'all'})) or 'none'}."
+        )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -76,13 +76,17 @@ def flat_config(cfg: TrainConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
 
 
-def summary_table(metrics: RunMetrics, run_dir: Path) -> str:
-    """The table printed at the end: EV / FVU / L0 / shrinkage per budget, dead latents and LM loss per SAE."""
+def summary_table(metrics: RunMetrics, run_dir: Path, kept: bool = False) -> str:
+    """The table printed at the end: EV / FVU / L0 / shrinkage per budget, dead latents and LM loss per SAE
+    (``kept``: the metrics of an earlier finish of this run, not measured again)."""
     run = metrics["run"]
-    speed = f"{run['tokens_per_second']:,.0f} tokens/s this session" if run["tokens_per_second"] else "resumed at end"
+    speed = f"{run['tokens_per_second']:,.0f} tokens/s" if run.get("tokens_per_second") else "speed not measured"
+    if run.get("session_tokens_per_second"):
+        speed += f"; this session, from step {run['resumed_at_step']}: {run['session_tokens_per_second']:,.0f}"
+    note = " (it had finished: its metrics are kept)" if kept else ""
     lines = [
         "",
-        f"== hf-sae training summary: {run_dir} ==",
+        f"== hf-sae training summary: {run_dir}{note} ==",
         f"{run['model']} | {run['tokens']:,} tokens, {run['steps']} steps, {run['processes']} process(es) on "
         f"{run['device']} | {run['train_seconds']:.0f} s training ({speed}), {run['setup_seconds']:.0f} s "
         f"setup (model, tokenizer, data), {run['evaluation_seconds']:.0f} s saving + evaluation",

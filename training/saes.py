@@ -1,5 +1,6 @@
-"""The SAEs of a run before their first step: each architecture's config built from the run's entry, the activation
-scale, b_dec, the learning rate (the architecture's default unless given), the optimiser and its schedule."""
+"""The SAEs of a run before their first step: each architecture's config built from the run's entry, a check that they
+fit in memory, the activation scale, b_dec, the learning rate (the architecture's default unless given), the
+optimiser and its schedule."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from accelerate import Accelerator
 from torch import Tensor
 from transformers import get_scheduler
 
+from hf_sae.configuration_sae import SAEConfig
+from hf_sae.errors import SAEMemoryError
 from hf_sae.modeling_sae import SAEPreTrainedModel
 from hf_sae.registry import resolve_architecture
 from hf_sae.sites import Site
 
 from .config import SAESpec, TrainConfig
+from .harvest import available_memory
 
 
 def default_dead_tokens(cfg: TrainConfig, world: int) -> int:
@@ -34,6 +38,40 @@ def activation_scale(x: Tensor, accelerator: Accelerator) -> float:
     return math.sqrt(x.shape[-1] / float(mean_sq_norm))
 
 
+def sae_config(spec: SAESpec, site: Site, **filled) -> SAEConfig:
+    """The architecture's config of one entry, with where it reads and what else training knows (``filled``)."""
+    return spec.build_config(d_in=site.width, hook_layer=spec.layer, hook_site=spec.site, **filled)
+
+
+def check_sae_memory(cfg: TrainConfig, specs: list[SAESpec], sites: list[Site], device: torch.device) -> None:
+    """Refuse SAEs that cannot be built or would not fit in ``device``'s free memory: float32 weights, gradients and
+    two AdamW moments, plus a batch's dense pre-activations and their gradient. The SAEs are built on the meta
+    device to count (nothing is allocated, no random number drawn)."""
+    need, sizes = 0, []
+    for i, (spec, site) in enumerate(zip(specs, sites)):
+        config = sae_config(spec, site)
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                sae = resolve_architecture(spec.arch)[0].model_class(config)
+        except (RuntimeError, TypeError, OverflowError, MemoryError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SAEMemoryError(
+                f"SAE #{i} ({spec.name}): d_sae={config.d_sae} is too large to build ({first_line}). Use a smaller "
+                "--d-sae, e.g. 65536."
+            ) from None
+        weights = sum(p.numel() for p in sae.parameters())
+        counters = sum(b.numel() * b.element_size() for b in sae.buffers())
+        need += 16 * weights + counters + 2 * 4 * cfg.batch_size * config.d_sae
+        sizes.append(f"{spec.name}: {weights:,} parameters")
+    free = available_memory(device)
+    if need > free:
+        raise SAEMemoryError(
+            f"training these SAEs needs about {need / 2**30:,.1f} GiB on {device} ({'; '.join(sizes)}, each float32 "
+            f"with its gradient and AdamW moments, and a batch of {cfg.batch_size} pre-activations), but only "
+            f"{free / 2**30:,.1f} GiB is free per process. Use a smaller --d-sae or --batch-size, or fewer SAEs."
+        )
+
+
 def build_sae(
     cfg: TrainConfig,
     spec: SAESpec,
@@ -51,10 +89,9 @@ def build_sae(
     b_dec per ``--b-dec-init`` (auto: the architecture's ``b_dec_init``) from ``sample`` (raw activations, scaled).
     """
     architecture, _ = resolve_architecture(spec.arch)
-    config = spec.build_config(
-        d_in=site.width,
-        hook_layer=spec.layer,
-        hook_site=spec.site,
+    config = sae_config(
+        spec,
+        site,
         activation_scale=scale,
         activation_scale_folded=False,
         dead_tokens=dead_tokens,

@@ -15,9 +15,14 @@ The whole recipe is :func:`train`, read top to bottom:
    backward; each SAE's gradient is clipped on its own);
 5. checkpoints every N steps and at the end; then fold the scale, save, evaluate, plot, model card, summary.
 
-Helpers live beside the loop: config.py (options), language_model.py, run_folder.py (where, resume), data.py
+Nothing is written into the run folder before the model, the sites, the data and the memory have been checked (a
+failed start leaves an old run as it was); one session at a time holds the folder's lock; SIGINT / SIGTERM stop at
+the next step boundary after a checkpoint (exit 130 / 143, one line saying how to resume). See docs/reliability.md.
+
+Helpers live beside the loop: config.py (options), language_model.py, run_folder.py (where, lock, resume), data.py
 (tokenise + pack), harvest.py (hooks + buffer), saes.py (building the SAEs and the optimiser), run.py (the run's
-state), checkpoint.py, report.py (what it prints), finish.py (evaluate, metrics, card), evaluate.py, plots.py.
+state), checkpoint.py, stopping.py (signals), report.py (what it prints), finish.py (evaluate, metrics, card),
+evaluate.py, plots.py.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +48,17 @@ from hf_sae.modeling_sae import SAEOutput
 from hf_sae.sites import resolve_site
 
 from . import checkpoint as ckpt
-from .cli import parse_args, save_yaml
-from .config import TrainConfig
-from .data import TokenWindows, dataset_factories, excluded_token_ids
+from .cli import parse_args
+from .config import TrainConfig, check_trackers_installed
+from .data import check_data_unchanged, data_file_state, dataset_factories, excluded_token_ids, training_windows
 from .finish import finish_run
 from .harvest import ActivationBuffer, ActivationHarvester
 from .language_model import dataset_id, load_language_model, model_id, resolve_layers
 from .report import describe_run, flat_config, progress_text, step_metrics
 from .run import Run
-from .run_folder import TRAIN_CONFIG, check_run_dir_is_free, prepare_run_dir, resolve_resume
-from .saes import activation_scale, build_optimizer, build_sae, dead_tokens_of, model_classes
+from .run_folder import RunFolder, check_run_dir_is_free, resolve_resume, run_dir_of
+from .saes import activation_scale, build_optimizer, build_sae, check_sae_memory, dead_tokens_of, model_classes
+from .stopping import StopSignals
 
 logger = logging.getLogger("training")
 
@@ -68,38 +75,47 @@ class SAEStack(nn.Module):
 
 
 def train(cfg: TrainConfig, explicit: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns the metrics written to metrics.json (main process)."""
+    """Run (or resume) training as configured; returns the metrics written to metrics.json (main process).
+
+    Raises :class:`hf_sae.errors.RunInterrupted` (a ``KeyboardInterrupt``) when SIGINT / SIGTERM stopped it.
+    """
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg, explicit or {})
+        with ExitStack() as resources:  # the signal handlers and the run folder's lock, released however it ends
+            return _train(cfg, explicit or {}, resources)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
 
 
-def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
+def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> dict[str, Any]:
     setup_started = time.perf_counter()
-    cfg, checkpoint_dir = resolve_resume(cfg, explicit)
-    if cfg.out and checkpoint_dir is None:
+    stop = resources.enter_context(StopSignals())  # SIGINT / SIGTERM: at once during setup, at a step boundary later
+    cfg = resolve_resume(cfg, explicit)
+    if cfg.out and not cfg.resume:
         check_run_dir_is_free(Path(cfg.out), cfg.overwrite)  # before the (slow) model load
+    check_trackers_installed(cfg.trackers)
 
     # ---- 1. accelerator -------------------------------------------------------------------------------------
     use_cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=use_cpu, log_with=cfg.trackers or None)
+    accelerator = Accelerator(cpu=use_cpu, log_with=cfg.trackers or None, project_dir=cfg.out or "runs")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if not accelerator.is_main_process:
         logging.getLogger("training").setLevel(logging.WARNING)  # one voice: the main process reports
     torch.use_deterministic_algorithms(cfg.deterministic if cfg.deterministic is not None else device.type == "cpu")
     set_seed(cfg.seed)
 
-    # ---- 2. language model, sites, data, buffer -----------------------------------------------------------------
+    # ---- 2. language model, sites, run folder, data, buffer: all checked before anything is written -------------
     model, tokenizer = load_language_model(cfg, device)
     specs = resolve_layers(cfg, model)
     sites = [resolve_site(model, spec.layer, spec.site) for spec in specs]
-    run_dir = prepare_run_dir(cfg, specs, model_id(cfg, model), accelerator, resuming=checkpoint_dir is not None)
-    config_yaml = save_yaml(cfg, run_dir / TRAIN_CONFIG) if accelerator.is_main_process else None
+    check_sae_memory(cfg, specs, sites, device)
+    folder = resources.enter_context(RunFolder(run_dir_of(cfg, specs, model_id(cfg, model)), cfg, accelerator))
+    run_dir, checkpoint_dir = folder.path, folder.checkpoint()  # locked; the newest intact checkpoint if resuming
+    stop.watch(run_dir, accelerator)
     excluded = excluded_token_ids(cfg, tokenizer)
     train_data, eval_data = dataset_factories(cfg, rank, world)
-    windows = TokenWindows(train_data, tokenizer, cfg.context_length, cfg.text_column, loop=True, name=cfg.dataset)
+    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * world))
+    windows = training_windows(cfg, tokenizer, train_data, rank, activations=total_steps * cfg.batch_size)
     harvester = ActivationHarvester(model, sites, excluded)
     on_device = cfg.buffer_device == "device"
     buffer = ActivationBuffer(
@@ -128,8 +144,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
         harvester=harvester,
         buffer=buffer,
         eval_data=eval_data,
-        total_steps=math.ceil(cfg.tokens / (cfg.batch_size * world)),
-        config_yaml=config_yaml,
+        total_steps=total_steps,
         dead_tokens=[dead_tokens_of(cfg, spec, world) for spec in specs],
     )
 
@@ -148,6 +163,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
             x = first_round[site.key].float()
             scale = activation_scale(x, accelerator)
             run.saes.append(build_sae(cfg, spec, site, scale, dead_tokens, provenance, x, device))
+        run.trainer_state["data_files"] = data_file_state(cfg.dataset)  # a resume checks them
     else:
         state = ckpt.load_checkpoint(checkpoint_dir, model_classes(specs), device)
         run.saes, run.trainer_state = state["saes"], state["trainer_state"]
@@ -156,10 +172,13 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
                 f"--resume {cfg.resume}: the checkpoint was written by {run.trainer_state['processes']} process(es), "
                 f"this launch has {world}. Launch with --num_processes {run.trainer_state['processes']} to continue it."
             )
+        saved_files = run.trainer_state.get("data_files")
+        run.trainer_state["data_files"] = check_data_unchanged(saved_files, cfg.dataset, cfg.resume)
         mine = state["process_states"][rank]
         buffer.load_state(mine["buffer"])
         ckpt.set_rng_state(mine["rng"])
         accelerator.print(f"resuming {run_dir} from {checkpoint_dir.name} (step {run.trainer_state['step']})")
+    run.config_yaml = folder.prepare(cfg)  # checked: now --overwrite clears the old run, the config is written
     for sae, dead_tokens in zip(run.saes, run.dead_tokens):
         sae.train()
         sae.check_finite = False  # the harvester already drops NaN/inf batches; skip a sync per step
@@ -177,17 +196,20 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
         accelerator.init_trackers(cfg.project, config=flat_config(cfg))
     accelerator.print(describe_run(cfg, run_dir, run.saes, run.total_steps, world, device, run.data_name))
 
-    start_step, keys = run.trainer_state.get("step", 0), [site.key for site in sites]
-    progress = tqdm(
-        total=run.total_steps,
-        initial=start_step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not accelerator.is_main_process,
+    run.start_step, keys = run.trainer_state.get("step", 0), [site.key for site in sites]
+    progress = resources.enter_context(  # closed however the loop ends, so a last message starts a line of its own
+        tqdm(
+            total=run.total_steps,
+            initial=run.start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not accelerator.is_main_process,
+        )
     )
-    tokens_at_start, previous_seconds = start_step * run.tokens_per_step, run.trainer_state["seconds"]
+    tokens_at_start, previous_seconds = run.start_step * run.tokens_per_step, run.trainer_state["seconds"]
     consecutive_skips = 0
-    for step in range(start_step, run.total_steps):
+    stop.deferred = True  # from here on a signal stops the loop at the next step boundary, after a checkpoint
+    for step in range(run.start_step, run.total_steps):
         batch = buffer.next_batch(device)
         inputs = [batch[key].float() for key in keys]
         result = training_step(
@@ -205,12 +227,12 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
             run.trainer_state["skipped_steps"] += 1
             if consecutive_skips > cfg.max_nonfinite_batches:
                 raise NonFiniteLossError(
-                    f"{consecutive_skips} consecutive SAE steps had NaN/inf gradients (step {step}); the last "
-                    f"checkpoint in {run_dir / ckpt.CHECKPOINTS} is intact. Lower --lr, keep --max-grad-norm on, "
-                    "or check the activations (--lm-dtype float32)."
+                    f"{consecutive_skips} consecutive SAE steps had NaN/inf gradients (step {step}). Lower --lr, keep "
+                    "--max-grad-norm on, or check the activations (--lm-dtype float32)."
                 )
         done = step + 1
-        if done % cfg.log_every == 0 or done == run.total_steps:
+        log_step = done % cfg.log_every == 0 or done == run.total_steps
+        if log_step:
             seconds = time.perf_counter() - started
             tokens_per_second = (done * run.tokens_per_step - tokens_at_start) / max(seconds, 1e-9)
             lrs = scheduler.get_last_lr()
@@ -218,10 +240,15 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any]) -> dict[str, Any]:
             progress.set_postfix_str(progress_text(logs))
             accelerator.log({f"{name}/{key}": value for name, m in logs.items() for key, value in m.items()}, step=done)
         progress.update(1)
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == run.total_steps:
+        checkpoint_due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == run.total_steps
+        stopping = stop.agreed(accelerator, boundary=log_step or checkpoint_due)  # all processes: the same step
+        if checkpoint_due or stopping:
             run.trainer_state["seconds"] = previous_seconds + time.perf_counter() - started
             run.save_checkpoint(done, optimizer, scheduler)
+        if stopping:
+            raise stop.interrupted(stop.received, f" at step {done} of {run.total_steps}")
     progress.close()
+    stop.finishing()  # the final checkpoint is saved: a signal from here on stops at once
     run.session_seconds = time.perf_counter() - started
     run.session_tokens = run.total_steps * run.tokens_per_step - tokens_at_start
     run.trainer_state["seconds"] = previous_seconds + run.session_seconds
@@ -245,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     except HfSaeError as error:  # bad input: one line, no traceback (anything else is a bug and keeps it)
         print(f"hf-sae: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:  # SIGINT / SIGTERM (RunInterrupted says what was saved), or Ctrl-C at start
+        if getattr(stop, "announce", True):
+            print(f"hf-sae: {stop or 'interrupted before training started; nothing was written'}", file=sys.stderr)
+        sys.exit(getattr(stop, "exit_status", 130))
 
 
 if __name__ == "__main__":
