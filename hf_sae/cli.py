@@ -31,7 +31,7 @@ from .convert import FORMATS, convert
 from .errors import HfSaeError
 from .flow.cli import FLOW_SUBCOMMAND
 from .loading import load_sae
-from .push import collection_subfolder, push_run
+from .push import collection_subfolder, push_run, resolve_repo_id
 from .registry import architectures
 from .run_files import read_command, read_run_metrics, sae_folders
 from .sites import SITES
@@ -40,7 +40,9 @@ from .sites import SITES
 # ------------------------------------------------------------------------------------------------------ push
 def _add_push(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder, or a saved SAE folder")
-    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, namespace/name (created if missing)")
+    parser.add_argument(
+        "repo_id", metavar="REPO_ID", help="Hub repo, namespace/name or a bare name for your own (created if missing)"
+    )
     parser.add_argument(
         "--push-checkpoints",
         action="store_true",
@@ -62,9 +64,10 @@ def _add_push(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    repo_id = resolve_repo_id(args.repo_id)  # a bare name: the token's namespace, printed in full below
     commits = push_run(
         args.run_dir,
-        args.repo_id,
+        repo_id,
         push_checkpoints=args.push_checkpoints,
         tag=args.tag,
         revision=args.revision,
@@ -76,12 +79,12 @@ def _run_push(args: argparse.Namespace) -> int:
     previous = None
     for commit in commits:
         if commit.oid == previous:  # the Hub skips a commit whose files are all unchanged
-            print(f"unchanged {args.repo_id}@{commit.oid}: {commit.commit_message} (same files as the last push)")
+            print(f"unchanged {repo_id}@{commit.oid}: {commit.commit_message} (same files as the last push)")
         else:
-            print(f"pushed {args.repo_id}@{commit.oid}: {commit.commit_message}  {commit.commit_url}")
+            print(f"pushed {repo_id}@{commit.oid}: {commit.commit_message}  {commit.commit_url}")
         previous = commit.oid
     if args.tag:
-        print(f"tagged {args.repo_id}@{commits[-1].oid} as {args.tag}")
+        print(f"tagged {repo_id}@{commits[-1].oid} as {args.tag}")
     return 0
 
 

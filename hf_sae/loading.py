@@ -205,7 +205,7 @@ def _hub_files(name: str, revision: str | None, subfolder: str | None, error: Ba
         if files is None or not any(f.startswith(prefix) for f in files):
             return SAEHubError(
                 f"{where} cannot be loaded: offline mode is on (HF_HUB_OFFLINE=1), so only the local cache is used, "
-                f"and {cache}. Unset HF_HUB_OFFLINE to download it from {constants.ENDPOINT}, or copy the SAE folder "
+                f"and {cache}. Unset HF_HUB_OFFLINE to download it from {constants.ENDPOINT}, or copy the folder "
                 "locally and pass its path."
             )
         return files
@@ -238,6 +238,11 @@ def _hub_files(name: str, revision: str | None, subfolder: str | None, error: Ba
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _is_repo_id(name: str, any_model: bool) -> bool:
+    """``namespace/name``; for any model also a bare name (the Hub's legacy canonical repos: ``gpt2``)."""
+    return bool(_REPO_ID.match(name) or (any_model and re.fullmatch(r"[A-Za-z0-9][\w.-]*", name)))
+
+
 def explain_load_failure(
     name_or_path: str | os.PathLike,
     error: BaseException | None = None,
@@ -266,7 +271,7 @@ def explain_load_failure(
             kind, found = detect_layout(files)
             extra = f"; SAEs found in: {', '.join(found[:10])}" if kind == "hf-sae-collection" else ""
             return SAEHubError(f"{local}: has no subfolder {subfolder!r}{extra}.")
-    elif local.exists() or name.startswith((".", "/", "~")) or not _REPO_ID.match(name):
+    elif local.exists() or name.startswith((".", "/", "~")) or not _is_repo_id(name, any_model):
         if local.exists():
             return SAEHubError(
                 f"{name} is a file, not a folder: pass the folder holding config.json and model.safetensors."

@@ -241,6 +241,13 @@ def test_cli_push_prints_the_revision(hub, cache, tmp_path, capsys):
     assert out.startswith("pushed me/cli-push@") and "tagged me/cli-push@" in out and " as v1" in out
 
 
+def test_cli_push_to_a_bare_name_prints_the_full_repo_id(hub, cache, tmp_path, capsys):
+    _sae(seed=17).save_pretrained(tmp_path / "sae")
+    with hub_client(hub.push_url, cache):
+        assert cli_main(["push", str(tmp_path / "sae"), "cli-bare"]) == 0
+    assert capsys.readouterr().out.startswith("pushed me/cli-bare@")
+
+
 def test_failed_push_leaves_the_local_folder_untouched(hub, cache, tmp_path):
     run_dir = tmp_path / "run"
     _make_run(run_dir)

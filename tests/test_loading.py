@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import ResolvedRevision
+from huggingface_hub import ResolvedRevision, constants
 from transformers import AutoModel
 
 from hf_sae import HierarchicalSAE, HierarchicalSAEConfig, SAEConfigError, SAELoadError
@@ -203,3 +203,12 @@ def test_revisions_show_their_name_and_short_sha_not_a_repr():
     where = describe_location("me/saes", "layer_1/resid", resolved)
     assert where == "me/saes (subfolder 'layer_1/resid') at revision 'v1' (commit 54fc7e83)"
     assert "ResolvedRevision(" not in where
+
+
+def test_auto_model_treats_a_bare_name_as_a_canonical_hub_repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(SAEHubError, match=r"gpt2-not-cached cannot be loaded: offline mode is on .* has no copy"):
+        AutoModel.from_pretrained("gpt2-not-cached")  # like "gpt2": a repo without a namespace
+    with pytest.raises(SAEHubError, match="no such local folder, and not a Hub repo id"):
+        load_sae("gpt2-not-cached")  # SAE repos always have one: a bare name is a mistyped folder
