@@ -10,11 +10,12 @@ is a SAELens, sparsify or Gemma Scope layout rather than an hf-sae one.
 This module sits below the models (``SAEPreTrainedModel.from_pretrained`` asks it to explain failures), so it knows
 no model class: :func:`load_sae` asks ``AutoModel``.
 
-Importing it also makes ``transformers.AutoModel.from_pretrained`` explain the failures transformers itself cannot
-(:func:`explain_load_failure` with ``any_model=True``): a missing repo, revision or subfolder named with the real
-endpoint (``HF_ENDPOINT``), an hf-sae collection root, a SAELens / sparsify / Gemma Scope layout. Any other failure
-keeps transformers' own error. The replacement errors are :class:`SAEHubError`, both an ``OSError`` and a
-``ValueError``, so code that catches transformers' errors keeps working.
+``import hf_sae`` also makes ``transformers.AutoModel.from_pretrained`` explain the failures transformers itself
+cannot (:func:`explain_auto_model_failures`, installed by :mod:`hf_sae.push`): a missing repo, revision or subfolder
+named with the real endpoint (``HF_ENDPOINT``), offline mode without a cached copy, an hf-sae collection root, a
+folder without config.json, a SAELens / sparsify / Gemma Scope layout. Any other failure keeps transformers' own
+error. The replacement errors are :class:`SAEHubError`, both an ``OSError`` and a ``ValueError``, so code that
+catches transformers' errors keeps working.
 """
 
 from __future__ import annotations
