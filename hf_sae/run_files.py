@@ -102,6 +102,7 @@ class RunInfo(TypedDict, total=False):
     excluded_token_ids: list[int]
     eval_lm_windows: int
     command: str
+    quantized_from: str  # the weights were dequantised from this (e.g. the embedded model's Q4_K_M GGUF)
 
 
 class RunMetrics(TypedDict):

@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from huggingface_hub import constants, hf_api
+from transformers.utils import hub as transformers_hub
 
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "hf-sae local hub",
@@ -630,12 +631,14 @@ def hub_client(
     for key, value in patched.items():
         setattr(constants, key, value)
     hf_api.api.endpoint = endpoint
+    transformers_hub._hf_api = None  # transformers caches an HfApi whose endpoint is fixed when it is first made
     try:
         yield
     finally:
         for key, value in saved.items():
             setattr(constants, key, value)
         hf_api.api.endpoint = saved_api_endpoint
+        transformers_hub._hf_api = None
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
