@@ -62,6 +62,7 @@ RESUME_MAY_CHANGE = frozenset(
         "max_nonfinite_batches",
         "compile",
         "imports",
+        "accept_changed_data",
     }
 )
 
@@ -217,6 +218,11 @@ class RunOptions:
     name: str | None = _f(None, "run name; default <model>-L<layer>-<site>-<arch>-d<d_sae>-k<k>")
     overwrite: bool = _f(False, "replace an existing run folder instead of refusing")
     resume: str | None = _f(None, "run folder to continue from its last checkpoint (same config, same #processes)")
+    accept_changed_data: bool = _f(
+        False,
+        "with --resume: continue although local training files were added, removed or resized since the checkpoint "
+        "(its position in the data may then point elsewhere)",
+    )
     checkpoint_every: int = _f(50, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk (the newest ones)")
     log_every: int = _f(10, "steps between progress-bar / tracker updates")

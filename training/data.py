@@ -88,9 +88,9 @@ def _check_local(dataset: str, path: Path) -> None:
                 "the others would be skipped. Put each format in a folder of its own, or convert them to one format."
             )
     if all(file.stat().st_size == 0 for file in files):
-        what = f"{files[0]} is empty" if len(files) == 1 else f"every file in {dataset} is empty"
+        what = "is empty" if path.is_file() else "holds only empty files"
         raise DataError(
-            f"--dataset {dataset}: {what} (0 bytes), so there are no documents. Pass a file with documents, e.g. "
+            f"--dataset {dataset} {what} (0 bytes), so there are no documents. Pass a file with documents, e.g. "
             'one {"text": "..."} object per line of a .jsonl file.'
         )
 
@@ -138,10 +138,11 @@ def data_file_state(dataset: str) -> list[dict[str, Any]]:
     ]
 
 
-def check_data_unchanged(saved: list[dict[str, Any]] | None, dataset: str, run_dir: str) -> list[dict[str, Any]]:
-    """Refuse a resume whose local training files were added, removed or resized since the checkpoint; announce a
-    file that only has another modification time (a copy); returns the files as they are now."""
-    current = data_file_state(dataset)
+def check_data_unchanged(saved: list[dict[str, Any]] | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """On ``--resume``: refuse local training files that were added, removed or resized since the checkpoint (unless
+    ``--accept-changed-data``); announce a file with only another modification time (a copy). Returns the files as
+    they are now."""
+    current = data_file_state(cfg.dataset)
     if saved is None:  # a checkpoint of an hf-sae that did not record its files
         return current
     old, new = {e["file"]: e for e in saved}, {e["file"]: e for e in current}
@@ -153,17 +154,19 @@ def check_data_unchanged(saved: list[dict[str, Any]] | None, dataset: str, run_d
             changes.append(f"{name}: new")
         elif old[name]["bytes"] != new[name]["bytes"]:
             changes.append(f"{name}: {old[name]['bytes']} -> {new[name]['bytes']} bytes")
-    if changes:
+    if changes and not cfg.accept_changed_data:
         raise DataChangedError(
-            f"--resume {run_dir}: the training data changed since the checkpoint: {'; '.join(changes)}. The "
-            "checkpoint's position in the data would point elsewhere. Restore the files, or start a new run on the "
-            "new data."
+            f"--resume {cfg.resume}: the training data changed since the checkpoint: {'; '.join(changes)}. The "
+            "checkpoint's position in the data may point elsewhere now. Restore the files, start a new run on the new "
+            "data, or pass --accept-changed-data to continue anyway."
         )
-    touched = [name for name in old if old[name]["mtime_ns"] != new[name]["mtime_ns"]]
+    if changes:
+        logger.warning("--resume %s: continuing on changed training data (%s)", cfg.resume, "; ".join(changes))
+    touched = sorted(name for name in old.keys() & new.keys() if old[name]["mtime_ns"] != new[name]["mtime_ns"])
     if touched:
         logger.warning(
             "--resume %s: %s modified since the checkpoint but of the same size: taken to be the same data (a copy)",
-            run_dir,
+            cfg.resume,
             ", ".join(touched),
         )
     return current
@@ -199,10 +202,12 @@ def _load(dataset: str, split: str, dataset_config: str | None):
         return load_dataset(dataset, dataset_config, split=split, streaming=True)
     except (DataError, MissingSplitError):
         raise
-    except ValueError as error:
+    except (ValueError, pyarrow.ArrowException) as error:
         text = str(error).lower()
         if "split" in text and any(word in text for word in ("unknown", "bad split", "not found", "should be one of")):
             raise MissingSplitError(split) from None
+        if path.exists():  # a local file its reader cannot parse (pyarrow reads the first rows to infer columns)
+            raise DataError(unreadable_data_message(dataset, data_files(dataset), error)) from None
         raise DataError(f"--dataset {dataset} (split {split!r}): {error}") from None
     except Exception as error:  # datasets raises several types for "not found" / offline; name them all the same
         kind = type(error).__name__

@@ -53,11 +53,10 @@ def check_sae_memory(cfg: TrainConfig, specs: list[SAESpec], sites: list[Site], 
         try:
             with torch.random.fork_rng(devices=[]), torch.device("meta"):
                 sae = resolve_architecture(spec.arch)[0].model_class(config)
-        except (RuntimeError, TypeError, OverflowError, MemoryError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        except (RuntimeError, TypeError, OverflowError, MemoryError):  # shapes beyond 64-bit sizes
             raise SAEMemoryError(
-                f"SAE #{i} ({spec.name}): d_sae={config.d_sae} is too large to build ({first_line}). Use a smaller "
-                "--d-sae, e.g. 65536."
+                f"SAE #{i} ({spec.name}): d_sae={config.d_sae} is too large to build (its weights would have "
+                f"{config.d_sae:,} x {config.d_in} entries). Use a smaller --d-sae, e.g. 65536."
             ) from None
         weights = sum(p.numel() for p in sae.parameters())
         counters = sum(b.numel() * b.element_size() for b in sae.buffers())

@@ -35,11 +35,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopSignals:
     """SIGINT / SIGTERM handlers for the length of a run (a context manager; only the main thread can have them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | None = None) -> None:
         self.received: int | None = None  # the signal to stop for
         self.deferred = False  # True from the first step on: stop at the next step boundary, not at once
         self.stage = "during setup"
-        self.run_dir: Path | None = None
+        self.run_dir = Path(run_dir) if run_dir else None  # the run a resume continues (its checkpoints are intact)
         self.announce = True
         self._previous: dict[int, object] = {}
 

@@ -89,8 +89,8 @@ def train(cfg: TrainConfig, explicit: dict[str, Any] | None = None) -> dict[str,
 
 def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> dict[str, Any]:
     setup_started = time.perf_counter()
-    stop = resources.enter_context(StopSignals())  # SIGINT / SIGTERM: at once during setup, at a step boundary later
     cfg = resolve_resume(cfg, explicit)
+    stop = resources.enter_context(StopSignals(cfg.resume))  # SIGINT / SIGTERM: now in setup, at a step boundary later
     if cfg.out and not cfg.resume:
         check_run_dir_is_free(Path(cfg.out), cfg.overwrite)  # before the (slow) model load
     check_trackers_installed(cfg.trackers)
@@ -172,8 +172,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
                 f"--resume {cfg.resume}: the checkpoint was written by {run.trainer_state['processes']} process(es), "
                 f"this launch has {world}. Launch with --num_processes {run.trainer_state['processes']} to continue it."
             )
-        saved_files = run.trainer_state.get("data_files")
-        run.trainer_state["data_files"] = check_data_unchanged(saved_files, cfg.dataset, cfg.resume)
+        run.trainer_state["data_files"] = check_data_unchanged(run.trainer_state.get("data_files"), cfg)
         mine = state["process_states"][rank]
         buffer.load_state(mine["buffer"])
         ckpt.set_rng_state(mine["rng"])

@@ -89,6 +89,9 @@ def test_changed_data_is_refused_on_resume_and_a_touched_file_is_announced(
         handle.write(json.dumps({"text": "one more document"}) + "\n")
     with pytest.raises(ResumeError, match=r"training data changed since the checkpoint: docs.jsonl: \d+ -> \d+ bytes"):
         run(["--resume", str(out)])
+    with caplog.at_level(logging.WARNING):
+        run(["--resume", str(out), "--accept-changed-data"])  # the user's call
+    assert "continuing on changed training data" in caplog.text and (out / "model.safetensors").is_file()
 
 
 def test_excluded_token_ids_outside_the_vocabulary_are_refused(tiny_args, tmp_path):
