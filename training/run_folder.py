@@ -20,7 +20,7 @@ import shlex
 import socket
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +187,15 @@ class RunFolder:
     def __init__(self, path: Path, cfg: TrainConfig, accelerator: Accelerator):
         self.path, self.cfg, self.accelerator = Path(path), cfg, accelerator
         self.resuming = cfg.resume is not None
-        self.created = self.prepared = False
+        self.created: Path | None = None  # the outermost folder this session creates (the run folder or a parent)
+        self.prepared = False
         self.damaged: list[tuple[Path, str]] = []
         self._lock = ExitStack()
 
     def __enter__(self) -> RunFolder:
         if self.accelerator.is_main_process:
-            self.created = not self.path.exists()
+            missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
+            self.created = missing[-1] if missing else None
             self._lock.enter_context(lock_run_dir(self.path))
             if not self.resuming:
                 check_run_dir_is_free(self.path, self.cfg.overwrite)
@@ -203,10 +205,14 @@ class RunFolder:
         if isinstance(error, HfSaeError) and self.prepared:
             error.args = (f"{error} {ckpt.saved_state(self.path)}",)
         self._lock.close()
-        if self.created and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= set(_LOCKS):
-            for name in _LOCKS:
+        if self.created is not None and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= set(_LOCKS):
+            for name in _LOCKS:  # a failed start: the folders it made go again
                 (self.path / name).unlink(missing_ok=True)
-            self.path.rmdir()
+            for folder in (self.path, *self.path.parents):
+                with suppress(OSError):
+                    folder.rmdir()
+                if folder == self.created:
+                    break
         return False
 
     def checkpoint(self) -> Path | None:

@@ -232,10 +232,10 @@ def test_overwrite_with_a_bad_dataset_leaves_the_finished_run_untouched(tiny_arg
 def test_a_failed_start_leaves_no_folder_and_a_folder_without_a_checkpoint_is_no_run(
     tiny_args, uninterrupted, tmp_path
 ):
-    out = tmp_path / "new"
+    out = tmp_path / "new" / "run"
     with pytest.raises(HfSaeError, match="Lower --buffer-size"):
         run(tiny_args(out, buffer_size=10**12))
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
 
     leftover = tmp_path / "leftover"  # what a start killed before its first checkpoint leaves
     leftover.mkdir()
