@@ -197,8 +197,12 @@ class RunFolder:
             missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
             self.created = missing[-1] if missing else None
             self._lock.enter_context(lock_run_dir(self.path))
-            if not self.resuming:
-                check_run_dir_is_free(self.path, self.cfg.overwrite)
+            try:
+                if not self.resuming:
+                    check_run_dir_is_free(self.path, self.cfg.overwrite)
+            except BaseException as error:
+                self.__exit__(type(error), error, error.__traceback__)
+                raise
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
