@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 MANIFEST = "manifest.json"
+# What a checkpoint written before manifests held (checked by presence and size when there is no manifest).
+LEGACY_FILES = ("sae_state.safetensors", "optimizer.pt", "scheduler.pt", "process_states.pt", "trainer_state.json")
 DAMAGED_SUFFIX = ".damaged"
 
 
@@ -110,8 +112,9 @@ def checkpoint_problem(path: Path, hashes: bool = True) -> str | None:
     path = Path(path)
     try:
         entries = json.loads((path / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST} (it is written last: the checkpoint is incomplete)"
+    except FileNotFoundError:  # written before checkpoints had manifests (the folder itself is renamed in complete)
+        empty = [name for name in LEGACY_FILES if not (path / name).is_file() or not (path / name).stat().st_size]
+        return f"no {MANIFEST}, and {', '.join(empty)} missing or empty" if empty else None
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{MANIFEST} is unreadable ({type(error).__name__}: {error})"
     for name, entry in entries.items():
