@@ -103,6 +103,8 @@ class RunInfo(TypedDict, total=False):
     eval_lm_windows: int
     command: str
     quantized_from: str  # the weights were dequantised from this (e.g. the embedded model's Q4_K_M GGUF)
+    resumed_at_step: int  # a resumed session: where it started, and its own speed beside the whole run's
+    session_tokens_per_second: float
 
 
 class RunMetrics(TypedDict):

@@ -22,7 +22,8 @@ from hf_sae.remote_code import generate_remote_code
 from training.cli import parse_args
 from training.train import train
 
-FILE = Path(__file__).resolve().parent / "data" / "external_architecture" / "gain_topk_sae.py"
+REPO = Path(__file__).resolve().parents[1]
+FILE = REPO / "tests" / "data" / "external_architecture" / "gain_topk_sae.py"
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,11 @@ def test_the_user_architecture_trains_from_the_cli_with_import(user_module, tiny
     assert result["budgets"]["8"]["explained_variance"] > 0.2
     card = (out / "README.md").read_text()
     assert "Gain-TopK (HierarchicalTopK) SAE" in card and "python -m training.train" in card
+    # a fresh process resumes it without --import: the run's saved imports register the architecture first
+    resumed = subprocess.run(
+        [sys.executable, "-m", "training.train", "--resume", str(out)], capture_output=True, text=True, cwd=REPO
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 REMOTE = textwrap.dedent(

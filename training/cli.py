@@ -21,7 +21,7 @@ from transformers import HfArgumentParser
 
 from hf_sae._io import write_text_atomic
 from hf_sae.errors import TrainConfigError
-from hf_sae.registry import training_names
+from hf_sae.registry import resolve_architecture, training_names
 
 from .config import RunOptions, SAEPlacement, TrainConfig, flag, make_config
 from .sae_options import Count, inner_type, sae_fields
@@ -49,12 +49,17 @@ def _sae_options_dataclass() -> type:
     return dataclasses.make_dataclass("SAEOptions", fields_)
 
 
+def trainable_names() -> list[str]:
+    """The ``--sae arch=NAME`` names of the architectures hf-sae can train (JumpReLU SAEs are loaded, not trained)."""
+    return [name for name in training_names() if resolve_architecture(name)[0].trainable]
+
+
 def build_parser() -> HfArgumentParser:
     """The CLI, generated from :class:`RunOptions`, :class:`SAEPlacement` and the SAE config classes."""
     sae_options = _sae_options_dataclass()
     sae_options._argument_group_name = (
         "every SAE: its config's fields (defaults of each --sae entry; [..] = only these architectures). "
-        f"Architectures: {', '.join(training_names())}"
+        f"Architectures: {', '.join(trainable_names())}"
     )
     parser = _Parser(
         [RunOptions, SAEPlacement, sae_options],
@@ -87,7 +92,7 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
-def _import(target: str) -> None:
+def import_target(target: str) -> None:
     """Import a module by name or a Python file by path (e.g. one that registers an architecture)."""
     path = Path(target)
     if path.suffix == ".py":
@@ -134,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, An
     known, _ = early.parse_known_args(argv)
     explicit: dict[str, Any] = load_yaml(known.config) if known.config else {}
     for target in [*explicit.get("imports", []), *known.imports]:
-        _import(target)
+        import_target(target)
     args = vars(build_parser().parse_args(argv))
     args.pop("config", None)
     explicit.update(args)

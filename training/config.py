@@ -118,7 +118,7 @@ class SAESpec(SAEPlacement):
         return {**placement, **({"lr": self.lr} if self.lr is not None else {}), **self.config}
 
 
-def parse_saeflag(text: str) -> dict[str, str]:
+def parse_sae_flag(text: str) -> dict[str, str]:
     """``--sae layer=6,site=mlp,budgets=8+16+32`` -> {key: text} (list items joined by '+')."""
     pairs = [p for p in text.split(",") if p.strip()]
     if not all("=" in p for p in pairs):
@@ -168,7 +168,7 @@ class RunOptions:
     )
     b_dec_init: str = _f(
         "auto",
-        "decoder-bias init: auto (the architecture's: geometric_median; zeros for kron, as in the paper), "
+        "decoder-bias init: auto (the architecture's b_dec_init: geometric_median for the built-in ones), "
         "geometric_median, mean or zeros",
     )
     imports: list[str] = _f(
@@ -350,10 +350,35 @@ class TrainConfig(RunOptions):
 _PLACEMENT = {f.name for f in dataclasses.fields(SAEPlacement)}
 
 
+# Options of the config before the registry (train_config.yaml of older runs): KronSAE fields were run options.
+LEGACY_KRON_KEYS = {
+    "kron_base_dim": "base_dim",
+    "kron_ext_dim": "ext_dim",
+    "kron_activation": "kron_activation",
+    "kron_hierarchical": "hierarchical",
+}
+
+
+def _upgrade_legacy(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Old option files -> (today's values, KronSAE fields for kron entries). A null SAE field or entry key meant
+    "the default" there: it is dropped."""
+    sae_known = sae_fields()
+    kron = {LEGACY_KRON_KEYS[key]: values.pop(key) for key in list(values) if key in LEGACY_KRON_KEYS}
+    for name in [n for n in values if n in sae_known and values[n] is None]:
+        del values[name]
+    if isinstance(values.get("saes"), list):
+        values["saes"] = [
+            {k: v for k, v in entry.items() if v is not None} if isinstance(entry, dict) else entry
+            for entry in values["saes"]
+        ]
+    return values, {key: value for key, value in kron.items() if value is not None}
+
+
 def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None = None) -> TrainConfig:
     """A validated config from ``values`` (run options, SAE placement/config defaults, and ``saes`` entries, each
-    a mapping or a ``--sae`` string), applied over ``base`` (or the defaults)."""
-    values = dict(values or {})
+    a mapping or a ``--sae`` string), applied over ``base`` (or the defaults). Option files of older runs (KronSAE
+    fields as ``kron_*`` run options, nulls for defaults) are read too."""
+    values, legacy_kron = _upgrade_legacy(dict(values or {}))
     run_hints = typing.get_type_hints(RunOptions)
     sae_known = sae_fields()
     unknown = sorted(set(values) - set(run_hints) - _PLACEMENT - set(sae_known) - {"saes"})
@@ -376,7 +401,8 @@ def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None =
     else:
         entries = values.get("saes") or [{}]
     specs = [
-        _make_spec(entry, i, defaults, sae_defaults, placement_hints, sae_known) for i, entry in enumerate(entries)
+        _make_spec(entry, i, defaults, sae_defaults, placement_hints, sae_known, legacy_kron)
+        for i, entry in enumerate(entries)
     ]
     used = {name for spec in specs for name in spec.config}
     for name in sae_defaults:
@@ -391,12 +417,12 @@ def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None =
     return config.validate()
 
 
-def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known) -> SAESpec:
+def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known, legacy_kron=None) -> SAESpec:
     where = f"saes[{index}]"
     if isinstance(entry, SAESpec):
         entry = entry.to_dict()
     if isinstance(entry, str):
-        entry = parse_saeflag(entry)
+        entry = parse_sae_flag(entry)
     if not isinstance(entry, dict):
         raise TrainConfigError(f"{where} must be a mapping such as {{layer: 6, site: resid}}, got {entry!r}.")
     entry = {str(key).replace("-", "_"): value for key, value in entry.items()}
@@ -414,6 +440,8 @@ def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known)
         raise TrainConfigError(f"{where}: arch {placement['arch']!r} is unknown. {error}") from None
     own = set(sae_annotations(architecture.config_class)) - set(SAEConfig.provenance_fields)
     config = {name: value for name, value in {**SAE_DEFAULTS, **sae_defaults}.items() if name in own}
+    if legacy_kron and {"base_dim", "ext_dim", "kron_activation"} <= own:  # the old kron_* options' architecture
+        config.update({name: value for name, value in legacy_kron.items() if name not in entry})
     for name, value in entry.items():
         if name not in own:
             raise TrainConfigError(
@@ -435,14 +463,19 @@ def config_differences(saved: TrainConfig, explicit: dict[str, Any]) -> dict[str
             diff[name] = (getattr(saved, name), getattr(requested, name))
     sae_known = sae_fields()
     for name, value in explicit.items():
-        if name in _PLACEMENT or name in sae_known:
-            annotation = typing.get_type_hints(SAEPlacement).get(name) or sae_known[name][0]
-            wanted = coerce(annotation, value, flag(name))
+        if name in _PLACEMENT:
+            wanted = coerce(typing.get_type_hints(SAEPlacement)[name], value, flag(name))
             for spec in saved.saes:
-                old = getattr(spec, name) if name in _PLACEMENT else spec.config.get(name)
-                if name in _PLACEMENT or name in spec.config:
-                    if old != wanted:
-                        diff[name] = (old, wanted)
+                if getattr(spec, name) != wanted:
+                    diff[name] = (getattr(spec, name), wanted)
+        elif name in sae_known and value is not None:
+            wanted = coerce(sae_known[name][0], value, flag(name))
+            for spec in saved.saes:  # compare what the SAE was built with (its class's defaults filled in)
+                built = spec.build_config()
+                if name in sae_annotations(type(built)) and getattr(built, name) != getattr(
+                    spec.build_config(**{name: wanted}), name
+                ):
+                    diff[name] = (getattr(built, name), wanted)
     if "saes" in explicit:
         requested_saes = make_config({"saes": explicit["saes"]}).saes
         if [s.to_dict() for s in requested_saes] != [s.to_dict() for s in saved.saes]:

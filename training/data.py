@@ -255,6 +255,12 @@ def dataset_factories(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Cal
         eval_split = None
     if eval_split is None or eval_split == cfg.split:
         holdout = cfg.eval_holdout_documents
+        if holdout == 0 and (cfg.eval_tokens or cfg.eval_lm_windows):
+            raise DataError(
+                f"--dataset {cfg.dataset} has no held-out split {cfg.eval_split!r} and --eval-holdout-documents is 0: "
+                "the final evaluation would read training documents (or nothing). Pass --eval-holdout-documents N, "
+                "an existing --eval-split, or --eval-tokens 0 --eval-lm-windows 0 to skip the evaluation."
+            )
         logger.info(
             "no held-out split %r: holding out the first %d documents of %r", cfg.eval_split, holdout, cfg.split
         )

