@@ -19,16 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (  # noqa: E402
-    ROOT,
-    HeldOut,
-    harvest,
-    load_model,
-    markdown_table,
-    seed_everything,
-    train_sae,
-    write_json,
-)
+from experiments import common  # noqa: E402
 from hf_sae.registry import resolve_architecture  # noqa: E402
 
 VARIANTS = {
@@ -40,7 +31,7 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "kron_centring")
+    parser.add_argument("--out", type=Path, default=common.ROOT / "runs" / "kron_centring")
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--d-sae", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
@@ -49,12 +40,12 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    seed_everything(args.seed)
-    model, tokenizer = load_model("bfloat16")
+    common.seed_everything(args.seed)
+    model, tokenizer = common.load_model("bfloat16")
     started = time.perf_counter()
     tokens = args.steps * args.batch
-    data = harvest(model, tokenizer, [(args.layer, "resid")], "train", tokens)[(args.layer, "resid")]
-    held_out = HeldOut(model, tokenizer, args.layer, args.eval_tokens, lm_windows=1)
+    data = common.harvest(model, tokenizer, [(args.layer, "resid")], "train", tokens)[(args.layer, "resid")]
+    held_out = common.HeldOut(model, tokenizer, args.layer, args.eval_tokens, lm_windows=1)
     print(f"harvested {tuple(data.shape)} + {tuple(held_out.x.shape)} held out ({time.perf_counter() - started:.0f} s)")
     results = {}
     for name, (arch, fields) in VARIANTS.items():
@@ -62,13 +53,15 @@ def main() -> None:
         architecture, preset = resolve_architecture(arch)
         config = architecture.build_config(preset, d_in=data.shape[1], d_sae=args.d_sae, k=args.k, auxk=False, **fields)
         sae = architecture.model_class(config)
-        timing = train_sae(sae, data, tokens, batch_size=args.batch, seed=args.seed, name=name)
+        timing = common.train_sae(sae, data, tokens, batch_size=args.batch, seed=args.seed, name=name)
         metrics, dead = held_out.budgets(sae, [args.k])
         results[name] = {"ev": metrics[str(args.k)]["explained_variance"], "dead": dead, **timing}
         print(f"{name}: EV {results[name]['ev']:.4f}, never fire {100 * dead:.1f}%", flush=True)
-    write_json(args.out / "results.json", {"results": results, "args": {k: str(v) for k, v in vars(args).items()}})
+    common.write_json(
+        args.out / "results.json", {"results": results, "args": {k: str(v) for k, v in vars(args).items()}}
+    )
     rows = [[name, f"{r['ev']:.4f}", f"{100 * r['dead']:.1f}%"] for name, r in results.items()]
-    print(markdown_table(["SAE", f"held-out EV at k={args.k}", "latents that never fire"], rows))
+    print(common.markdown_table(["SAE", f"held-out EV at k={args.k}", "latents that never fire"], rows))
 
 
 if __name__ == "__main__":
