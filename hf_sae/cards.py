@@ -128,9 +128,17 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------ describing
+# Licenses of the peer releases the converters read, by source format (Gemma Scope's weights are CC-BY-4.0).
+_SOURCE_LICENSES = {"gemma-scope": "cc-by-4.0"}
+
+
 def default_license(config) -> str:
-    """The license an SAE is published under when none is given: its base model's (Gemma -> ``gemma``, Llama 2 / 3.x
-    -> ``llama2`` / ``llama3.x``), else apache-2.0 (hf-sae's own)."""
+    """The license an SAE is published under when none is given: its source release's when converted from one with a
+    known license (Gemma Scope -> ``cc-by-4.0``), else its base model's (Gemma -> ``gemma``, Llama 2 / 3.x ->
+    ``llama2`` / ``llama3.x``), else apache-2.0 (hf-sae's own)."""
+    source = _SOURCE_LICENSES.get(getattr(config, "source_format", None) or "")
+    if source is not None:
+        return source
     base = str(config.base_model or "")
     return next((license for pattern, license in _BASE_MODEL_LICENSES if pattern.search(base)), DEFAULT_LICENSE)
 

@@ -253,3 +253,9 @@ def test_cli_card_prints_or_writes_the_card(tmp_path, capsys):
     assert cli_main(["card", str(tmp_path / "run"), "--write"]) == 0
     assert (tmp_path / "run" / "README.md").read_text().startswith("---\nbase_model: google/gemma-2-2b")
     assert torch.equal(HierarchicalSAE.from_pretrained(tmp_path / "run").W_dec, sae.W_dec)
+
+
+def test_a_converted_gemma_scope_sae_carries_gemma_scopes_license():
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=32, base_model="google/gemma-2-2b", source_format="gemma-scope"))
+    assert generate_model_card(sae).data.license == "cc-by-4.0"
+    assert generate_model_card(_sae()).data.license == "gemma"  # trained by hf-sae on Gemma: the base model's

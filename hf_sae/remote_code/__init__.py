@@ -25,7 +25,7 @@ from types import ModuleType
 
 from .._io import write_json_atomic, write_text_atomic
 from .._version import __version__
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, HfSaeError
 from ..registry import Architecture, architecture_of, architectures
 
 REMOTE_CODE_NAME = "modeling_hf_sae.py"
@@ -210,7 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m hf_sae.remote_code OUT.py", file=sys.stderr)
         return 2
-    code = generate_remote_code()
-    write_text_atomic(argv[0], code)
+    try:
+        code = generate_remote_code()
+        write_text_atomic(argv[0], code)
+    except HfSaeError as error:
+        print(f"hf-sae: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {argv[0]} ({len(code.splitlines())} lines)")
     return 0
