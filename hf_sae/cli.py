@@ -32,8 +32,8 @@ from .errors import HfSaeError
 from .flow.cli import FLOW_SUBCOMMAND
 from .loading import load_sae
 from .push import collection_subfolder, push_run, resolve_repo_id
-from .registry import architectures
-from .run_files import read_command, read_run_metrics, sae_folders
+from .registry import architectures, import_architectures
+from .run_files import folder_metrics, read_command, sae_folders
 from .sites import SITES
 
 
@@ -151,15 +151,17 @@ def _run_card(args: argparse.Namespace) -> int:
     command = read_command(run_dir)
     if len(folders) == 1:
         folder = folders[0]
-        metrics = read_run_metrics(folder) or read_run_metrics(run_dir, sae_folder=folder)
-        card = generate_model_card(load_sae(folder), metrics, folder, command, repo_id=args.repo_id)
+        card = generate_model_card(
+            load_sae(folder), folder_metrics(folder, run_dir), folder, command, repo_id=args.repo_id
+        )
         target = folder / "README.md"
     else:
-        saes = {}
+        saes, metrics = {}, {}
         for folder in folders:
             sae = load_sae(folder)
-            saes[collection_subfolder(sae.config) if sae.config.hook_layer is not None else folder.name] = sae
-        card = generate_collection_card(saes, repo_id=args.repo_id)
+            name = collection_subfolder(sae.config) if sae.config.hook_layer is not None else folder.name
+            saes[name], metrics[name] = sae, folder_metrics(folder, run_dir)
+        card = generate_collection_card(saes, metrics, repo_id=args.repo_id)
         target = run_dir / "README.md"
     if args.write or args.output:
         target = Path(args.output) if args.output else target
@@ -243,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hf-sae {__version__}")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="import a Python file or module first, e.g. one that registers an architecture of your own",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
         child = sub.add_parser(
@@ -267,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" of a few tensors
     try:
+        for target in args.imports:
+            import_architectures(target)
         return args.run(args)
     except HfSaeError as err:
         print(error_line(err), file=sys.stderr)

@@ -33,7 +33,15 @@ from .errors import SAEPushError
 from .loading import NETWORK_ERRORS, explain_auto_model_failures, load_sae, network_failure, one_line
 from .registry import architecture_of, architectures
 from .remote_code import REMOTE_CODE_NAME, add_remote_code, generate_remote_code
-from .run_files import find_checkpoints, find_plot, read_command, read_run_metrics, sae_folders, sae_metrics
+from .run_files import (
+    find_checkpoints,
+    find_plot,
+    folder_metrics,
+    read_command,
+    read_run_metrics,
+    sae_folders,
+    sae_metrics,
+)
 
 COLLECTION_MANIFEST = "collection.json"
 explain_auto_model_failures()  # AutoModel.from_pretrained explains missing repos, subfolders, collection roots
@@ -397,7 +405,7 @@ def _push_folder_set(folders: list[Path], repo_id: str, run_dir: Path | None, co
     metrics.json (training/'s ``{"run", "saes"}`` format is narrowed to each SAE) and plot."""
 
     def metrics_and_plot_dir(folder: Path):
-        metrics = read_run_metrics(folder) or read_run_metrics(run_dir, sae_folder=folder)
+        metrics = folder_metrics(folder, run_dir)
         return metrics, folder if find_plot(folder) or run_dir is None else run_dir
 
     if len(folders) == 1:

@@ -19,9 +19,13 @@ A *preset* is a training name for a config with some fields fixed: ``topk`` is `
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any
 
@@ -172,3 +176,23 @@ def architecture_of(obj: Any) -> Architecture:
         f"{type(obj).__name__} {model_type!r} is not a registered hf-sae architecture; register it with "
         "hf_sae.register_architecture(ConfigClass, ModelClass)."
     )
+
+
+def import_architectures(target: str) -> ModuleType:
+    """Import a module by name, or a Python file by path, that registers architectures of its own (``--import``).
+
+    A file is imported under its stem as the module name, as ``python file.py``'s neighbours would see it.
+    """
+    path = Path(target)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise ArchitectureError(f"--import {target}: no such file.")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as error:
+        raise ArchitectureError(f"--import {target}: cannot import it ({error}).") from None

@@ -163,6 +163,11 @@ def read_run_metrics(run_dir: str | Path | None, sae_folder: str | Path | None =
     return sae_metrics(raw, sae_folder if sae_folder is not None else run_dir)
 
 
+def folder_metrics(sae_folder: str | Path, run_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """The metrics of the SAE saved in ``sae_folder``: its own metrics.json, else its entry in ``run_dir``'s."""
+    return read_run_metrics(sae_folder) or read_run_metrics(run_dir, sae_folder=sae_folder)
+
+
 def find_plot(run_dir: str | Path | None) -> Path | None:
     """The run's EV/L0-vs-budget plot, if it made one."""
     if run_dir is None or not (Path(run_dir) / PLOT_FILE).is_file():

@@ -6,6 +6,9 @@ local Hub they need.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,30 @@ def test_a_multi_line_server_answer_is_folded_into_one_line():
     assert error_line(ValueError("push refused:\n  403 Forbidden\n\nno write access")) == (
         "hf-sae: error: push refused: 403 Forbidden no write access"
     )
+
+
+def test_card_of_a_multi_sae_run_shows_each_saes_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    metrics = {"run": {"tokens": 1000}, "saes": {}}
+    for layer in (1, 2):
+        name = f"L{layer}_resid_hierarchical_k8_d256"
+        tiny_sae(layer, base_model="org/tiny").save_pretrained(run / name)
+        budgets = {"8": {"explained_variance": 0.5 + layer / 10, "fvu": 0.5 - layer / 10, "l0": 8.0}}
+        metrics["saes"][name] = {"path": str(run / name), "budgets": budgets}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["card", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.6000 |" in out and "| 0.7000 |" in out  # EV @ k of each SAE, not "–"
+
+
+def test_import_lets_the_cli_see_an_architecture_of_ones_own(tmp_path, capsys):
+    user_file = Path(__file__).resolve().parent / "data" / "external_architecture" / "gain_topk_sae.py"
+    spec = importlib.util.spec_from_file_location(user_file.stem, user_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[user_file.stem] = module
+    spec.loader.exec_module(module)
+    module.GainTopKSAE(module.GainTopKSAEConfig(d_in=16, d_sae=64, k=8)).save_pretrained(tmp_path / "sae")
+    assert main(["--import", str(user_file), "card", str(tmp_path / "sae")]) == 0
+    assert "Gain-TopK" in capsys.readouterr().out
+    assert main(["--import", str(tmp_path / "missing.py"), "card", str(tmp_path / "sae")]) == 2
+    assert capsys.readouterr().err.strip() == f"hf-sae: error: --import {tmp_path / 'missing.py'}: no such file."

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from transformers import HfArgumentParser
 
 from hf_sae._io import write_text_atomic
 from hf_sae.errors import TrainConfigError
-from hf_sae.registry import resolve_architecture, training_names
+from hf_sae.registry import import_architectures, resolve_architecture, training_names
 
 from .config import RunOptions, SAEPlacement, TrainConfig, flag, make_config
 from .sae_options import Count, inner_type, sae_fields
@@ -92,23 +90,6 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
-def import_target(target: str) -> None:
-    """Import a module by name or a Python file by path (e.g. one that registers an architecture)."""
-    path = Path(target)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise TrainConfigError(f"--import {target}: no such file.")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-        return
-    try:
-        importlib.import_module(target)
-    except ImportError as error:
-        raise TrainConfigError(f"--import {target}: cannot import it ({error}).") from None
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file of options -> {name: value} (keys with - or _)."""
     path = Path(path)
@@ -139,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, An
     known, _ = early.parse_known_args(argv)
     explicit: dict[str, Any] = load_yaml(known.config) if known.config else {}
     for target in [*explicit.get("imports", []), *known.imports]:
-        import_target(target)
+        import_architectures(target)
     args = vars(build_parser().parse_args(argv))
     args.pop("config", None)
     explicit.update(args)

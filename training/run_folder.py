@@ -30,10 +30,11 @@ from filelock import FileLock, Timeout
 
 from hf_sae._io import remove_stale_temporaries, remove_tree, write_json_atomic
 from hf_sae.errors import HfSaeError, ResumeError, RunLockedError, TrainConfigError
+from hf_sae.registry import import_architectures
 from hf_sae.run_files import COMMAND_FILE, METRICS_FILE, write_command
 
 from . import checkpoint as ckpt
-from .cli import import_target, load_yaml, save_yaml
+from .cli import load_yaml, save_yaml
 from .config import SAESpec, TrainConfig, config_differences, make_config
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def resolve_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfig:
         )
     saved_values = load_yaml(saved_path)
     for target in saved_values.get("imports") or []:  # the run's own architectures, registered before reading it
-        import_target(target)
+        import_architectures(target)
     saved = make_config(saved_values)
     differences = config_differences(saved, explicit)
     if differences:
