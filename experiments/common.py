@@ -20,7 +20,6 @@ import datasets
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import get_scheduler
 
 from hf_sae import training_step
 from hf_sae._io import write_json_atomic, write_text_atomic
@@ -30,6 +29,7 @@ from hf_sae.steering import ActivationPatch, attach
 from training.corpus import corpus_paths
 from training.data import TokenWindows
 from training.harvest import ActivationHarvester
+from training.saes import activation_scale, adamw_with_schedule, default_dead_tokens
 from training.small_gemma import load_small_gemma
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,21 +239,22 @@ def train_sae(
     generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(tokens / batch_size)
     first = data[:16384].float()
-    scale = math.sqrt(data.shape[1] / float(first.pow(2).sum(-1).mean()))
+    scale = activation_scale(first)
     sae.config.activation_scale = scale
     sae.config.activation_scale_folded = False
-    sae.config.dead_tokens = max(batch_size, min(10_000_000, tokens // 10))
+    sae.config.dead_tokens = default_dead_tokens(tokens, batch_size)
     if b_dec_init != "zeros":
         sae.initialize_b_dec(first[:4096] * scale, method=b_dec_init)
     sae.train()
     sae.check_finite = False
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=lr or sae.default_learning_rate(sae.config))
-    scheduler = get_scheduler(
-        "cosine_with_min_lr",
-        optimizer,
-        num_warmup_steps=int(warmup_fraction * steps),
-        num_training_steps=steps,
-        scheduler_specific_kwargs={"min_lr": lr_min},
+    lr = lr or sae.default_learning_rate(sae.config)
+    optimizer, scheduler = adamw_with_schedule(
+        [{"params": sae.parameters(), "lr": lr}],
+        steps,
+        lr=lr,  # one SAE: decay to lr_min itself
+        weight_decay=0.01,  # torch's AdamW default, which the runs on docs/results.md used (the CLI uses 0)
+        warmup_fraction=warmup_fraction,
+        lr_min=lr_min,
     )
     order = torch.randperm(data.shape[0], generator=generator)
     seconds, position = 0.0, 0

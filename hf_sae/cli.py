@@ -32,7 +32,7 @@ from .errors import HfSaeError
 from .flow.cli import FLOW_SUBCOMMAND
 from .loading import load_sae
 from .push import collection_subfolder, push_run, resolve_repo_id
-from .registry import architectures, import_architectures
+from .registry import import_architectures, model_types
 from .run_files import folder_metrics, read_command, sae_folders
 from .sites import SITES
 
@@ -145,7 +145,7 @@ def _add_card(parser: argparse.ArgumentParser) -> None:
 
 def _run_card(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    folders = sae_folders(run_dir, [architecture.name for architecture in architectures()])
+    folders = sae_folders(run_dir, model_types())
     if not folders:
         raise HfSaeError(f"{run_dir}: no hf-sae SAE (config.json + model.safetensors) found there.")
     command = read_command(run_dir)

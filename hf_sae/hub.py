@@ -26,14 +26,9 @@ from .push import (
     push_sae,
     stage_sae,
 )
-from .registry import architectures
+from .registry import model_types
 from .remote_code import REMOTE_CODE_NAME, add_remote_code
 from .run_files import read_run_metrics
-
-
-def model_types() -> tuple[str, ...]:
-    """The ``model_type`` of every registered architecture (what an hf-sae config.json may name)."""
-    return tuple(architecture.name for architecture in architectures())
 
 
 def sae_folders(folder: str | Path, types: Sequence[str] | None = None) -> list[Path]:

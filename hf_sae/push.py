@@ -31,7 +31,7 @@ from ._io import write_json_atomic
 from .cards import find_command, generate_collection_card, generate_model_card
 from .errors import SAEPushError
 from .loading import NETWORK_ERRORS, explain_auto_model_failures, load_sae, network_failure, one_line
-from .registry import architecture_of, architectures
+from .registry import architecture_of, model_types
 from .remote_code import REMOTE_CODE_NAME, add_remote_code, generate_remote_code
 from .run_files import (
     find_checkpoints,
@@ -391,13 +391,9 @@ def push_checkpoint(sae, repo_id: str, step: int, *, tag: str | None = None, **k
 
 
 # ------------------------------------------------------------------------------------------------ push_run
-def _model_types() -> list[str]:
-    return [architecture.name for architecture in architectures()]
-
-
 def _run_sae_folders(folder: Path) -> list[Path]:
     """The hf-sae SAE folders of a run (or of one of its checkpoints)."""
-    return sae_folders(folder, _model_types())
+    return sae_folders(folder, model_types())
 
 
 def _push_folder_set(folders: list[Path], repo_id: str, run_dir: Path | None, command=None, **kwargs):
@@ -454,7 +450,7 @@ def push_run(
     final = _run_sae_folders(run_dir)
     if not final:
         raise SAEPushError(
-            f"{run_dir}: no hf-sae SAE found (a folder with config.json of model_type {_model_types()} and "
+            f"{run_dir}: no hf-sae SAE found (a folder with config.json of model_type {model_types()} and "
             "model.safetensors, at the run folder, in final/ or sae/, or one per subfolder). Has the run finished?"
         )
     command = command or read_command(run_dir)
@@ -462,7 +458,7 @@ def push_run(
     common = {**commit, "include_code": include_code, "command": command, "license": license}
     commits = []
     if push_checkpoints:
-        for step, folder in find_checkpoints(run_dir, _model_types()):
+        for step, folder in find_checkpoints(run_dir, model_types()):
             commits.append(
                 _push_folder_set(
                     _run_sae_folders(folder),

@@ -146,6 +146,11 @@ def architectures() -> tuple[Architecture, ...]:
     return tuple(_REGISTRY.values())
 
 
+def model_types() -> tuple[str, ...]:
+    """The ``model_type`` of every registered architecture (what an hf-sae config.json may name)."""
+    return tuple(_REGISTRY)
+
+
 def training_names() -> list[str]:
     """Every name ``--sae arch=NAME`` accepts: the ``model_type``s and the presets."""
     return list(_NAMES)

@@ -21,20 +21,23 @@ from .config import SAESpec, TrainConfig
 from .harvest import available_memory
 
 
-def default_dead_tokens(cfg: TrainConfig, world: int) -> int:
+def default_dead_tokens(tokens: int, tokens_per_step: int) -> int:
     """Tokens without firing after which a latent counts as dead, when the SAE's config does not say:
-    min(10M, tokens // 10), at least one step's tokens."""
-    return max(cfg.batch_size * world, min(10_000_000, cfg.tokens // 10))
+    min(10M, tokens // 10) of a run of ``tokens``, at least one step's tokens."""
+    return max(tokens_per_step, min(10_000_000, tokens // 10))
 
 
 def dead_tokens_of(cfg: TrainConfig, spec: SAESpec, world: int) -> int:
     """The dead-latent threshold of one SAE: its config's ``dead_tokens`` if the run sets it, else the default."""
-    return int(spec.config.get("dead_tokens") or default_dead_tokens(cfg, world))
+    return int(spec.config.get("dead_tokens") or default_dead_tokens(cfg.tokens, cfg.batch_size * world))
 
 
-def activation_scale(x: Tensor, accelerator: Accelerator) -> float:
-    """The scalar s with E||s x||² = d_in over every process's sample x: (N, d_in)."""
-    mean_sq_norm = accelerator.reduce(x.pow(2).sum(-1).mean().to(accelerator.device), reduction="mean")
+def activation_scale(x: Tensor, accelerator: Accelerator | None = None) -> float:
+    """The scalar s with E||s x||² = d_in over the sample x: (N, d_in), averaged over every process's sample when an
+    ``accelerator`` is given."""
+    mean_sq_norm = x.pow(2).sum(-1).mean()
+    if accelerator is not None:
+        mean_sq_norm = accelerator.reduce(mean_sq_norm.to(accelerator.device), reduction="mean")
     return math.sqrt(x.shape[-1] / float(mean_sq_norm))
 
 
@@ -112,18 +115,38 @@ def build_optimizer(
     cfg: TrainConfig, saes: list[SAEPreTrainedModel], specs: list[SAESpec], total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW with one parameter group per SAE (its own learning rate), warm-up then cosine decay to ``lr_min``."""
-    optimizer = torch.optim.AdamW(
+    return adamw_with_schedule(
         [{"params": sae.parameters(), "lr": learning_rate(spec, sae)} for sae, spec in zip(saes, specs)],
+        total_steps,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
+        warmup_fraction=cfg.lr_warmup_fraction,
+        lr_min=cfg.lr_min,
     )
+
+
+def adamw_with_schedule(
+    param_groups: list[dict],
+    total_steps: int,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    warmup_fraction: float = 0.1,
+    lr_min: float = 1e-6,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The recipe's optimiser: AdamW over ``param_groups`` (each with its ``lr``), linear warm-up over
+    ``warmup_fraction`` of the steps, then cosine decay. ``lr`` is AdamW's default learning rate, which transformers'
+    ``cosine_with_min_lr`` divides ``lr_min`` by: each group decays to its own lr x lr_min / ``lr``."""
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     scheduler = get_scheduler(
         "cosine_with_min_lr",
         optimizer,
-        num_warmup_steps=int(cfg.lr_warmup_fraction * total_steps),
+        num_warmup_steps=int(warmup_fraction * total_steps),
         num_training_steps=total_steps,
-        scheduler_specific_kwargs={"min_lr": cfg.lr_min},
+        scheduler_specific_kwargs={"min_lr": lr_min},
     )
     return optimizer, scheduler
 
