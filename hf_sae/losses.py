@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .kernels import cpu_kernels
-from .sparse import sparse_decode
+from .sparse import csr_order, sparse_decode
 
 
 def budget_weights(k: int, budgets: list[int] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -27,6 +27,14 @@ def budget_weights(k: int, budgets: list[int] | None, dtype: torch.dtype, device
     else:
         weights[torch.as_tensor(budgets, device=device) - 1] = 1.0 / len(budgets)
     return weights
+
+
+def _deterministic_chunks(W_dec: Tensor, memory_bytes: int = 1 << 30) -> int:
+    """Row chunks of the deterministic HierarchicalTopK backward: one per thread, each beyond the first holding a
+    private (d_sae, d_in) gradient, as many as fit in ``memory_bytes``. Fixed for a machine and thread count, so
+    gradients are bit-reproducible there (a resumed run on the same machine repeats them exactly)."""
+    per_chunk = W_dec.numel() * W_dec.element_size()
+    return max(1, min(torch.get_num_threads(), 1 + memory_bytes // max(1, per_chunk)))
 
 
 class _FusedHierarchicalLoss(torch.autograd.Function):
@@ -48,11 +56,49 @@ class _FusedHierarchicalLoss(torch.autograd.Function):
         values, indices, W_dec, weights, residual = ctx.saved_tensors
         scale = 2.0 * float(grad_loss) / ctx.norm
         grad_values, grad_W, suffix = cpu_kernels().hierarchical_backward(
-            values.contiguous(), indices, W_dec, weights, residual, scale, torch.are_deterministic_algorithms_enabled()
+            values.contiguous(),
+            indices,
+            W_dec,
+            weights,
+            residual,
+            scale,
+            torch.are_deterministic_algorithms_enabled(),
+            _deterministic_chunks(W_dec),
         )
         grad_x = suffix.mul_(scale) if ctx.needs_input_grad[0] else None
         grad_b_dec = -grad_x.sum(0) if grad_x is not None else -scale * suffix.sum(0)
         return grad_x, grad_values, None, grad_W, grad_b_dec, None
+
+
+class _TopKMSE(torch.autograd.Function):
+    """CPU kernel path of the plain TopK loss mean((x − x̂_K)²), x̂_K = b_dec + Σ_t v_t W_dec[i_t].
+
+    Forward: the fused decode + squared error of :class:`_FusedHierarchicalLoss` with the one budget K (one pass
+    over the rows). Backward walks the decoder latent by latent (CSR order), reading each decoder row once:
+    dL/dv_t = −c <W_dec[i_t], r>, dL/dW_dec[f] = −c Σ v r, dL/db_dec = −c Σ_n r, c = 2 g / (N d).
+    Returns (loss, reconstruction)."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, W_dec, b_dec):
+        k = values.shape[1]
+        weights = budget_weights(k, [k], x.dtype, x.device)
+        row_loss, residual = cpu_kernels().hierarchical_forward(x, values, indices, W_dec, b_dec, weights)
+        n, d = x.shape
+        ctx.save_for_backward(values, indices, W_dec, residual)
+        ctx.norm = n * d
+        reconstruction = x - residual
+        ctx.mark_non_differentiable(reconstruction)
+        return row_loss.sum() / (n * d), reconstruction
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_reconstruction):
+        values, indices, W_dec, residual = ctx.saved_tensors
+        scale = 2.0 * float(grad_loss) / ctx.norm
+        crow, perm = csr_order(indices, W_dec.shape[0])
+        grad_values, grad_W = cpu_kernels().topk_decoder_backward(crow, perm, values, W_dec, residual, scale)
+        grad_x = residual * scale if ctx.needs_input_grad[0] else None
+        grad_b_dec = residual.sum(0).mul_(-scale) if ctx.needs_input_grad[4] else None
+        return grad_x, grad_values, None, grad_W, grad_b_dec
 
 
 def _chunk_loss(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, weights: Tensor) -> Tensor:
@@ -98,10 +144,17 @@ def hierarchical_topk_loss(
         use_kernel: force (True) or forbid (False) the compiled CPU kernel; default: use it when available.
 
     Returns:
-        (loss scalar, reconstruction (N, d_in) at budget K, detached).
+        (loss scalar, reconstruction (N, d_in) at budget K, detached); for half-precision inputs the loss is
+        accumulated in fp32 and the reconstruction has the dtype of ``x``.
     """
     n, K = values.shape
-    weights = budget_weights(K, budgets, x.dtype, x.device)
+    if any(t.dtype in (torch.bfloat16, torch.float16) for t in (x, values, W_dec, b_dec)):
+        # half-precision inputs (autocast, a bf16 SAE): the loss and its gradients accumulate in fp32
+        loss, reconstruction = hierarchical_topk_loss(
+            x.float(), values.float(), indices, W_dec.float(), b_dec.float(), budgets, chunk_elements, use_kernel
+        )
+        return loss, reconstruction.to(x.dtype)
+    single_budget = budgets is not None and list(budgets) == [K]  # the plain TopK loss
     kernel_ok = (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
@@ -111,12 +164,17 @@ def hierarchical_topk_loss(
     )
     if use_kernel is None:
         use_kernel = kernel_ok and cpu_kernels() is not None
+    if use_kernel and (not kernel_ok or cpu_kernels() is None):
+        raise RuntimeError("the CPU HierarchicalTopK kernel needs float32/float64 CPU tensors and a compiler.")
+    args = (x.contiguous(), values.contiguous(), indices.contiguous(), W_dec.contiguous(), b_dec)
+    if single_budget:
+        if use_kernel:
+            return _TopKMSE.apply(*args)
+        reconstruction = b_dec + sparse_decode(values, indices, W_dec)
+        return (x - reconstruction).pow(2).mean(), reconstruction.detach()
+    weights = budget_weights(K, budgets, x.dtype, x.device)
     if use_kernel:
-        if not kernel_ok or cpu_kernels() is None:
-            raise RuntimeError("the CPU HierarchicalTopK kernel needs float32/float64 CPU tensors and a compiler.")
-        return _FusedHierarchicalLoss.apply(
-            x.contiguous(), values.contiguous(), indices.contiguous(), W_dec.contiguous(), b_dec, weights
-        )
+        return _FusedHierarchicalLoss.apply(*args, weights)
     chunk_rows = max(1, chunk_elements // max(1, K * x.shape[1]))
     return _torch_hierarchical_loss(x, values, indices, W_dec, b_dec, weights, chunk_rows)
 

@@ -55,7 +55,7 @@ class HierarchicalSAE(SAEPreTrainedModel):
         return torch.relu(nn.functional.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
 
     def _encode_topk(self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
-        return topk_encode(x - self.b_dec, self.encoder.weight, self.encoder.bias, k, dead_mask, k_aux)
+        return topk_encode(x, self.encoder.weight, self.encoder.bias, k, dead_mask, k_aux, center=self.b_dec)
 
 
 register_architecture(

@@ -71,61 +71,89 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
 
 
-def _scatter_rows_matmul(indices: Tensor, coefficients: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """out[f] = Σ_{(n,t): indices[n,t] = f} coefficients[n,t] · rows[n] -> (num_rows, d).
-
-    The transposed sparse product Sᵀ·rows with S the (N, num_rows) matrix of TopK coefficients, with no (N, k, d)
-    temporary: pairs are sorted by latent (CSR order), then each latent's rows are summed by the compiled CPU kernel
-    (in a fixed order, so the result is deterministic) or by a CSR sparse-dense matmul elsewhere.
-    """
-    n, k = indices.shape
+def csr_order(indices: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """The (N, k) latent ids grouped by latent: (crow (num_rows + 1,), perm (N·k,)), pairs of latent f being
+    ``perm[crow[f]:crow[f + 1]]`` (flat pair ids n·k + t) in increasing order. A counting sort on CPU (O(N·k)),
+    a stable argsort elsewhere."""
     flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
+    kernels = cpu_kernels() if flat.device.type == "cpu" else None
+    if kernels is not None:
+        return tuple(kernels.csr_order(flat.contiguous(), num_rows))
     crow = torch.zeros(num_rows + 1, dtype=torch.long, device=indices.device)
     crow[1:] = torch.bincount(flat, minlength=num_rows).cumsum(0)
-    row_ids = order // k
-    coef = coefficients.reshape(-1)[order]
+    return crow, flat.argsort(stable=True)
+
+
+def _scatter_rows_matmul(indices: Tensor, coefficients: Tensor, rows: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """out[f] = Σ_{(n,t): indices[n,t] = f} coefficients[n,t] · rows[n] -> (num_rows, d), and the column sums
+    Σ coefficients per f -> (num_rows,).
+
+    The transposed sparse product Sᵀ·rows with S the (N, num_rows) matrix of TopK coefficients, with no (N, k, d)
+    temporary: pairs are grouped by latent (CSR order), then each latent's rows are summed by the compiled CPU
+    kernel (in a fixed order, so the result is deterministic) or by a CSR sparse-dense matmul elsewhere.
+    """
+    n, k = indices.shape
+    crow, order = csr_order(indices, num_rows)
     kernels = cpu_kernels() if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64) else None
     if kernels is not None:
-        return kernels.segment_scatter_rows(crow, row_ids, coef.to(rows.dtype), rows.contiguous(), num_rows)
+        coef = coefficients.to(rows.dtype).contiguous().reshape(-1)
+        out, sums = kernels.csr_scatter_rows(crow, order, k, coef, rows.contiguous())
+        return out, sums
     compute_dtype = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
+    coef = coefficients.reshape(-1)[order].to(compute_dtype)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
-        sparse = torch.sparse_csr_tensor(crow, row_ids, coef.to(compute_dtype), (num_rows, n))
-        return (sparse @ rows.to(compute_dtype)).to(rows.dtype)
+        sparse = torch.sparse_csr_tensor(crow, order // k, coef, (num_rows, n))
+        out = (sparse @ rows.to(compute_dtype)).to(rows.dtype)
+    sums = coefficients.new_zeros(num_rows, dtype=compute_dtype).index_add_(
+        0, indices.reshape(-1), coefficients.reshape(-1).to(compute_dtype)
+    )
+    return out, sums.to(rows.dtype)
 
 
 class TopKEncode(torch.autograd.Function):
-    """ReLU-TopK of a linear encoder with a sparse backward.
+    """ReLU-TopK of a linear encoder of centred input with a sparse backward.
 
-    Forward: scores = ReLU(x Wᵀ + b) (N, F); the k largest, sorted. Optionally also the ``k_aux`` largest scores
-    among ``dead_mask`` latents (for AuxK), from the same matmul.
-    Backward: only the selected latents receive gradient: dx = embedding_bag(W, g), dW = Sᵀx (sparse),
-    db = index_add(g). Cost O(N·k·d) instead of the dense O(N·F·d).
+    Forward: scores = (x − c) Wᵀ + b (N, F), c the decoder bias the encoder subtracts (or none); the k largest,
+    sorted, through ReLU (ReLU commutes with TopK, so the (N, F) scores are never rectified). Optionally also the
+    ``k_aux`` largest scores among ``dead_mask`` latents (for AuxK), from the same matmul.
+    Backward: only the selected latents receive gradient: dW = Sᵀ(x − c) and db = Sᵀ1 (one latent-major pass),
+    dc = −dbᵀW (the centring's gradient, a matrix-vector product: Σ_n of the input gradient is all it needs),
+    dx = embedding_bag(W, g) only when x itself needs a gradient. Cost O(N·k·d) instead of the dense O(N·F·d).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int, dead_mask: Tensor | None, k_aux: int):
-        scores = torch.addmm(bias, x, weight.t()).relu_()
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, center: Tensor | None, k: int, dead_mask, k_aux: int):
+        centred = x - center if center is not None else x
+        scores = torch.addmm(bias, centred, weight.t())
         values, indices = scores.topk(k, dim=-1, sorted=True)
+        values.clamp_min_(0.0)
         if dead_mask is not None and k_aux > 0:
-            aux_values, aux_indices = scores.masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)
+            aux_values, aux_indices = scores.masked_fill_(~dead_mask, -torch.inf).topk(k_aux, dim=-1, sorted=False)
             aux_values = aux_values.clamp_min_(0.0)
         else:
             aux_values = values.new_zeros(values.shape[0], 0)
             aux_indices = indices.new_zeros(indices.shape[0], 0)
-        ctx.save_for_backward(x, weight, values, indices, aux_values, aux_indices)
+        ctx.has_center = center is not None
+        ctx.save_for_backward(centred, weight, values, indices, aux_values, aux_indices)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
-        x, weight, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        centred, weight, values, indices, aux_values, aux_indices = ctx.saved_tensors
         grad = grad_values * (values > 0)
         if aux_indices.shape[-1] > 0 and grad_aux_values is not None:
             grad = torch.cat([grad, grad_aux_values * (aux_values > 0)], dim=-1)
             indices = torch.cat([indices, aux_indices], dim=-1)
-        return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, indices, grad), None, None, None)
+        needs = ctx.needs_input_grad
+        grad_x = sparse_decode(grad, indices, weight) if needs[0] else None
+        grad_weight = grad_bias = grad_center = None
+        if needs[1] or needs[2] or (ctx.has_center and needs[3]):
+            grad_weight, grad_bias = _scatter_rows_matmul(indices, grad, centred, weight.shape[0])
+            if ctx.has_center and needs[3]:
+                grad_center = -(grad_bias @ weight)
+        return grad_x, grad_weight, grad_bias, grad_center, None, None, None
 
 
 def _sparse_linear_backward(needs_input_grad, x: Tensor, weight: Tensor, columns: Tensor, grad: Tensor):
@@ -133,10 +161,8 @@ def _sparse_linear_backward(needs_input_grad, x: Tensor, weight: Tensor, columns
     grad_x = grad_weight = grad_bias = None
     if needs_input_grad[0]:
         grad_x = sparse_decode(grad, columns, weight)
-    if needs_input_grad[1]:
-        grad_weight = _scatter_rows_matmul(columns, grad, x, weight.shape[0])
-    if needs_input_grad[2]:
-        grad_bias = grad.new_zeros(weight.shape[0]).index_add_(0, columns.reshape(-1), grad.reshape(-1))
+    if needs_input_grad[1] or needs_input_grad[2]:
+        grad_weight, grad_bias = _scatter_rows_matmul(columns, grad, x, weight.shape[0])
     return grad_x, grad_weight, grad_bias
 
 
@@ -159,17 +185,25 @@ class SparseLinearGather(torch.autograd.Function):
 
 
 def topk_encode(
-    x: Tensor, weight: Tensor, bias: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+    center: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x: (N, d_in), weight: (F, d_in), bias: (F,) -> values, indices (N, k) and aux values, indices (N, k_aux).
+    """ReLU-TopK of (x − center) Wᵀ + b. x: (N, d_in), weight: (F, d_in), bias: (F,), center: (d_in,) or None
+    -> values, indices (N, k) sorted descending, and aux values, indices (N, k_aux) among ``dead_mask`` latents.
 
     Uses the sparse backward when it is cheaper than the dense one: k much smaller than F, and F large enough
     that the sparse bookkeeping pays off (see benchmarks/bench_sae_step.py).
     """
     sparse_pays = 16 * k <= weight.shape[0] and weight.shape[0] >= 2048
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and sparse_pays:
-        return TopKEncode.apply(x, weight, bias, k, dead_mask, k_aux)
-    scores = F.relu(F.linear(x, weight, bias))
+    params_need_grad = weight.requires_grad or (center is not None and center.requires_grad)
+    if torch.is_grad_enabled() and (x.requires_grad or params_need_grad) and sparse_pays:
+        return TopKEncode.apply(x, weight, bias, center, k, dead_mask, k_aux)
+    scores = F.relu(F.linear(x - center if center is not None else x, weight, bias))
     values, indices = scores.topk(k, dim=-1, sorted=True)
     if dead_mask is not None and k_aux > 0:
         aux_values, aux_indices = scores.masked_fill(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)

@@ -1,30 +1,55 @@
 """Sparse encode/decode primitives equal their dense definitions (values and gradients)."""
 
+import pytest
 import torch
 
-from hf_sae.sparse import SparseLatents, TopKEncode, sparse_decode
+from hf_sae.sparse import SparseLatents, TopKEncode, _scatter_rows_matmul, csr_order, sparse_decode
 
 
-def test_sparse_topk_encoder_backward_equals_dense_autograd():
+@pytest.mark.parametrize("centred", [False, True])
+def test_sparse_topk_encoder_backward_equals_dense_autograd(centred):
     torch.manual_seed(0)
     n, d, F, k, k_aux = 6, 8, 40, 3, 2
     x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
     W = torch.randn(F, d, dtype=torch.float64, requires_grad=True)
     b = torch.randn(F, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(d, dtype=torch.float64, requires_grad=True) if centred else None
     dead = torch.zeros(F, dtype=torch.bool)
     dead[::3] = True
-    values, indices, aux_values, aux_indices = TopKEncode.apply(x, W, b, k, dead, k_aux)
+    values, indices, aux_values, aux_indices = TopKEncode.apply(x, W, b, c, k, dead, k_aux)
     upstream, upstream_aux = torch.randn(n, k, dtype=torch.float64), torch.randn(n, k_aux, dtype=torch.float64)
-    grads = torch.autograd.grad((values * upstream).sum() + (aux_values * upstream_aux).sum(), (x, W, b))
+    inputs = (x, W, b, c) if centred else (x, W, b)
+    grads = torch.autograd.grad((values * upstream).sum() + (aux_values * upstream_aux).sum(), inputs)
 
-    scores = torch.relu(x @ W.t() + b)
+    scores = torch.relu((x - c if centred else x) @ W.t() + b)
     dense_values = scores.gather(1, indices)
     dense_aux = scores.gather(1, aux_indices)
     assert torch.allclose(values, dense_values)
+    assert torch.equal(indices, scores.topk(k, dim=-1).indices)
     assert set(aux_indices.flatten().tolist()) <= set(torch.nonzero(dead).flatten().tolist())
-    expected = torch.autograd.grad((dense_values * upstream).sum() + (dense_aux * upstream_aux).sum(), (x, W, b))
+    expected = torch.autograd.grad((dense_values * upstream).sum() + (dense_aux * upstream_aux).sum(), inputs)
     for ours, ref in zip(grads, expected):
         assert torch.allclose(ours, ref, atol=1e-10)
+
+
+def test_csr_order_groups_pairs_by_latent_in_pair_order():
+    # pairs (flat n*k + t): 0->2, 1->0, 2->2, 3->1, 4->0, 5->2 with F = 4 (latent 3 unused)
+    indices = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    crow, perm = csr_order(indices, 4)
+    assert crow.tolist() == [0, 2, 3, 6, 6]
+    assert perm.tolist() == [1, 4, 3, 0, 2, 5]
+
+
+def test_scatter_rows_matmul_is_the_transposed_sparse_product():
+    torch.manual_seed(1)
+    indices = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    coefficients = torch.randn(3, 2, dtype=torch.float64)
+    rows = torch.randn(3, 5, dtype=torch.float64)
+    out, sums = _scatter_rows_matmul(indices, coefficients, rows, 4)
+    dense = torch.zeros(3, 4, dtype=torch.float64).scatter_add_(1, indices, coefficients)  # S (N, F)
+    assert torch.allclose(out, dense.t() @ rows, atol=1e-12)
+    assert torch.allclose(sums, dense.sum(0), atol=1e-12)
+    assert out[3].abs().max() == 0 and sums[3] == 0
 
 
 def test_sparse_decode_and_dense_view():

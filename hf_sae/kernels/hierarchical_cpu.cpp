@@ -1,4 +1,5 @@
-// Fused HierarchicalTopK decode + loss for CPU tensors (float32 / float64).
+// CPU kernels of hf-sae's training step (float32 / float64): the fused HierarchicalTopK decode + loss, and the
+// latent-major (CSR) sparse backward of TopK encoders and decoders.
 //
 // For each row b the prefix reconstructions x_hat_j = b_dec + sum_{t<=j} v_t W_dec[i_t] are never stored: the
 // residual r_j = x - x_hat_j lives in one d_in-sized buffer per thread, so memory is O(batch * d_in), as for
@@ -9,6 +10,7 @@
 // deterministic=true, processed in order on one thread for bit-reproducible gradients).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -20,16 +22,17 @@ void forward_rows(const T* x, const T* values, const int64_t* indices, const T* 
                   const T* weights, T* residual, T* row_loss, int64_t B, int64_t K, int64_t d) {
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      T* r = residual + b * d;
-      const T* xb = x + b * d;
+      T* __restrict__ r = residual + b * d;
+      const T* __restrict__ xb = x + b * d;
       for (int64_t c = 0; c < d; ++c) r[c] = xb[c] - b_dec[c];
       T acc = 0;
       for (int64_t t = 0; t < K; ++t) {
         const T v = values[b * K + t];
-        const T* e = W + indices[b * K + t] * d;
+        const T* __restrict__ e = W + indices[b * K + t] * d;
         const T w = weights[t];
         if (w != T(0)) {
           T s = 0;
+#pragma omp simd reduction(+ : s)
           for (int64_t c = 0; c < d; ++c) {
             const T rc = r[c] - v * e[c];
             r[c] = rc;
@@ -37,6 +40,7 @@ void forward_rows(const T* x, const T* values, const int64_t* indices, const T* 
           }
           acc += w * s;
         } else {
+#pragma omp simd
           for (int64_t c = 0; c < d; ++c) r[c] -= v * e[c];
         }
       }
@@ -52,63 +56,137 @@ inline void lock(std::atomic<uint8_t>& flag) {
 
 inline void unlock(std::atomic<uint8_t>& flag) { flag.store(0, std::memory_order_release); }
 
+// One row of the HierarchicalTopK backward: walks t = K..1 keeping r_t and the suffix sum S_t in thread-local
+// buffers; writes grad_values of the row and adds -scale v_t S_t into grad_W[i_t] (under the latent's lock if any).
+template <typename T>
+inline void backward_row(int64_t b, const T* values, const int64_t* indices, const T* W, const T* weights,
+                         const T* residual, T scale, T* grad_values, T* grad_W, T* suffix_out, int64_t K, int64_t d,
+                         T* __restrict__ r, T* __restrict__ S, std::atomic<uint8_t>* locks) {
+  const T* __restrict__ rK = residual + b * d;
+  for (int64_t c = 0; c < d; ++c) { r[c] = rK[c]; S[c] = 0; }
+  for (int64_t t = K - 1; t >= 0; --t) {
+    const T w = weights[t];
+    const T v = values[b * K + t];
+    const int64_t f = indices[b * K + t];
+    const T* __restrict__ e = W + f * d;
+    T dot = 0;
+    if (w != T(0)) {
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) {
+        const T s = S[c] + w * r[c];
+        S[c] = s;
+        dot += e[c] * s;
+        r[c] += v * e[c];
+      }
+    } else {
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) {
+        dot += e[c] * S[c];
+        r[c] += v * e[c];
+      }
+    }
+    grad_values[b * K + t] = -scale * dot;
+    const T coef = -scale * v;
+    if (coef != T(0)) {
+      T* __restrict__ g = grad_W + f * d;
+      if (locks) lock(locks[f]);
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) g[c] += coef * S[c];
+      if (locks) unlock(locks[f]);
+    }
+  }
+  T* __restrict__ out = suffix_out + b * d;
+  for (int64_t c = 0; c < d; ++c) out[c] = S[c];
+}
+
+// Non-deterministic: rows in parallel, decoder rows guarded by per-latent spin locks. Deterministic: the rows are
+// cut into `chunks` fixed ranges, each accumulating into its own copy of grad_W (chunk 0 into grad_W itself),
+// summed in chunk order afterwards: bit-reproducible for a given chunk count, and still parallel.
 template <typename T>
 void backward_rows(const T* values, const int64_t* indices, const T* W, const T* weights, const T* residual,
                    T scale, T* grad_values, T* grad_W, T* suffix_out, int64_t B, int64_t K, int64_t d,
-                   int64_t F, bool deterministic) {
-  std::unique_ptr<std::atomic<uint8_t>[]> locks(new std::atomic<uint8_t>[F]);
-  for (int64_t f = 0; f < F; ++f) locks[f].store(0);
-  // Deterministic mode runs the rows in order on one thread, so decoder-row sums are always added in the same order.
-  at::parallel_for(0, B, deterministic ? B : 16, [&](int64_t begin, int64_t end) {
+                   int64_t F, bool deterministic, int64_t chunks) {
+  if (!deterministic) {
+    std::unique_ptr<std::atomic<uint8_t>[]> locks(new std::atomic<uint8_t>[F]);
+    for (int64_t f = 0; f < F; ++f) locks[f].store(0);
+    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+      std::vector<T> r(d), S(d);
+      for (int64_t b = begin; b < end; ++b)
+        backward_row<T>(b, values, indices, W, weights, residual, scale, grad_values, grad_W, suffix_out, K, d,
+                        r.data(), S.data(), locks.get());
+    });
+    return;
+  }
+  chunks = std::max<int64_t>(1, std::min(chunks, B));
+  std::vector<std::vector<T>> extra(chunks - 1);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> r(d), S(d);
-    for (int64_t b = begin; b < end; ++b) {
-      const T* rK = residual + b * d;
-      for (int64_t c = 0; c < d; ++c) { r[c] = rK[c]; S[c] = 0; }
-      for (int64_t t = K - 1; t >= 0; --t) {
-        const T w = weights[t];
-        const T v = values[b * K + t];
-        const int64_t f = indices[b * K + t];
-        const T* e = W + f * d;
-        T dot = 0;
-        if (w != T(0)) {
-          for (int64_t c = 0; c < d; ++c) {
-            const T s = S[c] + w * r[c];
-            S[c] = s;
-            dot += e[c] * s;
-            r[c] += v * e[c];
-          }
-        } else {
-          for (int64_t c = 0; c < d; ++c) {
-            dot += e[c] * S[c];
-            r[c] += v * e[c];
-          }
-        }
-        grad_values[b * K + t] = -scale * dot;
-        const T coef = -scale * v;
-        if (coef != T(0)) {
-          T* g = grad_W + f * d;
-          lock(locks[f]);
-          for (int64_t c = 0; c < d; ++c) g[c] += coef * S[c];
-          unlock(locks[f]);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      T* target = grad_W;
+      if (chunk > 0) {
+        extra[chunk - 1].assign(F * d, T(0));
+        target = extra[chunk - 1].data();
+      }
+      for (int64_t b = chunk * B / chunks; b < (chunk + 1) * B / chunks; ++b)
+        backward_row<T>(b, values, indices, W, weights, residual, scale, grad_values, target, suffix_out, K, d,
+                        r.data(), S.data(), nullptr);
+    }
+  });
+  if (chunks > 1) {
+    at::parallel_for(0, F, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t f = begin; f < end; ++f) {
+        T* __restrict__ g = grad_W + f * d;
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+          const T* __restrict__ part = extra[chunk - 1].data() + f * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) g[c] += part[c];
         }
       }
-      T* out = suffix_out + b * d;
-      for (int64_t c = 0; c < d; ++c) out[c] = S[c];
+    });
+  }
+}
+
+template <typename T>
+void csr_rows(const int64_t* crow, const int64_t* perm, int64_t k, const T* coef, const T* rows, T* out, T* coef_sum,
+              int64_t F, int64_t d) {
+  at::parallel_for(0, F, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      T* __restrict__ o = out + f * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = 0;
+      T total = 0;
+      for (int64_t p = crow[f]; p < crow[f + 1]; ++p) {
+        const int64_t pair = perm[p];
+        const T a = coef[pair];
+        total += a;
+        if (a == T(0)) continue;
+        const T* __restrict__ r = rows + (pair / k) * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] += a * r[c];
+      }
+      coef_sum[f] = total;
     }
   });
 }
 
 template <typename T>
-void segment_rows(const int64_t* crow, const int64_t* row_ids, const T* coef, const T* rows, T* out, int64_t F,
-                  int64_t d) {
-  at::parallel_for(0, F, 64, [&](int64_t begin, int64_t end) {
+void topk_decoder_rows(const int64_t* crow, const int64_t* perm, int64_t k, const T* values, const T* W,
+                       const T* residual, T scale, T* grad_values, T* grad_W, int64_t F, int64_t d) {
+  at::parallel_for(0, F, 16, [&](int64_t begin, int64_t end) {
     for (int64_t f = begin; f < end; ++f) {
-      T* o = out + f * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = 0;
+      const T* __restrict__ e = W + f * d;
+      T* __restrict__ g = grad_W + f * d;
+      for (int64_t c = 0; c < d; ++c) g[c] = 0;
       for (int64_t p = crow[f]; p < crow[f + 1]; ++p) {
-        const T a = coef[p];
-        const T* r = rows + row_ids[p] * d;
-        for (int64_t c = 0; c < d; ++c) o[c] += a * r[c];
+        const int64_t pair = perm[p];
+        const T a = -scale * values[pair];
+        const T* __restrict__ r = residual + (pair / k) * d;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < d; ++c) {
+          dot += e[c] * r[c];
+          g[c] += a * r[c];
+        }
+        grad_values[pair] = -scale * dot;
       }
     }
   });
@@ -116,17 +194,53 @@ void segment_rows(const int64_t* crow, const int64_t* row_ids, const T* coef, co
 
 }  // namespace
 
-// out[f] = sum_{p in [crow[f], crow[f+1])} coef[p] * rows[row_ids[p]]: the transposed sparse-dense product of TopK
-// gradients, computed per latent (no atomics, deterministic order).
-torch::Tensor segment_scatter_rows(torch::Tensor crow, torch::Tensor row_ids, torch::Tensor coef, torch::Tensor rows,
-                                   int64_t F) {
-  const int64_t d = rows.size(1);
+// The CSR layout of the flat (N*k) TopK latent ids by latent, by a stable counting sort: pairs of latent f are
+// perm[crow[f]:crow[f+1]], in increasing pair order. O(N*k + F), against the O(N*k log) argsort it replaces.
+std::vector<torch::Tensor> csr_order(torch::Tensor flat, int64_t F) {
+  TORCH_CHECK(flat.scalar_type() == torch::kLong && flat.is_contiguous(), "csr_order: contiguous int64 ids");
+  const int64_t M = flat.numel();
+  auto crow = torch::zeros({F + 1}, flat.options());
+  auto perm = torch::empty({M}, flat.options());
+  const int64_t* ids = flat.data_ptr<int64_t>();
+  int64_t* c = crow.data_ptr<int64_t>();
+  int64_t* out = perm.data_ptr<int64_t>();
+  for (int64_t p = 0; p < M; ++p) {
+    TORCH_CHECK(ids[p] >= 0 && ids[p] < F, "csr_order: latent id out of range");
+    c[ids[p] + 1]++;
+  }
+  for (int64_t f = 0; f < F; ++f) c[f + 1] += c[f];
+  std::vector<int64_t> next(c, c + F);
+  for (int64_t p = 0; p < M; ++p) out[next[ids[p]]++] = p;
+  return {crow, perm};
+}
+
+// out[f] = sum over the pairs p of latent f of coef[p] * rows[p / k], and coef_sum[f] = sum of those coef[p]:
+// the weight and bias gradients of a linear layer read at TopK columns, one latent per task (no atomics).
+std::vector<torch::Tensor> csr_scatter_rows(torch::Tensor crow, torch::Tensor perm, int64_t k, torch::Tensor coef,
+                                            torch::Tensor rows) {
+  const int64_t F = crow.size(0) - 1, d = rows.size(1);
   auto out = torch::empty({F, d}, rows.options());
-  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "segment_scatter_rows", [&] {
-    segment_rows<scalar_t>(crow.data_ptr<int64_t>(), row_ids.data_ptr<int64_t>(), coef.data_ptr<scalar_t>(),
-                           rows.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), F, d);
+  auto coef_sum = torch::empty({F}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "csr_scatter_rows", [&] {
+    csr_rows<scalar_t>(crow.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), k, coef.data_ptr<scalar_t>(),
+                       rows.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), coef_sum.data_ptr<scalar_t>(), F, d);
   });
-  return out;
+  return {out, coef_sum};
+}
+
+// Backward of the TopK MSE (one budget K) through the decoder, latent-major: each decoder row is read once and its
+// gradient written once. grad_values[p] = -scale <W[f], r_b>, grad_W[f] = -scale sum_p values[p] r_b.
+std::vector<torch::Tensor> topk_decoder_backward(torch::Tensor crow, torch::Tensor perm, torch::Tensor values,
+                                                 torch::Tensor W, torch::Tensor residual, double scale) {
+  const int64_t F = W.size(0), d = W.size(1), k = values.size(1);
+  auto grad_values = torch::empty_like(values);
+  auto grad_W = torch::empty_like(W);
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "topk_decoder_backward", [&] {
+    topk_decoder_rows<scalar_t>(crow.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), k, values.data_ptr<scalar_t>(),
+                                W.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), (scalar_t)scale,
+                                grad_values.data_ptr<scalar_t>(), grad_W.data_ptr<scalar_t>(), F, d);
+  });
+  return {grad_values, grad_W};
 }
 
 std::vector<torch::Tensor> hierarchical_forward(torch::Tensor x, torch::Tensor values, torch::Tensor indices,
@@ -144,7 +258,7 @@ std::vector<torch::Tensor> hierarchical_forward(torch::Tensor x, torch::Tensor v
 
 std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Tensor indices, torch::Tensor W,
                                                  torch::Tensor weights, torch::Tensor residual, double scale,
-                                                 bool deterministic) {
+                                                 bool deterministic, int64_t chunks) {
   const int64_t B = residual.size(0), d = residual.size(1), K = values.size(1), F = W.size(0);
   auto grad_values = torch::empty_like(values);
   auto grad_W = torch::zeros_like(W);
@@ -153,7 +267,7 @@ std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Te
     backward_rows<scalar_t>(values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), W.data_ptr<scalar_t>(),
                             weights.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), (scalar_t)scale,
                             grad_values.data_ptr<scalar_t>(), grad_W.data_ptr<scalar_t>(),
-                            suffix.data_ptr<scalar_t>(), B, K, d, F, deterministic);
+                            suffix.data_ptr<scalar_t>(), B, K, d, F, deterministic, chunks);
   });
   return {grad_values, grad_W, suffix};
 }
@@ -161,5 +275,7 @@ std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hierarchical_forward", &hierarchical_forward, "fused HierarchicalTopK decode + loss (CPU)");
   m.def("hierarchical_backward", &hierarchical_backward, "backward of hierarchical_forward (CPU)");
-  m.def("segment_scatter_rows", &segment_scatter_rows, "per-latent sum of weighted rows (CPU)");
+  m.def("csr_order", &csr_order, "stable counting sort of latent ids into CSR order (CPU)");
+  m.def("csr_scatter_rows", &csr_scatter_rows, "per-latent sum of weighted rows in CSR order (CPU)");
+  m.def("topk_decoder_backward", &topk_decoder_backward, "latent-major TopK MSE decoder backward (CPU)");
 }
