@@ -8,8 +8,8 @@ rounds of the per-round ratio hf-sae tokens/s / peer tokens/s: the two numbers o
 apart, so the drift cancels in it.
 
     python benchmarks/bench_peers.py --setup     # once: the peers' venvs (CPU torch 2.13.0 first, then the peer)
-    python benchmarks/bench_peers.py --quick     # small shape, 3 rounds (about 2 minutes on 2 cores)
-    python benchmarks/bench_peers.py             # both shapes, 5 rounds
+    python benchmarks/bench_peers.py --quick     # small shape, 3 rounds (4 min on the shared 2-core machine)
+    python benchmarks/bench_peers.py             # both shapes, 5 rounds (16 min there)
 
 Shapes: small = d_in 640, d_sae 4096, k 32, batch 4096 (Gemma 3 270M); large = d_in 2304, d_sae 16384, k 64,
 batch 2048 (Gemma 2 2B). Every worker draws the same random activations (``torch.manual_seed(0)``, the same torch
