@@ -190,3 +190,14 @@ def test_real_small_gemma_splice_recovers_most_of_the_loss(tmp_path):
     assert 0 < result.clean_loss < result.ablated_loss and math.isfinite(result.spliced_loss)
     found = top_features(model, sae, texts[0], tokenizer=tokenizer, n=5)
     assert len(found.tokens) == found.activations.shape[1]
+
+
+def test_a_given_clean_loss_skips_the_clean_forwards_and_changes_nothing_else(model):
+    sae = tiny_sae(k=16)
+    reference = lm_loss_with_sae(model, sae, TEXTS, batch_size=2)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    reused = lm_loss_with_sae(model, sae, TEXTS, batch_size=2, clean_loss=reference.clean_loss, progress=True)
+    handle.remove()
+    assert len(calls) == 2 * 2  # 2 batches x (spliced, ablated): no clean forward
+    assert reused.as_dict() == reference.as_dict()

@@ -83,7 +83,7 @@ def _evaluate(run: Run, folders: dict[str, Path], dead_fractions: list[float], s
         files=data_files(cfg.dataset),
     )
     activations, lm_batches = collect_eval_data(
-        run.harvester, eval_windows, cfg.eval_tokens, cfg.eval_lm_windows, cfg.lm_batch_size
+        run.harvester, eval_windows, cfg.eval_tokens, cfg.eval_lm_windows, cfg.lm_batch_size, progress=True
     )
     info: RunInfo = {
         "model": run.model_name,
@@ -109,6 +109,7 @@ def _evaluate(run: Run, folders: dict[str, Path], dead_fractions: list[float], s
         info["resumed_at_step"] = run.start_step
         info["session_tokens_per_second"] = round(run.session_tokens / max(run.session_seconds, 1e-9), 1)
     results: dict[str, SAEMetrics] = {}
+    clean_loss = None  # the same held-out windows and excluded ids for every SAE: one clean LM loss for all
     for spec, site, sae, dead in zip(run.specs, run.sites, run.saes, dead_fractions):
         result: SAEMetrics = {
             "path": str(folders[spec.name]),
@@ -120,8 +121,10 @@ def _evaluate(run: Run, folders: dict[str, Path], dead_fractions: list[float], s
             "activation_scale": sae.config.activation_scale,
             "dead_fraction": dead,
         }
-        result.update(reconstruction_metrics(sae, activations[site.key]))
-        result["lm_loss"] = lm_loss_metrics(run.model, sae, lm_batches, run.excluded)
+        result.update(reconstruction_metrics(sae, activations[site.key], progress=True))
+        lm_loss = lm_loss_metrics(run.model, sae, lm_batches, run.excluded, clean_loss=clean_loss, progress=True)
+        clean_loss = lm_loss["clean_loss"] if lm_loss is not None else None
+        result["lm_loss"] = lm_loss
         results[spec.name] = result
     info["evaluation_seconds"] = round(time.perf_counter() - started, 1)
     return {"run": info, "saes": results}
