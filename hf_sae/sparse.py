@@ -111,12 +111,65 @@ def _scatter_rows_matmul(indices: Tensor, coefficients: Tensor, rows: Tensor, nu
     return out, sums.to(rows.dtype)
 
 
+def _half_matmul_dtype(x: Tensor) -> torch.dtype | None:
+    """bfloat16 / float16 when autocast to it is on for x's device (the bf16 path), else None."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+    return None
+
+
+def select_topk(
+    scores: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scores (N, F) (+ bias (F,) when given) -> the k largest per row, sorted descending (values, indices), and
+    the ``k_aux`` largest among ``dead_mask`` columns (unsorted; empty when k_aux is 0).
+
+    One pass of the compiled CPU kernel for float32 / bfloat16 scores on CPU (values float32; ties: lower index
+    first; the bias is added on the fly, so an encoder need not broadcast it into its (N, F) product); torch.topk
+    elsewhere and when the values must carry autograd's gradient (the dense backward of small SAEs)."""
+    use_aux = dead_mask is not None and k_aux > 0
+    kernel_ok = scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16)
+    kernels = cpu_kernels() if kernel_ok and not (scores.requires_grad and torch.is_grad_enabled()) else None
+    if kernels is not None:
+        mask = dead_mask.contiguous() if use_aux else torch.zeros(0, dtype=torch.bool)
+        bias_f32 = bias.detach().float().contiguous() if bias is not None else torch.zeros(0)
+        return tuple(kernels.topk_scores(scores.contiguous(), bias_f32, k, mask, k_aux if use_aux else 0))
+    if bias is not None:
+        scores = scores + bias
+    values, indices = scores.topk(k, dim=-1, sorted=True)
+    if use_aux:
+        aux_values, aux_indices = scores.masked_fill(~dead_mask, -torch.inf).topk(k_aux, dim=-1, sorted=False)
+    else:
+        aux_values, aux_indices = values.new_zeros(values.shape[0], 0), indices.new_zeros(indices.shape[0], 0)
+    return values, indices, aux_values, aux_indices
+
+
+def linear_at(x: Tensor, weight: Tensor, bias: Tensor, columns: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """(x Wᵀ + b) at the given columns only: x (N, d), weight (F, d), bias (F,), columns (N, t) -> (N, t), in x's
+    dtype, without the (N, F) product (compiled CPU kernel, or chunks of gathered rows elsewhere)."""
+    kernels = cpu_kernels() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) else None
+    if kernels is not None:
+        return kernels.row_dots(x.contiguous(), weight.contiguous(), bias.contiguous(), columns.contiguous())
+    rows = max(1, chunk_elements // max(1, columns.shape[1] * x.shape[1]))
+    parts = [
+        torch.einsum("ntd,nd->nt", weight[columns[i : i + rows]], x[i : i + rows]) + bias[columns[i : i + rows]]
+        for i in range(0, x.shape[0], rows)
+    ]
+    return torch.cat(parts) if parts else x.new_zeros(columns.shape)
+
+
 class TopKEncode(torch.autograd.Function):
     """ReLU-TopK of a linear encoder of centred input with a sparse backward.
 
     Forward: scores = (x − c) Wᵀ + b (N, F), c the decoder bias the encoder subtracts (or none); the k largest,
     sorted, through ReLU (ReLU commutes with TopK, so the (N, F) scores are never rectified). Optionally also the
-    ``k_aux`` largest scores among ``dead_mask`` latents (for AuxK), from the same matmul.
+    ``k_aux`` largest scores among ``dead_mask`` latents (for AuxK), from the same matmul and the same pass.
+    Under bf16/fp16 autocast (the bf16 path) the (N, F) matmul runs in half precision (the CPU's bf16 units,
+    tensor cores) but only to choose the latents: their values are recomputed exactly in x's precision, so
+    everything after the choice (values, losses, gradients, the fp32 master weights) is full precision.
     Backward: only the selected latents receive gradient: dW = Sᵀ(x − c) and db = Sᵀ1 (one latent-major pass),
     dc = −dbᵀW (the centring's gradient, a matrix-vector product: Σ_n of the input gradient is all it needs),
     dx = embedding_bag(W, g) only when x itself needs a gradient. Cost O(N·k·d) instead of the dense O(N·F·d).
@@ -125,15 +178,20 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, center: Tensor | None, k: int, dead_mask, k_aux: int):
         centred = x - center if center is not None else x
-        scores = torch.addmm(bias, centred, weight.t())
-        values, indices = scores.topk(k, dim=-1, sorted=True)
-        values.clamp_min_(0.0)
-        if dead_mask is not None and k_aux > 0:
-            aux_values, aux_indices = scores.masked_fill_(~dead_mask, -torch.inf).topk(k_aux, dim=-1, sorted=False)
-            aux_values = aux_values.clamp_min_(0.0)
-        else:
-            aux_values = values.new_zeros(values.shape[0], 0)
-            aux_indices = indices.new_zeros(indices.shape[0], 0)
+        half = _half_matmul_dtype(x)
+        if half is None:
+            scores = centred @ weight.t()
+        else:  # the bf16 path: select with a half-precision matmul, then take the exact values of the chosen ones
+            with torch.autocast(x.device.type, enabled=False):
+                scores = centred.to(half) @ weight.to(half).t()
+        values, indices, aux_values, aux_indices = select_topk(scores, k, dead_mask, k_aux, bias=bias)
+        if half is not None:
+            values = linear_at(centred, weight, bias, indices)
+            values, order = values.sort(dim=-1, descending=True)
+            indices = indices.gather(1, order)
+            aux_values = aux_values.to(x.dtype)
+        values = values.to(x.dtype).clamp_min_(0.0)
+        aux_values = aux_values.to(x.dtype).clamp_min_(0.0)
         ctx.has_center = center is not None
         ctx.save_for_backward(centred, weight, values, indices, aux_values, aux_indices)
         ctx.mark_non_differentiable(indices, aux_indices)
@@ -204,10 +262,5 @@ def topk_encode(
     if torch.is_grad_enabled() and (x.requires_grad or params_need_grad) and sparse_pays:
         return TopKEncode.apply(x, weight, bias, center, k, dead_mask, k_aux)
     scores = F.relu(F.linear(x - center if center is not None else x, weight, bias))
-    values, indices = scores.topk(k, dim=-1, sorted=True)
-    if dead_mask is not None and k_aux > 0:
-        aux_values, aux_indices = scores.masked_fill(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)
-        aux_values = aux_values.clamp_min(0.0)
-    else:
-        aux_values, aux_indices = values.new_zeros(values.shape[0], 0), indices.new_zeros(indices.shape[0], 0)
-    return values, indices, aux_values, aux_indices
+    values, indices, aux_values, aux_indices = select_topk(scores, k, dead_mask, k_aux)
+    return values.to(scores.dtype), indices, aux_values.to(scores.dtype).clamp_min(0.0), aux_indices

@@ -12,6 +12,11 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <functional>
+#include <type_traits>
+#include <limits>
+#include <utility>
 #include <memory>
 #include <vector>
 
@@ -146,6 +151,115 @@ void backward_rows(const T* values, const int64_t* indices, const T* W, const T*
   }
 }
 
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+inline bool before(const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+  // descending by value, NaN last, ties: lower index first
+  if (std::isnan(a.first) || std::isnan(b.first)) {
+    if (std::isnan(a.first) != std::isnan(b.first)) return std::isnan(b.first);
+    return a.second < b.second;
+  }
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
+// The k largest of row[0..F) (only where mask is true, if given), written to out_v / out_i sorted descending (ties:
+// lower index first). A lower bound of the k-th largest comes from block maxima: with at least 4k blocks, the k-th
+// largest block maximum has k values at or above it. One vectorised pass computes the maxima, one collects the
+// values at or above that bound (typically a few times k), and only those are sorted.
+void select_top(const float* __restrict__ row, const bool* __restrict__ mask, int64_t F, int64_t k, bool sorted,
+                float* out_v, int64_t* out_i, std::vector<float>& maxima,
+                std::vector<std::pair<float, int64_t>>& pool) {
+  const float neg = -std::numeric_limits<float>::infinity();
+  int64_t block = 1;
+  while (block * 2 * 4 * k <= F) block *= 2;
+  float bound = neg;  // k close to F (block 1): no useful bound, every candidate is kept
+  if (block > 1) {
+    const int64_t blocks = (F + block - 1) / block;
+    maxima.resize(blocks);
+    int64_t finite_blocks = 0;
+    for (int64_t g = 0; g < blocks; ++g) {
+      const int64_t lo = g * block, hi = std::min(F, lo + block);
+      float m = neg;
+      if (mask) {
+        for (int64_t j = lo; j < hi; ++j) m = (mask[j] && row[j] > m) ? row[j] : m;
+      } else {
+#pragma omp simd reduction(max : m)
+        for (int64_t j = lo; j < hi; ++j) m = row[j] > m ? row[j] : m;
+      }
+      maxima[g] = m;
+      finite_blocks += m > neg ? 1 : 0;
+    }
+    if (finite_blocks >= k) {
+      std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<float>());
+      bound = maxima[k - 1];
+    }
+  }
+  pool.clear();
+  for (int64_t j = 0; j < F; ++j) {
+    const float v = row[j];
+    if ((!mask || mask[j]) && (v >= bound || bound == neg)) pool.emplace_back(v, j);
+  }
+  const int64_t take = std::min<int64_t>(k, pool.size());
+  if (sorted) {
+    std::partial_sort(pool.begin(), pool.begin() + take, pool.end(), before);
+  } else if (take < static_cast<int64_t>(pool.size())) {
+    std::nth_element(pool.begin(), pool.begin() + (take - 1), pool.end(), before);
+  }
+  for (int64_t t = 0; t < take; ++t) { out_v[t] = pool[t].first; out_i[t] = pool[t].second; }
+  for (int64_t t = take; t < k; ++t) { out_v[t] = std::numeric_limits<float>::quiet_NaN(); out_i[t] = 0; }
+}
+
+// Row-wise top-k of scores (N, F) (plus bias (F,) if given), and optionally the top-k_aux among `dead` columns,
+// rows in parallel.
+template <typename S>
+void topk_rows(const S* scores, const float* bias, const bool* dead, int64_t N, int64_t F, int64_t k, int64_t k_aux,
+               float* values, int64_t* indices, float* aux_values, int64_t* aux_indices) {
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> converted, maxima;
+    std::vector<std::pair<float, int64_t>> pool;
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row;
+      const S* __restrict__ src = scores + n * F;
+      if (std::is_same<S, float>::value && bias == nullptr) {
+        row = reinterpret_cast<const float*>(src);
+      } else {
+        converted.resize(F);
+        float* __restrict__ out = converted.data();
+        if (bias) {
+#pragma omp simd
+          for (int64_t j = 0; j < F; ++j) out[j] = to_float(src[j]) + bias[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < F; ++j) out[j] = to_float(src[j]);
+        }
+        row = out;
+      }
+      select_top(row, nullptr, F, k, true, values + n * k, indices + n * k, maxima, pool);
+      if (k_aux > 0) select_top(row, dead, F, k_aux, false, aux_values + n * k_aux, aux_indices + n * k_aux, maxima, pool);
+    }
+  });
+}
+
+template <typename T>
+void row_dots_impl(const T* rows, const T* W, const T* bias, const int64_t* indices, T* out, int64_t N, int64_t k,
+                   int64_t d) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* __restrict__ x = rows + n * d;
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t f = indices[n * k + t];
+        const T* __restrict__ w = W + f * d;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < d; ++c) dot += x[c] * w[c];
+        out[n * k + t] = dot + bias[f];
+      }
+    }
+  });
+}
+
 template <typename T>
 void csr_rows(const int64_t* crow, const int64_t* perm, int64_t k, const T* coef, const T* rows, T* out, T* coef_sum,
               int64_t F, int64_t d) {
@@ -193,6 +307,57 @@ void topk_decoder_rows(const int64_t* crow, const int64_t* perm, int64_t k, cons
 }
 
 }  // namespace
+
+// values, indices (N, k) of the k largest of scores + bias (bias: (F,) float32, or empty for none) of each row,
+// sorted descending (ties: lower index first), as float32; with k_aux > 0 also the k_aux largest among the
+// columns where `dead` is true (unsorted). Scores may be float32 or bfloat16. Adding the bias here saves the
+// (N, F) broadcast copy of an addmm. The caller guarantees k <= F and k_aux <= the number of dead columns.
+std::vector<torch::Tensor> topk_scores(torch::Tensor scores, torch::Tensor bias, int64_t k, torch::Tensor dead,
+                                       int64_t k_aux) {
+  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous(), "topk_scores: contiguous (N, F) scores");
+  const int64_t N = scores.size(0), F = scores.size(1);
+  TORCH_CHECK(k >= 1 && k <= F, "topk_scores: need 1 <= k <= F");
+  auto f32 = scores.options().dtype(torch::kFloat32);
+  auto i64 = scores.options().dtype(torch::kLong);
+  auto values = torch::empty({N, k}, f32);
+  auto indices = torch::empty({N, k}, i64);
+  auto aux_values = torch::empty({N, k_aux}, f32);
+  auto aux_indices = torch::empty({N, k_aux}, i64);
+  const bool* dead_ptr = nullptr;
+  if (k_aux > 0) {
+    TORCH_CHECK(dead.scalar_type() == torch::kBool && dead.numel() == F, "topk_scores: (F,) bool dead mask");
+    dead_ptr = dead.data_ptr<bool>();
+  }
+  const float* bias_ptr = nullptr;
+  if (bias.numel() > 0) {
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.numel() == F && bias.is_contiguous(),
+                "topk_scores: (F,) contiguous float32 bias");
+    bias_ptr = bias.data_ptr<float>();
+  }
+  float* av = k_aux > 0 ? aux_values.data_ptr<float>() : nullptr;
+  int64_t* ai = k_aux > 0 ? aux_indices.data_ptr<int64_t>() : nullptr;
+  if (scores.scalar_type() == torch::kFloat32) {
+    topk_rows<float>(scores.data_ptr<float>(), bias_ptr, dead_ptr, N, F, k, k_aux, values.data_ptr<float>(),
+                     indices.data_ptr<int64_t>(), av, ai);
+  } else {
+    TORCH_CHECK(scores.scalar_type() == torch::kBFloat16, "topk_scores: float32 or bfloat16 scores");
+    topk_rows<c10::BFloat16>(scores.data_ptr<c10::BFloat16>(), bias_ptr, dead_ptr, N, F, k, k_aux, values.data_ptr<float>(),
+                             indices.data_ptr<int64_t>(), av, ai);
+  }
+  return {values, indices, aux_values, aux_indices};
+}
+
+// out[n, t] = <rows[n], W[indices[n, t]]> + bias[indices[n, t]]: a linear layer evaluated at TopK columns only
+// (the exact values of latents chosen from lower-precision scores).
+torch::Tensor row_dots(torch::Tensor rows, torch::Tensor W, torch::Tensor bias, torch::Tensor indices) {
+  const int64_t N = rows.size(0), d = rows.size(1), k = indices.size(1);
+  auto out = torch::empty({N, k}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_dots", [&] {
+    row_dots_impl<scalar_t>(rows.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                            indices.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), N, k, d);
+  });
+  return out;
+}
 
 // The CSR layout of the flat (N*k) TopK latent ids by latent, by a stable counting sort: pairs of latent f are
 // perm[crow[f]:crow[f+1]], in increasing pair order. O(N*k + F), against the O(N*k log) argsort it replaces.
@@ -275,6 +440,8 @@ std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hierarchical_forward", &hierarchical_forward, "fused HierarchicalTopK decode + loss (CPU)");
   m.def("hierarchical_backward", &hierarchical_backward, "backward of hierarchical_forward (CPU)");
+  m.def("topk_scores", &topk_scores, "row-wise top-k (and top-k_aux among dead columns) in one pass (CPU)");
+  m.def("row_dots", &row_dots, "a linear layer at TopK columns only (CPU)");
   m.def("csr_order", &csr_order, "stable counting sort of latent ids into CSR order (CPU)");
   m.def("csr_scatter_rows", &csr_scatter_rows, "per-latent sum of weighted rows in CSR order (CPU)");
   m.def("topk_decoder_backward", &topk_decoder_backward, "latent-major TopK MSE decoder backward (CPU)");
