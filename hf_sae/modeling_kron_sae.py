@@ -23,17 +23,35 @@ from torch import Tensor, nn
 
 from .configuration_kron_sae import KronSAEConfig
 from .errors import SAEConfigError
+from .kernels.kron_cpu import kron_cpu_kernels
 from .modeling_sae import SAEPreTrainedModel
 from .registry import register_architecture
 from .sparse import SparseLinearGather
 
 
 def mand(u: Tensor, w: Tensor) -> Tensor:
-    """Elementwise mAND: sqrt(u·w) where both are positive, exactly 0 elsewhere; finite gradients everywhere."""
-    product = u * w
-    active = (u > 0) & (w > 0)
-    safe = torch.where(active, product, torch.ones_like(product))
-    return torch.where(active, safe.sqrt(), torch.zeros_like(product))
+    """Elementwise mAND: sqrt(u·w) where both are positive, exactly 0 elsewhere; finite gradients everywhere.
+
+    ∂/∂u = w / (2 mAND) = sqrt(w/u) / 2 where mAND > 0, and 0 elsewhere (also where u·w underflows to 0).
+    """
+    return _MAnd.apply(u, w)
+
+
+class _MAnd(torch.autograd.Function):
+    """mAND = sqrt(ReLU(u)·ReLU(w)) (equal to sqrt(u·w) when both are positive, else 0) with its guarded gradient,
+    in a few fused elementwise passes (the step runs it on every selected latent)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, w: Tensor) -> Tensor:
+        z = (u.clamp_min(0) * w.clamp_min(0)).sqrt_()
+        ctx.save_for_backward(u, w, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, w, z = ctx.saved_tensors
+        half = torch.where(z > 0, grad * 0.5 / z, torch.zeros_like(z))  # z > 0 implies u > 0 and w > 0
+        return half * w, half * u
 
 
 class KronSAE(SAEPreTrainedModel):
@@ -125,42 +143,101 @@ class KronSAE(SAEPreTrainedModel):
     def _encode_topk(self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
         cfg = self.config
         weight, bias = self.encoder.weight, self.encoder.bias
-        x = self._encoder_input(x)  # x̃; the sparse gathers below read it too and pass its gradient on to b_dec
-        sparse_backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        with torch.no_grad():  # select on the dense scores, then recompute only the selected ones with gradient
-            pre = torch.addmm(bias, x, weight.t())
-            u, w = self._split(pre)
-            # Rank by ReLU(u)·ReLU(w): it is mAND² (and the relu_product score itself), so the ranking is the same
-            # and one multiply replaces the masked square root over all d_sae scores.
-            scores = (u.relu()[..., :, None] * w.relu()[..., None, :]).reshape(x.shape[0], cfg.d_sae)
-            _, indices = scores.topk(k, dim=-1, sorted=True)
+        centred = self._encoder_input(x)  # x̃ (N, d_in)
+        with torch.no_grad():  # select without gradient, then recompute only the selected scores with it
+            pre = torch.addmm(bias, centred, weight.t())  # (N, h·(m+n))
+            indices, columns = select_topk_latents(pre, cfg.num_heads, cfg.base_dim, cfg.ext_dim, k)
             if dead_mask is not None and k_aux > 0:
-                _, aux_indices = scores.masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1, sorted=False)
+                _, aux_indices = self._dense_squared_scores(pre).masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1)
+                aux_columns = torch.cat(self._columns(aux_indices), dim=-1)
+                t = k + k_aux  # columns of all selected latents: every u, then every w
+                columns = torch.cat([columns[:, :k], aux_columns[:, :k_aux], columns[:, k:], aux_columns[:, k_aux:]], 1)
             else:
-                aux_indices = indices.new_zeros(indices.shape[0], 0)
-        if not sparse_backward:
-            return self._gather_scores(pre, indices), indices, self._gather_scores(pre, aux_indices), aux_indices
-        all_indices = torch.cat([indices, aux_indices], dim=-1)
-        values = self._gather_scores(pre, all_indices, x)
+                aux_indices, t = indices.new_zeros(indices.shape[0], 0), k
+        if torch.is_grad_enabled() and (centred.requires_grad or weight.requires_grad):
+            # The sparse backward touches only the 2 columns each selected latent reads. It reads x̃ without
+            # gradient: b_dec's share (∂pre/∂b_dec = −W) goes through the bias (see _CentringGradient).
+            bias_in = _CentringGradient.apply(bias, weight, self.b_dec) if self._centres_with_b_dec(centred) else bias
+            gathered = SparseLinearGather.apply(centred.detach(), weight, bias_in, columns, pre)
+        else:
+            gathered = pre.gather(1, columns)
+        values = self._activation(gathered[:, :t], gathered[:, t:])
         return values[:, :k], indices, values[:, k:], aux_indices
 
-    def _gather_scores(self, pre: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
-        """Activation of latents ``indices`` (N, t) from the fused pre-activations pre (N, h·(m+n)).
+    def _centres_with_b_dec(self, centred: Tensor) -> bool:
+        """Whether x̃ = x − b_dec carries b_dec's gradient (x itself never needs one in training)."""
+        return self.config.apply_b_dec_to_input and centred.requires_grad
 
-        With ``x`` given, u and w are re-gathered through :class:`SparseLinearGather`, so the encoder gradient only
-        touches the two columns each selected latent reads.
-        """
-        cfg = self.config
-        mn, width = cfg.base_dim * cfg.ext_dim, cfg.base_dim + cfg.ext_dim
-        head, rest = indices // mn, indices % mn
-        base_col = head * width + rest // cfg.ext_dim
-        ext_col = head * width + cfg.base_dim + rest % cfg.ext_dim
-        if x is None:
-            return self._activation(pre.gather(1, base_col), pre.gather(1, ext_col))
-        columns = torch.cat([base_col, ext_col], dim=-1)
-        gathered = SparseLinearGather.apply(x, self.encoder.weight, self.encoder.bias, columns, pre)
-        t = indices.shape[-1]
-        return self._activation(gathered[:, :t], gathered[:, t:])
+    def _dense_squared_scores(self, pre: Tensor) -> Tensor:
+        """(N, h·(m+n)) -> (N, d_sae) ReLU(u)·ReLU(w): mAND² (the relu_product score itself); same ranking, no
+        square root. Only AuxK needs all of them (the dead latents' ranking is not per head)."""
+        u, w = self._split(pre)
+        return (u.relu()[..., :, None] * w.relu()[..., None, :]).reshape(pre.shape[0], self.config.d_sae)
+
+    def _columns(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        return latent_columns(indices, self.config.base_dim, self.config.ext_dim)
+
+
+def latent_columns(indices: Tensor, base_dim: int, ext_dim: int) -> tuple[Tensor, Tensor]:
+    """Latent ids (N, t), h·m·n + i·n + j -> the fused-encoder columns of their u_{h,i} and w_{h,j}, each (N, t)."""
+    mn, width = base_dim * ext_dim, base_dim + ext_dim
+    head, rest = indices // mn, indices % mn
+    return head * width + rest // ext_dim, head * width + base_dim + rest % ext_dim
+
+
+def select_topk_latents(pre: Tensor, num_heads: int, base_dim: int, ext_dim: int, k: int) -> tuple[Tensor, Tensor]:
+    """The ids (N, k) of the k largest mAND scores, sorted descending, without scoring all h·m·n latents, and the
+    fused-encoder columns (N, 2k) they read (every latent's u column, then every latent's w column).
+
+    pre: (N, h·(m+n)). The compiled CPU kernel (``kernels/kron_cpu.cpp``, one pass per row) where it is built, else
+    :func:`select_topk_latents_reference`: the same latents (ties aside: the kernel prefers the smaller id).
+    """
+    kernels = kron_cpu_kernels() if pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.float64) else None
+    if kernels is not None:
+        indices, columns = kernels.kron_select_topk(pre.contiguous(), num_heads, base_dim, ext_dim, k)
+        return indices, columns
+    indices = select_topk_latents_reference(pre, num_heads, base_dim, ext_dim, k)
+    return indices, torch.cat(latent_columns(indices, base_dim, ext_dim), dim=-1)
+
+
+def select_topk_latents_reference(pre: Tensor, num_heads: int, base_dim: int, ext_dim: int, k: int) -> Tensor:
+    """Pure-torch :func:`select_topk_latents` (any device and dtype), and the reference the kernel is tested against.
+
+    pre: (N, h·(m+n)) fused pre-activations (per head m base u, then n extension w). Per head the squared scores
+    are ReLU(u_h) ReLU(w_h)ᵀ (rank one), so a head's best latent is max ReLU(u_h) · max ReLU(w_h). A latent of
+    score s is in the top k only if fewer than k heads have a best latent above s, so its head is among the k heads
+    with the largest best latent: only those k·m·n candidates are scored. The products are the same floats the
+    dense ranking compares, so the selection equals ``topk`` over all d_sae scores up to the order of exact ties.
+    """
+    n_rows = pre.shape[0]
+    heads = pre.view(n_rows, num_heads, base_dim + ext_dim)
+    u, w = heads[..., :base_dim], heads[..., base_dim:]
+    best = u.amax(-1).clamp_min_(0) * w.amax(-1).clamp_min_(0)  # (N, h): max over the head of ReLU(u)·ReLU(w)
+    n_heads = min(k, num_heads)
+    _, top_heads = best.topk(n_heads, dim=-1, sorted=False)  # (N, n_heads)
+    chosen = heads.gather(1, top_heads[..., None].expand(-1, -1, base_dim + ext_dim)).relu_()
+    candidates = (chosen[..., :base_dim, None] * chosen[..., None, base_dim:]).reshape(n_rows, -1)
+    _, position = candidates.topk(k, dim=-1, sorted=True)  # (N, k) into (n_heads, m, n)
+    mn = base_dim * ext_dim
+    return top_heads.gather(1, position // mn) * mn + position % mn
+
+
+class _CentringGradient(torch.autograd.Function):
+    """Identity on the encoder bias b whose backward also gives b_dec its gradient through the centring.
+
+    pre = W(x − b_dec) + b, so ∂L/∂b_dec = −Wᵀ ∂L/∂b: one (C, d_in) matrix-vector product replaces the (N, t, d_in)
+    gather that back-propagating through x − b_dec would cost. bias: (C,), weight: (C, d_in), b_dec: (d_in,).
+    """
+
+    @staticmethod
+    def forward(ctx, bias: Tensor, weight: Tensor, b_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_bias: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_bias, None, -(grad_bias @ weight)
 
 
 register_architecture(KronSAEConfig, KronSAE, presets={"kron": {}})
