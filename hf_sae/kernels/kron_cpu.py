@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-logger = logging.getLogger(__name__)
+_kron_logger = logging.getLogger(__name__)
 
 _KRON_MODULE: ModuleType | None = None
 _KRON_TRIED = False
@@ -39,6 +39,6 @@ def kron_cpu_kernels() -> ModuleType | None:
             verbose=False,
         )
     except Exception as err:  # a missing compiler must not make the package unusable: fall back, loudly
-        logger.warning("hf-sae: could not build the KronSAE CPU kernel (%s); using the pure-torch selection.", err)
+        _kron_logger.warning("hf-sae: could not build the KronSAE CPU kernel (%s); using pure-torch selection.", err)
         _KRON_MODULE = None
     return _KRON_MODULE
