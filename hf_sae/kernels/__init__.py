@@ -8,6 +8,7 @@ compiler is available, or ``HF_SAE_NO_EXTENSION=1`` is set, the pure-torch imple
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -31,8 +32,11 @@ def cpu_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load  # optional: needs a compiler and ninja at run time
 
+        # The name carries the source's hash: processes (or installed versions) with different sources never
+        # share, rebuild or load each other's binary in torch's extension cache.
+        digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
         _CPU_MODULE = load(
-            name="hf_sae_hierarchical_cpu",
+            name=f"hf_sae_cpu_{digest}",
             sources=[str(source)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
             extra_ldflags=["-fopenmp"],
