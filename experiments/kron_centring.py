@@ -2,10 +2,15 @@
 
 The residual stream's mean dominates the sign of every KronSAE pre-activation u, w when the encoder reads raw x, so
 the same few latents win every token. This script trains TopK, the centred KronSAE (the default) and the raw-input
-KronSAE the same way (experiments/common.train_sae: the CLI's recipe, AuxK off, 200 steps of 1024 activations of
-layer 6 resid, seed 0) and reports held-out EV at k and the fraction of latents that never fire.
+KronSAE the same way (experiments/common.train_sae: the CLI's recipe, AuxK on as in the CLI, 200 steps of 1024
+activations of layer 6 resid, seed 0) and reports held-out EV at k and the fraction of latents that never fire on
+16,384 held-out tokens. ``--no-auxk`` trains all three without AuxK.
 
     python experiments/kron_centring.py --steps 200 --batch 1024 --seed 0
+
+Measured (seed 0, 200 x 1024 tokens, AuxK on; KronSAE with its default init, encoder ~ N(0, 1/d_in)):
+TopK EV 0.9049 / 2.4% never fire; KronSAE centred EV 0.9004 / 11.2%. With the paper's encoder init N(0, 1/(2F))
+the centred KronSAE had 26.9% dead after 50 steps (AuxK on) and EV 0.8895 / 22.3% after 200 (AuxK off).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-auxk", dest="auxk", action="store_false", help="train all three without AuxK")
     args = parser.parse_args()
     common.seed_everything(args.seed)
     model, tokenizer = common.load_model("bfloat16")
@@ -51,7 +57,9 @@ def main() -> None:
     for name, (arch, fields) in VARIANTS.items():
         torch.manual_seed(args.seed)
         architecture, preset = resolve_architecture(arch)
-        config = architecture.build_config(preset, d_in=data.shape[1], d_sae=args.d_sae, k=args.k, auxk=False, **fields)
+        config = architecture.build_config(
+            preset, d_in=data.shape[1], d_sae=args.d_sae, k=args.k, auxk=args.auxk, **fields
+        )
         sae = architecture.model_class(config)
         timing = common.train_sae(sae, data, tokens, batch_size=args.batch, seed=args.seed, name=name)
         metrics, dead = held_out.budgets(sae, [args.k])
@@ -60,8 +68,12 @@ def main() -> None:
     common.write_json(
         args.out / "results.json", {"results": results, "args": {k: str(v) for k, v in vars(args).items()}}
     )
-    rows = [[name, f"{r['ev']:.4f}", f"{100 * r['dead']:.1f}%"] for name, r in results.items()]
-    print(common.markdown_table(["SAE", f"held-out EV at k={args.k}", "latents that never fire"], rows))
+    rows = [
+        [name, f"{r['ev']:.4f}", f"{r['ev'] - results['topk']['ev']:+.4f}", f"{100 * r['dead']:.1f}%"]
+        for name, r in results.items()
+    ]
+    print(f"seed {args.seed}, {args.steps} steps x {args.batch} tokens, AuxK {'on' if args.auxk else 'off'}")
+    print(common.markdown_table(["SAE", f"held-out EV at k={args.k}", "EV - TopK", "latents that never fire"], rows))
 
 
 if __name__ == "__main__":

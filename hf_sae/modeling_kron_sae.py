@@ -70,9 +70,16 @@ class KronSAE(SAEPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------- init
     def reset_parameters(self) -> None:
-        """Paper init: encoder ~ N(0, 1/(2F)), biases 0; decoder row (h,i,j) = P_hi + Q_hj, unit-normalised."""
+        """Encoder ~ N(0, 1/d_in) (rows of norm ~1), biases 0; decoder row (h,i,j) = P_hi + Q_hj, unit-normalised.
+
+        Deviation from the paper's N(0, 1/(2F)): the learning-rate rule (8e-4 / sqrt(F / 2^14)) is the TopK recipe's,
+        whose encoder W_decᵀ has unit columns (elements ~ 1/sqrt(d_in)). Adam moves every element by ~lr per step,
+        so at N(0, 1/(2F)) (std 0.011 at F = 4096) each step changed the encoder by ~15% of its scale, flipped whole
+        u/w columns negative and left their latents dead (22% after 200 steps on Gemma 3 270M layer 6, vs 11% with
+        this init; experiments/kron_centring.py). At the TopK init's scale the same rule applies to both.
+        """
         cfg = self.config
-        self.encoder.weight.normal_(0.0, math.sqrt(1.0 / (2 * cfg.d_sae)))
+        self.encoder.weight.normal_(0.0, 1.0 / math.sqrt(cfg.d_in))
         self.encoder.bias.zero_()
         base, ext = self._split(self.encoder.weight.t())  # (d, h, m), (d, h, n)
         rows = base.permute(1, 2, 0)[:, :, None, :] + ext.permute(1, 2, 0)[:, None, :, :]  # (h, m, n, d)

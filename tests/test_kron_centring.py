@@ -107,6 +107,6 @@ def test_a_centred_kron_sae_trains_like_topk_even_with_a_large_offset(offset):
     raw_ev, raw_dead = _train(KronSAE(KronSAEConfig(d_in=32, d_sae=256, k=8, apply_b_dec_to_input=False)), x)
     assert centred_dead <= 0.15 and centred_ev >= topk_ev - 0.05, (centred_ev, centred_dead, topk_ev)
     if offset:  # the failure the field fixes: the offset sets the sign of every u and w, the same latents always win
-        assert raw_dead >= 0.5 and raw_ev < centred_ev - 0.3, (raw_ev, raw_dead)
+        assert raw_dead >= 0.5 and raw_ev < centred_ev - 0.2, (raw_ev, raw_dead)
     else:  # on zero-mean data centring changes little
         assert raw_dead <= 0.15 and abs(raw_ev - centred_ev) <= 0.05, (raw_ev, centred_ev)
