@@ -1,107 +1,97 @@
-"""SAE step cost on this machine: HierarchicalTopK vs TopK, full steps vs the encoder matmul, KronSAE vs TopK.
+"""SAE training-step cost against its floor, all variants interleaved in one run; prints tables of ratios.
 
-Prints tables of ratios measured in one run. Each configuration runs in a fresh subprocess so that its peak
-resident memory (ru_maxrss, minus the memory held before the timed steps) is its own.
+The floor of a TopK step is what no implementation can skip: one fp32 encoder ``torch.addmm`` of the batch
+(batch, d_in) x (d_in, d_sae) plus ``torch.topk`` of its rows. Every variant below is one full
+:func:`hf_sae.training_step` (forward, loss, backward, decoder-gradient projection, clipping, fused Adam,
+renormalisation), exactly what ``python -m training.train`` runs (input checks off, as there).
 
-    python benchmarks/bench_sae_step.py                  # the issue's grid (minutes on 2 cores)
-    python benchmarks/bench_sae_step.py --quick          # d_sae 16384 only, K in {32, 64}
+Variants, per shape: the floor; TopK; HierarchicalTopK; KronSAE at (m, n) = (2, 4) and (4, 8); TopK with half
+the latents dead and AuxK on; TopK and HierarchicalTopK on the bf16 path (``autocast_dtype=torch.bfloat16``).
+Each round times one step of every variant in turn (A, B, C, ..., A, B, C, ...), so load drift on a shared
+machine hits all of them alike; tables report medians over rounds.
+
+    python benchmarks/bench_sae_step.py                 # both shapes of the issue (~10 min on 2 cores)
+    python benchmarks/bench_sae_step.py --quick         # the small shape only, fewer rounds
+    python benchmarks/bench_sae_step.py --threads 1     # one thread (steadier on a busy machine)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from hf_sae import training_step
-from hf_sae.losses import hierarchical_topk_loss
 from hf_sae.registry import resolve_architecture
 
-STEPS = {"step_topk": "topk", "step_hier": "hierarchical", "step_kron": "kron"}
-"""The full-step measurements and the architecture (a name of hf_sae.registry) each one trains."""
+SHAPES = {
+    "small": {"d_in": 640, "d_sae": 4096, "k": 32, "batch": 4096},  # Gemma 3 270M
+    "large": {"d_in": 2304, "d_sae": 16384, "k": 64, "batch": 2048},  # Gemma 2 2B
+}
+KRON_FACTORS = [(2, 4), (4, 8)]
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _sae(name: str, shape: dict, **fields):
+    architecture, preset = resolve_architecture(name)
+    config = architecture.build_config(preset, d_in=shape["d_in"], d_sae=shape["d_sae"], k=shape["k"], **fields)
+    sae = architecture.model_class(config)
+    sae.train()
+    sae.check_finite = False  # as in training: the harvester already drops non-finite batches
+    return sae
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (and kernel compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def measure(kind: str, d_in: int, d_sae: int, k: int, batch: int, repeats: int, config: dict | None = None) -> dict:
-    """Run one configuration in this process; returns seconds per step and peak extra memory in bytes.
-
-    ``kind`` is a decoder-only measurement, ``encoder_matmul``, or a full training step of one of ``STEPS``
-    (``config``: extra fields of that architecture's config, e.g. KronSAE's base_dim / ext_dim)."""
+def variants(shape: dict, x: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """name -> a callable doing one step of that variant on ``x``."""
     torch.manual_seed(0)
-    x = torch.randn(batch, d_in)
-    if kind in ("decoder_topk_embedding_bag", "decoder_topk_fused", "decoder_hierarchical"):
-        W = torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=-1).requires_grad_()
-        b = torch.zeros(d_in, requires_grad=True)
-        values = torch.rand(batch, k).sort(dim=1, descending=True).values.requires_grad_()
-        indices = torch.randint(0, d_sae, (batch, k))
+    W = torch.randn(shape["d_sae"], shape["d_in"])
+    b = torch.zeros(shape["d_sae"])
+    k = shape["k"]
+    steps: dict[str, Callable[[], None]] = {"floor": lambda: torch.addmm(b, x, W.t()).topk(k, dim=-1)}
 
-        def step():
-            W.grad = b.grad = values.grad = None
-            if kind == "decoder_topk_embedding_bag":
-                recon = b + F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
-                loss = (recon - x).pow(2).mean()
-            else:
-                budgets = [k] if kind == "decoder_topk_fused" else None
-                loss, _ = hierarchical_topk_loss(x, values, indices, W, b, budgets)
-            loss.backward()
-
-    elif kind == "encoder_matmul":
-        W = torch.randn(d_sae, d_in)
-
-        def step():
-            torch.addmm(torch.zeros(d_sae), x, W.t())
-
-    else:
-        architecture, preset = resolve_architecture(STEPS[kind])
-        sae = architecture.model_class(architecture.build_config(preset, d_in=d_in, d_sae=d_sae, k=k, **(config or {})))
-        sae.train()
+    def stepper(sae, autocast=None, before=None):
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
 
         def step():
-            training_step(sae, optimizer, x)
+            if before is not None:
+                before()
+            training_step(sae, optimizer, x, max_grad_norm=1.0, autocast_dtype=autocast)
 
-    step()
-    base = _rss_bytes()
-    seconds = _time(step, repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_extra_bytes": max(0, peak - base)}
+        return step
+
+    steps["topk"] = stepper(_sae("topk", shape, auxk=False))
+    steps["hier"] = stepper(_sae("hierarchical", shape, auxk=False))
+    for m, n in KRON_FACTORS:
+        steps[f"kron{m}x{n}"] = stepper(_sae("kron", shape, base_dim=m, ext_dim=n, hierarchical=False, auxk=False))
+    dead_sae = _sae("topk", shape, auxk=True, dead_tokens=1)
+    half = torch.arange(0, shape["d_sae"], 2)
+
+    def keep_half_dead():  # every other latent counts as dead at each step
+        dead_sae.tokens_since_fired.zero_()
+        dead_sae.tokens_since_fired[half] = 10
+
+    steps["topk_auxk_half_dead"] = stepper(dead_sae, before=keep_half_dead)
+    steps["topk_bf16"] = stepper(_sae("topk", shape, auxk=False), autocast=torch.bfloat16)
+    steps["hier_bf16"] = stepper(_sae("hierarchical", shape, auxk=False), autocast=torch.bfloat16)
+    return steps
 
 
-def run(kind: str, **kw) -> dict:
-    """Measure in a fresh interpreter (clean peak-memory counter)."""
-    args = json.dumps({"kind": kind, **kw})
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", args], capture_output=True, text=True, check=False, env=os.environ
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} {kw} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def measure_grid(cells: list[tuple[int, int]], kinds: list[str], **common) -> list[tuple[int, int, list[dict]]]:
-    """(d_sae, k, one result per kind) for each (d_sae, k) of ``cells``, every kind measured in its own interpreter."""
-    return [(d_sae, k, [run(kind, d_sae=d_sae, k=k, **common) for kind in kinds]) for d_sae, k in cells]
+def measure(shape: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of one step of every variant, interleaved over ``rounds`` rounds."""
+    x = torch.randn(shape["batch"], shape["d_in"], generator=torch.Generator().manual_seed(1))
+    steps = variants(shape, x)
+    for step in steps.values():  # warm-up (kernel compilation, allocator)
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -114,62 +104,58 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="d_sae 16384 only and K in {32, 64}")
-    parser.add_argument("--d-in", type=int, default=2304)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the small shape only, 5 rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    if args.child:
-        spec = json.loads(args.child)
-        print(json.dumps(measure(**spec)))
-        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (5 if args.quick else 9)
+    shapes = ["small"] if args.quick else list(SHAPES)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} interleaved rounds, medians")
+    results = {}
+    for name in shapes:
+        results[name] = measure(SHAPES[name], rounds)
 
-    widths = [16384] if args.quick else [16384, 65536]
-    ks = [32, 64] if args.quick else [32, 64, 128]
-    common = {"d_in": args.d_in, "batch": args.batch, "repeats": args.repeats}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d_in={args.d_in}, batch={args.batch}")
-    gib = 2**30
-
-    rows = []
-    decoders = ["decoder_topk_embedding_bag", "decoder_topk_fused", "decoder_hierarchical"]
-    for d_sae, k, (bag, fused, hier) in measure_grid([(d, k) for d in widths for k in ks], decoders, **common):
-        best_topk = min(bag, fused, key=lambda r: r["seconds"])
-        rows.append(
-            [d_sae, k, *(r["seconds"] * 1e3 for r in (bag, fused, hier)), hier["seconds"] / best_topk["seconds"],
-             hier["peak_extra_bytes"] / gib, hier["peak_extra_bytes"] / max(1, best_topk["peak_extra_bytes"])]
-        )  # fmt: skip
-    table(
-        "Decoder + loss step (forward + backward): HierarchicalTopK vs plain TopK (target <= 1.3x time, <= 1.1x mem)",
-        ["d_sae", "K", "TopK emb-bag ms", "TopK fused ms", "Hier ms", "time ratio", "Hier peak GiB", "mem ratio"],
-        rows,
-    )
+    def label(name):
+        s = SHAPES[name]
+        return f"{s['d_in']}/{s['d_sae']}/k{s['k']}/b{s['batch']}"
 
     rows = []
-    cells = [(d, k) for d in widths for k in (ks if d == 16384 else [64])]
-    for d_sae, k, results in measure_grid(cells, ["encoder_matmul", "step_topk", "step_hier"], **common):
-        matmul, topk, hier = (r["seconds"] for r in results)
-        rows.append([d_sae, k, matmul * 1e3, topk * 1e3, hier * 1e3, hier / topk, topk / matmul, hier / matmul])
+    for name, r in results.items():
+        rows.append([label(name), r["floor"] * 1e3, r["topk"] * 1e3, r["topk"] / r["floor"], r["hier"] * 1e3,
+                     r["hier"] / r["topk"], SHAPES[name]["batch"] / r["topk"]])  # fmt: skip
     table(
-        "Full training step (encoder + decoder + loss + backward + Adam) (target hier/topk <= 1.05x)",
-        ["d_sae", "K", "enc matmul ms", "TopK step ms", "Hier step ms", "hier/topk", "topk/matmul", "hier/matmul"],
+        "fp32 step vs floor (addmm + topk): targets TopK/floor <= 1.25, Hier/TopK <= 1.05",
+        ["d_in/d_sae/k/batch", "floor ms", "TopK ms", "TopK/floor", "Hier ms", "Hier/TopK", "TopK tokens/s"],
         rows,
     )
-
     rows = []
-    d_sae, k = 16384, 64
-    topk = run("step_topk", d_sae=d_sae, k=k, **common)
-    for m, n in [(2, 4), (4, 8)]:
-        kron = run("step_kron", d_sae=d_sae, k=k, config={"base_dim": m, "ext_dim": n, "hierarchical": False}, **common)
-        flop_ratio = (d_sae // (m * n)) * (m + n) / d_sae
-        measured = kron["seconds"] / topk["seconds"]
-        rows.append([f"({m}, {n})", flop_ratio, topk["seconds"] * 1e3, kron["seconds"] * 1e3, measured,
-                     measured - flop_ratio])  # fmt: skip
+    for name, r in results.items():
+        for m, n in KRON_FACTORS:
+            flop_ratio = (m + n) / (m * n)  # h (m + n) / F with h = F / (m n)
+            ratio = r[f"kron{m}x{n}"] / r["topk"]
+            rows.append([label(name), f"({m}, {n})", flop_ratio, r[f"kron{m}x{n}"] * 1e3, ratio, ratio - flop_ratio])
     table(
-        f"KronSAE vs TopK full step, d_sae={d_sae}, K={k} (target |time ratio - encoder FLOP ratio| <= 0.15)",
-        ["(m, n)", "enc FLOP ratio h(m+n)/F", "TopK ms", "KronSAE ms", "time ratio", "difference"],
+        "KronSAE step / TopK step vs encoder FLOP ratio h(m+n)/F: target |difference| <= 0.15",
+        ["d_in/d_sae/k/batch", "(m, n)", "FLOP ratio", "KronSAE ms", "Kron/TopK", "difference"],
         rows,
     )
+    rows = [[label(n), r["topk"] * 1e3, r["topk_auxk_half_dead"] * 1e3, r["topk_auxk_half_dead"] / r["topk"]]
+            for n, r in results.items()]  # fmt: skip
+    table(
+        "AuxK: half the latents dead vs none dead: target <= 1.15",
+        ["d_in/d_sae/k/batch", "TopK ms", "TopK, half dead + AuxK ms", "ratio"],
+        rows,
+    )
+    rows = [[label(n), r["topk"] * 1e3, r["topk_bf16"] * 1e3, r["topk_bf16"] / r["topk"], r["hier_bf16"] * 1e3,
+             r["hier_bf16"] / r["hier"], r["topk_bf16"] / r["floor"]] for n, r in results.items()]  # fmt: skip
+    table(
+        "bf16 path (bf16 encoder matmul, fp32 weights and losses) vs fp32: target <= 0.6",
+        ["d_in/d_sae/k/batch", "TopK fp32 ms", "TopK bf16 ms", "bf16/fp32", "Hier bf16 ms", "bf16/fp32 (Hier)",
+         "TopK bf16/floor"],
+        rows,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -179,14 +179,48 @@ def hierarchical_topk_loss(
     return _torch_hierarchical_loss(x, values, indices, W_dec, b_dec, weights, chunk_rows)
 
 
+class _AuxKLoss(torch.autograd.Function):
+    """CPU kernel path of :func:`auxk_loss`: the fused decode + squared error (one pass over the rows) and the
+    latent-major decoder backward of :class:`_TopKMSE`, with target e and no bias."""
+
+    @staticmethod
+    def forward(ctx, residual, aux_values, aux_indices, W_dec, denominator):
+        k = aux_values.shape[1]
+        weights = budget_weights(k, [k], residual.dtype, residual.device)
+        zero_bias = residual.new_zeros(residual.shape[1])
+        row_loss, remainder = cpu_kernels().hierarchical_forward(
+            residual, aux_values, aux_indices, W_dec, zero_bias, weights
+        )
+        ctx.save_for_backward(aux_values, aux_indices, W_dec, remainder)
+        ctx.denominator = float(denominator)
+        return row_loss.sum() / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        aux_values, aux_indices, W_dec, remainder = ctx.saved_tensors
+        scale = 2.0 * float(grad_loss) / ctx.denominator
+        crow, perm = csr_order(aux_indices, W_dec.shape[0])
+        grad_values, grad_W = cpu_kernels().topk_decoder_backward(crow, perm, aux_values, W_dec, remainder, scale)
+        return None, grad_values, None, grad_W, None
+
+
 def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor) -> Tensor:
     """AuxK (Gao et al. 2024): how well the dead latents' top scores reconstruct the residual.
 
     residual e: (N, d_in) = x − x̂_K (detached); aux_values, aux_indices: (N, k_aux) top scores among dead latents.
     Returns ||e − ê||² / ||e − mean(e)||² summed over the batch, ê = Σ aux_v W_dec[aux_i] (no bias).
     """
-    e_hat = sparse_decode(aux_values, aux_indices, W_dec)
     denominator = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(residual.dtype).tiny)
+    kernel_ok = (
+        residual.device.type == "cpu"
+        and residual.dtype in (torch.float32, torch.float64)
+        and aux_values.dtype == residual.dtype == W_dec.dtype
+        and cpu_kernels() is not None
+    )
+    if kernel_ok:
+        args = (residual.detach().contiguous(), aux_values.contiguous(), aux_indices.contiguous(), W_dec.contiguous())
+        return _AuxKLoss.apply(*args, denominator.detach())
+    e_hat = sparse_decode(aux_values, aux_indices, W_dec)
     return (residual - e_hat).pow(2).sum() / denominator
 
 

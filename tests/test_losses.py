@@ -138,3 +138,19 @@ def test_bf16_inputs_accumulate_in_fp32(budgets):
     )
     assert loss.dtype == torch.float32 and recon.dtype == torch.bfloat16
     assert abs(loss.item() - exact.item()) <= 1e-5 * max(1.0, exact.item())
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the compiled CPU kernel")
+def test_auxk_kernel_path_matches_the_torch_definition():
+    e, values, indices, W, _ = random_case(n=9, d=6, F=13, K=4, seed=8)
+    indices[0, 1] = indices[1, 0]  # a latent shared across rows
+    grads = []
+    for leaves in ([values.clone().requires_grad_(), W.clone().requires_grad_()] for _ in range(2)):
+        if not grads:
+            loss = auxk_loss(e, *leaves[:1], indices, leaves[1])  # the kernel path (float64 CPU)
+        else:
+            e_hat = torch.nn.functional.embedding_bag(indices, leaves[1], per_sample_weights=leaves[0], mode="sum")
+            loss = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        grads.append((loss.detach(), *torch.autograd.grad(loss, leaves)))
+    for ours, ref in zip(*grads):
+        assert torch.allclose(ours, ref, atol=1e-10)

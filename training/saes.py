@@ -140,6 +140,7 @@ def adamw_with_schedule(
     """The recipe's optimiser: AdamW over ``param_groups`` (each with its ``lr``), linear warm-up over
     ``warmup_fraction`` of the steps, then cosine decay. ``lr`` is AdamW's default learning rate, which transformers'
     ``cosine_with_min_lr`` divides ``lr_min`` by: each group decays to its own lr x lr_min / ``lr``."""
+    param_groups = [{**group, "params": list(group["params"])} for group in param_groups]  # generators: read once
     params = [param for group in param_groups for param in group["params"]]
     # The fused kernel updates every tensor in one pass (CPU and CUDA): on CPU the per-parameter loop costs ~8x as
     # much, 15-20% of a whole SAE step (benchmarks/bench_peers.py). Same maths.
