@@ -84,10 +84,10 @@ def the_run(tokens: int | None) -> dict:
         if tokens:
             command += ["--tokens", str(tokens)]
         start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - start
         metrics = json.loads((out / "metrics.json").read_text())
-    return {"wall": wall, **metrics}
+    return {"wall": wall, **metrics["run"]}  # hf_sae.run_files.RunInfo
 
 
 def main() -> None:
@@ -108,6 +108,7 @@ def main() -> None:
     h, pool = harvest_alone(cfg, model, tokenizer, site, args.harvest_rounds)
     harvest.append(h)
     step.append(step_alone(cfg, model, site, pool, args.steps))
+    print(f"before the run: harvest {harvest[-1]:,.0f} tokens/s, step {step[-1]:,.0f} tokens/s", flush=True)
     run = the_run(args.tokens)
     h, pool = harvest_alone(cfg, model, tokenizer, site, args.harvest_rounds)
     harvest.append(h)
@@ -122,7 +123,7 @@ def main() -> None:
     print(f"| SAE step alone (median of {len(step)}) | {s:,.0f} | |")
     print(f"| allowed: 1 / (1/harvest + 1/step) | {allowed:,.0f} | 1.00 (floor) |")
     print(f"| the run's training | {achieved:,.0f} | {achieved / allowed:.3f} (target >= 0.70) |")
-    tokens = run.get("tokens_trained", cfg.tokens)
+    tokens = run.get("tokens", cfg.tokens)
     print(
         f"\nrun: {tokens:,} tokens; whole command {run['wall']:.0f} s (target <= 600 s at >= 1.5M tokens): "
         f"setup {run.get('setup_seconds')} s, training {run.get('train_seconds')} s, "
