@@ -4,6 +4,7 @@
     hf-sae convert {gemma-scope,sae-lens,sparsify} SRC OUT [--subfolder PATH] [--revision REV] [--k K] [--dtype T]
     hf-sae card RUN_DIR [--repo-id ID] [--output FILE | --write]
     hf-sae flow {trace,table,match} REPO ...   (feature flow; see hf_sae.flow.cli)
+    hf-sae harvest [OPTIONS]                   (an activation cache: python -m training.harvest OPTIONS)
     hf-sae --version
 
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -172,12 +174,47 @@ def _run_card(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- harvest
+HARVEST_MODULE = "training.harvest"
+"""The module ``hf-sae harvest`` runs (``python -m training.harvest``, the training package's: hf_sae never
+imports training, so the harvest runs in a subprocess of its own)."""
+HARVEST_HELP = "run the LM once over a data set and write an activation cache (python -m training.harvest)"
+FORWARDED = {"harvest"}
+"""Subcommands whose arguments all go, unparsed, to another program."""
+
+
+def _add_harvest(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        metavar="OPTIONS",
+        help=f"the options of python -m {HARVEST_MODULE} (hf-sae harvest --help lists them)",
+    )
+
+
+def _run_harvest(args: argparse.Namespace) -> int:
+    """``python -m training.harvest ARGS`` in a subprocess; its exit status is ours. ``--help`` prints its help and
+    this command's examples."""
+    command = [sys.executable, "-m", HARVEST_MODULE, *args.args]
+    if any(arg in ("-h", "--help") for arg in args.args):
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        sys.stdout.write(done.stdout.replace(f"python -m {HARVEST_MODULE}", "hf-sae harvest", 1))
+        sys.stderr.write(done.stderr)
+        print("\n" + (_epilog("harvest") or ""))
+        raise SystemExit(done.returncode)
+    try:
+        return subprocess.run(command, check=False).returncode
+    except KeyboardInterrupt:  # the harvest got the Ctrl-C too and saved what it finished
+        return 130
+
+
 # ------------------------------------------------------------------------------------------------------ main
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "push": ("push a training run (or a saved SAE) to the Hub with a generated card", _add_push, _run_push),
     "convert": ("convert a Gemma Scope / SAELens / sparsify SAE into an hf-sae SAE folder", _add_convert, _run_convert),
     "card": ("print (or write) the model card of a run's SAE", _add_card, _run_card),
     "flow": FLOW_SUBCOMMAND,
+    "harvest": (HARVEST_HELP, _add_harvest, _run_harvest),
 }
 
 
@@ -225,6 +262,14 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "hf-sae flow match me/gemma-2-2b-saes --source 12/resid --target 11/resid",
         ),
     ],
+    "harvest": [
+        (
+            "cache 10M activations of layers 6 and 12 (bfloat16), then train from the cache",
+            "hf-sae harvest --model google/gemma-2-2b --layer 6 12 --site resid --tokens 10M --out acts/g2b",
+        ),
+        ("continue a harvest that was killed (ends byte-identical)", "hf-sae harvest --resume acts/g2b"),
+        ("the embedded default (Gemma 3 270M, English text) into a folder", "hf-sae harvest --out acts/default"),
+    ],
 }
 
 
@@ -261,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=help_text,
             epilog=_epilog(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            add_help=name not in FORWARDED,  # its --help is the other program's
         )
         add_arguments(child)
         child.set_defaults(run=run)
@@ -272,8 +318,25 @@ def error_line(err: BaseException) -> str:
     return "hf-sae: error: " + re.sub(r"\s*\n\s*", " ", str(err).strip())
 
 
+def _split_forwarded(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """(hf-sae's own arguments up to a forwarded subcommand, the arguments it forwards), or (argv, None)."""
+    takes_value = {"--import"}
+    skip = False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+        elif token in takes_value:
+            skip = True
+        elif not token.startswith("-"):
+            return (argv[: i + 1], argv[i + 1 :]) if token in FORWARDED else (argv, None)
+    return argv, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    own, forwarded = _split_forwarded(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
+    if forwarded is not None:
+        args.args = forwarded
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" of a few tensors
     try:

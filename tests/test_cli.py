@@ -108,3 +108,35 @@ def test_import_lets_the_cli_see_an_architecture_of_ones_own(tmp_path, capsys):
     assert "Gain-TopK" in capsys.readouterr().out
     assert main(["--import", str(tmp_path / "missing.py"), "card", str(tmp_path / "sae")]) == 2
     assert capsys.readouterr().err.strip() == f"hf-sae: error: --import {tmp_path / 'missing.py'}: no such file."
+
+
+# --------------------------------------------------------------------------------------------------- harvest
+@pytest.fixture
+def harvest_module(monkeypatch):
+    """``hf-sae harvest`` runs ``python -m training.harvest``, which forwards to ``training.activation_cache.main``."""
+    import hf_sae.cli as cli
+
+    return cli
+
+
+def test_harvest_forwards_every_argument_to_the_training_harvest(harvest_module, saved_lm, tmp_path, capfd):
+    model_dir, docs = saved_lm
+    out = tmp_path / "acts"
+    args = ["--model", str(model_dir), "--dataset", str(docs), "--eval-holdout-documents", "5", "--layer", "1", "2"]
+    args += ["--context-length", "16", "--tokens", "300", "--shard-tokens", "150", "--out", str(out)]
+    assert main(["harvest", *args]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(s["layer"], s["site"]) for s in manifest["sites"]] == [(1, "resid"), (2, "resid")]
+    assert manifest["tokens"] == 20 * 15 and len(manifest["shards"]) == 2
+    assert "train from it: python -m training.train --activations" in capfd.readouterr().out
+
+    assert main(["harvest", *args]) == 2  # the folder holds a cache: the harvest's one error line, its status
+    err = capfd.readouterr().err
+    assert err.startswith("hf-sae: error: --out") and err.count("\n") == 1 and "--overwrite" in err, err
+
+
+def test_harvest_help_is_the_harvests_own_with_examples(harvest_module, capfd):
+    with pytest.raises(SystemExit) as info:
+        main(["harvest", "--help"])
+    out = capfd.readouterr().out
+    assert info.value.code == 0 and "--shard-tokens" in out and "--lm-batch-size" in out and "examples:" in out

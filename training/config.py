@@ -63,6 +63,7 @@ RESUME_MAY_CHANGE = frozenset(
         "compile",
         "imports",
         "accept_changed_data",
+        "activations",  # the cache may move; a resume checks it is the same cache (training/activation_cache.py)
     }
 )
 
@@ -165,6 +166,17 @@ class RunOptions:
     )
     excluded_token_ids: list[int] | None = _f(
         None, "token ids whose activations are never trained on; default: the tokenizer's BOS and padding ids"
+    )
+    activations: str | None = _f(
+        None,
+        "train from an activation cache written by `python -m training.harvest` (a folder) instead of running the "
+        "language model on the fly; model, data, context length and excluded ids default to the cache's, and "
+        "without --layer/--site/--sae there is one SAE per site of the cache (docs/activation_cache.md)",
+    )
+    epochs: float | None = _f(
+        None,
+        "with --activations: passes over the cache (sets --tokens to epochs x the cache's tokens); default 1 when "
+        "--tokens is not given either",
     )
     b_dec_init: str = _f(
         "auto",
@@ -269,6 +281,13 @@ class RunOptions:
                 raise TrainConfigError(f"{flag(name)} must be a finite number >= 0, got {value!r}.")
         if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise TrainConfigError(f"--max-grad-norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}.")
+        if self.epochs is not None:
+            if not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0):
+                raise TrainConfigError(f"--epochs must be a number > 0, got {self.epochs!r}.")
+            if not self.activations:
+                raise TrainConfigError(
+                    "--epochs counts passes over an activation cache; pass --activations DIR with it, or use --tokens."
+                )
         if not self.text_column:
             raise TrainConfigError(
                 "--text-column is empty; name the column that holds the text, e.g. --text-column text."
@@ -379,6 +398,10 @@ def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None =
     a mapping or a ``--sae`` string), applied over ``base`` (or the defaults). Option files of older runs (KronSAE
     fields as ``kron_*`` run options, nulls for defaults) are read too."""
     values, legacy_kron = _upgrade_legacy(dict(values or {}))
+    if base is None and values.get("activations"):  # the cache's model, data and sites are the defaults
+        from .activation_cache import cache_defaults  # (it imports this module)
+
+        values = cache_defaults(values)
     run_hints = typing.get_type_hints(RunOptions)
     sae_known = sae_fields()
     unknown = sorted(set(values) - set(run_hints) - _PLACEMENT - set(sae_known) - {"saes"})
@@ -413,8 +436,12 @@ def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None =
                 "Drop it, or use an architecture that has it (see --help)."
             )
     run = {name: int(v) if isinstance(v, Count) else v for name, v in run.items()}
-    config = TrainConfig(**run, saes=specs)
-    return config.validate()
+    config = TrainConfig(**run, saes=specs).validate()
+    if config.activations:
+        from .activation_cache import check_config_against_cache
+
+        check_config_against_cache(config)
+    return config
 
 
 def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known, legacy_kron=None) -> SAESpec:

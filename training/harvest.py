@@ -267,3 +267,9 @@ class ActivationBuffer:
         self._fill()
         self.drawn = state["drawn"]
         self.nonfinite_batches = state["nonfinite_batches"]
+
+
+if __name__ == "__main__":  # python -m training.harvest: the activation cache (training/activation_cache.py)
+    from training.activation_cache import main
+
+    main()

@@ -15,6 +15,7 @@ from hf_sae.modeling_sae import SAEPreTrainedModel
 from hf_sae.sites import Site
 
 from . import checkpoint as ckpt
+from .activation_cache import CachedActivations
 from .config import SAESpec, TrainConfig
 from .harvest import ActivationBuffer, ActivationHarvester
 
@@ -38,7 +39,7 @@ class Run:
     data_name: str
     excluded: list[int]
     harvester: ActivationHarvester
-    buffer: ActivationBuffer
+    buffer: ActivationBuffer | CachedActivations  # the on-the-fly harvest, or --activations
     eval_data: Callable[[], Any]
     total_steps: int
     config_yaml: str | None = None  # the run's train_config.yaml text (main process), once the folder is prepared

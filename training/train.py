@@ -48,6 +48,7 @@ from hf_sae.modeling_sae import SAEOutput
 from hf_sae.sites import resolve_site
 
 from . import checkpoint as ckpt
+from .activation_cache import CachedActivations
 from .cli import parse_args
 from .config import TrainConfig, check_trackers_installed
 from .data import check_data_unchanged, data_file_state, dataset_factories, excluded_token_ids, training_windows
@@ -115,22 +116,25 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
     excluded = excluded_token_ids(cfg, tokenizer)
     train_data, eval_data = dataset_factories(cfg, rank, world)
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * world))
-    windows = training_windows(cfg, tokenizer, train_data, rank, activations=total_steps * cfg.batch_size)
     harvester = ActivationHarvester(model, sites, excluded)
     on_device = cfg.buffer_device == "device"
-    buffer = ActivationBuffer(
-        windows,
-        harvester,
-        cfg.buffer_size,
-        cfg.batch_size,
-        cfg.lm_batch_size,
-        dtype=model.dtype,
-        storage_device=device if on_device else torch.device("cpu"),
-        seed=cfg.seed,
-        rank=rank,
-        pin_memory=device.type == "cuda" and not on_device,
-        max_nonfinite_batches=cfg.max_nonfinite_batches,
-    )
+    if cfg.activations:  # a harvested cache (training/activation_cache.py) instead of the LM on the fly
+        buffer = CachedActivations.for_run(cfg, model_id(cfg, model), model, sites, rank, world, device)
+    else:
+        windows = training_windows(cfg, tokenizer, train_data, rank, activations=total_steps * cfg.batch_size)
+        buffer = ActivationBuffer(
+            windows,
+            harvester,
+            cfg.buffer_size,
+            cfg.batch_size,
+            cfg.lm_batch_size,
+            dtype=model.dtype,
+            storage_device=device if on_device else torch.device("cpu"),
+            seed=cfg.seed,
+            rank=rank,
+            pin_memory=device.type == "cuda" and not on_device,
+            max_nonfinite_batches=cfg.max_nonfinite_batches,
+        )
     run = Run(
         cfg=cfg,
         accelerator=accelerator,
