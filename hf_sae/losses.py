@@ -29,12 +29,13 @@ def budget_weights(k: int, budgets: list[int] | None, dtype: torch.dtype, device
     return weights
 
 
-def _deterministic_chunks(W_dec: Tensor, memory_bytes: int = 1 << 30) -> int:
-    """Row chunks of the deterministic HierarchicalTopK backward: one per thread, each beyond the first holding a
-    private (d_sae, d_in) gradient, as many as fit in ``memory_bytes``. Fixed for a machine and thread count, so
-    gradients are bit-reproducible there (a resumed run on the same machine repeats them exactly)."""
+def _deterministic_chunks(W_dec: Tensor, chunks: int = 4, memory_bytes: int = 1 << 30) -> int:
+    """Row chunks of the deterministic HierarchicalTopK backward, each beyond the first holding a private
+    (d_sae, d_in) gradient: ``chunks``, fewer if they would not fit in ``memory_bytes``. A function of the shape
+    only, never of the thread count, so gradients are the same bits with any number of threads (a run resumed
+    with other thread settings repeats them exactly); up to ``chunks`` threads share the work."""
     per_chunk = W_dec.numel() * W_dec.element_size()
-    return max(1, min(torch.get_num_threads(), 1 + memory_bytes // max(1, per_chunk)))
+    return max(1, min(chunks, 1 + memory_bytes // max(1, per_chunk)))
 
 
 class _FusedHierarchicalLoss(torch.autograd.Function):

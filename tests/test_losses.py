@@ -154,3 +154,22 @@ def test_auxk_kernel_path_matches_the_torch_definition():
         grads.append((loss.detach(), *torch.autograd.grad(loss, leaves)))
     for ours, ref in zip(*grads):
         assert torch.allclose(ours, ref, atol=1e-10)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the compiled CPU kernel")
+def test_deterministic_kernel_backward_does_not_depend_on_the_thread_count():
+    x, values, indices, W, b = random_case(n=64, d=9, F=13, K=5, dtype=torch.float32, seed=9)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    results = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in (values, W, b)]
+            loss, _ = hierarchical_topk_loss(x, leaves[0], indices, leaves[1], leaves[2], use_kernel=True)
+            results.append(torch.autograd.grad(loss, leaves))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    for other in results[1:]:
+        assert all(torch.equal(a, b_) for a, b_ in zip(results[0], other))
