@@ -18,6 +18,7 @@ and safetensors report it as RuntimeError / SafetensorError without an errno; th
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -228,3 +229,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 item.unlink(missing_ok=True)
             removed.append(item)
     return removed
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file, read in 16 MiB blocks (never whole into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

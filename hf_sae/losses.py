@@ -38,19 +38,24 @@ def _deterministic_chunks(W_dec: Tensor, chunks: int = 4, memory_bytes: int = 1 
     return max(1, min(chunks, 1 + memory_bytes // max(1, per_chunk)))
 
 
+def _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights) -> tuple[Tensor, Tensor]:
+    """The CPU kernel's decode + weighted squared error, one pass over the rows: (loss, reconstruction at K).
+    Saves (values, indices, W_dec, weights, residual r_K) and the normaliser N·d for the backward."""
+    row_loss, residual = cpu_kernels().hierarchical_forward(x, values, indices, W_dec, b_dec, weights)
+    n, d = x.shape
+    ctx.save_for_backward(values, indices, W_dec, weights, residual)
+    ctx.norm = n * d
+    reconstruction = x - residual
+    ctx.mark_non_differentiable(reconstruction)
+    return row_loss.sum() / (n * d), reconstruction
+
+
 class _FusedHierarchicalLoss(torch.autograd.Function):
     """CPU kernel: forward/backward of the weighted prefix-MSE. Returns (loss, reconstruction at K)."""
 
     @staticmethod
     def forward(ctx, x, values, indices, W_dec, b_dec, weights):
-        kernels = cpu_kernels()
-        row_loss, residual = kernels.hierarchical_forward(x, values, indices, W_dec, b_dec, weights)
-        n, d = x.shape
-        ctx.save_for_backward(values, indices, W_dec, weights, residual)
-        ctx.norm = n * d
-        reconstruction = x - residual
-        ctx.mark_non_differentiable(reconstruction)
-        return row_loss.sum() / (n * d), reconstruction
+        return _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
@@ -82,18 +87,11 @@ class _TopKMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, indices, W_dec, b_dec):
         k = values.shape[1]
-        weights = budget_weights(k, [k], x.dtype, x.device)
-        row_loss, residual = cpu_kernels().hierarchical_forward(x, values, indices, W_dec, b_dec, weights)
-        n, d = x.shape
-        ctx.save_for_backward(values, indices, W_dec, residual)
-        ctx.norm = n * d
-        reconstruction = x - residual
-        ctx.mark_non_differentiable(reconstruction)
-        return row_loss.sum() / (n * d), reconstruction
+        return _fused_forward(ctx, x, values, indices, W_dec, b_dec, budget_weights(k, [k], x.dtype, x.device))
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
-        values, indices, W_dec, residual = ctx.saved_tensors
+        values, indices, W_dec, _weights, residual = ctx.saved_tensors
         scale = 2.0 * float(grad_loss) / ctx.norm
         crow, perm = csr_order(indices, W_dec.shape[0])
         grad_values, grad_W = cpu_kernels().topk_decoder_backward(crow, perm, values, W_dec, residual, scale)
@@ -180,31 +178,6 @@ def hierarchical_topk_loss(
     return _torch_hierarchical_loss(x, values, indices, W_dec, b_dec, weights, chunk_rows)
 
 
-class _AuxKLoss(torch.autograd.Function):
-    """CPU kernel path of :func:`auxk_loss`: the fused decode + squared error (one pass over the rows) and the
-    latent-major decoder backward of :class:`_TopKMSE`, with target e and no bias."""
-
-    @staticmethod
-    def forward(ctx, residual, aux_values, aux_indices, W_dec, denominator):
-        k = aux_values.shape[1]
-        weights = budget_weights(k, [k], residual.dtype, residual.device)
-        zero_bias = residual.new_zeros(residual.shape[1])
-        row_loss, remainder = cpu_kernels().hierarchical_forward(
-            residual, aux_values, aux_indices, W_dec, zero_bias, weights
-        )
-        ctx.save_for_backward(aux_values, aux_indices, W_dec, remainder)
-        ctx.denominator = float(denominator)
-        return row_loss.sum() / denominator
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        aux_values, aux_indices, W_dec, remainder = ctx.saved_tensors
-        scale = 2.0 * float(grad_loss) / ctx.denominator
-        crow, perm = csr_order(aux_indices, W_dec.shape[0])
-        grad_values, grad_W = cpu_kernels().topk_decoder_backward(crow, perm, aux_values, W_dec, remainder, scale)
-        return None, grad_values, None, grad_W, None
-
-
 def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor) -> Tensor:
     """AuxK (Gao et al. 2024): how well the dead latents' top scores reconstruct the residual.
 
@@ -218,9 +191,11 @@ def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: 
         and aux_values.dtype == residual.dtype == W_dec.dtype
         and cpu_kernels() is not None
     )
-    if kernel_ok:
+    if kernel_ok:  # the TopK MSE of the dead latents' decode against e, with no bias, renormalised
+        n, d = residual.shape
         args = (residual.detach().contiguous(), aux_values.contiguous(), aux_indices.contiguous(), W_dec.contiguous())
-        return _AuxKLoss.apply(*args, denominator.detach())
+        mse, _ = _TopKMSE.apply(*args, residual.new_zeros(d))
+        return mse * (n * d) / denominator
     e_hat = sparse_decode(aux_values, aux_indices, W_dec)
     return (residual - e_hat).pow(2).sum() / denominator
 

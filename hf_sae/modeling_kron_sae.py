@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .configuration_kron_sae import KronSAEConfig
 from .errors import SAEConfigError
-from .kernels.kron_cpu import kron_cpu_kernels
+from .kernels import kron_cpu_kernels
 from .modeling_sae import SAEPreTrainedModel
 from .registry import register_architecture
 from .sparse import SparseLinearGather

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_sae import KronSAE, KronSAEConfig
-from hf_sae.kernels.kron_cpu import kron_cpu_kernels
+from hf_sae.kernels import kron_cpu_kernels
 from hf_sae.modeling_kron_sae import latent_columns, mand, select_topk_latents, select_topk_latents_reference
 
 

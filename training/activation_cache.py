@@ -76,7 +76,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_sae._io import atomic_path, remove_stale_temporaries, remove_tree, write_json_atomic
+from hf_sae._io import atomic_path, remove_stale_temporaries, remove_tree, sha256_of, write_json_atomic
 from hf_sae._version import __version__
 from hf_sae.errors import BufferMemoryError, DataError, HfSaeError, TrainConfigError
 from hf_sae.sites import Site, num_layers, resolve_site
@@ -122,18 +122,7 @@ HARVEST_SHARED = (
     "cpu",
 )
 """The training options the harvest takes as they are (same flags, same help, same checks)."""
-ADOPTED = (
-    "model",
-    "dataset",
-    "dataset_config",
-    "split",
-    "eval_split",
-    "eval_holdout_documents",
-    "text_column",
-    "context_length",
-    "lm_dtype",
-    "excluded_token_ids",
-)
+ADOPTED = tuple(name for name in HARVEST_SHARED if name not in ("lm_batch_size", "cpu"))
 """The run options a training run on a cache takes from the cache's manifest unless given (evaluation reads the LM
 and the held-out text the cache was harvested from)."""
 
@@ -158,14 +147,6 @@ def _normalize_source(name: str) -> str:
         return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _features(sites: list[dict[str, Any]], dtype: str):
@@ -222,7 +203,7 @@ class _ArrowShard:
         self._writer.close()
         self._sink.close()
         info = {"rows": self.rows, "record_batches": self.batches, "bytes": self.tmp.stat().st_size}
-        info["sha256"] = _sha256(self.tmp)
+        info["sha256"] = sha256_of(self.tmp)
         self._atomic.__exit__(None, None, None)
         return info
 

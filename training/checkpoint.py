@@ -18,7 +18,6 @@ states are gathered to it first). Resume reads the newest checkpoint whose files
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_sae._io import atomic_dir, remove_tree
+from hf_sae._io import atomic_dir, remove_tree, sha256_of
 from hf_sae.errors import ResumeError
 from hf_sae.run_files import CHECKPOINTS
 
@@ -91,18 +90,10 @@ def step_of(path: Path) -> int:
     return int(_STEP_DIR.fullmatch(Path(path).name).group(1))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     """``manifest.json``: {relative path: {bytes, sha256}} of every file in ``folder`` (written last)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=2) + "\n")
 
 
@@ -123,7 +114,7 @@ def checkpoint_problem(path: Path, hashes: bool = True) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != entry["bytes"]:
             return f"{name} has {file.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
-        if hashes and _sha256(file) != entry["sha256"]:
+        if hashes and sha256_of(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest (the same size, other bytes)"
     return None
 

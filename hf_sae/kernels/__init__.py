@@ -1,9 +1,10 @@
 """Optional compiled kernels.
 
-The CPU HierarchicalTopK kernel (``hierarchical_cpu.cpp``) is compiled on first use with
-``torch.utils.cpp_extension.load`` (about 30-60 s once; cached by torch under ``TORCH_EXTENSIONS_DIR``). When no
-compiler is available, or ``HF_SAE_NO_EXTENSION=1`` is set, the pure-torch implementations in
-:mod:`hf_sae.losses` are used instead: same results, more time.
+The CPU kernels of the training step (``hierarchical_cpu.cpp``) and of KronSAE's selection (``kron_cpu.cpp``) are
+compiled on first use with ``torch.utils.cpp_extension.load`` (about 30-60 s once; cached by torch under
+``TORCH_EXTENSIONS_DIR``). When no compiler is available, or ``HF_SAE_NO_EXTENSION=1`` is set, the pure-torch
+implementations in :mod:`hf_sae.losses`, :mod:`hf_sae.sparse` and :mod:`hf_sae.modeling_kron_sae` are used instead:
+same results, more time.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_CPU_MODULE: ModuleType | None = None
-_CPU_TRIED = False
+_MODULES: dict[str, ModuleType | None] = {}
 
 
-def cpu_kernels() -> ModuleType | None:
-    """The compiled CPU kernel module, or None when it is disabled or cannot be built (logged once)."""
-    global _CPU_MODULE, _CPU_TRIED
-    if _CPU_TRIED:
-        return _CPU_MODULE
-    _CPU_TRIED = True
-    source = Path(__file__).with_name("hierarchical_cpu.cpp")
+def _compiled(source_name: str, what: str, extra_cflags: list[str]) -> ModuleType | None:
+    """The module compiled from ``source_name`` beside this file, or None when extensions are disabled, the source
+    is absent (remote code) or the build fails (logged once, naming ``what`` falls back to pure torch)."""
+    if source_name in _MODULES:
+        return _MODULES[source_name]
+    _MODULES[source_name] = None
+    source = Path(__file__).with_name(source_name)
     if os.environ.get("HF_SAE_NO_EXTENSION", "0") not in ("", "0") or not source.is_file():
         return None  # disabled, or a copy of this code without the kernel source (remote code)
     try:
@@ -35,18 +35,31 @@ def cpu_kernels() -> ModuleType | None:
         # The name carries the source's hash: processes (or installed versions) with different sources never
         # share, rebuild or load each other's binary in torch's extension cache.
         digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
-        _CPU_MODULE = load(
-            name=f"hf_sae_cpu_{digest}",
+        _MODULES[source_name] = load(
+            name=f"hf_sae_{source.stem}_{digest}",
             sources=[str(source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as err:  # a missing compiler must not make the package unusable: fall back, loudly
         logger.warning(
-            "hf-sae: could not build the CPU HierarchicalTopK kernel (%s); using the slower pure-torch path. "
-            "Install a C++ compiler (e.g. `apt-get install g++`) and ninja to enable it.",
+            "hf-sae: could not build %s (%s); using the slower pure-torch path. Install a C++ compiler "
+            "(e.g. `apt-get install g++`) and ninja to enable it.",
+            what,
             err,
         )
-        _CPU_MODULE = None
-    return _CPU_MODULE
+    return _MODULES[source_name]
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled training-step kernels (``hierarchical_cpu.cpp``), or None (see :func:`_compiled`)."""
+    return _compiled(
+        "hierarchical_cpu.cpp", "the CPU HierarchicalTopK kernel", ["-ffast-math", "-fno-finite-math-only"]
+    )
+
+
+def kron_cpu_kernels() -> ModuleType | None:
+    """The compiled KronSAE selection kernel (``kron_cpu.cpp``), or None: then
+    :func:`hf_sae.modeling_kron_sae.select_topk_latents` runs in pure torch (same latents, more time)."""
+    return _compiled("kron_cpu.cpp", "the KronSAE CPU kernel", [])
