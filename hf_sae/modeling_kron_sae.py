@@ -26,7 +26,7 @@ from .errors import SAEConfigError
 from .kernels import kron_cpu_kernels
 from .modeling_sae import SAEPreTrainedModel
 from .registry import register_architecture
-from .sparse import SparseLinearGather
+from .sparse import CentringGradient, SparseLinearGather
 
 
 def mand(u: Tensor, w: Tensor) -> Tensor:
@@ -163,8 +163,8 @@ class KronSAE(SAEPreTrainedModel):
                 aux_indices, t = indices.new_zeros(indices.shape[0], 0), k
         if torch.is_grad_enabled() and (centred.requires_grad or weight.requires_grad):
             # The sparse backward touches only the 2 columns each selected latent reads. It reads x̃ without
-            # gradient: b_dec's share (∂pre/∂b_dec = −W) goes through the bias (see _CentringGradient).
-            bias_in = _CentringGradient.apply(bias, weight, self.b_dec) if self._centres_with_b_dec(centred) else bias
+            # gradient: b_dec's share (∂pre/∂b_dec = −W) goes through the bias (see CentringGradient).
+            bias_in = CentringGradient.apply(bias, weight, self.b_dec) if self._centres_with_b_dec(centred) else bias
             gathered = SparseLinearGather.apply(centred.detach(), weight, bias_in, columns, pre)
         else:
             gathered = pre.gather(1, columns)
@@ -227,24 +227,6 @@ def select_topk_latents_reference(pre: Tensor, num_heads: int, base_dim: int, ex
     _, position = candidates.topk(k, dim=-1, sorted=True)  # (N, k) into (n_heads, m, n)
     mn = base_dim * ext_dim
     return top_heads.gather(1, position // mn) * mn + position % mn
-
-
-class _CentringGradient(torch.autograd.Function):
-    """Identity on the encoder bias b whose backward also gives b_dec its gradient through the centring.
-
-    pre = W(x − b_dec) + b, so ∂L/∂b_dec = −Wᵀ ∂L/∂b: one (C, d_in) matrix-vector product replaces the (N, t, d_in)
-    gather that back-propagating through x − b_dec would cost. bias: (C,), weight: (C, d_in), b_dec: (d_in,).
-    """
-
-    @staticmethod
-    def forward(ctx, bias: Tensor, weight: Tensor, b_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(weight)
-        return bias.view_as(bias)
-
-    @staticmethod
-    def backward(ctx, grad_bias: Tensor):
-        (weight,) = ctx.saved_tensors
-        return grad_bias, None, -(grad_bias @ weight)
 
 
 register_architecture(KronSAEConfig, KronSAE, presets={"kron": {}})

@@ -242,6 +242,24 @@ class SparseLinearGather(torch.autograd.Function):
         return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, columns, grad.contiguous()), None, None)
 
 
+class CentringGradient(torch.autograd.Function):
+    """Identity on the encoder bias b whose backward also gives b_dec its gradient through the centring.
+
+    pre = W(x − b_dec) + b, so ∂L/∂b_dec = −Wᵀ ∂L/∂b: one (C, d_in) matrix-vector product replaces the (N, t, d_in)
+    gather that back-propagating through x − b_dec would cost. bias: (C,), weight: (C, d_in), b_dec: (d_in,).
+    """
+
+    @staticmethod
+    def forward(ctx, bias: Tensor, weight: Tensor, b_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_bias: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_bias, None, -(grad_bias @ weight)
+
+
 def topk_encode(
     x: Tensor,
     weight: Tensor,
