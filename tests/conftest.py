@@ -16,7 +16,10 @@ from datasets import IterableDataset, load_dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
+from hf_sae.testing.hub_server import find_olah  # noqa: E402
 from hf_sae.testing.tiny_models import TINY_MODELS, tiny_gemma2, tiny_sae  # noqa: E402
+from hf_sae.testing.tool_venvs import olah_cli as cached_olah_cli  # noqa: E402
+from hf_sae.testing.tool_venvs import peer_python  # noqa: E402
 from training.cache import cache_root  # noqa: E402
 from training.data import TokenWindows  # noqa: E402
 
@@ -37,6 +40,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ tools in venvs of their own, made on first use
+@pytest.fixture(scope="session")
+def olah_cli() -> str:
+    """``olah-cli`` (the read-only Hub server of the hub tests): $HF_SAE_OLAH_CLI, <repo>/.venv-olah or PATH, else
+    its own venv, created from PyPI on the first session that needs it (~30 s) and cached
+    (:mod:`hf_sae.testing.tool_venvs`)."""
+    return find_olah() or str(cached_olah_cli())
+
+
+@pytest.fixture(scope="session")
+def sae_lens_python() -> str:
+    """A Python with the real sae-lens installed: $HF_SAE_SAELENS_PYTHON, else its cached venv (made on first use)."""
+    return os.environ.get("HF_SAE_SAELENS_PYTHON") or str(peer_python("saelens"))
+
+
+@pytest.fixture(scope="session")
+def sparsify_python() -> str:
+    """A Python with the real eai-sparsify: $HF_SAE_SPARSIFY_PYTHON, else its cached venv (made on first use)."""
+    return os.environ.get("HF_SAE_SPARSIFY_PYTHON") or str(peer_python("sparsify"))
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,15 @@
 
 SAELens and sparsify sources are the files in tests/data/peer_formats/, written *by the peer libraries themselves*
 (sae-lens 6.54, eai-sparsify 1.3; see make_peer_fixtures.py) together with the peer's encode/decode outputs on fixed
-inputs. With HF_SAE_SAELENS_PYTHON / HF_SAE_SPARSIFY_PYTHON pointing at a Python that has the peer installed, the
-``live`` tests rebuild them in tmp_path first. Gemma Scope has no installable library: its params.npz is built from
-the release's documented layout and checked against the release tutorial's JumpReLU code (re-typed below in numpy).
+inputs. The slow ``live`` tests rebuild them in tmp_path with the real peer first, in the peer's own venv
+($HF_SAE_SAELENS_PYTHON / $HF_SAE_SPARSIFY_PYTHON, else one created on first use and cached: tests/conftest.py).
+Gemma Scope has no installable library: its params.npz is built from the release's documented layout and checked
+against the release tutorial's JumpReLU code (re-typed below in numpy).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -96,18 +96,10 @@ def test_sparsify_conversion_matches_sparsify_outputs(hookpoint):
     assert torch.equal(direct.W_dec, sae.W_dec)
 
 
-def _peer_python(variable: str) -> str:
-    python = os.environ.get(variable)
-    if not python:
-        pytest.skip(f"{variable} is not set (a Python with the peer library installed); using the committed files")
-    return python
-
-
-@pytest.mark.parametrize(
-    "peer,variable", [("sae-lens", "HF_SAE_SAELENS_PYTHON"), ("sparsify", "HF_SAE_SPARSIFY_PYTHON")]
-)
-def test_live_peer_library_build_then_convert(tmp_path, peer, variable):
-    python = _peer_python(variable)
+@pytest.mark.slow
+@pytest.mark.parametrize("peer,fixture", [("sae-lens", "sae_lens_python"), ("sparsify", "sparsify_python")])
+def test_live_peer_library_build_then_convert(tmp_path, request, peer, fixture):
+    python = request.getfixturevalue(fixture)  # the peer's own venv, created on first use (tests/conftest.py)
     subprocess.run(
         [python, str(PEER / "make_peer_fixtures.py"), peer, str(tmp_path)], check=True, capture_output=True, timeout=300
     )

@@ -2,8 +2,8 @@
 
 Pushes go to hf_sae.testing.hub_server.PushServer (the Hub's write protocol, committing into git repos); pulls go to
 olah (a third-party Hub implementation) serving the same git repos. Both run on 127.0.0.1 for this module. olah is
-found via $HF_SAE_OLAH_CLI, <repo>/.venv-olah/bin/olah-cli or PATH (.ci/run installs it); without it these tests
-skip, saying so, except under CI=true, where they fail.
+found via $HF_SAE_OLAH_CLI, <repo>/.venv-olah/bin/olah-cli or PATH; without one, the session fixture ``olah_cli``
+(tests/conftest.py) creates its venv from PyPI on first use and caches it (hf_sae.testing.tool_venvs): nothing skips.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hf_sae.cli import main as cli_main
 from hf_sae.configuration_jumprelu_sae import JumpReLUSAEConfig
 from hf_sae.convert import from_sae_lens
 from hf_sae.modeling_jumprelu_sae import JumpReLUSAE
-from hf_sae.testing.hub_server import LocalHub, find_olah, hub_client
+from hf_sae.testing.hub_server import LocalHub, hub_client
 from hf_sae.testing.tiny_models import tiny_sae
 
 AutoConfig.register("jumprelu_sae", JumpReLUSAEConfig, exist_ok=True)
@@ -39,17 +39,10 @@ AutoModel.register(JumpReLUSAEConfig, JumpReLUSAE, exist_ok=True)
 
 PEER = Path(__file__).parent / "data" / "peer_formats"
 
-# Skip on a developer machine without olah; in CI (CI=true) a missing olah fails the hub fixture loudly instead.
-pytestmark = pytest.mark.skipif(
-    find_olah() is None and not os.environ.get("CI"),
-    reason="olah is not installed: `python -m venv .venv-olah && .venv-olah/bin/pip install olah` (or set "
-    "HF_SAE_OLAH_CLI); CI installs it",
-)
-
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with LocalHub(tmp_path_factory.mktemp("hub")) as local_hub:
+def hub(tmp_path_factory, olah_cli):
+    with LocalHub(tmp_path_factory.mktemp("hub"), olah_cli=olah_cli) as local_hub:
         yield local_hub
 
 
