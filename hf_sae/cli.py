@@ -102,11 +102,13 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
         "--sae-id",
         "--hookpoint",
         dest="subfolder",
-        help="the SAE inside SRC: Gemma Scope 'layer_20/width_16k/average_l0_71', a SAELens SAE "
-        "folder, a sparsify hookpoint 'layers.12'",
+        help="the SAE inside SRC: Gemma Scope 'layer_20/width_16k/average_l0_71', Qwen-Scope 'layer12', a SAELens "
+        "SAE folder, a sparsify hookpoint 'layers.12'",
     )
     parser.add_argument("--revision", help="Hub revision of SRC")
-    parser.add_argument("--k", type=int, help="JumpReLU only: cap on latents encode returns (default d_sae: exact)")
+    parser.add_argument(
+        "--k", type=int, help="JumpReLU: cap on latents encode returns (default d_sae: exact); qwen-scope: the TopK k"
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the saved SAE")
     parser.add_argument("--base-model", help="override the base model recorded in the config")
     parser.add_argument("--hook-layer", type=int, help="override the layer recorded in the config")
@@ -115,11 +117,13 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     kwargs = {"revision": args.revision, "dtype": args.dtype}
-    key = {"gemma-scope": "sae_id", "sae-lens": "subfolder", "sparsify": "hookpoint"}[args.format]
+    key = {"sae-lens": "subfolder", "sparsify": "hookpoint"}.get(args.format, "sae_id")
     kwargs[key] = args.subfolder
     if args.k is not None:
         if args.format == "sparsify":
-            raise HfSaeError("--k applies to JumpReLU SAEs (gemma-scope, sae-lens jumprelu/standard), not sparsify.")
+            raise HfSaeError(
+                "--k applies to JumpReLU SAEs (gemma-scope, sae-lens jumprelu/standard) and qwen-scope, not sparsify."
+            )
         kwargs["k"] = args.k
     overrides = {"base_model": args.base_model, "hook_layer": args.hook_layer, "hook_site": args.hook_site}
     out = Path(args.out)

@@ -5,6 +5,8 @@
 * :func:`from_sae_lens` — a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``): ``jumprelu`` and
   ``standard`` (ReLU; a JumpReLU with threshold 0) -> :class:`JumpReLUSAE`, ``topk`` -> :class:`HierarchicalSAE`
   with ``hierarchical=False``.
+* :func:`from_qwen_scope` — a Qwen-Scope ``layer{L}.sae.pt`` (TopK, Qwen3 / Qwen3.5) -> :class:`HierarchicalSAE`
+  with ``hierarchical=False`` (:mod:`hf_sae.convert_qwen_scope`).
 * :func:`from_sparsify` — an EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``, one per hookpoint)
   -> :class:`HierarchicalSAE` with ``hierarchical=False``.
 
@@ -525,8 +527,16 @@ def from_sparsify(
     return _finish(model, {name: tensors[name] for name in names}, dtype, weights_path)
 
 
+# ------------------------------------------------------------------------ converters in modules of their own
+from .convert_qwen_scope import from_qwen_scope  # noqa: E402  (they use the helpers above)
+
 # ------------------------------------------------------------------------------------------------- the CLI's
-FORMATS = {"gemma-scope": from_gemma_scope, "sae-lens": from_sae_lens, "sparsify": from_sparsify}
+FORMATS = {
+    "gemma-scope": from_gemma_scope,
+    "qwen-scope": from_qwen_scope,
+    "sae-lens": from_sae_lens,
+    "sparsify": from_sparsify,
+}
 
 
 def convert(format: str, source: str | os.PathLike, **kwargs: Any):

@@ -8,6 +8,7 @@ the caller's global random state as it was, and returns the model in eval mode. 
     model = tiny_gemma2(seed=0)                        # eager attention (Gemma-2's soft-capping needs it)
     model = tiny_gemma3(seed=0, num_hidden_layers=2)
     model = tiny_llama(seed=0, head_dim=32)            # a Llama-like layout (no post-feedforward norm)
+    model = tiny_qwen3(seed=0)                         # Qwen3: Llama-like, with q/k norms
     model = TINY_MODELS["gemma2"](seed=0)
     sae = tiny_sae(layer=1, site="resid", d_sae=256, k=8)  # a HierarchicalSAE that reads that model
     sae = planted_sae(directions, layer=2, site="mlp")     # feature i reads and writes directions[i]
@@ -29,6 +30,8 @@ from transformers import (
     LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from .. import HierarchicalSAE, HierarchicalSAEConfig  # the public API: this module sits above the package
@@ -74,10 +77,16 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
     return seeded_model(LlamaForCausalLM, LlamaConfig(**{**TINY_CONFIG, **overrides}), seed)
 
 
+def tiny_qwen3(seed: int = 0, **overrides: Any) -> Qwen3ForCausalLM:
+    """A tiny random-weight Qwen3 (Llama-like layout plus per-head q/k norms); ``overrides`` go to ``Qwen3Config``."""
+    return seeded_model(Qwen3ForCausalLM, Qwen3Config(**{**TINY_CONFIG, **overrides}), seed)
+
+
 TINY_MODELS: dict[str, Callable[..., PreTrainedModel]] = {
     "gemma2": tiny_gemma2,
     "gemma3": tiny_gemma3,
     "llama": tiny_llama,
+    "qwen3": tiny_qwen3,
 }
 """The builders by family name, for tests parametrised over architectures."""
 

@@ -11,10 +11,11 @@ from hf_sae.testing.tiny_models import (
     tiny_gemma2,
     tiny_gemma3,
     tiny_llama,
+    tiny_qwen3,
     tiny_sae,
 )
 
-BUILDERS = [tiny_gemma2, tiny_gemma3, tiny_llama]
+BUILDERS = [tiny_gemma2, tiny_gemma3, tiny_llama, tiny_qwen3]
 
 
 @pytest.mark.parametrize("build", BUILDERS)
@@ -70,7 +71,7 @@ def test_builders_leave_the_global_random_state_alone(build):
 
 
 def test_tiny_models_by_family_name():
-    assert TINY_MODELS == {"gemma2": tiny_gemma2, "gemma3": tiny_gemma3, "llama": tiny_llama}
+    assert TINY_MODELS == {"gemma2": tiny_gemma2, "gemma3": tiny_gemma3, "llama": tiny_llama, "qwen3": tiny_qwen3}
 
 
 def test_tiny_sae_reads_the_tiny_models_and_is_seeded():
