@@ -13,6 +13,7 @@ import pkgutil
 from . import convert, hub
 from ._version import __version__
 from .configuration_sae import SAEConfig
+from .contrastive import contrastive_vector
 from .errors import HfSaeError, SAEConfigError, SAEHubError, SAEInputError, SAELoadError, SAEPushError
 from .evaluation import (
     EvaluationError,
@@ -20,17 +21,20 @@ from .evaluation import (
     LMLossResult,
     TopFeatures,
     ce_loss_recovered,
+    feature_stats,
     lm_loss_with_sae,
     max_activating_examples,
     top_features,
 )
+from .latent_stats import FeatureStats
 from .loading import load_sae
 from .modeling_sae import SAEOutput, SAEPreTrainedModel
 from .push import push_collection, push_run, push_sae
 from .registry import Architecture, architectures, register_architecture
 from .sites import SITES, Site, SiteError, decoder_layers, num_layers, resolve_site
 from .sparse import SparseLatents
-from .steering import SAEHook, SteeringError, SteeringHandle, attach, steer
+from .steering import SAEHook, SteeringError, SteeringHandle, SteeringVector, attach, steer
+from .steering_sweep import SweepResult, steering_sweep
 from .train_step import TrainingStepOutput, training_step
 
 _ARCHITECTURE_MODULES = sorted(
@@ -77,6 +81,7 @@ __all__ = [
     "Architecture",
     "EvaluationError",
     "FeatureExample",
+    "FeatureStats",
     "HfSaeError",
     "LMLossResult",
     "SAEConfig",
@@ -94,14 +99,18 @@ __all__ = [
     "SparseLatents",
     "SteeringError",
     "SteeringHandle",
+    "SteeringVector",
+    "SweepResult",
     "TopFeatures",
     "TrainingStepOutput",
     "__version__",
     "architectures",
     "attach",
     "ce_loss_recovered",
+    "contrastive_vector",
     "convert",
     "decoder_layers",
+    "feature_stats",
     "hub",
     "lm_loss_with_sae",
     "load_sae",
@@ -113,6 +122,7 @@ __all__ = [
     "register_architecture",
     "resolve_site",
     "steer",
+    "steering_sweep",
     "top_features",
     "training_step",
     *sorted(_ARCHITECTURE_CLASSES),

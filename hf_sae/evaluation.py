@@ -1,8 +1,10 @@
 """Evaluating an SAE inside its language model, and finding features to steer.
 
 * :func:`lm_loss_with_sae`: next-token loss of the clean model, with the SAE spliced in (the activation at its site
-  replaced by the reconstruction) and with the site zero-ablated, and the CE-loss-recovered score
-  ``1 - (spliced - clean) / (ablated - clean)`` (1 = the SAE loses nothing, 0 = as bad as deleting the activation).
+  replaced by the reconstruction), with the site zero-ablated and mean-ablated, and the CE-loss-recovered scores
+  ``1 - (spliced - clean) / (ablated - clean)`` (1 = the SAE loses nothing, 0 = as bad as the ablation).
+* :func:`feature_stats`: each latent's firing density, mean and max activation on held-out texts
+  (:class:`hf_sae.latent_stats.FeatureStats`, the reference scales of steering units).
 * :func:`top_features`: the features most active on a text, with their per-token activations.
 * :func:`max_activating_examples`: the contexts (over many texts) where one feature fires most.
 
@@ -15,6 +17,7 @@ neither spliced nor counted: their activations are outliers an SAE is not traine
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import EvaluationError
+from .latent_stats import FeatureStats, FeatureStatsAccumulator
 from .lm_inputs import (
     Texts,
     batches,
@@ -57,7 +61,7 @@ class LossComparison:
 
 @dataclass
 class LMLossResult(LossComparison):
-    """Mean next-token cross-entropy (nats) over the same tokens under three conditions.
+    """Mean next-token cross-entropy (nats) over the same tokens under four conditions.
 
     Attributes:
         clean_loss: the unmodified model.
@@ -65,6 +69,9 @@ class LMLossResult(LossComparison):
         ablated_loss: zeros in place of the activation (zero-ablation).
         ce_loss_recovered: 1 - (spliced - clean) / (ablated - clean).
         n_tokens: number of predictions averaged over.
+        mean_ablated_loss: the mean activation (over the same texts' counted tokens) in place of the activation
+            (mean-ablation, the milder baseline: it keeps the activation's constant part).
+        ce_loss_recovered_mean: 1 - (spliced - clean) / (mean_ablated - clean).
     """
 
     clean_loss: float
@@ -72,6 +79,8 @@ class LMLossResult(LossComparison):
     ablated_loss: float
     ce_loss_recovered: float
     n_tokens: int
+    mean_ablated_loss: float = math.nan
+    ce_loss_recovered_mean: float = math.nan
 
     @property
     def delta_loss(self) -> float:
@@ -97,23 +106,29 @@ def lm_loss_with_sae(
     k: int | None = None,
     exclude_token_ids: Sequence[int] | None = None,
     clean_loss: float | None = None,
+    mean_activation: Tensor | None = None,
     progress: bool = False,
 ) -> LMLossResult:
-    """Clean, spliced and zero-ablated LM loss of ``model`` on ``texts``, and the CE loss recovered by ``sae``.
+    """Clean, spliced, zero-ablated and mean-ablated LM loss of ``model`` on ``texts``, and the CE loss recovered by
+    ``sae`` against each ablation.
 
     The prediction at position t (of token t + 1) is counted when tokens t and t + 1 are real (not padding) and token
     t is not excluded (BOS and ``sae.config.excluded_token_ids`` by default, or ``exclude_token_ids``). The splice
-    and the ablation apply at every real, non-excluded position.
+    and the ablations apply at every real, non-excluded position. Mean ablation puts the mean activation of those
+    positions (over all of ``texts``, measured in the first pass) in place of the activation, or ``mean_activation``
+    (d_in,) when given.
 
     ``clean_loss``: the ``clean_loss`` of an earlier result on the same texts and excluded ids (e.g. another SAE on
-    the same model): the clean forwards, a third of the work, are skipped and that value is used. ``progress``: a
-    one-line bar over the forwards (on a terminal); with a 262k-vocabulary LM head each forward takes seconds on CPU.
+    the same model): the clean forwards are skipped and that value is used (the mean activation then comes from
+    forwards that stop at the site). ``progress``: a one-line bar over the forwards (on a terminal); with a
+    262k-vocabulary LM head each forward takes seconds on CPU.
     """
     excluded = excluded_token_ids(model, [sae.config], exclude_token_ids)
     lists, _ = tokenize_texts(model, texts, tokenizer, max_length)
-    totals = torch.zeros(3, dtype=torch.float64)
+    site = resolve_sae_site(model, sae)
+    totals = torch.zeros(4, dtype=torch.float64)
     n_tokens = 0
-    conditions = 2 if clean_loss is not None else 3
+    conditions = 3 + (clean_loss is None)
     bar = tqdm(
         total=conditions * len(lists),
         desc="LM loss with the SAE spliced in",
@@ -122,25 +137,130 @@ def lm_loss_with_sae(
         dynamic_ncols=True,
         disable=None if progress else True,
     )
+    device = model_device(model)
+    activation_sum, activation_count = torch.zeros((), dtype=torch.float64), 0
     with eval_mode(model), bar:
-        for _, input_ids, attention_mask in batches(lists, batch_size, model_device(model)):
-            counted = counted_predictions(kept_tokens(input_ids, attention_mask, excluded), attention_mask)
+        for _, input_ids, attention_mask in batches(lists, batch_size, device):  # pass 1: clean loss, mean activation
+            kept = kept_tokens(input_ids, attention_mask, excluded)
+            counted = counted_predictions(kept, attention_mask)
             n_tokens += int(counted.sum())
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            activation = None
             if clean_loss is None:
-                totals[0] += float(next_token_loss_sum(model(**inputs).logits, input_ids, counted))
+                with _SiteRecorder(model, sae) as recorder:
+                    logits = model(**inputs).logits
+                totals[0] += float(next_token_loss_sum(logits, input_ids, counted))
+                activation = recorder.activation
                 bar.update(input_ids.shape[0])
-            with attach(model, sae, splice=True, k=k, exclude_token_ids=excluded):
-                totals[1] += float(next_token_loss_sum(model(**inputs).logits, input_ids, counted))
-            bar.update(input_ids.shape[0])
-            with ActivationPatch(model, sae, torch.zeros_like, exclude_token_ids=excluded):
-                totals[2] += float(next_token_loss_sum(model(**inputs).logits, input_ids, counted))
-            bar.update(input_ids.shape[0])
+            elif mean_activation is None:
+                activation = capture_activations(model, [site], **inputs)[site.key]
+            if mean_activation is None:
+                rows = activation[kept.to(activation.device)].double()
+                activation_sum = activation_sum + rows.sum(0)
+                activation_count += rows.shape[0]
+        if mean_activation is None:
+            mean_activation = activation_sum / max(activation_count, 1)
+        mean = mean_activation.reshape(-1)
+        for _, input_ids, attention_mask in batches(lists, batch_size, device):  # pass 2: splice and ablations
+            counted = counted_predictions(kept_tokens(input_ids, attention_mask, excluded), attention_mask)
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            patches = (
+                (1, lambda: attach(model, sae, splice=True, k=k, exclude_token_ids=excluded)),
+                (2, lambda: ActivationPatch(model, sae, torch.zeros_like, exclude_token_ids=excluded)),
+                (3, lambda: ActivationPatch(model, sae, _constant(mean), exclude_token_ids=excluded)),
+            )
+            for index, patch in patches:
+                with patch():
+                    totals[index] += float(next_token_loss_sum(model(**inputs).logits, input_ids, counted))
+                bar.update(input_ids.shape[0])
     if n_tokens == 0:
         raise EvaluationError("no next-token predictions to average: every text is shorter than 2 counted tokens.")
-    spliced, ablated = (float(total) / n_tokens for total in totals[1:])
+    spliced, ablated, mean_ablated = (float(total) / n_tokens for total in totals[1:])
     clean = float(totals[0]) / n_tokens if clean_loss is None else float(clean_loss)
-    return LMLossResult(clean, spliced, ablated, ce_loss_recovered(clean, spliced, ablated), n_tokens)
+    return LMLossResult(
+        clean,
+        spliced,
+        ablated,
+        ce_loss_recovered(clean, spliced, ablated),
+        n_tokens,
+        mean_ablated,
+        ce_loss_recovered(clean, spliced, mean_ablated),
+    )
+
+
+def _constant(vector: Tensor):
+    """fn(h) = ``vector`` broadcast to h's shape, dtype and device (mean ablation)."""
+
+    def replace(activation: Tensor) -> Tensor:
+        return vector.to(device=activation.device, dtype=activation.dtype).expand_as(activation)
+
+    return replace
+
+
+class _SiteRecorder:
+    """Keeps the activation at an SAE's site of the last forward (``.activation``, (B, T, d_in)); changes nothing."""
+
+    def __init__(self, model: nn.Module, sae: nn.Module):
+        self.activation: Tensor | None = None
+        self._handle = resolve_sae_site(model, sae).register(self._record)
+
+    def _record(self, activation: Tensor) -> None:
+        self.activation = activation.detach()
+
+    def __enter__(self) -> _SiteRecorder:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._handle.remove()
+
+
+@torch.no_grad()
+def feature_stats(
+    model: nn.Module,
+    sae: nn.Module,
+    texts: Texts,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_length: int | None = 128,
+    k: int | None = None,
+    exclude_token_ids: Sequence[int] | None = None,
+    progress: bool = False,
+    store: bool = True,
+    source: str = "",
+) -> FeatureStats:
+    """Each latent's firing density, mean activation (where it fires) and max activation, and the site's mean
+    activation and mean norm, over the real, non-excluded tokens of ``texts`` (BOS and ``excluded_token_ids`` left
+    out, as in training); see :mod:`hf_sae.latent_stats`.
+
+    With ``store`` (the default) the result becomes ``sae.feature_stats``: ``sae.save_pretrained`` writes it beside
+    the weights and steering can then take strengths in ``units="max" | "mean" | "residual_norm"``. Forwards stop at
+    the SAE's site (no LM head). ``k``: the budget (default the SAE's k).
+    """
+    lists, _ = tokenize_texts(model, texts, tokenizer, max_length)
+    excluded = excluded_token_ids(model, [sae.config], exclude_token_ids)
+    site = resolve_sae_site(model, sae)
+    accumulator = FeatureStatsAccumulator(sae.config.d_sae, sae.config.d_in, k, source or "hf_sae.feature_stats")
+    bar = tqdm(
+        total=len(lists), desc="feature statistics", unit="text", leave=False, disable=None if progress else True
+    )
+    with eval_mode(model), bar:
+        for _, input_ids, attention_mask in batches(lists, batch_size, model_device(model)):
+            activation = capture_activations(model, [site], input_ids=input_ids, attention_mask=attention_mask)[
+                site.key
+            ]
+            rows = activation[kept_tokens(input_ids, attention_mask, excluded).to(activation.device)]
+            rows = rows.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+            if rows.shape[0]:
+                latents = sae.encode(rows, k)
+                accumulator.update(rows, latents.values, latents.indices)
+            bar.update(input_ids.shape[0])
+    if accumulator.n == 0:
+        raise EvaluationError("no tokens to measure: every token of texts is padding, BOS or excluded.")
+    stats = accumulator.result()
+    if store:
+        sae.feature_stats = stats
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------ finding features
@@ -160,7 +280,8 @@ class TopFeatures:
         tokens: the T tokens (strings; token ids as strings without a tokenizer).
         feature_ids: (n,) feature ids, most active first.
         max_activations: (n,) each feature's largest activation over the counted tokens.
-        activations: (n, T) each feature's activation at every token (0 where it is not in the token's top k).
+        activations: (n, T) each feature's activation at every token (0 where it is not in the token's top k, and at
+            BOS / excluded tokens, which are not ranked either).
     """
 
     tokens: list[str]
@@ -211,7 +332,7 @@ def top_features(
         tokens=token_strings(tokenizer, ids),
         feature_ids=feature_ids.cpu(),
         max_activations=counted.amax(0)[feature_ids].float().cpu(),
-        activations=dense[:, feature_ids].T.float().cpu(),
+        activations=counted[:, feature_ids].T.float().cpu(),
     )
 
 

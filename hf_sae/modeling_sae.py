@@ -18,11 +18,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 from ._io import staged_files
 from .configuration_sae import SAEConfig
 from .errors import SAEConfigError, SAEInputError, SAELoadError
+from .latent_stats import STATS_FILE, FeatureStats
 from .loading import describe_location, explain_load_failure
 from .losses import auxk_loss, hierarchical_topk_loss
 from .sparse import SparseLatents, sparse_decode
@@ -85,6 +86,8 @@ class SAEPreTrainedModel(PreTrainedModel):
         # read it (a sync) only when logging.
         self.register_buffer("tokens_since_fired", torch.zeros(config.d_sae, dtype=torch.long), persistent=False)
         self.check_finite = True
+        # Held-out statistics of the latents (hf_sae.latent_stats): saved beside the weights, read by steering units.
+        self.feature_stats: FeatureStats | None = None
 
     # ----------------------------------------------------------------------------------------------- weights
     def _init_weights(self, module: nn.Module) -> None:
@@ -300,7 +303,8 @@ class SAEPreTrainedModel(PreTrainedModel):
         """Safetensors only, each file written to a temporary folder inside the target and renamed into place.
 
         Files the SAE does not write (model cards, metrics, plots, checkpoint subfolders) are kept; config.json is
-        renamed last, so a reader never sees a new config beside old weights.
+        renamed last, so a reader never sees a new config beside old weights. ``self.feature_stats`` (when set) is
+        written as ``feature_stats.safetensors``; without statistics an old file of that name is removed.
 
         ``push_to_hub=True`` (transformers' idiom) then pushes the SAE with ``push_to_hub`` to ``repo_id`` (default:
         the folder's name in the token's namespace), its card reading the folder's metrics, plot and command; the
@@ -315,7 +319,12 @@ class SAEPreTrainedModel(PreTrainedModel):
             return self.push_to_hub(repo_id, run_dir=save_directory, **push)
         kwargs["safe_serialization"] = True
         with staged_files(save_directory, last=("config.json",)) as tmp:
-            return super().save_pretrained(tmp, *args, **kwargs)
+            result = super().save_pretrained(tmp, *args, **kwargs)
+            if self.feature_stats is not None:
+                self.feature_stats.save(tmp)
+            else:  # statistics of an earlier SAE saved here must not be read as this one's
+                (Path(save_directory) / STATS_FILE).unlink(missing_ok=True)
+            return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, check_finite_weights: bool = True, **kwargs):
@@ -372,6 +381,7 @@ class SAEPreTrainedModel(PreTrainedModel):
             )
         if check_finite_weights:
             _check_finite_weights(model, name, subfolder, revision)
+        model.feature_stats = _load_feature_stats(model, name, kwargs)
         return (model, info) if want_info else model
 
     # ----------------------------------------------------------------------------------------------- views
@@ -396,6 +406,30 @@ class SAEPreTrainedModel(PreTrainedModel):
     def default_learning_rate(cls, config: SAEConfig) -> float:
         """The peak learning rate training uses when none is given: :func:`scaled_learning_rate` of ``d_sae``."""
         return scaled_learning_rate(config.d_sae)
+
+
+def _load_feature_stats(model: nn.Module, name, kwargs: dict) -> FeatureStats | None:
+    """The ``feature_stats.safetensors`` beside the weights (local folder or Hub repo), or None when there is none."""
+    options = {
+        key: kwargs[key]
+        for key in ("cache_dir", "force_download", "token", "revision", "local_files_only", "subfolder")
+        if kwargs.get(key) is not None
+    }
+    try:
+        path = cached_file(
+            str(name),
+            STATS_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **options,
+        )
+    except OSError:
+        return None
+    if path is None:
+        return None
+    stats = FeatureStats.load(path)
+    stats.check_matches(model.config.d_sae, model.config.d_in, str(path))
+    return stats
 
 
 def _check_finite_weights(model: nn.Module, name, subfolder: str | None, revision: str | None) -> None:

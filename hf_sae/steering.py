@@ -25,6 +25,8 @@ handles on one site apply in the order they were made), and ``handle.remove()`` 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,15 +37,18 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import SteeringError
-from .sites import Site, decoder_stack, resolve_sae_site
+from .lm_inputs import excluded_token_ids
+from .sites import Site, decoder_stack, resolve_sae_site, resolve_site
 from .sparse import SparseLatents
 
 Mode = Literal["add", "clamp", "ablate"]
 Positions = Literal["all", "prompt", "generated"]
+Units = Literal["absolute", "max", "mean", "residual_norm"]
 MODES = ("add", "clamp", "ablate")
 POSITIONS = ("all", "prompt", "generated")
+UNITS = ("absolute", "max", "mean", "residual_norm")
 
-FeatureStrengths = Mapping[int, float] | Iterable[int]
+FeatureStrengths = Mapping[int, float | str] | Iterable[int]
 
 
 # ------------------------------------------------------------------------------------------------ position tracking
@@ -146,50 +151,82 @@ class _PositionTracker:
         self.state = _ForwardState(batch, length, start, prompt_length, real, input_ids)
 
     def _continues_without_cache(self, input_ids: Tensor | None) -> bool:
+        """Whether ``input_ids`` extend the previous forward's sequences by one token each, in any row order: beam
+        search without a cache reorders (and duplicates) its beams between steps, so each row's prefix must equal
+        *some* row of the previous forward, not the row at the same index."""
         previous = self._previous_ids
         if input_ids is None or previous is None or self.state is None:
             return False
         if input_ids.shape[0] != previous.shape[0] or input_ids.shape[1] != previous.shape[1] + 1:
             return False
-        return bool(torch.equal(input_ids[:, :-1], previous))
+        prefix = input_ids[:, :-1]
+        if torch.equal(prefix, previous):
+            return True
+        same = (prefix.unsqueeze(1) == previous.unsqueeze(0)).all(-1)  # (B, B): row i extends previous row j
+        return bool(same.any(1).all())
 
 
 # ----------------------------------------------------------------------------------------------------- site hooks
 class SiteHook:
-    """A hook on one SAE's site that edits the activation at the chosen positions; the base of steering, attach,
-    activation patches and feature-flow steering.
+    """A hook on one site that edits the activation at the chosen positions; the base of steering, attach,
+    activation patches, steering vectors and feature-flow steering.
 
     A subclass overrides ``_edit(activation, mask)`` (activation (B, T, d), mask (B, T) bool of the positions to edit
     or None for all of them) and returns the new activation, usually through :meth:`add_constant` or
-    :meth:`add_to_rows`; :meth:`remove` takes the hook (and its share of the position tracker) off the model.
+    :meth:`add_to_rows`; :meth:`remove` takes the hook (and its share of the position tracker) off the model and
+    :meth:`install` puts it back.
+
+    Args:
+        model: the language model.
+        sae: the SAE whose site (``config.hook_layer`` / ``hook_site``) is hooked; None with ``site``.
+        positions: ``"all"``, ``"prompt"`` or ``"generated"``.
+        exclude_token_ids: token ids never edited (BOS, padding ids, ...).
+        site: the :class:`~hf_sae.sites.Site` to hook when there is no SAE (a steering vector, a custom function).
+        default_exclusion: ``exclude_token_ids`` is a default (BOS and the SAE's excluded ids) rather than the
+            caller's choice: a forward whose token ids are unknown (``inputs_embeds``) then edits every position
+            with a warning instead of raising.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        sae: nn.Module,
+        sae: nn.Module | None,
         positions: str = "all",
         exclude_token_ids: Sequence[int] | None = None,
+        *,
+        site: Site | None = None,
+        default_exclusion: bool = False,
     ):
         if positions not in POSITIONS:
             raise SteeringError(f"positions={positions!r} is unknown. Use one of {list(POSITIONS)}.")
         self.model = model
         self.sae = sae
         self.positions = positions
-        self.site: Site = resolve_sae_site(model, sae)
+        self.site: Site = resolve_sae_site(model, sae) if site is None else site
         device = _module_device(self.site.module)
-        if device is not None and sae.W_dec.device != device:
+        if sae is not None and device is not None and sae.W_dec.device != device:
             sae.to(device)
+        # the dtype edits are computed in: the SAE's, or float32 for a hook without an SAE
+        self.compute_dtype = sae.W_dec.dtype if sae is not None else torch.float32
         self.exclude_token_ids = (
             torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long) if exclude_token_ids else None
         )
+        self.default_exclusion = default_exclusion
+        self._warned = False
         self._cast: dict[torch.dtype, Tensor] = {}
-        self._tracker: _PositionTracker | None = _PositionTracker.acquire(model)
-        self._handle: RemovableHandle | None = self.site.register(self._hook)
+        self._tracker: _PositionTracker | None = None
+        self._handle: RemovableHandle | None = None
+        self.install()
 
     @property
     def active(self) -> bool:
         return self._handle is not None
+
+    def install(self) -> None:
+        """Put the hook (back) on its site; a hook already installed stays as it is."""
+        if self._handle is None:
+            self._tracker = _PositionTracker.acquire(self.model)
+            self._handle = self.site.register(self._hook)
 
     def add_constant(self, activation: Tensor, mask: Tensor | None, vector: Tensor) -> Tensor:
         """activation + vector at the steered positions; ``vector`` (d,) is cast once per activation dtype."""
@@ -201,7 +238,8 @@ class SiteHook:
         return activation + mask.unsqueeze(-1).to(activation.dtype) * cast
 
     def add_to_rows(self, activation: Tensor, mask: Tensor | None, delta: Callable[[Tensor], Tensor]) -> Tensor:
-        """activation + delta(x) at the steered positions, x (N, d) those rows of the activation in the SAE's dtype.
+        """activation + delta(x) at the steered positions, x (N, d) those rows of the activation in
+        :attr:`compute_dtype` (the SAE's).
 
         The delta is computed without gradients and cast back to the activation's dtype: gradients still flow
         through the activation (the edit counts as a constant), so steering works inside training or attribution
@@ -209,7 +247,7 @@ class SiteHook:
         """
         rows = activation.reshape(-1, activation.shape[-1]) if mask is None else activation[mask]
         with torch.no_grad():
-            change = delta(rows.detach().to(self.sae.W_dec.dtype)).to(activation.dtype)
+            change = delta(rows.detach().to(self.compute_dtype)).to(activation.dtype)
         edited = rows + change
         if mask is None:
             return edited.reshape(activation.shape)
@@ -226,17 +264,37 @@ class SiteHook:
             self._tracker.release()
             self._tracker = None
 
+    def _warn_once(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"steering at site {self.site.key}: {why}, so BOS and the excluded token ids "
+                f"{self.exclude_token_ids.tolist()} cannot be recognised and every position is edited. Call the "
+                "model with input_ids (generate does), or pass exclude_token_ids=[] to silence this.",
+                stacklevel=4,
+            )
+
     def _mask(self, activation: Tensor) -> Tensor | None:
         """(B, T) bool of positions to edit in this forward, or None for all of them."""
         state = self._tracker.state if self._tracker is not None else None
+        excluding = self.exclude_token_ids is not None
         if state is None or tuple(activation.shape[:2]) != (state.batch, state.length):
-            if self.positions != "all" or self.exclude_token_ids is not None:
+            if self.positions != "all" or (excluding and not self.default_exclusion):
                 raise SteeringError(
                     f"the activation at site {self.site.key} has shape {tuple(activation.shape)}, which does not "
                     "match the tokens the model was called with, so positions/exclude_token_ids cannot be applied. "
                     "Call the model (or its base model) with input_ids, or use positions='all'."
                 )
+            if excluding:
+                self._warn_once("the forward's tokens are unknown")
             return None
+        if excluding and state.input_ids is None:
+            if not self.default_exclusion:
+                raise SteeringError(
+                    f"exclude_token_ids={self.exclude_token_ids.tolist()} needs token ids, but the model was called "
+                    "with inputs_embeds. Call it with input_ids, or pass exclude_token_ids=[]."
+                )
+            self._warn_once("the model was called with inputs_embeds")
         mask = state.mask(self.positions, self.exclude_token_ids)
         if mask is not None and bool(mask.all()):
             return None
@@ -261,8 +319,12 @@ def _module_device(module: nn.Module) -> torch.device | None:
 
 
 # -------------------------------------------------------------------------------------------------------- steering
+_TIMES = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*[xX×]\s*$")
+
+
 class _SteeringHook(SiteHook):
-    """Edits the activation by one of the modes of the module docstring, for a set of (feature, strength) pairs."""
+    """Edits the activation by one of the modes of the module docstring, for a set of (feature, strength) pairs;
+    strengths are converted from ``units`` to the SAE's latent units (:func:`strengths_in_latent_units`)."""
 
     def __init__(
         self,
@@ -271,24 +333,33 @@ class _SteeringHook(SiteHook):
         features: FeatureStrengths,
         mode: str = "add",
         positions: str = "all",
-        strength: float | None = None,
+        strength: float | str | None = None,
+        units: str = "absolute",
+        exclude_token_ids: Sequence[int] | None = None,
     ):
         if mode not in MODES:
             raise SteeringError(f"mode={mode!r} is unknown. Use one of {list(MODES)}.")
         feature_ids, strengths = _feature_strengths(features, sae.config.d_sae, mode, strength)
-        super().__init__(model, sae, positions)
+        super().__init__(
+            model,
+            sae,
+            positions,
+            excluded_token_ids(model, [sae.config], exclude_token_ids),
+            default_exclusion=exclude_token_ids is None,
+        )
         self.mode = mode
+        self.units = units
         device = sae.W_dec.device
         self.feature_ids = torch.tensor(feature_ids, dtype=torch.long, device=device)
-        self.strengths = torch.tensor(strengths, dtype=sae.W_dec.dtype, device=device)
+        values = strengths_in_latent_units(sae, feature_ids, strengths, units, mode)
+        self.strengths = values.to(device=device, dtype=sae.W_dec.dtype)  # latent values z'_f (add: lengths)
         with torch.no_grad():
             directions = sae.W_dec[self.feature_ids]  # (m, d_in)
             if mode == "add":
                 unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 self.add_vector = self.strengths @ unit  # (d_in,) = sum_f s_f W_dec[f] / ||W_dec[f]||
             else:
-                scale = sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
-                self.directions = directions / scale  # decode(z') - decode(z) = (s - z_f) W_dec[f] / scale
+                self.directions = directions / _activation_scale(sae)  # decode(z') - decode(z) = (s - z_f) d_f
 
     def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
         if self.mode == "add":
@@ -296,6 +367,76 @@ class _SteeringHook(SiteHook):
         return self.add_to_rows(
             activation, mask, lambda x: clamp_delta(self.sae, x, self.feature_ids, self.strengths, self.directions)
         )
+
+
+def _activation_scale(sae: nn.Module) -> float:
+    """The factor between the SAE's decode and the model's units (1 once folded)."""
+    return sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
+
+
+def strengths_in_latent_units(
+    sae: nn.Module,
+    feature_ids: Sequence[int],
+    strengths: Sequence[float | str],
+    units: str = "absolute",
+    mode: str = "add",
+) -> Tensor:
+    """(m,) float64: each strength in the units the hooks apply (``add``: the norm of the added vector, in model
+    units; ``clamp``: the latent value z'_f), from ``units``.
+
+    With d_f = W_dec[f] / activation_scale the feature's decoded direction in model units (‖d_f‖ = 1 for a folded
+    unit-norm SAE) and the SAE's :class:`~hf_sae.latent_stats.FeatureStats` (max_f, mean_f: the feature's peak and
+    mean activation where it fires; ρ: the mean activation norm at the site):
+
+    ================= ============================== ==============================
+    units             add (norm of the added vector)  clamp (latent value z'_f)
+    ================= ============================== ==============================
+    ``absolute``      s                              s
+    ``max``           s · max_f · ‖d_f‖              s · max_f
+    ``mean``          s · mean_f · ‖d_f‖             s · mean_f
+    ``residual_norm`` s · ρ                          s · ρ / ‖d_f‖
+    ================= ============================== ==============================
+
+    A strength given as a string ``"2x"`` is 2 × the feature's peak, whatever ``units`` says (the ``max`` row).
+    ``absolute`` is the default and keeps the meaning strengths always had.
+    """
+    if units not in UNITS:
+        raise SteeringError(f"units={units!r} is unknown. Use one of {list(UNITS)}.")
+    ids = torch.as_tensor(list(feature_ids), dtype=torch.long)
+    numbers = torch.tensor([_TIMES.match(v).group(1) if isinstance(v, str) else v for v in strengths], dtype=float)
+    row_units = [("max" if isinstance(v, str) else units) for v in strengths]
+    if all(u == "absolute" for u in row_units) or mode == "ablate":
+        return numbers
+    stats = getattr(sae, "feature_stats", None)
+    if stats is None:
+        raise SteeringError(
+            f"strengths in units={units!r} (or 'Nx') need the SAE's feature statistics, and this SAE has none. "
+            "Measure them once with hf_sae.feature_stats(model, sae, texts) (then save_pretrained keeps them), "
+            "or give strengths in absolute units."
+        )
+    with torch.no_grad():
+        decoded_norm = (sae.W_dec[ids.to(sae.W_dec.device)].double().norm(dim=-1) / _activation_scale(sae)).cpu()
+    reference = {
+        "max": stats.max_activation[ids].double(),
+        "mean": stats.mean_activation[ids].double(),
+    }
+    out = numbers.clone()
+    for row, unit in enumerate(row_units):
+        if unit == "absolute":
+            continue
+        if unit == "residual_norm":
+            length = numbers[row] * stats.activation_norm
+            out[row] = length if mode == "add" else length / decoded_norm[row].clamp_min(1e-12)
+            continue
+        value = reference[unit][row]
+        if value == 0:
+            raise SteeringError(
+                f"feature {int(ids[row])} never fired on the {stats.n_tokens:,} tokens of its statistics, so it has "
+                f"no {unit} activation to scale by. Give its strength in absolute units."
+            )
+        latent = numbers[row] * value
+        out[row] = latent * decoded_norm[row] if mode == "add" else latent
+    return out
 
 
 def clamp_delta(
@@ -312,8 +453,7 @@ def clamp_delta(
     """
     current = latent_values(sae.encode(x), feature_ids, sae.config.d_sae)  # (N, m): z_f, 0 outside the top k
     if directions is None:
-        scale = sae.config.activation_scale if not sae.config.activation_scale_folded else 1.0
-        directions = sae.W_dec[feature_ids] / scale
+        directions = sae.W_dec[feature_ids] / _activation_scale(sae)
     return (strengths - current) @ directions
 
 
@@ -326,9 +466,24 @@ def latent_values(latents: SparseLatents, feature_ids: Tensor, d_sae: int) -> Te
     return latents.to_dense(d_sae)[:, feature_ids]
 
 
+def _strength_value(value: Any, feature: int) -> float | str:
+    """A finite number, or a string "Nx" (N times the feature's peak activation)."""
+    if isinstance(value, str):
+        match = _TIMES.match(value)
+        if match is None or not math.isfinite(float(match.group(1))):
+            raise SteeringError(
+                f"strength {value!r} of feature {feature} is not understood: give a number (8.0) or a multiple of "
+                "the feature's peak activation as a string such as '2x'."
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SteeringError(f"strength {value!r} of feature {feature} must be a finite number, e.g. 8.0, or '2x'.")
+    return float(value)
+
+
 def _feature_strengths(
-    features: FeatureStrengths, d_sae: int, mode: str, strength: float | None
-) -> tuple[list[int], list[float]]:
+    features: FeatureStrengths, d_sae: int, mode: str, strength: float | str | None
+) -> tuple[list[int], list[float | str]]:
     """Validate features: a {feature: strength} dict, or feature ids with one ``strength`` (ablate: 0)."""
     if isinstance(features, Mapping):
         pairs = list(features.items())
@@ -353,12 +508,85 @@ def _feature_strengths(
                 f"feature {feature!r} is out of range: this SAE has d_sae={d_sae} latents, ids 0..{d_sae - 1}. "
                 "Pick a feature id below d_sae (e.g. from hf_sae.top_features)."
             )
-        value = 0.0 if mode == "ablate" else value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SteeringError(f"strength {value!r} of feature {int(feature)} must be a finite number, e.g. 8.0.")
         ids.append(int(feature))
-        values.append(float(value))
+        values.append(0.0 if mode == "ablate" else _strength_value(value, int(feature)))
     return ids, values
+
+
+class _FunctionHook(SiteHook):
+    """Replaces the activation rows h (N, d) at the steered positions by ``fn(h)`` (same shape), computed in the
+    SAE's dtype (float32 without an SAE) and cast back; gradients flow through h as for every steering edit."""
+
+    def __init__(self, model: nn.Module, sae: nn.Module | None, fn: Callable[[Tensor], Tensor], **options: Any):
+        if not callable(fn):
+            raise SteeringError(f"fn must be a function h (N, d) -> h' (N, d), got {type(fn).__name__}.")
+        super().__init__(model, sae, **options)
+        self.fn = fn
+
+    def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
+        return self.add_to_rows(activation, mask, self._delta)
+
+    def _delta(self, rows: Tensor) -> Tensor:
+        edited = self.fn(rows)
+        if not isinstance(edited, Tensor) or edited.shape != rows.shape:
+            shape = tuple(edited.shape) if isinstance(edited, Tensor) else type(edited).__name__
+            raise SteeringError(
+                f"the edit function at site {self.site.key} returned {shape} for rows of shape {tuple(rows.shape)}; "
+                "it must return a tensor of the same shape (the edited activation rows)."
+            )
+        return edited.to(rows.dtype) - rows
+
+
+@dataclass
+class SteeringVector:
+    """A direction to add at one site of a model (e.g. :func:`hf_sae.contrastive_vector`'s difference of means).
+
+    ``h <- h + strength * vector`` at the steered positions, through the same hooks, positions and BOS handling as
+    SAE steering: ``hf_sae.steer(model, vector, strength=4.0)`` or ``vector.steer(model, strength=4.0)``.
+
+    Attributes:
+        vector: (d,) in model units (strength 1 adds it as it is).
+        layer, site: where it acts (``hf_sae.resolve_site``).
+        description: how it was made (shown in reprs and the sweep table).
+    """
+
+    vector: Tensor
+    layer: int
+    site: str
+    description: str = ""
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    def steer(self, model: nn.Module, strength: float = 1.0, **options: Any) -> SteeringHandle:
+        """``hf_sae.steer(model, self, strength=strength, **options)``."""
+        return steer(model, self, strength=strength, **options)
+
+    def __repr__(self) -> str:
+        what = f", {self.description}" if self.description else ""
+        return f"SteeringVector(layer={self.layer}, site={self.site!r}, norm={self.norm:.4g}{what})"
+
+
+class _VectorHook(SiteHook):
+    """Adds ``strength * vector.vector`` at the steered positions of the vector's site."""
+
+    def __init__(self, model: nn.Module, vector: SteeringVector, strength: float, **options: Any):
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise SteeringError(f"strength {strength!r} of the steering vector must be a finite number, e.g. 4.0.")
+        site = resolve_site(model, vector.layer, vector.site)
+        if vector.vector.shape != (site.width,):
+            raise SteeringError(
+                f"the steering vector has shape {tuple(vector.vector.shape)} but site {site.key} of this model has "
+                f"width {site.width}: it was made for another model or site."
+            )
+        super().__init__(model, None, site=site, **options)
+        self.strength = float(strength)
+        device = _module_device(site.module) or vector.vector.device
+        self.add_vector = (self.strength * vector.vector.double()).to(device=device, dtype=torch.float32)
+
+    def _edit(self, activation: Tensor, mask: Tensor | None) -> Tensor:
+        return self.add_constant(activation, mask, self.add_vector)
 
 
 def install_hooks(hooks: Iterable[SiteHook]) -> list[SiteHook]:
@@ -378,8 +606,11 @@ def install_hooks(hooks: Iterable[SiteHook]) -> list[SiteHook]:
 class SteeringHandle:
     """The hooks of one :func:`steer` call. Active from creation until ``remove()`` or the end of a ``with`` block.
 
-    ``handle.generate(**inputs)`` runs ``model.generate`` with the hooks and, outside a ``with`` block, removes them
-    afterwards: ``sae.steer(model, {1234: 8.0}).generate(**inputs)`` leaves the model clean.
+    ``handle.generate(**inputs)`` (and ``handle(**inputs)``) runs the model with the hooks and, outside a ``with``
+    block, removes them afterwards: ``sae.steer(model, {1234: 8.0}).generate(**inputs)`` leaves the model clean. A
+    handle can be used again: each ``generate`` outside a ``with`` block, and each ``with`` block, puts the hooks
+    back first (re-installed hooks run after hooks made since). ``with`` blocks of one handle nest: the hooks come
+    off when the outermost one exits.
     """
 
     def __init__(self, model: nn.Module, hooks: list[SiteHook]):
@@ -391,92 +622,172 @@ class SteeringHandle:
     def active(self) -> bool:
         return any(hook.active for hook in self.hooks)
 
+    def install(self) -> None:
+        """Put every hook of this handle (back) on the model."""
+        for hook in self.hooks:
+            hook.install()
+
     def remove(self) -> None:
         """Remove every hook of this handle (and nothing else); safe to call twice."""
         for hook in self.hooks:
             hook.remove()
 
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        one_shot = self._depth == 0
+        if one_shot:
+            self.install()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if one_shot:
+                self.remove()
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``model.generate(*args, **kwargs)`` under this steering; one-shot outside a ``with`` block."""
-        try:
-            return self.model.generate(*args, **kwargs)
-        finally:
-            if self._depth == 0:
-                self.remove()
+        return self._run(self.model.generate, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``model(*args, **kwargs)`` under this steering; one-shot outside a ``with`` block."""
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            if self._depth == 0:
-                self.remove()
+        return self._run(self.model, *args, **kwargs)
 
     def __enter__(self) -> SteeringHandle:
+        if self._depth == 0:
+            self.install()
         self._depth += 1
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._depth -= 1
-        self.remove()
+        if self._depth == 0:
+            self.remove()
 
     def __repr__(self) -> str:
-        parts = [
-            f"{hook.site.key}:{hook.mode}{dict(zip(hook.feature_ids.tolist(), hook.strengths.tolist(), strict=True))}"
-            for hook in self.hooks
-            if isinstance(hook, _SteeringHook)
-        ]
+        parts = []
+        for hook in self.hooks:
+            if isinstance(hook, _SteeringHook):
+                strengths = dict(zip(hook.feature_ids.tolist(), hook.strengths.tolist(), strict=True))
+                parts.append(f"{hook.site.key}:{hook.mode}{strengths}")
+            elif isinstance(hook, _VectorHook):
+                parts.append(f"{hook.site.key}:vector x{hook.strength:g}")
+            elif isinstance(hook, _FunctionHook):
+                parts.append(f"{hook.site.key}:fn {getattr(hook.fn, '__name__', type(hook.fn).__name__)}")
         return f"SteeringHandle({', '.join(parts)}, active={self.active})"
 
 
 def steer(
     model: nn.Module,
-    saes_or_sae: nn.Module | Sequence[tuple] | Mapping[nn.Module, FeatureStrengths],
+    saes_or_sae: nn.Module | SteeringVector | Sequence[tuple] | Mapping[nn.Module, FeatureStrengths] | None = None,
     features: FeatureStrengths | None = None,
     *,
     mode: Mode = "add",
     positions: Positions = "all",
-    strength: float | None = None,
+    strength: float | str | None = None,
+    units: Units = "absolute",
+    exclude_token_ids: Sequence[int] | None = None,
+    fn: Callable[[Tensor], Tensor] | None = None,
+    layer: int | None = None,
+    site: str | None = None,
 ) -> SteeringHandle:
-    """Steer ``model`` with SAE features; returns a :class:`SteeringHandle` (context manager, ``.generate``).
+    """Steer ``model`` with SAE features, a steering vector or an edit function; returns a :class:`SteeringHandle`
+    (context manager, ``.generate``).
 
     Args:
         model: a ``*ForCausalLM`` or base decoder model (Gemma-2/3, Llama-like).
         saes_or_sae: one SAE (then ``features`` is required), a list of ``(sae, features)`` or
-            ``(sae, features, mode)`` tuples, or a ``{sae: features}`` dict; several SAEs (layers, sites) at once.
-        features: ``{feature_id: strength}``, or a list of ids with ``strength`` (``ablate`` needs no strength).
+            ``(sae, features, mode)`` tuples, or a ``{sae: features}`` dict (several SAEs, layers, sites at once); or
+            a :class:`SteeringVector` (with ``strength``, default 1); or None with ``fn`` and ``layer`` / ``site``.
+        features: ``{feature_id: strength}``, or a list of ids with ``strength`` (``ablate`` needs no strength). A
+            strength may be a string ``"2x"``: twice the feature's peak activation (its feature statistics).
         mode: ``"add"`` (h + s W_dec[f]/||W_dec[f]||), ``"clamp"`` (h + decode(z') - decode(z), z'_f = s) or
             ``"ablate"`` (clamp to 0); see the module docstring.
         positions: ``"all"``, ``"prompt"`` or ``"generated"``; padded positions are never steered.
-        strength: the strength of every feature when ``features`` is a list of ids.
+        strength: the strength of every feature when ``features`` is a list of ids; a steering vector's multiplier.
+        units: what a number means (:func:`strengths_in_latent_units`): ``"absolute"`` (the default, model units),
+            ``"max"`` / ``"mean"`` (multiples of each feature's peak / mean activation) or ``"residual_norm"``
+            (multiples of the site's mean activation norm); the relative units need ``sae.feature_stats``.
+        exclude_token_ids: token ids never steered. Default: BOS and the SAE's ``excluded_token_ids`` (the tokens it
+            was not trained on, whose activations are outliers); ``[]`` steers every token.
+        fn: an edit function ``h (N, d) -> h' (N, d)`` applied to the activation rows at the steered positions, at
+            the SAE's site (``steer(model, sae, fn=f)``) or at ``layer`` / ``site`` (``steer(model, fn=f, layer=8,
+            site="resid")``).
 
     Example::
 
         out = hf_sae.steer(model, sae, {1234: 8.0}).generate(**inputs, max_new_tokens=40)
-        with hf_sae.steer(model, [(sae_l6, {12: 4.0}), (sae_l9, {7: -3.0})], mode="clamp"):
+        with hf_sae.steer(model, sae, {1234: "2x"}, mode="clamp"):   # twice the feature's peak activation
+            model.generate(**inputs)
+        with hf_sae.steer(model, [(sae_l6, {12: 4.0}), (sae_l9, {7: -3.0})], units="max"):
             model.generate(**inputs)
     """
+    options = {"positions": positions}
+    if fn is not None:
+        return SteeringHandle(
+            model,
+            install_hooks([_function_hook(model, saes_or_sae, fn, layer, site, options, exclude_token_ids, features)]),
+        )
+    if isinstance(saes_or_sae, SteeringVector):
+        if features is not None:
+            raise SteeringError("a steering vector takes strength=..., not features.")
+        excluded = excluded_token_ids(model, [], exclude_token_ids)
+        multiplier = 1.0 if strength is None else strength
+        hook = _VectorHook(
+            model,
+            saes_or_sae,
+            multiplier,
+            exclude_token_ids=excluded,
+            default_exclusion=exclude_token_ids is None,
+            **options,
+        )
+        return SteeringHandle(model, [hook])
     if isinstance(saes_or_sae, nn.Module):
         if features is None:
             raise SteeringError("steer(model, sae, features): features is missing; pass e.g. {1234: 8.0}.")
         entries: list[tuple] = [(saes_or_sae, features)]
     elif isinstance(saes_or_sae, Mapping):
         entries = list(saes_or_sae.items())
+    elif saes_or_sae is None:
+        raise SteeringError("steer(model, ...): give an SAE and features, a SteeringVector, or fn= with layer/site.")
     else:
         entries = [tuple(entry) for entry in saes_or_sae]
         if features is not None:
             raise SteeringError(
                 "features= is only for a single SAE; put each SAE's features in its (sae, features) pair."
             )
-    return SteeringHandle(model, install_hooks(_steering_hooks(model, entries, mode, positions, strength)))
+    hooks = _steering_hooks(model, entries, mode, positions, strength, units, exclude_token_ids)
+    return SteeringHandle(model, install_hooks(hooks))
 
 
-def _steering_hooks(model: nn.Module, entries: list[tuple], mode: str, positions: str, strength: float | None):
+def _function_hook(model, sae, fn, layer, site, options, exclude_token_ids, features) -> _FunctionHook:
+    if features is not None:
+        raise SteeringError("steer(model, ..., fn=...) edits with fn alone: drop features (or drop fn).")
+    if sae is not None and not isinstance(sae, nn.Module) or isinstance(sae, SteeringVector):
+        raise SteeringError("with fn=, give one SAE (its site is used) or layer= and site=, not a list or vector.")
+    if sae is None:
+        if layer is None or site is None:
+            raise SteeringError("steer(model, fn=...) without an SAE needs layer= and site= (e.g. 8, 'resid').")
+        configs, where = [], resolve_site(model, layer, site)
+    else:
+        configs, where = [sae.config], None
+    excluded = excluded_token_ids(model, configs, exclude_token_ids)
+    return _FunctionHook(
+        model, sae, fn, site=where, exclude_token_ids=excluded, default_exclusion=exclude_token_ids is None, **options
+    )
+
+
+def _steering_hooks(
+    model: nn.Module,
+    entries: list[tuple],
+    mode: str,
+    positions: str,
+    strength: float | str | None,
+    units: str,
+    exclude_token_ids: Sequence[int] | None,
+):
     for entry in entries:
         if len(entry) not in (2, 3) or not isinstance(entry[0], nn.Module):
             raise SteeringError(f"each steering entry must be (sae, features) or (sae, features, mode), got {entry!r}.")
         entry_mode = entry[2] if len(entry) == 3 else mode
-        yield _SteeringHook(model, entry[0], entry[1], entry_mode, positions, strength)
+        yield _SteeringHook(model, entry[0], entry[1], entry_mode, positions, strength, units, exclude_token_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------- attach

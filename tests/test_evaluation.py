@@ -86,6 +86,27 @@ def test_losses_match_a_naive_loop_excluding_bos_and_padding(model):
     assert result.delta_loss == pytest.approx(spliced - clean, rel=1e-4, abs=1e-6)
 
 
+def _site_mean(model, sae, texts):
+    """Mean activation at the SAE's site over every non-BOS token of ``texts`` (one text at a time)."""
+    site = resolve_site(model, sae.config.hook_layer, sae.config.hook_site)
+    rows = [capture_activations(model, [site], input_ids=torch.tensor([ids]))[site.key][0][1:] for ids in texts]
+    return torch.cat(rows).double().mean(0)
+
+
+def test_mean_ablation_puts_the_texts_mean_activation_in_place(model):
+    sae = tiny_sae(k=16)
+    result = lm_loss_with_sae(model, sae, TEXTS, batch_size=2)
+    mean = _site_mean(model, sae, TEXTS).float()
+    clean, _ = _naive_loss(model, sae, TEXTS)
+    spliced, _ = _naive_loss(model, sae, TEXTS, lambda h: sae.decode(sae.encode(h)))
+    mean_ablated, _ = _naive_loss(model, sae, TEXTS, lambda h: mean.expand_as(h))
+    assert result.mean_ablated_loss == pytest.approx(mean_ablated, rel=1e-5)
+    assert result.ce_loss_recovered_mean == pytest.approx(1 - (spliced - clean) / (mean_ablated - clean), rel=1e-4)
+    given = lm_loss_with_sae(model, sae, TEXTS, batch_size=3, mean_activation=torch.zeros(64))
+    assert given.mean_ablated_loss == pytest.approx(result.ablated_loss, rel=1e-5)  # the zero vector: zero ablation
+    assert set(result.as_dict()) >= {"mean_ablated_loss", "ce_loss_recovered_mean"}
+
+
 def test_perfect_sae_splice_leaves_the_loss_unchanged(model):
     result = lm_loss_with_sae(model, _perfect_sae(), TEXTS)
     assert result.spliced_loss == pytest.approx(result.clean_loss, abs=1e-5)
@@ -136,12 +157,26 @@ def test_top_features_ranks_by_peak_activation_without_bos(model):
     expected = dense[1:].amax(0).topk(5)
     assert found.feature_ids.tolist() == expected.indices.tolist()
     torch.testing.assert_close(found.max_activations, expected.values)
-    torch.testing.assert_close(found.activations, dense[:, expected.indices].T)
+    counted = dense[:, expected.indices].T.clone()
+    counted[:, 0] = 0  # BOS is neither ranked nor shown
+    torch.testing.assert_close(found.activations, counted)
     assert found.activations.shape == (5, len(ids)) and found.tokens == [str(i) for i in ids]
     by_sum = top_features(model, sae, torch.tensor(ids), n=3, by="sum")
     assert by_sum.feature_ids.tolist() == dense[1:].sum(0).topk(3).indices.tolist()
     named = top_features(model, sae, "a", tokenizer=_TableTokenizer({"a": ids}), n=2)
     assert named.tokens[:2] == ["<2>", "<17>"] and "feature" in str(named)
+    assert "<2>" not in str(named)  # the BOS token is never printed as a top token
+
+
+def test_top_features_never_names_bos_even_where_a_feature_peaks_at_bos(model):
+    sae = tiny_sae()
+    ids = TEXTS[0]
+    dense = _dense_latents(model, sae, ids)
+    at_bos = int(dense[0].argmax())  # the feature strongest at BOS
+    found = top_features(model, sae, ids, n=sae.config.d_sae, tokenizer=_TableTokenizer({}))
+    row = found.feature_ids.tolist().index(at_bos)
+    assert float(found.activations[row, 0]) == 0.0
+    assert "'<2>'" not in str(found)
 
 
 def test_max_activating_examples_are_each_texts_peak_strongest_first(model):
@@ -199,5 +234,5 @@ def test_a_given_clean_loss_skips_the_clean_forwards_and_changes_nothing_else(mo
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     reused = lm_loss_with_sae(model, sae, TEXTS, batch_size=2, clean_loss=reference.clean_loss, progress=True)
     handle.remove()
-    assert len(calls) == 2 * 2  # 2 batches x (spliced, ablated): no clean forward
-    assert reused.as_dict() == reference.as_dict()
+    assert len(calls) == 2 * 3  # 2 batches x (spliced, zero-, mean-ablated): no clean forward (the mean's stop early)
+    assert reused.as_dict() == pytest.approx(reference.as_dict(), rel=1e-6)
