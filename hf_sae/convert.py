@@ -5,6 +5,8 @@
 * :func:`from_sae_lens` — a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``): ``jumprelu`` and
   ``standard`` (ReLU; a JumpReLU with threshold 0) -> :class:`JumpReLUSAE`, ``topk`` -> :class:`HierarchicalSAE`
   with ``hierarchical=False``.
+* :func:`from_gemma_scope_2` — a Gemma Scope 2 folder (``config.json`` + ``params.safetensors``, Gemma 3
+  ``resid_post`` / ``mlp_out`` / ``attn_out``) -> :class:`JumpReLUSAE` (:mod:`hf_sae.convert_gemma_scope_2`).
 * :func:`from_qwen_scope` — a Qwen-Scope ``layer{L}.sae.pt`` (TopK, Qwen3 / Qwen3.5) -> :class:`HierarchicalSAE`
   with ``hierarchical=False`` (:mod:`hf_sae.convert_qwen_scope`).
 * :func:`from_sparsify` — an EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``, one per hookpoint)
@@ -528,11 +530,13 @@ def from_sparsify(
 
 
 # ------------------------------------------------------------------------ converters in modules of their own
-from .convert_qwen_scope import from_qwen_scope  # noqa: E402  (they use the helpers above)
+from .convert_gemma_scope_2 import from_gemma_scope_2  # noqa: E402  (they use the helpers above)
+from .convert_qwen_scope import from_qwen_scope  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- the CLI's
 FORMATS = {
     "gemma-scope": from_gemma_scope,
+    "gemma-scope-2": from_gemma_scope_2,
     "qwen-scope": from_qwen_scope,
     "sae-lens": from_sae_lens,
     "sparsify": from_sparsify,
