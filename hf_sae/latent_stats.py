@@ -31,6 +31,7 @@ from ._io import atomic_path
 from .errors import SAELoadError
 
 STATS_FILE = "feature_stats.safetensors"
+DENSITY_PLOT = "feature_density.png"
 TENSORS = ("density", "mean_activation", "max_activation", "activation_mean")
 
 
@@ -122,6 +123,39 @@ class FeatureStats:
                 f"{where}: they describe an SAE with d_sae={self.d_sae}, d_in={int(self.activation_mean.shape[0])}, "
                 f"not this one (d_sae={d_sae}, d_in={d_in}). Measure them again with hf_sae.feature_stats."
             )
+
+    def card_text(self) -> str:
+        """The model card's section: what was measured, the density histogram as a table, and what it is for."""
+        edges, counts, dead = self.density_histogram(bins=6)
+        rows = ["| firing density | latents |", "|---|---|", f"| never fired | {dead:,} |"]
+        for low, high, count in zip(edges[:-1], edges[1:], counts, strict=True):
+            rows.append(f"| 10^{low:g} – 10^{high:g} | {count:,} |")
+        return (
+            f"Per-latent statistics measured on {self.source or 'held-out tokens'} ({self.summary()}), shipped as "
+            "`feature_stats.safetensors` and loaded with the SAE. They give steering strengths a scale: "
+            '`sae.steer(model, {f: "2x"})` is twice feature f\'s peak activation, and `units="max" | "mean" | '
+            '"residual_norm"` take multiples of its peak, its mean activation or the site\'s mean activation norm.\n\n'
+            + "\n".join(rows)
+        )
+
+    def plot_density(self, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+        """A histogram of log10(firing density) over the latents that fired (PNG), written atomically."""
+        from matplotlib.figure import Figure
+
+        path = Path(path)
+        alive = self.density[self.density > 0].double().log10()
+        fig = Figure(figsize=(5.5, 3.0))
+        ax = fig.add_subplot()
+        ax.hist(alive.numpy(), bins=40, color="#4C72B0")
+        ax.set_xlabel("log10(firing density)")
+        ax.set_ylabel("latents")
+        ax.set_title(f"{self.d_sae:,} latents, {100 * self.dead_fraction():.1f}% never fired", fontsize=9)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+        return path
 
     def summary(self) -> str:
         """One line: tokens, dead fraction, median density of the live latents, median peak."""

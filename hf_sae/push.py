@@ -30,6 +30,7 @@ from typing_extensions import Unpack
 from ._io import write_json_atomic
 from .cards import find_command, generate_collection_card, generate_model_card
 from .errors import SAEPushError
+from .latent_stats import DENSITY_PLOT
 from .loading import NETWORK_ERRORS, explain_auto_model_failures, load_sae, network_failure, one_line
 from .registry import architecture_of, model_types
 from .remote_code import REMOTE_CODE_NAME, add_remote_code, generate_remote_code
@@ -114,9 +115,10 @@ def stage_sae(
 ) -> Path:
     """Write one SAE's full repo layout into ``folder`` (created; must not hold another SAE).
 
-    Files: ``config.json`` + ``model.safetensors`` (``save_pretrained``, safetensors only), ``README.md`` (the
-    generated card), ``metrics.json`` (``metrics``, else the run's), the run's plot, and with ``include_code`` the
-    remote-code file. ``run_dir`` is only read.
+    Files: ``config.json`` + ``model.safetensors`` (``save_pretrained``, safetensors only; ``feature_stats.safetensors``
+    and its ``feature_density.png`` when the SAE has statistics), ``README.md`` (the generated card), ``metrics.json``
+    (``metrics``, else the run's), the run's plot, and with ``include_code`` the remote-code file. ``run_dir`` is only
+    read.
     """
     folder = Path(folder)
     metrics = read_run_metrics(run_dir) if metrics is None else sae_metrics(metrics, run_dir)
@@ -126,6 +128,8 @@ def stage_sae(
     plot = find_plot(run_dir)
     if plot is not None:
         shutil.copyfile(plot, folder / plot.name)
+    stats = getattr(sae, "feature_stats", None)
+    density = stats.plot_density(folder / DENSITY_PLOT).name if stats is not None else None
     card = generate_model_card(
         sae,
         metrics,
@@ -137,6 +141,7 @@ def stage_sae(
         plot=plot.name if plot is not None else None,
         tags=tags,
         remote_code=include_code,
+        density_plot=density,
     )
     card.save(folder / "README.md")
     if include_code:

@@ -403,7 +403,9 @@ def strengths_in_latent_units(
     if units not in UNITS:
         raise SteeringError(f"units={units!r} is unknown. Use one of {list(UNITS)}.")
     ids = torch.as_tensor(list(feature_ids), dtype=torch.long)
-    numbers = torch.tensor([_TIMES.match(v).group(1) if isinstance(v, str) else v for v in strengths], dtype=float)
+    numbers = torch.tensor(
+        [float(_TIMES.match(v).group(1)) if isinstance(v, str) else v for v in strengths], dtype=float
+    )
     row_units = [("max" if isinstance(v, str) else units) for v in strengths]
     if all(u == "absolute" for u in row_units) or mode == "ablate":
         return numbers

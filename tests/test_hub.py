@@ -587,3 +587,23 @@ def test_gemma_scope_converts_straight_from_a_hub_repo(hub, cache, tmp_path):
     expected = torch.where(pre > torch.from_numpy(params["threshold"]).float(), pre.clamp_min(0), 0.0)
     with torch.no_grad():
         torch.testing.assert_close(sae.encode_dense(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_statistics_are_pushed_pulled_and_shown_in_the_card(hub, cache):
+    from hf_sae.latent_stats import FeatureStatsAccumulator
+
+    sae = _sae(seed=3)
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    latents = sae.encode(x)
+    accumulator = FeatureStatsAccumulator(64, 16, 8, "200 random rows")
+    accumulator.update(x, latents.values, latents.indices)
+    sae.feature_stats = accumulator.result()
+    with hub_client(hub.push_url, cache):
+        sae.push_to_hub("me/with-stats")
+    with hub_client(hub.pull_url, cache):
+        loaded = AutoModel.from_pretrained("me/with-stats")
+        files = HfApi().list_repo_files("me/with-stats")
+        card = ModelCard.load("me/with-stats")
+    assert {"feature_stats.safetensors", "feature_density.png"} <= set(files)
+    assert torch.equal(loaded.feature_stats.max_activation, sae.feature_stats.max_activation)
+    assert "## Feature statistics" in card.text and "feature_density.png" in card.text

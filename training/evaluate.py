@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from hf_sae import metrics as sae_metrics
 from hf_sae.evaluation import lm_loss_with_sae
+from hf_sae.latent_stats import FeatureStatsAccumulator
 
 from .data import TokenWindows
 from .harvest import ActivationHarvester, SiteKey
@@ -79,9 +80,12 @@ def collect_eval_data(
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae, x: Tensor, chunk_rows: int = 4096, progress: bool = False) -> dict[str, Any]:
+def reconstruction_metrics(
+    sae, x: Tensor, chunk_rows: int = 4096, progress: bool = False, stats: FeatureStatsAccumulator | None = None
+) -> dict[str, Any]:
     """FVU / EV / L0 / shrinkage at every budget k' of :func:`hf_sae.metrics.default_budgets`, and the fraction of
-    latents that never fire on ``x`` at budget K. ``x``: (N, d_in) raw activations (float32).
+    latents that never fire on ``x`` at budget K. ``x``: (N, d_in) raw activations (float32). ``stats``: also
+    accumulate the SAE's feature statistics (:mod:`hf_sae.latent_stats`) from the same encodes.
 
     The same numbers as :func:`hf_sae.metrics.fvu` / ``shrinkage`` / ``l0`` / ``dead_fraction`` on the whole of ``x``
     (float64 sums), accumulated over chunks of ``chunk_rows``: one encode at K per chunk, each budget decoding the
@@ -111,6 +115,8 @@ def reconstruction_metrics(sae, x: Tensor, chunk_rows: int = 4096, progress: boo
                 norm_ratio[budget] += (reconstruction.norm(dim=-1) / x_norm).sum()
                 nonzero[budget] += int((v != 0).sum())
             fired[indices[values > 0].cpu()] = True
+            if stats is not None:
+                stats.update(x[a:b], values, indices)
             bar.update(b - a)
     total_variance = total_variance.clamp_min(torch.finfo(torch.float64).tiny)
     per_budget = {}
@@ -127,6 +133,11 @@ def reconstruction_metrics(sae, x: Tensor, chunk_rows: int = 4096, progress: boo
         "dead_fraction_eval": 1.0 - float(fired.double().mean()),
         "eval_tokens": int(n),
     }
+
+
+def held_out_feature_stats(sae, source: str) -> FeatureStatsAccumulator:
+    """An accumulator for the feature statistics of ``sae`` on the held-out tokens (fed by reconstruction_metrics)."""
+    return FeatureStatsAccumulator(sae.config.d_sae, sae.config.d_in, sae.config.k, source)
 
 
 def lm_loss_metrics(

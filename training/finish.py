@@ -15,11 +15,12 @@ from typing import Any
 
 from hf_sae._io import write_bytes_atomic, write_text_atomic
 from hf_sae.cards import generate_model_card
+from hf_sae.latent_stats import DENSITY_PLOT, STATS_FILE, FeatureStats
 from hf_sae.run_files import METRICS_FILE, RunInfo, RunMetrics, SAEMetrics, read_command, write_run_metrics
 
 from .config import EMBEDDED
 from .data import TokenWindows, data_files
-from .evaluate import collect_eval_data, lm_loss_metrics, reconstruction_metrics
+from .evaluate import collect_eval_data, held_out_feature_stats, lm_loss_metrics, reconstruction_metrics
 from .plots import plot_budget_curves
 from .report import summary_table
 from .run import Run
@@ -50,6 +51,8 @@ def finish_run(run: Run) -> RunMetrics:
         folders[spec.name] = run.run_dir if len(run.specs) == 1 else run.run_dir / spec.name
         if kept is None:  # (a finished run's SAEs were saved before its metrics)
             sae.save_pretrained(folders[spec.name])  # keeps the folder's other files (checkpoints, metrics)
+        elif (Path(folders[spec.name]) / STATS_FILE).is_file():
+            sae.feature_stats = FeatureStats.load(folders[spec.name])
     metrics = kept if kept is not None else _evaluate(run, folders, dead_fractions, started)
     if kept is None:
         write_run_metrics(run.run_dir, metrics)
@@ -64,7 +67,8 @@ def finish_run(run: Run) -> RunMetrics:
     if cfg.model_card:
         for spec, sae in zip(run.specs, run.saes):
             card_metrics = {"run": metrics["run"], **results[spec.name]}
-            card = generate_model_card(sae, metrics=card_metrics, run_dir=folders[spec.name])
+            density = DENSITY_PLOT if (Path(folders[spec.name]) / DENSITY_PLOT).is_file() else None
+            card = generate_model_card(sae, metrics=card_metrics, run_dir=folders[spec.name], density_plot=density)
             write_text_atomic(Path(folders[spec.name]) / "README.md", str(card))
     print(summary_table(metrics, run.run_dir, kept=kept is not None), flush=True)
     return metrics
@@ -121,7 +125,11 @@ def _evaluate(run: Run, folders: dict[str, Path], dead_fractions: list[float], s
             "activation_scale": sae.config.activation_scale,
             "dead_fraction": dead,
         }
-        result.update(reconstruction_metrics(sae, activations[site.key], progress=True))
+        stats = held_out_feature_stats(sae, f"{activations[site.key].shape[0]:,} held-out tokens of {run.data_name}")
+        result.update(reconstruction_metrics(sae, activations[site.key], progress=True, stats=stats))
+        sae.feature_stats = stats.result()  # beside the weights, for steering units and the card's histogram
+        sae.feature_stats.save(folders[spec.name])
+        sae.feature_stats.plot_density(Path(folders[spec.name]) / DENSITY_PLOT)
         lm_loss = lm_loss_metrics(run.model, sae, lm_batches, run.excluded, clean_loss=clean_loss, progress=True)
         clean_loss = lm_loss["clean_loss"] if lm_loss is not None else None
         result["lm_loss"] = lm_loss

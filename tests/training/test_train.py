@@ -76,6 +76,12 @@ def test_tiny_run_saves_a_loadable_model_metrics_plot_and_card(finished_run, cap
         assert "HierarchicalTopK" in (out / "README.md").read_text()
     if result["lm_loss"] is not None:
         assert {"clean_loss", "spliced_loss", "ablated_loss", "ce_loss_recovered"} <= set(result["lm_loss"])
+        assert {"mean_ablated_loss", "ce_loss_recovered_mean"} <= set(result["lm_loss"])
+    # the held-out feature statistics travel with the SAE: file, loaded attribute, histogram, card section
+    assert (out / "feature_stats.safetensors").is_file() and (out / "feature_density.png").is_file()
+    assert sae.feature_stats is not None and sae.feature_stats.n_tokens == 1000
+    assert sae.feature_stats.dead_fraction() == pytest.approx(result["dead_fraction_eval"])
+    assert "## Feature statistics" in (out / "README.md").read_text()
 
 
 def test_activation_scale_is_estimated_then_folded_into_the_biases(load_saved_lm, windows_of, finished_run, saved_lm):
