@@ -2,6 +2,7 @@
 
     hf-sae push RUN_DIR REPO_ID [--push-checkpoints] [--tag v1] [--revision BRANCH] [--include-code] [--private]
     hf-sae convert {gemma-scope,sae-lens,sparsify} SRC OUT [--subfolder PATH] [--revision REV] [--k K] [--dtype T]
+    hf-sae export sae-lens RUN OUT [--k K] [--dtype T]
     hf-sae card RUN_DIR [--repo-id ID] [--output FILE | --write]
     hf-sae flow {trace,table,match} REPO ...   (feature flow; see hf_sae.flow.cli)
     hf-sae harvest [OPTIONS]                   (an activation cache: python -m training.harvest OPTIONS)
@@ -29,7 +30,7 @@ from transformers.utils import logging as transformers_logging
 from ._io import write_text_atomic
 from ._version import __version__
 from .cards import generate_collection_card, generate_model_card
-from .convert import FORMATS, convert
+from .convert import FORMATS, convert, to_sae_lens
 from .errors import HfSaeError
 from .flow.cli import FLOW_SUBCOMMAND
 from .loading import load_sae
@@ -140,6 +141,35 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- export
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("format", choices=["sae-lens"], help="the target format")
+    parser.add_argument("run_dir", metavar="RUN", help="a training run folder, a saved SAE folder or a Hub repo id")
+    parser.add_argument(
+        "out", metavar="OUT", help="folder to write into (a run with several SAEs: one subfolder layer_L/site each)"
+    )
+    parser.add_argument("--k", type=int, help="TopK budget of the export (HierarchicalTopK: any k' <= k; default k)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written weights")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    source = Path(args.run_dir)
+    folders = sae_folders(source, model_types()) if source.is_dir() else []
+    if source.is_dir() and not folders:
+        raise HfSaeError(f"{source}: no hf-sae SAE (config.json + model.safetensors) found there.")
+    if len(folders) > 1:  # a run with several SAEs: one subfolder each, named as in a pushed collection
+        saes = {}
+        for folder in folders:
+            sae = load_sae(folder)
+            saes[collection_subfolder(sae.config) if sae.config.hook_layer is not None else folder.name] = sae
+    else:
+        saes = {"": load_sae(folders[0] if folders else args.run_dir)}
+    for name, sae in saes.items():
+        target = to_sae_lens(sae, Path(args.out) / name if name else args.out, k=args.k, dtype=args.dtype)
+        print(f"exported {type(sae).__name__} ({source}{'/' + name if name else ''}) -> {target} (SAELens folder)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ card
 def _add_card(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder, or a saved SAE folder")
@@ -216,6 +246,7 @@ def _run_harvest(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "push": ("push a training run (or a saved SAE) to the Hub with a generated card", _add_push, _run_push),
     "convert": ("convert a Gemma Scope / SAELens / sparsify SAE into an hf-sae SAE folder", _add_convert, _run_convert),
+    "export": ("write a run's SAE(s) in another library's format (SAELens)", _add_export, _run_export),
     "card": ("print (or write) the model card of a run's SAE", _add_card, _run_card),
     "flow": FLOW_SUBCOMMAND,
     "harvest": (HARVEST_HELP, _add_harvest, _run_harvest),
@@ -246,6 +277,13 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         (
             "one hookpoint of a sparsify run",
             "hf-sae convert sparsify EleutherAI/sae-llama-3-8b-32x out/l10 --hookpoint layers.10",
+        ),
+    ],
+    "export": [
+        ("a run's SAE as a SAELens folder (sae_lens.SAE.load_from_disk)", "hf-sae export sae-lens runs/my-run out/sl"),
+        (
+            "a HierarchicalTopK SAE as the TopK SAE of its first 16 latents",
+            "hf-sae export sae-lens runs/h out/k16 --k 16",
         ),
     ],
     "card": [

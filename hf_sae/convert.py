@@ -12,8 +12,11 @@
 * :func:`from_sparsify` — an EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``, one per hookpoint)
   -> :class:`HierarchicalSAE` with ``hierarchical=False``.
 
-Each takes a local folder or a Hub repo id (downloading only the files it needs) and returns an hf-sae model; save it
-with ``save_pretrained`` or push it with ``hf_sae.hub.push_sae``. From the shell: ``hf-sae convert FORMAT SRC OUT``.
+The way out: :func:`to_sae_lens` writes an hf-sae SAE as a SAELens folder (:mod:`hf_sae.export_sae_lens`).
+
+Each converter takes a local folder or a Hub repo id (downloading only the files it needs) and returns an hf-sae
+model; save it with ``save_pretrained`` or push it with ``hf_sae.hub.push_sae``. From the shell:
+``hf-sae convert FORMAT SRC OUT``.
 
 Exactness. Every converter keeps the source's arithmetic: ``decode(encode(x))`` equals the source's
 reconstruction and the active latents and values are the source's (checked to 1e-5 in the tests against files and
@@ -532,6 +535,7 @@ def from_sparsify(
 # ------------------------------------------------------------------------ converters in modules of their own
 from .convert_gemma_scope_2 import from_gemma_scope_2  # noqa: E402  (they use the helpers above)
 from .convert_qwen_scope import from_qwen_scope  # noqa: E402
+from .export_sae_lens import to_sae_lens  # noqa: E402, F401  (the way out: hf-sae -> SAELens)
 
 # ------------------------------------------------------------------------------------------------- the CLI's
 FORMATS = {
