@@ -57,7 +57,11 @@ class SAEConfig(PreTrainedConfig):
         d_sae (`int`, defaults to 16384): number of latents F.
         k (`int`, defaults to 64): the largest TopK budget K. Any budget k' <= k can be used at inference.
         hierarchical (`bool`, defaults to `True`): train with the HierarchicalTopK objective (mean of the MSE at every
-            budget 1..K, or at ``budgets``); `False` gives the plain TopK loss at K.
+            budget 1..K, or at ``budgets``); `False` gives the plain TopK loss at K. The objective needs latents with
+            an order; the combinations that exist: TopK (``hierarchical_sae``), KronSAE (``kron_sae``) and BatchTopK
+            (``batchtopk_sae``, by value: each token's latents sorted descending, budgets 1..the batch's largest L0).
+            Matryoshka (nested latent-index prefixes are its own objective) and JumpReLU (a threshold, no ranking)
+            refuse it.
         budgets (`list[int]`, *optional*): the subset of budgets the hierarchical loss averages over (each in 1..k).
         auxk (`bool`, defaults to `True`): add the AuxK loss of Gao et al. (2024) on dead latents while training.
         auxk_k (`int`, *optional*): number of dead latents AuxK decodes with; defaults to ``d_in // 2``.
@@ -88,6 +92,9 @@ class SAEConfig(PreTrainedConfig):
     # fixed number k of latents per token whose prefixes are nested budgets (TopK family) rather than a threshold?
     trainable: ClassVar[bool] = True
     topk_budgets: ClassVar[bool] = True
+    # Whether the number of active latents varies per token at inference (a threshold: JumpReLU, BatchTopK,
+    # Matryoshka): metrics then report the mean L0 and its distribution.
+    variable_l0: ClassVar[bool] = False
     # Where the SAE lives and what reproduces its inputs (the second and third kinds above, and d_in, the width of
     # the site): set by whoever trains or converts the SAE, not hyperparameters a user picks for training.
     provenance_fields: ClassVar[tuple[str, ...]] = (

@@ -6,6 +6,10 @@
   Memory is O(batch·d_in): the (batch, K, d_in) prefix reconstructions are never stored (fused CPU kernel, or a
   checkpointed chunked torch path elsewhere).
 * :func:`auxk_loss` — the AuxK term of Gao et al. (2024) on dead latents.
+* :func:`matryoshka_loss` — the Matryoshka objective (Bussmann et al. 2025, arXiv 2503.17547): the sum over nested
+  dictionary prefixes m_1 < … < m_G of the MSE of the reconstruction from the latents of that prefix only.
+* :func:`jumprelu` and :func:`step` — JumpReLU and the Heaviside step with the straight-through estimators of
+  Rajamanoharan et al. (2024, arXiv 2407.14435, Eq. 11-12): rectangle kernel of bandwidth ε for the threshold.
 """
 
 from __future__ import annotations
@@ -203,3 +207,101 @@ def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: 
 def mse(x: Tensor, reconstruction: Tensor) -> Tensor:
     """Mean squared error over batch and d_in."""
     return F.mse_loss(reconstruction, x)
+
+
+def matryoshka_loss(
+    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, prefix_widths: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Matryoshka objective: L = Σ_g mean_{batch, d_in} (x − x̂_g)², x̂_g = b_dec + Σ_{t: i_t < m_g} v_t W_dec[i_t].
+
+    Args:
+        x: (N, d_in) targets; values, indices: (N, t) latents (any order; zero values decode to nothing).
+        W_dec: (d_sae, d_in); b_dec: (d_in,); prefix_widths: m_1 < … < m_G = d_sae.
+
+    Returns (loss, reconstruction (N, d_in) of the whole dictionary, detached; per-prefix MSEs (G,), detached).
+    Each latent's group g (m_{g-1} <= i < m_g) is found by a search; one ``embedding_bag`` with a bag per (row,
+    group) decodes every group at once, and a cumulative sum over the G groups gives the prefixes: memory
+    O(N·G·d_in), never (N, t, d_in). Half-precision inputs accumulate in fp32.
+    """
+    if any(t.dtype in (torch.bfloat16, torch.float16) for t in (x, values, W_dec, b_dec)):
+        loss, reconstruction, prefix = matryoshka_loss(
+            x.float(), values.float(), indices, W_dec.float(), b_dec.float(), prefix_widths
+        )
+        return loss, reconstruction.to(x.dtype), prefix
+    n, d = x.shape
+    widths = torch.as_tensor(prefix_widths, device=indices.device)
+    groups = len(prefix_widths)
+    group = torch.searchsorted(widths, indices, right=True).clamp_max_(groups - 1)  # (N, t)
+    bag = (torch.arange(n, device=indices.device)[:, None] * groups + group).reshape(-1)
+    bag, order = bag.sort(stable=True)
+    counts = torch.bincount(bag, minlength=n * groups)
+    offsets = counts.cumsum(0) - counts
+    per_group = F.embedding_bag(
+        indices.reshape(-1)[order],
+        W_dec,
+        offsets,
+        mode="sum",
+        per_sample_weights=values.reshape(-1)[order].to(W_dec.dtype),
+        include_last_offset=False,
+    ).view(n, groups, d)
+    residuals = (x - b_dec).unsqueeze(1) - per_group.cumsum(dim=1)  # (N, G, d): x − x̂_g
+    prefix = residuals.pow(2).mean(dim=(0, 2))
+    reconstruction = (x - residuals[:, -1]).detach()
+    return prefix.sum(), reconstruction, prefix.detach()
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel K(u) = 1[−1/2 < u < 1/2] (Rajamanoharan et al. 2024, Eq. 10)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z·H(z − θ) (ReLU(z) where θ < 0) with the paper's pseudo-derivative for θ (Eq. 11):
+    ∂/∂θ = −(θ/ε) K((z − θ)/ε); ∂/∂z = H(z − θ)·H(z) (no straight-through gradient into z)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre.clamp_min(0) * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * ((pre > threshold) & (pre > 0)) if ctx.needs_input_grad[0] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            pseudo = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
+            grad_threshold = pseudo.reshape(-1, pre.shape[-1]).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z − θ) with the paper's pseudo-derivative for θ (Eq. 12): ∂/∂θ = −(1/ε) K((z − θ)/ε); ∂/∂z = 0."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).reshape(-1, pre.shape[-1])
+            grad_threshold = grad_threshold.sum(0)
+        return None, grad_threshold, None
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """JumpReLU_θ(z) = z·H(z − θ) elementwise: pre (..., F), threshold (F,); θ's gradient by the STE of Eq. 11."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """H(z − θ) elementwise (the L0 of JumpReLU is its sum over latents); θ's gradient by the STE of Eq. 12."""
+    return _Step.apply(pre, threshold, bandwidth)

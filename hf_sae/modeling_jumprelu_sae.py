@@ -12,31 +12,40 @@ For θ >= 0 (every released SAE: θ = exp(log θ) in training) ReLU(pre)·1[pre 
 How it fits the hf-sae contract (``encode`` returns latents sorted descending, capped at ``config.k``):
 the active latents are ranked by value and the first ``k`` kept. ``config.k`` defaults to ``d_sae`` (no cap), so
 ``decode(encode(x))`` equals the source SAE's reconstruction exactly; inactive slots carry value 0 and contribute
-nothing. Decoder rows are *not* unit-norm in JumpReLU SAEs; ``W_dec`` is kept raw (never renormalised) because
-rescaling rows would change the latent values and the reconstruction. Latent values are therefore in the source's
+nothing. Decoder rows of released JumpReLU SAEs are *not* unit-norm; a converted ``W_dec`` is kept raw (never
+renormalised) because rescaling rows would change the latent values and the reconstruction (training, like every
+hf-sae training step, keeps the rows of the SAE it trains unit-norm). Latent values are therefore in the source's
 units, and steering strengths mean "this much of the raw decoder row".
 
-``forward`` computes the reconstruction and the plain MSE only (``losses = {"reconstruction": ...}``): hf-sae does
-not train JumpReLU SAEs (their L0 penalty needs straight-through threshold gradients), and ``threshold`` receives
-no gradient.
+Training (Rajamanoharan et al. 2024, Sec. 4; the Gemma Scope recipe): in training mode ``forward`` returns
+L = mean_{batch, d_in} (x − x̂)² + λ_t · mean_batch Σ_i H(pre_i − θ_i), the threshold's gradients coming from the
+straight-through estimators of Eq. 11-12 with a rectangle kernel of bandwidth ε (:func:`hf_sae.losses.jumprelu`,
+:func:`hf_sae.losses.step`); λ_t grows linearly to ``l0_coefficient`` over ``l0_warmup_steps`` steps (a saved
+``steps_trained`` counter). A config with ``threshold_parametrization="log"`` (what training builds) stores
+``log_threshold`` and θ = exp(log θ); ``sae.threshold`` reads θ in both parametrisations. In eval mode ``forward``
+is the inference reconstruction and its MSE.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
 from .configuration_jumprelu_sae import JumpReLUSAEConfig
+from .losses import jumprelu, step
 from .modeling_sae import SAEOutput, SAEPreTrainedModel
 from .registry import register_architecture
-from .sparse import SparseLatents
+from .sparse import SparseLatents, compact_latents
 
 
 class JumpReLUSAE(SAEPreTrainedModel):
     """JumpReLU SAE (Gemma Scope / SAELens layout). Drop-in for encode, decode, steering and feature flow.
 
     Parameters (stored as the source gives them): ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae,), ``threshold``
-    (d_sae,), ``W_dec`` (d_sae, d_in) with raw (not unit) rows, ``b_dec`` (d_in,).
+    (d_sae,) — or ``log_threshold`` with ``threshold_parametrization="log"`` —, ``W_dec`` (d_sae, d_in) with raw (not
+    unit) rows, ``b_dec`` (d_in,).
     """
 
     config_class = JumpReLUSAEConfig
@@ -45,20 +54,37 @@ class JumpReLUSAE(SAEPreTrainedModel):
         super().__init__(config)
         self.W_enc = nn.Parameter(torch.empty(config.d_in, config.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(config.d_sae))
-        self.threshold = nn.Parameter(torch.zeros(config.d_sae))
+        if config.threshold_parametrization == "log":
+            self.log_threshold = nn.Parameter(torch.zeros(config.d_sae))
+        else:
+            self.threshold = nn.Parameter(torch.zeros(config.d_sae))
+        # Training steps taken (the λ warm-up); saved with a trained (log) SAE so a resumed run continues it.
+        persistent = config.threshold_parametrization == "log"
+        self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long), persistent=persistent)
         self.post_init()
 
-    def reset_parameters(self) -> None:
-        """A fresh JumpReLUSAE: random unit decoder rows, W_enc = W_decᵀ, zero biases and thresholds (a ReLU SAE).
+    def __getattr__(self, name: str):
+        if name == "threshold" and "log_threshold" in self._parameters:
+            return self._parameters["log_threshold"].exp()  # θ = exp(log θ), with gradient
+        return super().__getattr__(name)
 
-        Real JumpReLU SAEs come from :mod:`hf_sae.convert`; this init only makes a new instance well defined.
+    def reset_parameters(self) -> None:
+        """A fresh JumpReLUSAE: random unit decoder rows, W_enc = W_decᵀ, zero biases; thresholds 0 (a ReLU SAE)
+        in the direct parametrisation, ``initial_threshold`` in the log one (the training init of the paper).
+
+        Real released JumpReLU SAEs come from :mod:`hf_sae.convert`.
         """
         self.W_dec.normal_()
         self.set_decoder_norm_to_unit_norm()
         self.W_enc.copy_(self.W_dec.t())
         self.b_enc.zero_()
-        self.threshold.zero_()
+        if "log_threshold" in self._parameters:
+            self.log_threshold.fill_(math.log(self.config.initial_threshold))
+        else:
+            self.threshold.zero_()
         self.b_dec.zero_()
+        if hasattr(self, "steps_trained"):
+            self.steps_trained.zero_()
 
     @torch.no_grad()
     def unit_activations(self) -> Tensor:
@@ -75,12 +101,25 @@ class JumpReLUSAE(SAEPreTrainedModel):
         self.W_enc.div_(scale)
         self.b_enc.div_(scale)
         self.W_dec.mul_(scale[:, None])
-        self.threshold.copy_(torch.where(self.threshold > 0, torch.ones_like(scale), self.threshold))
+        if "log_threshold" in self._parameters:
+            self.log_threshold.zero_()
+        else:
+            self.threshold.copy_(torch.where(self.threshold > 0, torch.ones_like(scale), self.threshold))
         return self
 
     def encoder_biases(self) -> list[nn.Parameter]:
         """Parameters measured in input units: folding an activation scale s divides them by s (with b_dec)."""
-        return [self.b_enc, self.threshold]
+        return [self.b_enc] + ([] if "log_threshold" in self._parameters else [self.threshold])
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float | None = None) -> None:
+        """As the base class; θ is divided by s too (log θ − log s in the log parametrisation)."""
+        if self.config.activation_scale_folded and scale is None:
+            return
+        value = float(self.config.activation_scale if scale is None else scale)
+        super().fold_activation_scale(scale)
+        if "log_threshold" in self._parameters:
+            self.log_threshold.sub_(math.log(value))
 
     # -------------------------------------------------------------------------------------------- encoding
     def _pre_acts_flat(self, x: Tensor) -> Tensor:
@@ -99,7 +138,30 @@ class JumpReLUSAE(SAEPreTrainedModel):
         return values, indices, empty_values, empty_indices
 
     def forward(self, x: Tensor, return_dict: bool | None = None) -> SAEOutput:
-        """(..., d_in) -> SAEOutput with the reconstruction at ``config.k``, the latents and the MSE (no L0 term)."""
+        """(..., d_in) -> SAEOutput. Eval mode: the reconstruction at ``config.k``, the latents and the MSE. Training
+        mode (with autograd on): the MSE + λ·L0 objective of the module docstring, ``losses = {"reconstruction",
+        "l0"}`` (the L0 term as added, λ_t·L0) and the active latents (width: the batch's largest L0)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return self._inference_forward(x)
+        self._check_input(x)
+        cfg = self.config
+        flat = self._scale_in(x.reshape(-1, cfg.d_in))
+        pre = torch.addmm(self.b_enc, flat - self.b_dec if cfg.apply_b_dec_to_input else flat, self.W_enc)
+        threshold = self.threshold
+        acts = jumprelu(pre, threshold, cfg.bandwidth)
+        x_hat = torch.addmm(self.b_dec, acts, self.W_dec)
+        wide = torch.promote_types(x_hat.dtype, torch.float32)  # half precision accumulates in fp32
+        mse = (x_hat.to(wide) - flat.to(wide)).pow(2).mean()
+        l0 = step(pre, threshold, cfg.bandwidth).to(wide).sum(-1).mean()
+        with torch.no_grad():
+            self.steps_trained += 1
+            warmup = (self.steps_trained.float() / cfg.l0_warmup_steps).clamp_max(1.0) if cfg.l0_warmup_steps else 1.0
+            values, indices = compact_latents(acts.detach())
+        l0_term = cfg.l0_coefficient * warmup * l0
+        losses = {"reconstruction": mse, "l0": l0_term}
+        return self._sae_output(x, values, indices, x_hat.detach(), mse + l0_term, losses)
+
+    def _inference_forward(self, x: Tensor) -> SAEOutput:
         self._check_input(x)
         cfg = self.config
         flat = self._scale_in(x.reshape(-1, cfg.d_in))
@@ -111,4 +173,4 @@ class JumpReLUSAE(SAEPreTrainedModel):
         return SAEOutput(loss=loss, reconstruction=reconstruction, latents=latents, losses={"reconstruction": loss})
 
 
-register_architecture(JumpReLUSAEConfig, JumpReLUSAE, presets={"jumprelu": {}})
+register_architecture(JumpReLUSAEConfig, JumpReLUSAE, presets={"jumprelu": {"threshold_parametrization": "log"}})

@@ -277,23 +277,40 @@ class SAEPreTrainedModel(PreTrainedModel):
         self._check_input(x)
         cfg = self.config
         flat = self._scale_in(x.reshape(-1, cfg.d_in))
-        use_auxk = self.training and cfg.auxk and torch.is_grad_enabled()
-        dead = self.dead_mask() if use_auxk else None
-        n_dead = int(dead.sum()) if dead is not None else 0
-        k_aux = min(cfg.auxk_k_effective, n_dead)
-        values, indices, aux_values, aux_indices = self._encode_topk(flat, cfg.k, dead if k_aux > 0 else None, k_aux)
+        dead, n_dead, k_aux = self._auxk_dead_latents()
+        values, indices, aux_values, aux_indices = self._encode_topk(flat, cfg.k, dead, k_aux)
         budgets = cfg.budgets if cfg.hierarchical else [cfg.k]
         reconstruction_loss, x_hat = hierarchical_topk_loss(flat, values, indices, self.W_dec, self.b_dec, budgets)
         losses = {"reconstruction": reconstruction_loss}
-        loss = reconstruction_loss
         if k_aux > 0:
-            aux = auxk_loss((flat - x_hat).detach(), aux_values, aux_indices, self.W_dec)
-            aux = aux * cfg.auxk_coefficient * min(1.0, n_dead / cfg.auxk_k_effective)
-            losses["auxk"] = aux
-            loss = loss + aux
+            losses["auxk"] = self._auxk_term(flat, x_hat, aux_values, aux_indices, n_dead)
+        return self._sae_output(x, values, indices, x_hat, sum(losses.values()), losses)
+
+    def _auxk_dead_latents(self) -> tuple[Tensor | None, int, int]:
+        """(dead mask or None, n_dead, k_aux) for this step: AuxK runs in training mode with autograd on and
+        ``config.auxk``, on the min(auxk_k, n_dead) best dead latents of each token (n_dead: one device sync)."""
+        cfg = self.config
+        if not (self.training and cfg.auxk and torch.is_grad_enabled()):
+            return None, 0, 0
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        k_aux = min(cfg.auxk_k_effective, n_dead)
+        return (dead if k_aux > 0 else None), n_dead, k_aux
+
+    def _auxk_term(self, x: Tensor, x_hat: Tensor, aux_values: Tensor, aux_indices: Tensor, n_dead: int) -> Tensor:
+        """AuxK of the residual x − x̂, weighted auxk_coefficient · min(1, n_dead / k_aux) (Gao et al. 2024)."""
+        cfg = self.config
+        aux = auxk_loss((x - x_hat).detach(), aux_values, aux_indices, self.W_dec)
+        return aux * cfg.auxk_coefficient * min(1.0, n_dead / cfg.auxk_k_effective)
+
+    def _sae_output(
+        self, x: Tensor, values: Tensor, indices: Tensor, x_hat: Tensor, loss: Tensor, losses: dict[str, Tensor]
+    ) -> SAEOutput:
+        """The SAEOutput of a forward of x (..., d_in): latents (N, width) and x̂ (N, d_in) reshaped to x's leading
+        shape, x̂ back in input units; in training mode the dead-latent counters are updated from the latents."""
         if self.training:
             self._update_dead_counters(indices, values)
-        shape = (*x.shape[:-1], cfg.k)
+        shape = (*x.shape[:-1], values.shape[-1])
         latents = SparseLatents(values.reshape(shape), indices.reshape(shape))
         reconstruction = self._scale_out(x_hat).reshape(x.shape)
         return SAEOutput(loss=loss, reconstruction=reconstruction, latents=latents, losses=losses)

@@ -282,3 +282,26 @@ def topk_encode(
     scores = F.relu(F.linear(x - center if center is not None else x, weight, bias))
     values, indices, aux_values, aux_indices = select_topk(scores, k, dead_mask, k_aux)
     return values.to(scores.dtype), indices, aux_values.to(scores.dtype).clamp_min(0.0), aux_indices
+
+
+def compact_latents(acts: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense non-negative activations (N, F) -> the active (> 0) latents of each row, sorted descending, as
+    (values, indices) of width w = the batch's largest L0 (at least 1); shorter rows are padded with value 0 (index
+    of an inactive latent), which decodes to nothing. For variable-L0 encoders (a threshold, BatchTopK)."""
+    width = max(1, int((acts > 0).sum(-1).max())) if acts.numel() else 1
+    values, indices = acts.topk(min(width, acts.shape[-1]), dim=-1, sorted=True)
+    return values, indices
+
+
+def batch_topk_select(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK selection (Bussmann et al. 2024, arXiv 2412.06410): the N·k largest of the (N, F) non-negative
+    scores of the whole batch, so a row keeps any number of latents and the batch's mean L0 is k (zeros aside).
+
+    Returns (values, indices) as :func:`compact_latents` (rows sorted descending, padded with zeros at inactive
+    latents, width = the largest number kept in one row). Vectorised: one top-(N·k) over the flattened scores, one
+    scatter into an (N, F) buffer, one per-row top-w.
+    """
+    n, num_latents = scores.shape
+    values, flat = scores.reshape(-1).topk(min(n * k, scores.numel()), sorted=False)
+    kept = scores.new_zeros(n * num_latents).index_put_((flat,), values).view(n, num_latents)
+    return compact_latents(kept)

@@ -470,7 +470,9 @@ def _make_spec(entry, index, defaults, sae_defaults, placement_hints, sae_known,
     except ArchitectureError as error:
         raise TrainConfigError(f"{where}: arch {placement['arch']!r} is unknown. {error}") from None
     own = set(sae_annotations(architecture.config_class)) - set(SAEConfig.provenance_fields)
-    config = {name: value for name, value in {**SAE_DEFAULTS, **sae_defaults}.items() if name in own}
+    # training's k default is a TopK budget; for a thresholded architecture (JumpReLU) k is only a cap on encode
+    defaults = {name: v for name, v in SAE_DEFAULTS.items() if name != "k" or architecture.config_class.topk_budgets}
+    config = {name: value for name, value in {**defaults, **sae_defaults}.items() if name in own}
     if legacy_kron and {"base_dim", "ext_dim", "kron_activation"} <= own:  # the old kron_* options' architecture
         config.update({name: value for name, value in legacy_kron.items() if name not in entry})
     for name, value in entry.items():

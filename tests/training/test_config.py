@@ -72,7 +72,7 @@ def test_an_sae_field_of_another_architecture_is_refused():
     [
         ({"site": "mlp_out"}, "site 'mlp_out' is unknown"),
         ({"arch": "nosuch"}, "arch 'nosuch' is unknown"),
-        ({"arch": "jumprelu"}, "jumprelu_sae cannot be trained by hf-sae"),
+        ({"arch": "matryoshka", "d_sae": 64, "group_sizes": "16 16"}, "group_sizes .* sum to 32, not d_sae=64"),
         ({"k": 64, "d_sae": 32}, "k=64 is larger than d_sae=32"),
         ({"buffer_size": 100, "batch_size": 4096}, "--buffer-size 100 is smaller than --batch-size 4096"),
         ({"tokens": 0}, "--tokens must be a positive integer"),

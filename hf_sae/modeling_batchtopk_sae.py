@@ -1,0 +1,146 @@
+"""BatchTopKSAE: TopK over the whole batch in training, one threshold at inference.
+
+Bussmann, Leask and Nanda, "BatchTopK Sparse Autoencoders" (arXiv 2412.06410). The encoder is the TopK SAE's,
+a = ReLU(W_encᵀ(x − b_dec) + b_enc). In training, the N·k largest activations of a batch of N tokens are kept
+(:func:`hf_sae.sparse.batch_topk_select`), so the mean L0 is k while each token keeps as many latents as the batch
+gives it; AuxK (Gao et al. 2024) revives dead latents as for TopK. After each training batch the inference threshold θ
+moves towards the smallest activation the batch kept (see ``threshold_lr`` in :class:`BatchTopKSAEConfig`).
+
+Encoding contract (latents are sorted descending, as for every hf-sae SAE):
+
+* ``encode(x)``: every latent whose activation exceeds θ (a JumpReLU with one threshold), padded with zeros to the
+  largest L0 of the batch, so the width of the result varies with the input. Before θ has been estimated (a fresh,
+  untrained SAE) it is the per-token TopK at k.
+* ``encode(x, k=j)`` (1 <= j <= k): the per-token TopK at budget j, the j largest activations of each token
+  (nested in j). Wherever a token has at least j latents above θ, it is the first j of ``encode(x)``.
+* ``forward`` in training mode uses the batch selection (and updates θ and the dead-latent counters); in eval mode it
+  uses ``encode(x)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .configuration_batchtopk_sae import BatchTopKSAEConfig
+from .losses import hierarchical_topk_loss
+from .modeling_hierarchical_sae import HierarchicalSAE
+from .modeling_sae import SAEOutput
+from .registry import register_architecture
+from .sparse import CentringGradient, SparseLatents, SparseLinearGather, batch_topk_select, compact_latents
+
+
+class BatchTopKSAE(HierarchicalSAE):
+    """BatchTopK SAE. Parameters as :class:`~hf_sae.HierarchicalSAE` (``encoder.weight`` (d_sae, d_in),
+    ``encoder.bias``, unit-norm ``W_dec``, ``b_dec``), plus two saved buffers: ``threshold`` θ (a scalar, in the
+    units of the activations) and ``threshold_batches`` (how many training batches estimated it; 0: not yet)."""
+
+    config_class = BatchTopKSAEConfig
+
+    def __init__(self, config: BatchTopKSAEConfig):
+        super().__init__(config)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.long))
+
+    def reset_parameters(self) -> None:
+        """The TopK init (random unit decoder rows, W_enc = W_decᵀ, zero biases) and no threshold estimate yet."""
+        super().reset_parameters()
+        if hasattr(self, "threshold"):
+            self.threshold.zero_()
+            self.threshold_batches.zero_()
+
+    def encoder_biases(self) -> list[Tensor]:
+        """What folding an activation scale s divides by s: b_enc and θ (b_dec is the base class's)."""
+        return [self.encoder.bias, self.threshold]
+
+    # -------------------------------------------------------------------------------------------- encoding
+    def encode(self, x: Tensor, k: int | None = None) -> SparseLatents:
+        """(..., d_in) -> SparseLatents sorted descending: above θ (k=None; width = the batch's largest L0) or the
+        per-token TopK at budget k (see the module docstring)."""
+        if k is not None or int(self.threshold_batches) == 0:
+            return super().encode(x, k)
+        self._check_input(x)
+        flat = self._scale_in(x.reshape(-1, self.config.d_in))
+        values, indices = self._threshold_latents(flat)
+        shape = (*x.shape[:-1], values.shape[-1])
+        return SparseLatents(values.reshape(shape), indices.reshape(shape))
+
+    def _scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (N, d_in) -> (x − b_dec, its pre-activations (N, d_sae)), without gradient (selection only)."""
+        centred = x - self.b_dec
+        with torch.no_grad():
+            return centred, torch.addmm(self.encoder.bias, centred, self.encoder.weight.t())
+
+    def _values_at(self, centred: Tensor, pre: Tensor, columns: Tensor) -> Tensor:
+        """pre at ``columns`` (N, t), with the sparse encoder backward when training needs it (only the selected
+        latents' rows get gradient; b_dec's share through the bias, see CentringGradient)."""
+        weight, bias = self.encoder.weight, self.encoder.bias
+        if not (torch.is_grad_enabled() and (weight.requires_grad or centred.requires_grad)):
+            return pre.gather(1, columns)
+        if self.b_dec.requires_grad:
+            bias = CentringGradient.apply(bias, weight, self.b_dec)
+        return SparseLinearGather.apply(centred.detach(), weight, bias, columns, pre)
+
+    def _threshold_latents(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (N, d_in) scaled -> (values, indices) of every latent above θ, sorted, padded to the largest L0."""
+        centred, pre = self._scores(x)
+        with torch.no_grad():
+            acts = pre.clamp_min(0)
+            acts = acts.masked_fill_(acts <= self.threshold.to(acts.dtype), 0)
+            selected, indices = compact_latents(acts)
+        return self._values_at(centred, pre, indices) * (selected > 0), indices
+
+    def _batch_latents(self, x: Tensor, dead_mask: Tensor | None, k_aux: int):
+        """Training selection: the batch's N·k largest activations, and AuxK's k_aux best dead latents per token."""
+        centred, pre = self._scores(x)
+        with torch.no_grad():
+            selected, indices = batch_topk_select(pre.clamp_min(0), self.config.k)
+            if dead_mask is not None and k_aux > 0:
+                aux_indices = pre.masked_fill(~dead_mask, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+            else:
+                aux_indices = indices.new_zeros(indices.shape[0], 0)
+            self._update_threshold(selected)
+        width = indices.shape[1]
+        gathered = self._values_at(centred, pre, torch.cat([indices, aux_indices], dim=1))
+        return gathered[:, :width] * (selected > 0), indices, gathered[:, width:].clamp_min(0), aux_indices
+
+    @torch.no_grad()
+    def _update_threshold(self, selected: Tensor) -> None:
+        """θ ← θ + r (m − θ), m = the smallest kept activation, r = max(threshold_lr, 1/t) (no device sync)."""
+        smallest = torch.where(selected > 0, selected, torch.inf).amin().to(self.threshold.dtype)
+        found = torch.isfinite(smallest)
+        batches = self.threshold_batches + found.long()
+        rate = torch.clamp_min(1.0 / batches.clamp_min(1).to(self.threshold.dtype), self.config.threshold_lr)
+        self.threshold.copy_(torch.where(found, self.threshold + rate * (smallest - self.threshold), self.threshold))
+        self.threshold_batches.copy_(batches)
+
+    # -------------------------------------------------------------------------------------------- training
+    def _reconstruction_losses(self, x: Tensor, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, dict]:
+        """(loss, reconstruction, extra named terms) of the latents: the MSE, or the HierarchicalTopK objective by
+        value (every prefix 1..width of the sorted latents) when ``config.hierarchical``."""
+        budgets = None if self.config.hierarchical and self.training else [values.shape[1]]
+        loss, x_hat = hierarchical_topk_loss(x, values, indices, self.W_dec, self.b_dec, budgets)
+        return loss, x_hat, {}
+
+    def forward(self, x: Tensor, return_dict: bool | None = None) -> SAEOutput:
+        """(..., d_in) -> SAEOutput. Training mode: BatchTopK selection, θ update, loss + AuxK; eval mode: the
+        threshold encoding and its MSE. ``latents`` has the width of the selection (padded with zeros)."""
+        self._check_input(x)
+        cfg = self.config
+        flat = self._scale_in(x.reshape(-1, cfg.d_in))
+        dead, n_dead, k_aux = self._auxk_dead_latents()
+        if self.training:
+            values, indices, aux_values, aux_indices = self._batch_latents(flat, dead, k_aux)
+        elif int(self.threshold_batches) > 0:
+            values, indices = self._threshold_latents(flat)
+        else:
+            values, indices, _, _ = self._encode_topk(flat, cfg.k)
+        loss, x_hat, extra = self._reconstruction_losses(flat, values, indices)
+        losses = {"reconstruction": loss, **extra}
+        if k_aux > 0:
+            losses["auxk"] = self._auxk_term(flat, x_hat, aux_values, aux_indices, n_dead)
+            loss = loss + losses["auxk"]
+        return self._sae_output(x, values, indices, x_hat, loss, losses)
+
+
+register_architecture(BatchTopKSAEConfig, BatchTopKSAE, presets={"batchtopk": {}})
