@@ -16,7 +16,9 @@ The write side is :class:`PushServer`: a stdlib ``http.server`` implementing the
     GET  /api/models/{repo}/refs
     HEAD|GET /{repo}/resolve/{rev}/{path}         with X-Repo-Commit and ETag
 
-Errors answer 404 with ``X-Error-Code: RepoNotFound | RevisionNotFound | EntryNotFound`` like the Hub. Every commit
+Dataset repos work the same way under ``/api/datasets/...`` and ``/datasets/{repo}/resolve/...`` (``create_repo`` with
+``repo_type="dataset"``), kept in ``<root>/datasets/<org>/<name>``. Errors answer 404 with
+``X-Error-Code: RepoNotFound | RevisionNotFound | EntryNotFound`` like the Hub. Every commit
 goes into a bare git repository ``<root>/models/<org>/<name>`` (git plumbing on a temporary index, no work tree).
 
 The read side is ``olah`` (PyPI; in its own venv) in offline mode, serving those same git repositories, so pulls go
@@ -61,15 +63,17 @@ _REPO = rf"(?P<repo>{_REPO_PART}/{_REPO_PART})"
 
 
 class GitStore:
-    """Bare git repositories ``<root>/models/<org>/<name>`` (olah's ``mirrors-path`` layout)."""
+    """Bare git repositories ``<root>/<kind>/<org>/<name>`` (olah's ``mirrors-path`` layout; ``kind`` is ``models``
+    or ``datasets``)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, kind: str = "models"):
         self.root = Path(root)
-        (self.root / "models").mkdir(parents=True, exist_ok=True)
+        self.kind = kind
+        (self.root / kind).mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
 
     def path(self, repo_id: str) -> Path:
-        return self.root / "models" / repo_id
+        return self.root / self.kind / repo_id
 
     def exists(self, repo_id: str) -> bool:
         return (self.path(repo_id) / "HEAD").is_file()
@@ -168,6 +172,7 @@ class GitStore:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    store: GitStore  # the store of the request's repo kind (models or datasets), set by _route
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):  # noqa: A002 - quiet: the tests read .requests instead
@@ -211,19 +216,21 @@ class _Handler(BaseHTTPRequestHandler):
             for pattern, handler_method, handler in self.server.routes:
                 match = re.fullmatch(pattern, path)
                 if match and handler_method == ("GET" if head else method):
-                    return handler(self, query=query, head=head, **match.groupdict())
+                    groups = match.groupdict()
+                    self.store = self.server.hub.stores[groups.pop("kind", None) or "models"]
+                    return handler(self, query=query, head=head, **groups)
             self._error(404, None, f"no route for {method} {path}", head)
         except Exception as err:  # a server bug must reach the test as a 500, not hang the client
             self._error(500, None, f"{type(err).__name__}: {err}", head)
 
     def _repo(self, repo: str, head: bool = False) -> bool:
-        if not self.server.hub.store.exists(repo):
+        if not self.store.exists(repo):
             self._error(404, "RepoNotFound", f"Repository {repo} not found", head)
             return False
         return True
 
     def _sha(self, repo: str, revision: str, head: bool = False) -> str | None:
-        sha = self.server.hub.store.resolve(repo, revision)
+        sha = self.store.resolve(repo, revision)
         if sha is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
         return sha
@@ -244,14 +251,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def create_repo(self, query, head):
         payload = json.loads(self._body() or b"{}")
-        if payload.get("type", "model") not in (None, "model"):
-            return self._error(400, None, "this local hub stores model repos only")
+        kind = payload.get("type") or "model"
+        if kind not in ("model", "dataset"):
+            return self._error(400, None, "this local hub stores model and dataset repos only")
+        self.store = self.server.hub.stores[f"{kind}s"]
         repo = f"{payload.get('organization') or 'me'}/{payload['name']}"
-        url = f"{self.server.hub.url}/{repo}"
+        url = f"{self.server.hub.url}/{'datasets/' if kind == 'dataset' else ''}{repo}"
         with self.server.hub.create_lock:
-            if self.server.hub.store.exists(repo):
+            if self.store.exists(repo):
                 return self._json(409, {"error": "You already created this model repo", "url": url})
-            self.server.hub.store.create(repo)
+            self.store.create(repo)
         self._json(200, {"url": url, "name": repo})
 
     def validate_yaml(self, query, head):
@@ -269,8 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._repo(repo):
             return
         payload = json.loads(self._body() or b"{}")
-        sha = self.server.hub.store.resolve(repo, revision)
-        remote = {f["path"]: f["oid"] for f in self.server.hub.store.files(sha, repo)} if sha else {}
+        sha = self.store.resolve(repo, revision)
+        remote = {f["path"]: f["oid"] for f in self.store.files(sha, repo)} if sha else {}
         files = [
             {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": remote.get(f["path"])}
             for f in payload.get("files", [])
@@ -302,13 +311,13 @@ class _Handler(BaseHTTPRequestHandler):
                 deletions.append(value["path"])
             else:
                 return self._error(400, None, f"unsupported commit operation {key!r} (the local hub has no LFS)")
-        if self.server.hub.store.resolve(repo, f"refs/heads/{revision}") is None:
+        if self.store.resolve(repo, f"refs/heads/{revision}") is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision} is not a branch")
         message = header.get("summary") or "Upload"
         if header.get("description"):
             message += "\n\n" + header["description"]
         try:
-            sha = hub.store.commit(repo, revision, additions, deletions, message, header.get("parentCommit"))
+            sha = self.store.commit(repo, revision, additions, deletions, message, header.get("parentCommit"))
         except KeyError as err:
             return self._error(404, "EntryNotFound", f"A file with this name doesn't exist: {err.args[0]}")
         except ValueError as err:
@@ -323,7 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._repo(repo):
             return
         payload = json.loads(self._body() or b"{}")
-        store = self.server.hub.store
+        store = self.store
         if store.resolve(repo, f"refs/heads/{branch}") is not None:
             return self._error(409, None, f"Branch {branch} already exists")
         sha = self._sha(repo, payload.get("startingPoint") or "main")
@@ -335,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._repo(repo):
             return
         payload = json.loads(self._body() or b"{}")
-        store = self.server.hub.store
+        store = self.store
         if store.resolve(repo, f"refs/tags/{payload['tag']}") is not None:
             return self._error(409, None, f"Tag {payload['tag']} already exists")
         sha = self._sha(repo, revision)
@@ -347,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._repo(repo, head):
             return
         out = {"branches": [], "tags": [], "converts": []}
-        for line in self.server.hub.store.git(
+        for line in self.store.git(
             repo, "for-each-ref", "--format=%(refname) %(objectname) %(*objectname)"
         ).splitlines():
             ref, target, peeled = (line.split(" ") + [""])[:3]
@@ -362,7 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         sha = self._sha(repo, revision, head)
         if sha:
-            siblings = [{"rfilename": f["path"], "size": f["size"]} for f in self.server.hub.store.files(sha, repo)]
+            siblings = [{"rfilename": f["path"], "size": f["size"]} for f in self.store.files(sha, repo)]
             self._json(
                 200,
                 {
@@ -389,7 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
         prefix = path.strip("/") + "/" if path and path.strip("/") else ""
         recursive = (query.get("recursive") or ["false"])[0].lower() == "true"
         entries, folders = [], set()
-        for f in self.server.hub.store.files(sha, repo):
+        for f in self.store.files(sha, repo):
             if not f["path"].startswith(prefix):
                 continue
             rest = f["path"][len(prefix) :]
@@ -410,10 +419,10 @@ class _Handler(BaseHTTPRequestHandler):
         sha = self._sha(repo, revision, head)
         if not sha:
             return
-        entry = next((f for f in self.server.hub.store.files(sha, repo) if f["path"] == path), None)
+        entry = next((f for f in self.store.files(sha, repo) if f["path"] == path), None)
         if entry is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {revision}", head)
-        body = b"" if head else self.server.hub.store.read(repo, entry["oid"])
+        body = b"" if head else self.store.read(repo, entry["oid"])
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry["oid"]}"', "Content-Type": "application/octet-stream"}
         self.send_response(200)
         for key, value in headers.items():
@@ -428,15 +437,15 @@ _Handler.routes = [
     (r"/api/whoami-v2", "GET", _Handler.whoami),
     (r"/api/repos/create", "POST", _Handler.create_repo),
     (r"/api/validate-yaml", "POST", _Handler.validate_yaml),
-    (rf"/api/models/{_REPO}/preupload/(?P<revision>.+)", "POST", _Handler.preupload),
-    (rf"/api/models/{_REPO}/commit/(?P<revision>.+)", "POST", _Handler.commit),
-    (rf"/api/models/{_REPO}/branch/(?P<branch>.+)", "POST", _Handler.create_branch),
-    (rf"/api/models/{_REPO}/tag/(?P<revision>.+)", "POST", _Handler.create_tag),
-    (rf"/api/models/{_REPO}/refs", "GET", _Handler.refs),
-    (rf"/api/models/{_REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?", "GET", _Handler.tree),
-    (rf"/api/models/{_REPO}/revision/(?P<revision>.+)", "GET", _Handler.info),
-    (rf"/api/models/{_REPO}", "GET", _Handler.info),
-    (rf"/{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", "GET", _Handler.resolve),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}/preupload/(?P<revision>.+)", "POST", _Handler.preupload),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}/commit/(?P<revision>.+)", "POST", _Handler.commit),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}/branch/(?P<branch>.+)", "POST", _Handler.create_branch),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}/tag/(?P<revision>.+)", "POST", _Handler.create_tag),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}/refs", "GET", _Handler.refs),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?", "GET", _Handler.tree),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}/revision/(?P<revision>.+)", "GET", _Handler.info),
+    (rf"/api/(?P<kind>models|datasets)/{_REPO}", "GET", _Handler.info),
+    (rf"/(?:(?P<kind>datasets)/)?{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", "GET", _Handler.resolve),
 ]
 
 
@@ -455,7 +464,8 @@ class PushServer:
     """
 
     def __init__(self, root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0):
-        self.store = GitStore(root)
+        self.stores = {kind: GitStore(root, kind) for kind in ("models", "datasets")}
+        self.store = self.stores["models"]  # model repos (``stores["datasets"]``: dataset repos)
         self.create_lock = threading.Lock()
         self.fail_commits: int | None = None
         self.requests: list[tuple[str, str]] = []
