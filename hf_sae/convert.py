@@ -42,6 +42,13 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 
+from .convert_sae_lens_batchtopk import (
+    BATCHTOPK_FAMILY,
+    batchtopk_family_of,
+    batchtopk_fields_and_state,
+    batchtopk_weight_names,
+    jumprelu_training_fields,
+)
 from .errors import SAEConversionError
 from .loading import explain_load_failure
 from .modeling_sae import SAEPreTrainedModel
@@ -295,7 +302,7 @@ def from_gemma_scope(
 
 
 # ---------------------------------------------------------------------------------------------------- SAELens
-_SAE_LENS_ARCHITECTURES = ("standard", "jumprelu", "topk")
+_SAE_LENS_ARCHITECTURES = ("standard", "jumprelu", "topk", *BATCHTOPK_FAMILY)
 
 
 def _sae_lens_architecture(cfg: dict[str, Any]) -> tuple[str, int | None]:
@@ -351,7 +358,11 @@ def from_sae_lens(
     * ``normalize_activations`` ``"none"`` or ``"expected_average_only_in"`` (whose scale SAELens folds into the
       weights before saving: it is the identity at inference) are supported; per-token normalisations
       (``constant_norm_rescale``, ``layer_norm``) and ``covariance_whitening`` cannot be expressed and are refused.
-    * gated, batchtopk (training checkpoints), matryoshka and other architectures are refused with a message.
+    * ``batchtopk`` / ``matryoshka_batchtopk`` (training checkpoints, and the ``jumprelu`` inference folders SAELens
+      publishes for them: one threshold, ``metadata.training_architecture``) -> :class:`BatchTopKSAE` /
+      :class:`MatryoshkaSAE` with that threshold (:mod:`hf_sae.convert_sae_lens_batchtopk`); a JumpReLU training
+      checkpoint keeps its recipe (bandwidth, λ, warm-up) in the config.
+    * gated, matching pursuit and other architectures are refused with a message.
 
     ``path`` is a local folder or a Hub repo id (with ``subfolder`` the SAE's folder inside it). Metadata
     (``model_name``, ``hook_name``, ``context_size``, ``dataset_path``) fills ``base_model``, ``hook_layer``,
@@ -364,8 +375,7 @@ def from_sae_lens(
     if architecture not in _SAE_LENS_ARCHITECTURES:
         raise SAEConversionError(
             f"{cfg_path}: architecture {architecture!r} is not supported; hf-sae converts "
-            f"{list(_SAE_LENS_ARCHITECTURES)} (a SAELens batchtopk SAE is saved for inference as jumprelu: convert "
-            "that)."
+            f"{list(_SAE_LENS_ARCHITECTURES)}."
         )
     normalization = cfg.get("normalize_activations") or "none"
     if normalization not in ("none", "expected_average_only_in"):
@@ -380,7 +390,11 @@ def from_sae_lens(
             raise SAEConversionError(f"{cfg_path}: missing or non-integer {key!r} ({cfg.get(key)!r}).")
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     tensors = _read_safetensors(weights_path)
-    names = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
+    family = batchtopk_family_of(cfg, tensors)
+    if family is not None:
+        names = batchtopk_weight_names(cfg)
+    else:
+        names = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
     _take(
         tensors,
         weights_path,
@@ -391,6 +405,7 @@ def from_sae_lens(
             "b_enc": (d_sae,),
             "b_dec": (d_in,),
             **({"threshold": (d_sae,)} if "threshold" in names else {}),
+            **({"topk_threshold": ()} if "topk_threshold" in names else {}),
         },
     )
     unexpected = sorted(set(tensors) - set(names))
@@ -417,7 +432,10 @@ def from_sae_lens(
             fields[key] = value
     weights = {name: tensors[name].to(torch.float64) for name in names}
     source_dtype = tensors["W_enc"].dtype
-    if architecture == "topk":
+    if family is not None:
+        name, extra, state = batchtopk_fields_and_state(family, cfg, weights, str(cfg_path))
+        model = _build(name, _apply_overrides({**fields, **extra}, config_overrides))
+    elif architecture == "topk":
         if not isinstance(source_k, int) or not 1 <= source_k <= d_sae:
             raise SAEConversionError(f"{cfg_path}: a topk SAE needs an integer k in 1..d_sae, got {source_k!r}.")
         W_enc, b_enc, W_dec = weights["W_enc"], weights["b_enc"], weights["W_dec"]
@@ -438,7 +456,7 @@ def from_sae_lens(
         model = _build(
             "jumprelu_sae",
             _apply_overrides(
-                {**fields, "k": k or d_sae, "apply_b_dec_to_input": apply_b_dec},
+                {**fields, **jumprelu_training_fields(cfg), "k": k or d_sae, "apply_b_dec_to_input": apply_b_dec},
                 config_overrides,
             ),
         )
