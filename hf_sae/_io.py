@@ -31,9 +31,32 @@ from typing import Any
 
 from .errors import DiskFullError
 
-FILE_MODE = 0o644  # mkstemp makes files private; what we write is readable like any other file
-DIR_MODE = 0o755
 LOW_SPACE_BYTES = 16 * 2**20  # a failed write with less than this left on its file system is a full disk
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS tells (Linux: /proc/self/status), else by the
+    set-and-restore idiom."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0o666 less the umask (mkstemp would give 0o600)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode a plain ``os.mkdir`` would give: 0o777 less the umask (mkdtemp would give 0o700)."""
+    return 0o777 & ~current_umask()
 
 
 def _fsync_file(path: Path) -> None:
@@ -121,7 +144,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with naming_full_disk(path):
             yield tmp
-            os.chmod(tmp, FILE_MODE)
+            os.chmod(tmp, file_mode())
             _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -168,7 +191,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         with naming_full_disk(path, staging=tmp):
             yield tmp
             _fsync_tree(tmp)
-        os.chmod(tmp, DIR_MODE)
+        os.chmod(tmp, dir_mode())
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -191,9 +214,10 @@ def staged_files(folder: str | os.PathLike, last: Sequence[str] = ("config.json"
         with naming_full_disk(folder, staging=tmp):
             yield tmp
             items = sorted(tmp.iterdir(), key=lambda p: (p.name in last, p.name))
+            mode = file_mode()
             for item in items:
                 if item.is_file():
-                    os.chmod(item, FILE_MODE)
+                    os.chmod(item, mode)
                     _fsync_file(item)
         for item in items:
             target = folder / item.name

@@ -23,7 +23,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, PreTrainedTokenizerBase
 
-from hf_sae._io import FILE_MODE, atomic_dir, write_text_atomic
+from hf_sae._io import atomic_dir, file_mode, write_text_atomic
 
 from .cache import cache_root
 
@@ -106,4 +106,4 @@ def _convert_small_gemma(directory: Path) -> None:
                 "(https://ai.google.dev/gemma/terms).\n",
             )
             for file in converted.iterdir():
-                file.chmod(FILE_MODE)  # transformers writes the weights through a private temp file
+                file.chmod(file_mode())  # transformers writes the weights through a private temp file

@@ -36,7 +36,15 @@ from .evaluation import annotate_top_tokens, deactivation, mean_nonzero_activati
 from .graph import to_graphml, to_json, trace
 from .matching import DEFAULT_BLOCK_SIZE, MatchCache, MatchResult, match_decoders, match_features
 from .plotting import graph_to_html, plot_graph
-from .predecessors import DEFAULT_THRESHOLDS, FlowSummary, PredecessorTable, build_table, check_threshold
+from .predecessors import (
+    DEFAULT_THRESHOLDS,
+    FlowSummary,
+    PredecessorTable,
+    build_table,
+    chance_rate,
+    check_threshold,
+    predecessor_keys,
+)
 from .steering import steer_flow
 
 SiteKey = tuple[int, str]
@@ -187,6 +195,7 @@ class FeatureFlow:
         self.max_loaded = max(1, int(max_loaded))
         self._loaded: OrderedDict[tuple[str, SiteKey], Any] = OrderedDict()
         self._matches: dict[tuple, MatchResult] = {}
+        self._chance: dict[tuple, float] = {}
         self.mean_activations: dict[SiteKey, Tensor] = {}
         self.base_model = next(iter(models.values()), None)
 
@@ -382,15 +391,17 @@ class FeatureFlow:
         return MatchResult(indices, scores, source, target)
 
     # ------------------------------------------------------------------------------------------ predecessors
-    def predecessors(self, layer: int, *, allow_missing: bool = False) -> PredecessorTable:
+    def predecessors(self, layer: int, *, allow_missing: bool = False, chance_samples: int = 1024) -> PredecessorTable:
         """s(R), s(M), s(A), the top-1 predecessor ids and the class of every feature of the resid SAE of ``layer``.
 
         Needs the SAEs at (layer−1, resid), (layer, mlp) and (layer, attn); a missing one raises a
-        :class:`FlowError` naming it, unless ``allow_missing`` (its scores are then NaN, below every threshold).
+        :class:`FlowError` naming it, unless ``allow_missing`` (its scores are then NaN and the classes they could
+        change ``undetermined``). ``table.chance`` holds each present predecessor's chance rate
+        (:meth:`chance`, ``chance_samples`` random directions; 0 skips it).
         """
         target = self.require((layer, "resid"), f"compute predecessors of layer {layer}")
         matches = {}
-        for site, key in (("resid", (layer - 1, "resid")), ("mlp", (layer, "mlp")), ("attn", (layer, "attn"))):
+        for site, key in predecessor_keys(layer):
             if key not in self._entries:
                 if allow_missing:
                     matches[site] = None
@@ -402,7 +413,24 @@ class FeatureFlow:
                 )
             result = self.match(target, key)
             matches[site] = (result.scores[:, 0], result.indices[:, 0])
-        return build_table(layer, matches, self.config(target).d_sae, self.thresholds)
+        table = build_table(layer, matches, self.config(target).d_sae, self.thresholds)
+        if chance_samples:
+            table.chance = self.chance(layer, n=chance_samples)
+        return table
+
+    def chance(self, layer: int, *, n: int = 1024, seed: int = 0) -> dict[str, float]:
+        """For each predecessor SAE of resid ``layer`` that the flow has: the fraction of ``n`` random unit
+        directions whose top-1 cosine with its dictionary reaches that site's threshold (t_R for resid layer−1,
+        t_M / t_A for mlp / attn) — the rate at which such a score arises by chance. Cached per flow."""
+        out = {}
+        for site, key in predecessor_keys(layer):
+            if key not in self._entries:
+                continue
+            slot = ("chance", (key, n, seed, self.thresholds[site]))
+            if slot not in self._chance:
+                self._chance[slot] = chance_rate(self.decoder(key), self.thresholds[site], n, seed, self.block_size)
+            out[site] = self._chance[slot]
+        return out
 
     def summary(self, layers: Iterable[int] | None = None, *, allow_missing: bool = True) -> FlowSummary:
         """Class counts of every resid layer (the paper's per-layer picture). Missing neighbours count as absent."""

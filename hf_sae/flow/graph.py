@@ -11,8 +11,9 @@ Starting from a target feature of the ``resid`` SAE of layer L, :func:`trace` co
 
 Node id ``"{layer}/{site}/{index}"`` (the paper writes ``24/res/14548``). Node attributes: ``layer``, ``site``,
 ``index``, ``score`` (the cosine of the edge that brought the node in; 1.0 for the target), ``class`` (the
-predecessor class of a resid node, e.g. ``"processed by mlp"``, or ``"unknown"`` when the flow has none of its
-predecessor SAEs; ``"module"`` for mlp/attn nodes), ``role``
+predecessor class of a resid node, e.g. ``"processed by mlp"``; ``"undetermined"`` when a missing predecessor SAE
+could change it, ``"unknown"`` when the flow has none of them; ``"module"`` for mlp/attn nodes), ``missing`` (the
+predecessor sites without an SAE, e.g. ``"mlp,attn"``), ``role``
 (``target`` | ``backward`` | ``forward`` | ``module``), and for resid nodes ``s_resid`` / ``s_mlp`` / ``s_attn`` where
 known. Edges point the way information flows (earlier → later) with attribute ``cosine``.
 """
@@ -29,7 +30,7 @@ import torch
 
 from .._io import atomic_path, write_text_atomic
 from ..errors import FlowError
-from .predecessors import PREDECESSOR_SITES, class_label, classify
+from .predecessors import PREDECESSOR_SITES, class_label, classify, predecessor_keys
 
 DIRECTIONS = ("both", "backward", "forward")
 
@@ -51,7 +52,7 @@ def parse_node_id(node: str) -> tuple[int, str, int]:
 def _predecessor_scores(flow, layer: int, index: int) -> dict[str, tuple[float, int]]:
     """{site: (score, id)} of the top-1 predecessors of resid feature (layer, index) that the flow can compute."""
     out = {}
-    for site, key in (("resid", (layer - 1, "resid")), ("mlp", (layer, "mlp")), ("attn", (layer, "attn"))):
+    for site, key in predecessor_keys(layer):
         if key in flow:
             result = flow.match_rows((layer, "resid"), [index], key)
             out[site] = (float(result.scores[0, 0]), int(result.indices[0, 0]))
@@ -65,6 +66,9 @@ def _add_resid_node(graph: nx.DiGraph, flow, layer: int, index: int, score: floa
     category, via = classify(*scores, t["resid"], t["mlp"], t["attn"])
     label = class_label(int(category[0]), int(via[0])) if preds else "unknown"
     attrs = {"layer": layer, "site": "resid", "index": index, "score": float(score), "class": label, "role": role}
+    missing = [site for site in PREDECESSOR_SITES if site not in preds]
+    if missing and layer > 0:  # which predecessor SAEs the class could not see (layer 0 has no resid before it)
+        attrs["missing"] = ",".join(missing)
     for site, (value, best) in preds.items():
         attrs[f"s_{site}"] = value
         attrs[f"id_{site}"] = best
@@ -98,7 +102,9 @@ def trace(flow, layer: int, feature: int, *, direction: str = "both", max_steps:
         max_steps: at most this many resid steps in each direction (default: until a cut or the last SAE).
 
     Graph attributes: ``target`` (node id), ``target_layer``, ``t_resid``, ``t_module``, ``missing`` (the
-    "layer/site" SAEs the trace would have used but the flow lacks, comma-separated).
+    "layer/site" SAEs the trace would have used but the flow lacks, comma-separated), ``chance_resid`` /
+    ``chance_mlp`` / ``chance_attn`` (the fraction of random directions passing each threshold at the target layer,
+    :meth:`~hf_sae.flow.FeatureFlow.chance`).
     """
     if direction not in DIRECTIONS:
         raise FlowError(f"direction={direction!r} is unknown; use one of {list(DIRECTIONS)}.")
@@ -110,6 +116,8 @@ def trace(flow, layer: int, feature: int, *, direction: str = "both", max_steps:
     graph = nx.DiGraph(
         target=node_id(layer, "resid", feature), target_layer=layer, t_resid=t_resid, t_module=flow.t_module
     )
+    for site, rate in flow.chance(layer).items():  # how often a random direction passes each threshold
+        graph.graph[f"chance_{site}"] = rate
     preds = _add_resid_node(graph, flow, layer, feature, 1.0, "target")
     _attach_modules(graph, flow, layer, feature, preds)
     limit = math.inf if max_steps is None else max_steps

@@ -27,6 +27,7 @@ COLORS = {
     "processed": "#8172B3",
     "newborn": "#55A868",
     "unexplained": "#8C8C8C",
+    "undetermined": "#FFFFFF",
     "unknown": "#D0D0D0",
     "mlp": "#DD8452",
     "attn": "#C44E52",
@@ -36,6 +37,7 @@ LEGEND = {
     "processed": "processed (resid L-1 + module)",
     "newborn": "newborn (from a module)",
     "unexplained": "unexplained",
+    "undetermined": "undetermined (a predecessor SAE is missing)",
     "unknown": "unknown (no predecessor SAEs)",
     "mlp": "mlp feature",
     "attn": "attn feature",
@@ -66,7 +68,23 @@ def _short_class(attrs: dict) -> str:
     if attrs.get("site") in ("mlp", "attn"):
         return ""
     text = str(attrs.get("class", ""))
+    if attrs.get("missing"):
+        text = f"{'undet.' if text == 'undetermined' else text} (no {attrs['missing'].replace(',', '/')})"
     return text.replace("processed by ", "proc. ").replace("newborn from ", "new ")
+
+
+def graph_caveats(graph, separator: str) -> str:
+    """What a reader of a graph picture must know: the chance rate of each threshold (random directions passing it)
+    and the SAEs the trace lacked; empty when there is nothing to say."""
+    parts = []
+    chance = [
+        (site, graph.graph[f"chance_{site}"]) for site in ("resid", "mlp", "attn") if f"chance_{site}" in graph.graph
+    ]
+    if chance:
+        parts.append("chance of passing by random direction: " + ", ".join(f"{s} {100 * r:.1f}%" for s, r in chance))
+    if graph.graph.get("missing"):
+        parts.append(f"missing SAEs: {graph.graph['missing']}")
+    return "".join(separator + part for part in parts)
 
 
 def plot_graph(graph, path: str | os.PathLike, *, title: str | None = None, dpi: int = 150) -> Path:
@@ -170,7 +188,7 @@ def plot_graph(graph, path: str | os.PathLike, *, title: str | None = None, dpi:
         )
     subtitle = (
         f"t_R = {graph.graph.get('t_resid', 0.5)}, t_module = {graph.graph.get('t_module', 0.15)}; "
-        "edge width and label = cosine"
+        "edge width and label = cosine" + graph_caveats(graph, "; ")
     )
     fig.suptitle(title or f"Feature flow of {target or 'graph'}", fontsize=11, y=0.975)
     fig.text(0.5, 0.905, subtitle, ha="center", fontsize=7.5, color="#555555")
@@ -194,6 +212,7 @@ def plot_summary(summary, path: str | os.PathLike, *, dpi: int = 150) -> Path:
         "processed": ["#b3a6dd", "#8172B3", "#54478a"],
         "newborn": ["#9ad1a8", "#55A868", "#2f6b3d"],
         "unexplained": ["#8C8C8C"],
+        "undetermined": ["#E8E8E8"],
     }
     used: dict[str, int] = {}
     colors = []
@@ -354,7 +373,7 @@ def graph_to_html(graph, path: str | os.PathLike | None = None, *, title: str | 
     heading = html.escape(title or f"Feature flow of {target or 'graph'}")
     sub = html.escape(
         f"t_R = {graph.graph.get('t_resid', 0.5)}, t_module = {graph.graph.get('t_module', 0.15)}. "
-        "Hover a node or an edge for details; edge width = cosine."
+        "Hover a node or an edge for details; edge width = cosine." + graph_caveats(graph, " ")
     )
     text = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

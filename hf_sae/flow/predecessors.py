@@ -12,7 +12,15 @@ class           rule
 ``unexplained`` all below
 =============== ==========================================================
 
-A missing predecessor SAE (allowed only with ``allow_missing=True``) has score NaN, which is below every threshold.
+A missing predecessor SAE (allowed only with ``allow_missing=True``) has score NaN. A feature whose class the missing
+scores could change is ``undetermined`` (e.g. s(R) ≥ t_R with no mlp / attn SAE: translated *or* processed), never
+counted as translated or unexplained; a class the known scores already decide (processed / newborn by a module that
+is present) stands.
+
+Chance baseline: how often a random direction would pass a threshold. :func:`chance_rate` draws isotropic random
+unit directions in d_model and scores each against a predecessor SAE's dictionary like a feature (the top-1 cosine);
+the fraction at or above the threshold is the rate at which a score that high says nothing (at d = 640 and
+t_M = 0.15, several percent). :meth:`hf_sae.flow.FeatureFlow.predecessors` reports it per predecessor.
 """
 
 from __future__ import annotations
@@ -29,13 +37,20 @@ from torch import Tensor
 from .._io import write_text_atomic
 from ..errors import FlowError
 from ..sites import D_MODEL_SITES
+from .matching import match_decoders
 from .plotting import plot_summary
 
 PREDECESSOR_SITES = D_MODEL_SITES
 """The sites of a resid feature's predecessors P, in the order R (resid L−1), M (mlp L), A (attn L)."""
-CLASSES = ("translated", "processed", "newborn", "unexplained")
+CLASSES = ("translated", "processed", "newborn", "unexplained", "undetermined")
 VIA = ("", "mlp", "attn", "both")  # which modules explain a processed / newborn feature
 DEFAULT_THRESHOLDS = {"resid": 0.5, "mlp": 0.15, "attn": 0.15}
+_CHANCE_STREAM = 0x5EED_F10F  # chance directions come from their own random stream
+
+
+def predecessor_keys(layer: int) -> tuple[tuple[str, tuple[int, str]], ...]:
+    """(site, SAE key) of the predecessors R, M, A of the resid features of ``layer``."""
+    return (("resid", (layer - 1, "resid")), ("mlp", (layer, "mlp")), ("attn", (layer, "attn")))
 
 
 def check_threshold(name: str, value: float) -> float:
@@ -51,7 +66,8 @@ def classify(
     """Vectorised classes of the table above.
 
     s_resid, s_mlp, s_attn: (F,) scores (NaN = no SAE there). Returns ``category`` (F,) int64 indexing
-    :data:`CLASSES` and ``via`` (F,) int64 indexing :data:`VIA` (1 = mlp, 2 = attn, 3 = both, 0 = neither).
+    :data:`CLASSES` and ``via`` (F,) int64 indexing :data:`VIA` (1 = mlp, 2 = attn, 3 = both, 0 = neither; the
+    modules known to pass). ``undetermined`` where a NaN score could change the class.
     """
     from_resid = s_resid >= t_resid  # NaN compares False
     by_mlp = s_mlp >= t_mlp
@@ -62,7 +78,19 @@ def classify(
     category[from_resid & ~module] = CLASSES.index("translated")
     category[from_resid & module] = CLASSES.index("processed")
     category[~from_resid & module] = CLASSES.index("newborn")
+    module_unknown = ~module & (s_mlp.isnan() | s_attn.isnan())  # a missing module might have passed
+    category[s_resid.isnan() | module_unknown] = CLASSES.index("undetermined")
     return category, via
+
+
+@torch.no_grad()
+def chance_rate(decoder: Tensor, threshold: float, n: int = 1024, seed: int = 0, block_size: int = 4096) -> float:
+    """The fraction of ``n`` isotropic random unit directions (seeded) whose top-1 cosine with the rows of
+    ``decoder`` (F, d) is ≥ ``threshold``: how often a score that high arises by chance."""
+    generator = torch.Generator().manual_seed(_CHANCE_STREAM + seed)  # not the stream of torch.manual_seed(seed)
+    directions = torch.randn(n, decoder.shape[1], generator=generator)
+    scores, _ = match_decoders(directions, decoder, 1, block_size=block_size, device=decoder.device)
+    return float((scores[:, 0] >= threshold).float().mean())
 
 
 def class_label(category: int, via: int) -> str:
@@ -85,6 +113,8 @@ class PredecessorTable:
         id_resid, id_mlp, id_attn: (F,) int64 the top-1 predecessor ids (-1 where there is no SAE).
         category: (F,) int64 index into :data:`CLASSES`; via: (F,) int64 index into :data:`VIA`.
         thresholds: {"resid": t_R, "mlp": t_M, "attn": t_A} used for the classes.
+        chance: {site: fraction of random directions scoring ≥ that site's threshold} (:func:`chance_rate`) for the
+            predecessor SAEs present; empty when not computed.
     """
 
     layer: int
@@ -97,6 +127,7 @@ class PredecessorTable:
     category: Tensor
     via: Tensor
     thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    chance: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.s_resid.shape[0]
@@ -133,6 +164,7 @@ class PredecessorTable:
             for via in VIA[1:]:
                 out[f"{category} {word} {via}"] = int(self.mask(f"{category} {word} {via}").sum())
         out["unexplained"] = int(self.mask("unexplained").sum())
+        out["undetermined"] = int(self.mask("undetermined").sum())
         return out
 
     def row(self, feature: int) -> dict:
@@ -166,7 +198,9 @@ class PredecessorTable:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in self.counts().items())
-        return f"PredecessorTable(layer={self.layer}, features={len(self)}, {counts})"
+        chance = ", ".join(f"{site} {100 * rate:.1f}%" for site, rate in self.chance.items())
+        chance = f", chance of passing by random direction: {chance}" if chance else ""
+        return f"PredecessorTable(layer={self.layer}, features={len(self)}, {counts}{chance})"
 
 
 def build_table(

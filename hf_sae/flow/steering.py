@@ -14,16 +14,17 @@ steers every graph feature at layers ≤ l, each at its own (layer, site). l def
 Coefficient of a feature at layer l' (s is its strength; the same formulas give r in ``rescale`` mode):
 constant s′ = s; exponential s′ = s·e^{α·l′} (default α = −0.05); linear from (l_start, s) to (l_end, s*):
 k = (s* − s)/(l_end − l_start), s′ = k·l′ + s − k·l_start (default s* = 1; l_start / l_end default to the first and
-last steered layer).
+last layer of the graph, as in the paper, whichever layers are steered).
 
 The hooks are those of :mod:`hf_sae.steering` (``SiteHook`` and ``SteeringHandle``): they act at prefill and at
-every KV-cached decode step, never touch padding, honour ``positions``, and are removed on exit of the ``with`` block.
+every KV-cached decode step, never touch padding, leave BOS and the SAEs' excluded token ids alone (unless
+``exclude_token_ids`` says otherwise), honour ``positions``, and are removed on exit of the ``with`` block.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FlowError
+from ..lm_inputs import excluded_token_ids
 from ..sites import D_MODEL_SITES
 from ..steering import POSITIONS, SiteHook, SteeringHandle, install_hooks, latent_values
 from .graph import parse_node_id
@@ -112,8 +114,8 @@ def plan_flow_steering(
         strength: s (``activate``) or r (``rescale``): one number for every node, or ``{node_id: value}`` (then only
             those nodes are steered).
         mode: ``"activate"`` (h + s·V at every token) or ``"rescale"`` (h + (r − 1)·a·V).
-        schedule: ``"constant"``, ``"linear"`` (to ``end_strength`` s* at ``end_layer``, from ``start_layer``) or
-            ``"exponential"`` (s·e^{α·l}, ``alpha``).
+        schedule: ``"constant"``, ``"linear"`` (to ``end_strength`` s* at ``end_layer``, from ``start_layer``;
+            default the graph's first and last layer) or ``"exponential"`` (s·e^{α·l}, ``alpha``).
         cumulative, layer: steer the graph's features at layer ``layer`` only, or at every layer ≤ ``layer``
             (default: the graph's target layer).
         sites: which node sites to steer (default all of resid, mlp, attn).
@@ -152,9 +154,9 @@ def plan_flow_steering(
             f"the graph has no nodes {where} on sites {list(sites)} to steer (its layers: "
             f"{sorted({n[0][0] for n in nodes})}). Pass layer=... or cumulative=True."
         )
-    steered_layers = [parsed[0] for parsed, _ in chosen]
-    start = min(steered_layers) if start_layer is None else start_layer
-    end = max(steered_layers) if end_layer is None else end_layer
+    graph_layers = [parsed[0] for parsed, _ in nodes]  # the span of the graph, not of the steered nodes
+    start = min(graph_layers) if start_layer is None else start_layer
+    end = max(graph_layers) if end_layer is None else end_layer
     plan = FlowSteeringPlan(mode, schedule, layer, cumulative)
     for (node_layer, site, index), node in chosen:
         flow.require((node_layer, site), f"steer node {node}")
@@ -182,8 +184,9 @@ class FlowHook(SiteHook):
         positions: str = "all",
         scales: Tensor | None = None,
         exclude_token_ids=None,
+        default_exclusion: bool = False,
     ):
-        super().__init__(model, sae, positions, exclude_token_ids)
+        super().__init__(model, sae, positions, exclude_token_ids, default_exclusion=default_exclusion)
         self.mode = mode
         device = sae.W_dec.device
         self.feature_ids = torch.tensor(list(features), dtype=torch.long, device=device)
@@ -230,6 +233,7 @@ def steer_flow(
     *,
     units: str = "unit",
     positions: str = "all",
+    exclude_token_ids: Sequence[int] | None = None,
     **plan_options: Any,
 ) -> FlowSteeringHandle:
     """Steer ``model`` along ``graph``: a context manager (``with flow.steer(...): model.generate(...)``), also
@@ -241,6 +245,7 @@ def steer_flow(
             folded scale, :func:`hf_sae.flow.matching.feature_scales`: θ·||W_dec|| for JumpReLU, the mean non-zero
             activation for TopK after ``flow.calibrate``), so s = 1 means "one typical activation".
         positions: ``"all"``, ``"prompt"`` or ``"generated"``; padding is never steered.
+        exclude_token_ids: token ids never steered; default BOS and each SAE's ``excluded_token_ids`` (``[]``: none).
         plan_options: which features, where and with which coefficients, as in :func:`plan_flow_steering`:
             ``mode`` (``"activate"``: h + s·V at every token, or ``"rescale"``: h + (r − 1)·a·V), ``schedule``
             (``"constant"``, ``"linear"``, ``"exponential"``), ``alpha``, ``end_strength``, ``start_layer``,
@@ -251,13 +256,19 @@ def steer_flow(
     if positions not in POSITIONS:
         raise FlowError(f"positions={positions!r} is unknown; use one of {list(POSITIONS)}.")
     plan = plan_flow_steering(flow, graph, strength, **plan_options)
-    return FlowSteeringHandle(model, install_hooks(_flow_hooks(flow, model, plan, units, positions)), plan)
+    hooks = _flow_hooks(flow, model, plan, units, positions, exclude_token_ids)
+    return FlowSteeringHandle(model, install_hooks(hooks), plan)
 
 
-def _flow_hooks(flow, model: nn.Module, plan: FlowSteeringPlan, units: str, positions: str):
+def _flow_hooks(
+    flow, model: nn.Module, plan: FlowSteeringPlan, units: str, positions: str, exclude_token_ids: Sequence[int] | None
+):
     for key, features in sorted(plan.coefficients.items()):
         sae = flow[key]
         scales = None
         if units == "folded" and plan.mode == "activate":
             scales = feature_scales(sae, flow.mean_activations.get(key))
-        yield FlowHook(model, sae, features, plan.mode, positions, scales)
+        excluded = excluded_token_ids(model, [sae.config], exclude_token_ids)
+        yield FlowHook(
+            model, sae, features, plan.mode, positions, scales, excluded, default_exclusion=exclude_token_ids is None
+        )

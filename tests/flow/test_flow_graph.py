@@ -78,7 +78,7 @@ def test_planted_features_get_their_class_ids_and_scores():
     assert table.id_resid[:40].tolist() == p.tolist() * 4  # translated and processed come from R[p]
     assert table.id_mlp[40:50].tolist() == q.tolist()
     assert table.id_attn[50:60].tolist() == r.tolist()
-    assert table.counts() == {"translated": 10, "processed": 30, "newborn": 30, "unexplained": 10}
+    assert table.counts() == {"translated": 10, "processed": 30, "newborn": 30, "unexplained": 10, "undetermined": 0}
     assert table.counts(detailed=True)["newborn from both"] == 10
     assert table.label(45) == "newborn from mlp" and bool(table.mask("newborn from mlp")[45])
     row = table.row(0)
@@ -111,7 +111,7 @@ def test_classify_follows_the_table_by_hand():
         "newborn",
         "newborn",
         "unexplained",
-        "newborn",
+        "undetermined",  # no resid L-1 SAE: processed or newborn
         "processed",
     ]  # ties (0.5, 0.15) count as reaching the threshold
     assert via.tolist() == [0, 1, 2, 3, 1, 2, 3, 0, 1, 1]
@@ -133,7 +133,7 @@ def test_missing_neighbours_and_bad_collections_are_named():
     with pytest.raises(FlowError, match=r"layer 2, 'mlp'"):
         flow.predecessors(2)
     table = flow.predecessors(2, allow_missing=True)
-    assert bool(table.s_mlp.isnan().all()) and table.label(40) == "unexplained"
+    assert bool(table.s_mlp.isnan().all()) and table.label(40) == "undetermined"  # mlp unknown: newborn?
     with pytest.raises(FlowError, match=r"layer 0, 'resid'"):
         flow.match((1, "resid"), (0, "resid"))
     attn_z = HierarchicalSAE(HierarchicalSAEConfig(d_in=D, d_sae=8, k=2, hook_layer=2, hook_site="attn_z"))

@@ -52,8 +52,16 @@ def test_single_layer_and_cumulative_plans_choose_their_nodes(flow):
     nodes = {(int(a["layer"]), a["site"], int(a["index"])) for _, a in graph.nodes(data=True) if a["layer"] <= 2}
     planned = {(layer, site, f) for (layer, site), fs in cumulative.coefficients.items() for f in fs}
     assert planned == nodes
+    # the linear schedule spans the graph's layers (the paper's l_start, l_end), not only the steered ones
+    first, last = min(a["layer"] for _, a in graph.nodes(data=True)), max(a["layer"] for _, a in graph.nodes(data=True))
+    assert (first, last) == (0, 3)
+    slope = (2.0 - 8.0) / (last - first)
     assert cumulative.coefficients[(0, "resid")][5] == pytest.approx(8.0)
-    assert cumulative.coefficients[(2, "resid")][5] == pytest.approx(2.0)
+    assert cumulative.coefficients[(2, "resid")][5] == pytest.approx(slope * 2 + 8.0)  # 4.0, not s* = 2 at layer 2
+    paper = plan_flow_steering(flow, graph, 400.0, cumulative=True, schedule="linear")
+    assert paper.coefficients[(2, "resid")][5] == pytest.approx((1.0 - 400.0) / 3 * 2 + 400.0)  # 134.0, not 1
+    ends = plan_flow_steering(flow, graph, 8.0, cumulative=True, schedule="linear", end_strength=2.0, end_layer=2)
+    assert ends.coefficients[(2, "resid")][5] == pytest.approx(2.0)  # an explicit l_end still wins
     only_resid = plan_flow_steering(flow, graph, {"1/resid/5": 3.0}, cumulative=True, sites=("resid",))
     assert only_resid.coefficients == {(1, "resid"): {5: 3.0}}
     with pytest.raises(FlowError, match="not in the graph"):
