@@ -70,19 +70,24 @@ def budget_metrics(sae, x: Tensor, budgets: list[int] | None = None) -> dict[int
 
 
 def l0_distribution(values: Tensor) -> dict:
-    """How the number of active latents spreads over the rows of values (N, width): mean, std, min, median, 10th /
-    90th percentiles, max and a histogram {L0: rows}. For variable-L0 SAEs (a threshold: JumpReLU, BatchTopK and
-    Matryoshka at inference), whose L0 is a distribution, not the k of a TopK."""
-    counts = (values.detach() != 0).sum(-1).reshape(-1).cpu()
+    """How the number of active latents spreads over the rows of values (N, width): see
+    :func:`l0_counts_distribution`. For variable-L0 SAEs (a threshold: JumpReLU, BatchTopK and Matryoshka at
+    inference), whose L0 is a distribution, not the k of a TopK."""
+    return l0_counts_distribution((values.detach() != 0).sum(-1))
+
+
+def l0_counts_distribution(counts: Tensor) -> dict:
+    """Per-row L0s (N,) -> mean, std, min, 10th percentile, median, 90th percentile, max and a histogram
+    {L0: rows}."""
+    counts = counts.reshape(-1).cpu()
     as_float = counts.double()
-    histogram = torch.bincount(counts)
     return {
         "mean": float(as_float.mean()),
         "std": float(as_float.std(unbiased=False)),
         "min": int(counts.min()),
         "p10": float(as_float.quantile(0.1)),
-        "median": float(as_float.median()) if counts.numel() % 2 else float(as_float.quantile(0.5)),
+        "median": float(as_float.quantile(0.5)),
         "p90": float(as_float.quantile(0.9)),
         "max": int(counts.max()),
-        "histogram": {str(l0): int(rows) for l0, rows in enumerate(histogram.tolist()) if rows},
+        "histogram": {str(l0): int(rows) for l0, rows in enumerate(torch.bincount(counts).tolist()) if rows},
     }

@@ -5,6 +5,7 @@ planted features, save/load, the training CLI's names, steering and splicing."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,3 +422,27 @@ def test_steering_and_splicing_work_with_variable_l0_saes(make, tiny_lm):
         assert hook.latents is not None and hook.latents.values.shape[:2] == (1, 5)
     assert not torch.allclose(clean, steered) and not torch.allclose(clean, spliced)
     assert math.isfinite(float(spliced.abs().max()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "jumprelu"])
+def test_a_training_run_of_each_architecture_saves_evaluates_and_reports_its_l0_distribution(arch, tiny_args, tmp_path):
+    from training import train as train_module
+    from training.cli import parse_args
+
+    extra = ",l0_coefficient=0.01,l0_warmup_steps=10" if arch == "jumprelu" else ""
+    cfg, explicit = parse_args(tiny_args(tmp_path / "run", sae=f"layer=2,arch={arch}{extra}"))
+    metrics = train_module.train(cfg, explicit)
+    (result,) = metrics["saes"].values()
+    loaded = AutoModel.from_pretrained(result["path"])
+    assert loaded.config.model_type == {"batchtopk": "batchtopk_sae", "matryoshka": "matryoshka_sae"}.get(
+        arch, "jumprelu_sae"
+    )
+    native = result["native"]
+    assert 0 < native["l0"] and native["l0_distribution"]["min"] <= native["l0"] <= native["l0_distribution"]["max"]
+    assert sum(native["l0_distribution"]["histogram"].values()) == result["eval_tokens"]
+    assert native["explained_variance"] < 1
+    if arch != "jumprelu":
+        assert int(loaded.threshold_batches) == 30 and float(loaded.threshold) > 0
+    card = (Path(result["path"]) / "README.md").read_text()
+    assert {"batchtopk": "2412.06410", "matryoshka": "2503.17547", "jumprelu": "2407.14435"}[arch] in card

@@ -90,10 +90,17 @@ def reconstruction_metrics(
     The same numbers as :func:`hf_sae.metrics.fvu` / ``shrinkage`` / ``l0`` / ``dead_fraction`` on the whole of ``x``
     (float64 sums), accumulated over chunks of ``chunk_rows``: one encode at K per chunk, each budget decoding the
     first k' latents of it, and no (N, d_in) float64 copy per budget (what made this the slow part of the evaluation).
+
+    A variable-L0 SAE (``config.variable_l0``: a threshold, as JumpReLU, BatchTopK and Matryoshka use at inference)
+    also gets ``"native"``: FVU / EV / mean L0 of its own encoding ``sae.encode(x)`` and the distribution of the L0
+    over tokens (:func:`hf_sae.metrics.l0_counts_distribution`). Budgets are TopK prefixes only where they are
+    (``config.topk_budgets``); otherwise the one budget K (the cap).
     """
     device, dtype = sae.W_dec.device, sae.W_dec.dtype
     K, d_sae, n = sae.config.k, sae.config.d_sae, x.shape[0]
-    budgets = sae_metrics.default_budgets(K)
+    budgets = sae_metrics.default_budgets(K) if sae.config.topk_budgets else [K]
+    native = getattr(sae.config, "variable_l0", False)
+    native_error, native_counts = torch.zeros((), dtype=torch.float64), []
     chunks = [(start, min(start + chunk_rows, n)) for start in range(0, n, chunk_rows)]
     mean = sum(x[a:b].double().sum(0) for a, b in chunks) / n  # (d_in,)
     total_variance = torch.zeros((), dtype=torch.float64)
@@ -115,6 +122,10 @@ def reconstruction_metrics(
                 norm_ratio[budget] += (reconstruction.norm(dim=-1) / x_norm).sum()
                 nonzero[budget] += int((v != 0).sum())
             fired[indices[values > 0].cpu()] = True
+            if native:  # the SAE's own encoding: every latent above its threshold
+                own = sae.encode(x[a:b].to(device, dtype))
+                native_error += (rows - sae.decode(own).cpu().double()).pow(2).sum()
+                native_counts.append((own.values != 0).sum(-1).cpu())
             if stats is not None:
                 stats.update(x[a:b], values, indices)
             bar.update(b - a)
@@ -128,11 +139,17 @@ def reconstruction_metrics(
             "l0": nonzero[budget] / n,
             "shrinkage": float(norm_ratio[budget] / n),
         }
-    return {
+    result = {
         "budgets": per_budget,
         "dead_fraction_eval": 1.0 - float(fired.double().mean()),
         "eval_tokens": int(n),
     }
+    if native:
+        fvu = float(native_error / total_variance)
+        distribution = sae_metrics.l0_counts_distribution(torch.cat(native_counts))
+        result["native"] = {"fvu": fvu, "explained_variance": 1.0 - fvu, "l0": distribution["mean"]}
+        result["native"]["l0_distribution"] = distribution
+    return result
 
 
 def held_out_feature_stats(sae, source: str) -> FeatureStatsAccumulator:
