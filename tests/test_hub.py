@@ -25,12 +25,22 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 from transformers.utils import hub as transformers_hub
 
-from hf_sae import HierarchicalSAE, KronSAE, KronSAEConfig, SAELoadError
+from hf_sae import (
+    BatchTopKSAE,
+    BatchTopKSAEConfig,
+    HierarchicalSAE,
+    KronSAE,
+    KronSAEConfig,
+    MatryoshkaSAE,
+    MatryoshkaSAEConfig,
+    SAELoadError,
+)
 from hf_sae import hub as hf_hub
 from hf_sae.cli import main as cli_main
 from hf_sae.configuration_jumprelu_sae import JumpReLUSAEConfig
 from hf_sae.convert import from_sae_lens
 from hf_sae.modeling_jumprelu_sae import JumpReLUSAE
+from hf_sae.registry import resolve_architecture
 from hf_sae.testing.hub_server import LocalHub, hub_client
 from hf_sae.testing.tiny_models import tiny_sae
 
@@ -104,6 +114,32 @@ def test_push_then_load_by_repo_id_gives_bit_identical_weights_and_outputs(hub, 
     assert card.data.library_name == "hf-sae" and {"hierarchical-topk", "gemma-2"} <= set(card.data.tags)
     assert 'AutoModel.from_pretrained("me/gemma-2-2b-res-l12-hier")' in card.text
     assert len(commit.oid) == 40
+
+
+def _variable_l0_saes() -> dict[str, torch.nn.Module]:
+    """A BatchTopK, a Matryoshka and a trainable (log-threshold) JumpReLU SAE after one training forward (so θ is
+    estimated / the warm-up counter moved), in eval mode."""
+    architecture, preset = resolve_architecture("jumprelu")
+    saes = {
+        "batchtopk": BatchTopKSAE(BatchTopKSAEConfig(d_in=16, d_sae=64, k=4)),
+        "matryoshka": MatryoshkaSAE(MatryoshkaSAEConfig(d_in=16, d_sae=64, k=4, group_sizes=[8, 24, 32])),
+        "jumprelu-trained": architecture.model_class(architecture.build_config(preset, d_in=16, d_sae=64)),
+    }
+    for sae in saes.values():
+        sae.train()
+        sae(torch.randn(64, 16))
+        sae.eval()
+    return saes
+
+
+def test_batchtopk_matryoshka_and_trained_jumprelu_push_then_load_identically(hub, cache):
+    saes = _variable_l0_saes()
+    with hub_client(hub.push_url, cache):
+        for name, sae in saes.items():
+            sae.push_to_hub(f"me/{name}")
+    with hub_client(hub.pull_url, cache):
+        for name, sae in saes.items():
+            _assert_same(sae, AutoModel.from_pretrained(f"me/{name}"))
 
 
 def test_second_push_is_a_new_revision_and_old_revisions_stay_loadable(hub, cache):
@@ -384,6 +420,7 @@ def test_include_code_loads_with_trust_remote_code_without_hf_sae(hub, cache, tm
         "me/remote-kron": KronSAE(KronSAEConfig(d_in=16, d_sae=64, k=8, num_heads=8, base_dim=2, ext_dim=4)),
         "me/remote-jumprelu": jumprelu,
         "me/remote-collection:layer_3/mlp": _sae(seed=13, hook_layer=3, hook_site="mlp"),
+        **{f"me/remote-{name}": sae for name, sae in _variable_l0_saes().items()},
     }
     with hub_client(hub.push_url, cache):
         for repo, sae in saes.items():
