@@ -759,7 +759,17 @@ def steer(
     return SteeringHandle(model, install_hooks(hooks))
 
 
-def _function_hook(model, sae, fn, layer, site, options, exclude_token_ids, features) -> _FunctionHook:
+def _function_hook(
+    model: nn.Module,
+    sae: Any,
+    fn: Callable[[Tensor], Tensor],
+    layer: int | None,
+    site: str | None,
+    options: dict[str, Any],
+    exclude_token_ids: Sequence[int] | None,
+    features: Any,
+) -> _FunctionHook:
+    """The hook of ``steer(model, [sae], fn=..., [layer=..., site=...])``, its arguments checked."""
     if features is not None:
         raise SteeringError("steer(model, ..., fn=...) edits with fn alone: drop features (or drop fn).")
     if sae is not None and not isinstance(sae, nn.Module) or isinstance(sae, SteeringVector):
