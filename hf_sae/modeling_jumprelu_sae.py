@@ -161,6 +161,12 @@ class JumpReLUSAE(SAEPreTrainedModel):
         losses = {"reconstruction": mse, "l0": l0_term}
         return self._sae_output(x, values, indices, x_hat.detach(), mse + l0_term, losses)
 
+    @classmethod
+    def run_defaults(cls, total_steps: int) -> dict:
+        """λ's warm-up: Gemma Scope's 10,000 steps, at most a tenth of a shorter run (else a short run would end
+        before λ had grown)."""
+        return {"l0_warmup_steps": max(1, min(10_000, total_steps // 10))}
+
     def _inference_forward(self, x: Tensor) -> SAEOutput:
         self._check_input(x)
         cfg = self.config

@@ -420,6 +420,12 @@ class SAEPreTrainedModel(PreTrainedModel):
 
     # -------------------------------------------------------------------------------------- training defaults
     @classmethod
+    def run_defaults(cls, total_steps: int) -> dict:
+        """Config fields whose training default depends on the length of the run (``total_steps`` optimiser steps);
+        training fills them where the run does not set them. None by default."""
+        return {}
+
+    @classmethod
     def default_learning_rate(cls, config: SAEConfig) -> float:
         """The peak learning rate training uses when none is given: :func:`scaled_learning_rate` of ``d_sae``."""
         return scaled_learning_rate(config.d_sae)

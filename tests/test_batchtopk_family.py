@@ -280,6 +280,12 @@ def test_jumprelu_training_loss_is_mse_plus_warmed_up_lambda_l0_and_matches_a_na
     assert int(sae.steps_trained) == 2
 
 
+def test_the_jumprelu_warmup_default_follows_the_length_of_the_run():
+    assert JumpReLUSAE.run_defaults(1_000_000) == {"l0_warmup_steps": 10_000}  # Gemma Scope's
+    assert JumpReLUSAE.run_defaults(300) == {"l0_warmup_steps": 30}
+    assert BatchTopKSAE.run_defaults(300) == {}
+
+
 def test_jumprelu_log_parametrisation_reads_theta_and_folds_scales():
     sae = _trainable_jumprelu(initial_threshold=0.25)
     torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.25))
@@ -430,7 +436,7 @@ def test_a_training_run_of_each_architecture_saves_evaluates_and_reports_its_l0_
     from training import train as train_module
     from training.cli import parse_args
 
-    extra = ",l0_coefficient=0.01,l0_warmup_steps=10" if arch == "jumprelu" else ""
+    extra = ",l0_coefficient=0.01" if arch == "jumprelu" else ""
     cfg, explicit = parse_args(tiny_args(tmp_path / "run", sae=f"layer=2,arch={arch}{extra}"))
     metrics = train_module.train(cfg, explicit)
     (result,) = metrics["saes"].values()
@@ -444,5 +450,7 @@ def test_a_training_run_of_each_architecture_saves_evaluates_and_reports_its_l0_
     assert native["explained_variance"] < 1
     if arch != "jumprelu":
         assert int(loaded.threshold_batches) == 30 and float(loaded.threshold) > 0
+    else:  # the run's default warm-up: a tenth of its 30 steps; the counter saved with the SAE
+        assert loaded.config.l0_warmup_steps == 3 and int(loaded.steps_trained) == 30
     card = (Path(result["path"]) / "README.md").read_text()
     assert {"batchtopk": "2412.06410", "matryoshka": "2503.17547", "jumprelu": "2407.14435"}[arch] in card

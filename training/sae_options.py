@@ -23,7 +23,10 @@ from hf_sae.registry import architectures
 # the embedded CPU run trains a smaller SAE.
 SAE_DEFAULTS = {"d_sae": 4096, "k": 32}
 # Fields whose training default depends on the run (training/saes.py), shown as such in --help.
-DERIVED_DEFAULTS = {"dead_tokens": "min(10M, tokens // 10), at least one step's tokens"}
+DERIVED_DEFAULTS = {
+    "dead_tokens": "min(10M, tokens // 10), at least one step's tokens",
+    "l0_warmup_steps": "min(10k, steps // 10)",
+}
 
 
 def parse_count(text: Any) -> int:

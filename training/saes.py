@@ -83,14 +83,21 @@ def build_sae(
     provenance: dict,
     sample: Tensor,
     device: torch.device,
+    total_steps: int | None = None,
 ) -> SAEPreTrainedModel:
     """A freshly initialised SAE that scales its own input by ``scale`` (unfolded until the end of training).
 
     The config is the architecture's own, from the run's entry plus what training knows (d_in, where it reads, the
     scale, ``provenance``: base_model, context_length, excluded_token_ids, dataset). Init: the architecture's, then
     b_dec per ``--b-dec-init`` (auto: the architecture's ``b_dec_init``) from ``sample`` (raw activations, scaled).
+    Fields whose default depends on the run's length (the architecture's ``run_defaults(total_steps)``, e.g. the
+    JumpReLU λ warm-up) are filled where the entry does not set them.
     """
     architecture, _ = resolve_architecture(spec.arch)
+    steps = total_steps if total_steps is not None else math.ceil(cfg.tokens / cfg.batch_size)
+    run_defaults = {
+        name: value for name, value in architecture.model_class.run_defaults(steps).items() if name not in spec.config
+    }
     config = sae_config(
         spec,
         site,
@@ -98,6 +105,7 @@ def build_sae(
         activation_scale_folded=False,
         dead_tokens=dead_tokens,
         **provenance,
+        **run_defaults,
     )
     sae = architecture.model_class(config).to(device)
     method = cfg.b_dec_init if cfg.b_dec_init != "auto" else architecture.model_class.b_dec_init

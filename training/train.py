@@ -166,7 +166,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
         for spec, site, dead_tokens in zip(specs, sites, run.dead_tokens):
             x = first_round[site.key].float()
             scale = activation_scale(x, accelerator)
-            run.saes.append(build_sae(cfg, spec, site, scale, dead_tokens, provenance, x, device))
+            run.saes.append(build_sae(cfg, spec, site, scale, dead_tokens, provenance, x, device, total_steps))
         run.trainer_state["data_files"] = data_file_state(cfg.dataset)  # a resume checks them
     else:
         state = ckpt.load_checkpoint(checkpoint_dir, model_classes(specs), device)
