@@ -154,13 +154,15 @@ def _source_url() -> str | None:
 
 
 def install_instructions(remote_code: bool = False, repo: str = "REPO", subfolder: str | None = None) -> str:
-    """The card's install block: hf-sae is not on PyPI, so it installs from its source repository."""
+    """The card's install block: hf-sae is not on PyPI, so it installs from its source repository (a git URL when
+    the package records one, else a copy of the repository: ``pip install ./hf-sae`` installs it as a library, with
+    ``hf-sae train`` and no top-level ``training`` package; tested from a fresh venv)."""
     url = _source_url()
     lines = ["# hf-sae is not on PyPI: install it from its source repository"]
     if url:
         lines.append(f'pip install "hf-sae @ git+{url.removeprefix("git+")}"')
     else:
-        lines += ["git clone <the hf-sae source repository> hf-sae", "pip install -e ./hf-sae"]
+        lines += ["# (./hf-sae: a copy of the hf-sae source repository)", "pip install ./hf-sae"]
     if remote_code:
         lines += [
             "# or without hf-sae: this repo carries its own modeling code",

@@ -5,7 +5,9 @@
     hf-sae export sae-lens RUN OUT [--k K] [--dtype T]
     hf-sae card RUN_DIR [--repo-id ID] [--output FILE | --write]
     hf-sae flow {trace,table,match} REPO ...   (feature flow; see hf_sae.flow.cli)
+    hf-sae train [OPTIONS]                     (python -m training.train OPTIONS)
     hf-sae harvest [OPTIONS]                   (an activation cache: python -m training.harvest OPTIONS)
+    hf-sae activations {push,pull} ...         (a cache on the Hub: python -m training.cache_hub ...)
     hf-sae --version
 
 
@@ -19,6 +21,7 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import subprocess
 import sys
@@ -208,37 +211,55 @@ def _run_card(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------------- harvest
-HARVEST_MODULE = "training.harvest"
-"""The module ``hf-sae harvest`` runs (``python -m training.harvest``, the training package's: hf_sae never
-imports training, so the harvest runs in a subprocess of its own)."""
+# ------------------------------------------------------------------------------ train, harvest, activations
+FORWARDED = {"train": "train", "harvest": "harvest", "activations": "cache_hub"}
+"""Subcommands whose arguments all go, unparsed, to a module of the training package (``hf-sae train ARGS`` is
+``python -m training.train ARGS``): hf_sae never imports training, so they run in a subprocess of their own."""
 HARVEST_HELP = "run the LM once over a data set and write an activation cache (python -m training.harvest)"
-FORWARDED = {"harvest"}
-"""Subcommands whose arguments all go, unparsed, to another program."""
+TRAIN_HELP = "train SAEs: the embedded default with no options (python -m training.train)"
+ACTIVATIONS_HELP = "push an activation cache to the Hub as a dataset, or pull one (python -m training.cache_hub)"
 
 
-def _add_harvest(parser: argparse.ArgumentParser) -> None:
+def training_module(name: str) -> str:
+    """The module ``python -m`` runs for ``training/<name>.py``: ``hf_sae.training.<name>`` where hf-sae is installed
+    as a wheel (which ships the training folder inside the hf_sae package, installing no top-level ``training``),
+    ``training.<name>`` in a checkout of the repository."""
+    for package in ("hf_sae.training", "training"):
+        try:
+            if importlib.util.find_spec(package) is not None:
+                return f"{package}.{name}"
+        except ImportError:
+            continue
+    raise HfSaeError(
+        "the training package of hf-sae is not installed (neither hf_sae.training nor training imports); reinstall "
+        "hf-sae (pip install .) or run from a checkout of its repository."
+    )
+
+
+def _add_forwarded(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "args",
         nargs=argparse.REMAINDER,
         metavar="OPTIONS",
-        help=f"the options of python -m {HARVEST_MODULE} (hf-sae harvest --help lists them)",
+        help="the options of the training package's program (--help lists them)",
     )
 
 
-def _run_harvest(args: argparse.Namespace) -> int:
-    """``python -m training.harvest ARGS`` in a subprocess; its exit status is ours. ``--help`` prints its help and
-    this command's examples."""
-    command = [sys.executable, "-m", HARVEST_MODULE, *args.args]
+def _run_forwarded(args: argparse.Namespace) -> int:
+    """``python -m <training>.<module> ARGS`` in a subprocess; its exit status is ours. ``--help`` prints its help
+    and this command's examples."""
+    module = training_module(FORWARDED[args.command])
+    command = [sys.executable, "-m", module, *args.args]
     if any(arg in ("-h", "--help") for arg in args.args):
         done = subprocess.run(command, capture_output=True, text=True, check=False)
-        sys.stdout.write(done.stdout.replace(f"python -m {HARVEST_MODULE}", "hf-sae harvest", 1))
+        text = done.stdout.replace(f"python -m {module}", f"hf-sae {args.command}", 1)
+        sys.stdout.write(text.replace(f"python -m training.{FORWARDED[args.command]}", f"hf-sae {args.command}", 1))
         sys.stderr.write(done.stderr)
-        print("\n" + (_epilog("harvest") or ""))
+        print("\n" + (_epilog(args.command) or ""))
         raise SystemExit(done.returncode)
     try:
         return subprocess.run(command, check=False).returncode
-    except KeyboardInterrupt:  # the harvest got the Ctrl-C too and saved what it finished
+    except KeyboardInterrupt:  # the program got the Ctrl-C too and saved what it finished
         return 130
 
 
@@ -249,7 +270,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "export": ("write a run's SAE(s) in another library's format (SAELens)", _add_export, _run_export),
     "card": ("print (or write) the model card of a run's SAE", _add_card, _run_card),
     "flow": FLOW_SUBCOMMAND,
-    "harvest": (HARVEST_HELP, _add_harvest, _run_harvest),
+    "train": (TRAIN_HELP, _add_forwarded, _run_forwarded),
+    "harvest": (HARVEST_HELP, _add_forwarded, _run_forwarded),
+    "activations": (ACTIVATIONS_HELP, _add_forwarded, _run_forwarded),
 }
 
 
@@ -303,6 +326,18 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "match layer 12's features into layer 11",
             "hf-sae flow match me/gemma-2-2b-saes --source 12/resid --target 11/resid",
         ),
+    ],
+    "train": [
+        ("the embedded default (Gemma 3 270M, English text; CPU, minutes)", "hf-sae train --out runs/default"),
+        (
+            "layer 12 of Gemma 2 2B",
+            "hf-sae train --model google/gemma-2-2b --layer 12 --d-sae 65536 --k 64 --out runs/l12",
+        ),
+        ("from an activation cache", "hf-sae train --activations acts/g2b --epochs 4"),
+    ],
+    "activations": [
+        ("push a cache as a Hub dataset (with a generated card)", "hf-sae activations push acts/g2b me/g2b-acts"),
+        ("pull it back (every shard checked)", "hf-sae activations pull me/g2b-acts acts/g2b"),
     ],
     "harvest": [
         (

@@ -189,7 +189,7 @@ def test_a_collection_over_models_with_different_licenses_says_other():
 def test_cards_say_how_to_install_hf_sae_which_is_not_on_pypi():
     for card in (generate_model_card(_sae()), generate_collection_card({"layer_12/resid": _sae()})):
         assert "pip install hf-sae\n" not in card.text and "hf-sae is not on PyPI" in card.text
-        assert "pip install -e ./hf-sae" in card.text or 'pip install "hf-sae @ git+' in card.text
+        assert "pip install ./hf-sae\n" in card.text or 'pip install "hf-sae @ git+' in card.text
     remote = generate_model_card(_sae(), repo_id="me/sae", remote_code=True)
     assert 'AutoModel.from_pretrained("me/sae", trust_remote_code=True)' in remote.text
 

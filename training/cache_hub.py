@@ -187,7 +187,10 @@ def pull_activation_cache(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.cache_hub {push,pull}`` (and ``hf-sae activations``)."""
-    parser = argparse.ArgumentParser(prog="hf-sae activations", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="hf-sae activations",
+        description="Push an activation cache to the Hub as a dataset repo (with a generated card), or pull one.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="push a finished cache as a Hub dataset with a generated card")
     push.add_argument("folder", metavar="DIR")

@@ -270,6 +270,6 @@ class ActivationBuffer:
 
 
 if __name__ == "__main__":  # python -m training.harvest: the activation cache (training/activation_cache.py)
-    from training.activation_cache import main
+    from .activation_cache import main
 
     main()
