@@ -234,8 +234,13 @@ def test_templates_live_once_in_model_cards_and_the_wheel_ships_them_in_the_pack
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"]["hf_sae.model_cards"] == "model_cards"
     assert setuptools["package-data"]["hf_sae.model_cards"] == ["*.md"]
+    assert setuptools["package-dir"]["hf_sae.training"] == "training"  # no top-level `training` in the wheel
     packages = {
-        ".".join(init.parent.relative_to(REPO).parts)
+        ".".join(
+            ("hf_sae", *init.parent.relative_to(REPO).parts)
+            if root == "training"
+            else init.parent.relative_to(REPO).parts
+        )
         for root in ("hf_sae", "training")
         for init in REPO.glob(f"{root}/**/__init__.py")
     }
