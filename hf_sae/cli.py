@@ -5,6 +5,7 @@
     hf-sae export sae-lens RUN OUT [--k K] [--dtype T]
     hf-sae card RUN_DIR [--repo-id ID] [--output FILE | --write]
     hf-sae flow {trace,table,match} REPO ...   (feature flow; see hf_sae.flow.cli)
+    hf-sae dashboard RUN_OR_REPO --out DIR [--model M] [--texts FILE] [--flow REPO]  (see hf_sae.dashboard_cli)
     hf-sae train [OPTIONS]                     (python -m training.train OPTIONS)
     hf-sae harvest [OPTIONS]                   (an activation cache: python -m training.harvest OPTIONS)
     hf-sae activations {push,pull} ...         (a cache on the Hub: python -m training.cache_hub ...)
@@ -34,6 +35,8 @@ from ._io import write_text_atomic
 from ._version import __version__
 from .cards import generate_collection_card, generate_model_card
 from .convert import FORMATS, convert, to_sae_lens
+from .dashboard_cli import DASHBOARD_SUBCOMMAND
+from .dashboard_cli import EXAMPLES as DASHBOARD_EXAMPLES
 from .errors import HfSaeError
 from .flow.cli import FLOW_SUBCOMMAND
 from .loading import load_sae
@@ -270,6 +273,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "export": ("write a run's SAE(s) in another library's format (SAELens)", _add_export, _run_export),
     "card": ("print (or write) the model card of a run's SAE", _add_card, _run_card),
     "flow": FLOW_SUBCOMMAND,
+    "dashboard": DASHBOARD_SUBCOMMAND,
     "train": (TRAIN_HELP, _add_forwarded, _run_forwarded),
     "harvest": (HARVEST_HELP, _add_forwarded, _run_forwarded),
     "activations": (ACTIVATIONS_HELP, _add_forwarded, _run_forwarded),
@@ -327,6 +331,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "hf-sae flow match me/gemma-2-2b-saes --source 12/resid --target 11/resid",
         ),
     ],
+    "dashboard": DASHBOARD_EXAMPLES,
     "train": [
         ("the embedded default (Gemma 3 270M, English text; CPU, minutes)", "hf-sae train --out runs/default"),
         (
