@@ -247,8 +247,7 @@ def build_dashboard(
     The site is written into a temporary folder beside ``out`` and renamed into place when complete.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise EvaluationError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) or another folder.")
+    _check_out(out, overwrite)
     lists, tokenizer = tokenize_texts(model, texts, tokenizer)
     bos = getattr(getattr(model, "config", None), "bos_token_id", None)
     windows = _take_tokens(split_windows(lists, context_length, bos if isinstance(bos, int) else None), max_tokens)
@@ -262,6 +261,50 @@ def build_dashboard(
         exclude_token_ids=exclude_token_ids,
         progress=progress,
     )
+    return write_dashboard(
+        model,
+        sae,
+        result,
+        windows,
+        out,
+        tokenizer=tokenizer,
+        flow=flow,
+        features=features,
+        context_before=context_before,
+        context_after=context_after,
+        n_logits=n_logits,
+        logit_dtype=logit_dtype,
+        title=title,
+        overwrite=overwrite,
+    )
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise EvaluationError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) or another folder.")
+
+
+def write_dashboard(
+    model: nn.Module,
+    sae: nn.Module,
+    result: FeatureActivations,
+    windows: list[list[int]],
+    out: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    flow: Any = None,
+    features: Sequence[int] | None = None,
+    context_before: int = 12,
+    context_after: int = 4,
+    n_logits: int = 10,
+    logit_dtype: torch.dtype = torch.float32,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Dashboard:
+    """Everything after the pass (:func:`collect_activations` over ``windows``): logit effects, flow neighbours,
+    the pages, the index, written into ``out`` (arguments as in :func:`build_dashboard`)."""
+    out = Path(out)
+    _check_out(out, overwrite)
     shown = (result.count > 0).nonzero(as_tuple=True)[0] if features is None else torch.as_tensor(features).long()
     if shown.numel() and not 0 <= int(shown.min()) <= int(shown.max()) < sae.config.d_sae:
         raise EvaluationError(f"features must be ids in 0..{sae.config.d_sae - 1}, got {shown.tolist()[:8]}...")
@@ -290,7 +333,7 @@ def build_dashboard(
             f"{type(sae).__name__}: d_in {config.d_in}, d_sae {config.d_sae:,}, k {config.k}",
             f"model {model_name(model) or config.base_model or type(model).__name__}, layer {config.hook_layer}, "
             f"site {config.hook_site}",
-            f"{result.n_tokens:,} counted tokens in {len(windows):,} windows of ≤ {context_length} tokens "
+            f"{result.n_tokens:,} counted tokens in {len(windows):,} windows of ≤ {max(map(len, windows))} tokens "
             "(BOS and excluded tokens not counted)",
             f"{dead:,} of {config.d_sae:,} features ({100 * dead / config.d_sae:.1f}%) never fired",
         ],

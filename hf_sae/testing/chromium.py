@@ -185,14 +185,21 @@ class HeadlessChromium:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float | None = None) -> Any:
-        """Poll ``expression`` until it is truthy; return its value."""
+        """Poll ``expression`` until it is truthy (an exception counts as false: the document may still be
+        loading); return its value."""
         deadline = time.monotonic() + (timeout or self.timeout)
+        last = None
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except BrowserError as error:
+                value, last = None, error
             if value:
                 return value
             self._drain(0.05)
-        raise BrowserError(f"{expression!r} stayed false for {timeout or self.timeout} s; console: {self.console}")
+        raise BrowserError(
+            f"{expression!r} stayed false for {timeout or self.timeout} s (last error: {last}); console: {self.console}"
+        )
 
     def open(self, url: str, ready: str = "document.readyState === 'complete'") -> None:
         """Navigate to ``url`` and wait until ``ready`` holds."""
