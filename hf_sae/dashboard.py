@@ -137,9 +137,13 @@ def token_texts(tokenizer: Any, ids: Tensor | Sequence[int]) -> dict[str, str]:
     return {str(i): text for i, text in zip(distinct, texts, strict=True)}
 
 
-def _round(values: Tensor, digits: int = 4) -> list:
-    """Float list rounded to ``digits`` significant digits (the data files stay small)."""
-    return [float(f"{v:.{digits}g}") for v in values.tolist()]
+def _rounded(values: Tensor, digits: int = 4) -> list:
+    """``values`` as (nested) float lists rounded to ``digits`` significant digits, so that the data files stay small
+    (rounded in float64: each result prints as its short decimal)."""
+    values = values.double()
+    magnitude = values.abs().clamp_min(1e-30).log10().floor()
+    scale = torch.pow(10.0, digits - 1 - magnitude)
+    return torch.where(values == 0, values, (values * scale).round() / scale).tolist()
 
 
 def _pages(
@@ -151,7 +155,8 @@ def _pages(
     context_after: int,
     neighbours: tuple[list[list[dict]], list[str]] | None,
 ) -> tuple[dict[int, dict], Tensor]:
-    """{feature: page data} and the token ids the contexts show."""
+    """{feature: page data} and the token ids the contexts show. Tensors become lists once, up front: the loop
+    below only assembles them."""
     lengths = torch.tensor([len(w) for w in windows])
     starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     peaks, window = result.top_tokens[features], result.top_windows[features].clamp_min(0)  # (F, n)
@@ -160,31 +165,32 @@ def _pages(
     width = context_before + context_after + 1
     positions = lo.unsqueeze(-1) + torch.arange(width)  # (F, n, width)
     inside = (positions < hi.unsqueeze(-1)) & (peaks >= 0).unsqueeze(-1)
-    values = result.values_at(torch.where(inside, positions, -1), features.view(-1, 1, 1))
-    pages = {}
+    values = _rounded(result.values_at(torch.where(inside, positions, -1), features.view(-1, 1, 1)))
+    shown = inside.sum(-1).tolist()
+    peak_values = _rounded(result.top_values[features].clamp_min(0), 5)
+    columns = (
+        peaks.tolist(),
+        lo.tolist(),
+        result.histogram[features].tolist(),
+        result.histogram_top[features].tolist(),
+    )
+    promoted = (logits.promoted_ids.tolist(), _rounded(logits.promoted_values))
+    suppressed = (logits.suppressed_ids.tolist(), _rounded(logits.suppressed_values))
     flow_lists, classes = neighbours if neighbours is not None else (None, None)
+    pages = {}
     for row, feature in enumerate(features.tolist()):
-        contexts = []
-        for example in range(peaks.shape[1]):
-            if peaks[row, example] < 0:
-                break
-            length = int(inside[row, example].sum())
-            contexts.append(
-                [
-                    int(lo[row, example]),
-                    int(peaks[row, example]),
-                    float(f"{float(result.top_values[feature, example]):.5g}"),
-                    _round(values[row, example, :length]),
-                ]
-            )
+        row_peaks, row_lo, histogram, top = (column[row] for column in columns)
+        contexts = [
+            [row_lo[i], peak, peak_values[row][i], values[row][i][: shown[row][i]]]
+            for i, peak in enumerate(row_peaks)
+            if peak >= 0
+        ]
         page = {
             "contexts": contexts,
-            "hist": result.histogram[feature].tolist(),
-            "hist_top": float(result.histogram_top[feature]),
-            "promoted": [[int(i), v] for i, v in zip(logits.promoted_ids[row], _round(logits.promoted_values[row]))],
-            "suppressed": [
-                [int(i), v] for i, v in zip(logits.suppressed_ids[row], _round(logits.suppressed_values[row]))
-            ],
+            "hist": histogram,
+            "hist_top": top,
+            "promoted": [list(pair) for pair in zip(promoted[0][row], promoted[1][row])],
+            "suppressed": [list(pair) for pair in zip(suppressed[0][row], suppressed[1][row])],
         }
         if flow_lists is not None:
             page["flow"] = [{**n, "cosine": round(n["cosine"], 4)} for n in flow_lists[feature]]
@@ -195,16 +201,16 @@ def _pages(
 
 def _labels(result: FeatureActivations, logits: LogitEffects, texts: dict[str, str], tokens: Tensor) -> dict[int, str]:
     """The index's searchable text of each feature with a page: its peak tokens, then its top promoted tokens."""
-    labels = {}
-    for row, feature in enumerate(logits.features.tolist()):
-        peaks = [texts[str(int(tokens[t]))] for t in result.top_tokens[feature, :3].tolist() if t >= 0]
-        promoted = [texts[str(int(i))] for i in logits.promoted_ids[row, :3].tolist()]
-        labels[feature] = (
-            " ".join(repr(t.strip() or t)[1:-1] for t in peaks)
-            + "  →  "
-            + " ".join(repr(t.strip() or t)[1:-1] for t in promoted)
-        )
-    return labels
+    peaks = result.top_tokens[logits.features, :3]
+    peak_ids = torch.where(peaks >= 0, tokens[peaks.clamp_min(0)], -1).tolist()
+    shown = [[repr(texts[str(i)].strip() or texts[str(i)])[1:-1] for i in row if i >= 0] for row in peak_ids]
+    promoted = [
+        [repr(texts[str(i)].strip() or texts[str(i)])[1:-1] for i in row] for row in logits.promoted_ids[:, :3].tolist()
+    ]
+    return {
+        feature: " ".join(peak) + "  →  " + " ".join(top)
+        for feature, peak, top in zip(logits.features.tolist(), shown, promoted)
+    }
 
 
 def build_dashboard(
@@ -314,14 +320,9 @@ def write_dashboard(
     tokens = torch.tensor([t for w in windows for t in w], dtype=torch.long)
     texts_of = token_texts(tokenizer, torch.cat([tokens, logit_ids]))
     labels = _labels(result, logits, texts_of, tokens)
-    density, mean = result.density, result.mean_activation
-    maximum = result.top_values[:, 0].clamp_min(0)
-    order = torch.argsort(-density, stable=True).tolist()  # most frequent first, ties by id
-    rows = [
-        [f, float(f"{float(density[f]):.4g}"), float(f"{float(maximum[f]):.4g}"), float(f"{float(mean[f]):.4g}")]
-        + [labels.get(f, "")]
-        for f in order
-    ]
+    order = torch.argsort(-result.density, stable=True)  # most frequent first, ties by id
+    numbers = torch.stack([result.density, result.top_values[:, 0].clamp_min(0).double(), result.mean_activation], 1)
+    rows = [[f, *values, labels.get(f, "")] for f, values in zip(order.tolist(), _rounded(numbers[order]))]
     config = sae.config
     title = title or f"{type(sae).__name__} · layer {config.hook_layer} {config.hook_site}"
     dead = int((result.count == 0).sum())
