@@ -68,7 +68,10 @@ class SweepResult:
     def table(self, sample_chars: int = 60) -> str:
         """A fixed-width table: one line per strength with its metrics and the start of the first continuation."""
         head = f"{'strength':>12} {'KL':>8} {'log p(target)':>14} {'fluency loss':>13} {'target rate':>12}  sample"
-        lines = [f"steering: {self.what} (units: {self.units})", head]
+        units = (
+            "multiples of each feature's peak" if any(isinstance(r.strength, str) for r in self.rows) else self.units
+        )
+        lines = [f"steering: {self.what} (strength units: {units})", head]
         for row in self.rows:
             label = "0 (none)" if row is self.baseline else str(row.strength)
             sample = (row.texts[0] if row.texts else "").replace("\n", " ")[:sample_chars]
@@ -178,7 +181,7 @@ def steering_sweep(
     if isinstance(sae, SteeringVector):
         if features is not None:
             raise SteeringError("a steering vector is swept by strength alone: pass features=None.")
-        what = repr(sae)
+        what, units = repr(sae), "multiples of the vector"
     else:
         features = [features] if isinstance(features, int) else list(features or [])
         if not features:
