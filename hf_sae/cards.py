@@ -119,7 +119,15 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
         budgets.setdefault(k, {}).update({key: v for key, v in top.items() if key not in budgets.get(k, {})})
     out["budgets"] = dict(sorted(budgets.items()))
     lm = metrics.get("lm_loss") or {}
-    for key in ("ce_loss_recovered", "clean_loss", "spliced_loss", "ablated_loss", "delta_loss"):
+    for key in (
+        "ce_loss_recovered",
+        "clean_loss",
+        "spliced_loss",
+        "ablated_loss",
+        "delta_loss",
+        "mean_ablated_loss",
+        "ce_loss_recovered_mean",
+    ):
         value = _number(metrics.get(key, lm.get(key) if isinstance(lm, Mapping) else None))
         out.pop(key, None)
         if value is not None:
@@ -447,6 +455,11 @@ def generate_model_card(
             )
         else:
             ce_text += "."
+        if "ce_loss_recovered_mean" in metrics and "mean_ablated_loss" in metrics:
+            ce_text += (
+                f" Against mean ablation (the activation replaced by its mean, "
+                f"{metrics['mean_ablated_loss']:.4f} nats/token): **{metrics['ce_loss_recovered_mean']:.4f}**."
+            )
     layer_text = f"layer {config.hook_layer}" if config.hook_layer is not None else "a layer"
     base_text = f"`{config.base_model}`" if config.base_model else "its language model"
     title = f"{config.display_name()} SAE for {config.base_model or 'a language model'}"

@@ -264,3 +264,10 @@ def test_a_converted_gemma_scope_sae_carries_gemma_scopes_license():
     sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=32, base_model="google/gemma-2-2b", source_format="gemma-scope"))
     assert generate_model_card(sae).data.license == "cc-by-4.0"
     assert generate_model_card(_sae()).data.license == "gemma"  # trained by hf-sae on Gemma: the base model's
+
+
+def test_card_reports_ce_loss_recovered_against_mean_ablation_too():
+    lm = {**METRICS["lm_loss"], "mean_ablated_loss": 3.1, "ce_loss_recovered_mean": 0.667}
+    card = generate_model_card(_sae(), metrics={**METRICS, "lm_loss": lm})
+    assert "Against mean ablation" in card.text and "3.1000 nats/token): **0.6670**" in card.text
+    assert "Against mean ablation" not in generate_model_card(_sae(), metrics=METRICS).text
