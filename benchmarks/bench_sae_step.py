@@ -81,8 +81,14 @@ def variants(shape: dict, x: torch.Tensor) -> dict[str, Callable[[], None]]:
 def measure(shape: dict, rounds: int) -> dict[str, float]:
     """Median seconds of one step of every variant, interleaved over ``rounds`` rounds."""
     x = torch.randn(shape["batch"], shape["d_in"], generator=torch.Generator().manual_seed(1))
-    steps = variants(shape, x)
-    for step in steps.values():  # warm-up (kernel compilation, allocator)
+    times = interleaved_times(variants(shape, x), rounds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step in each of ``rounds`` rounds, every round running every step once in turn (after two
+    warm-up calls each: kernel compilation, the allocator)."""
+    for step in steps.values():
         step()
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -91,7 +97,7 @@ def measure(shape: dict, rounds: int) -> dict[str, float]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:

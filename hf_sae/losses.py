@@ -210,44 +210,86 @@ def mse(x: Tensor, reconstruction: Tensor) -> Tensor:
 
 
 def matryoshka_loss(
-    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, prefix_widths: list[int]
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    prefix_widths: list[int],
+    use_kernel: bool | None = None,
+) -> tuple[Tensor, Tensor]:
     """Matryoshka objective: L = Σ_g mean_{batch, d_in} (x − x̂_g)², x̂_g = b_dec + Σ_{t: i_t < m_g} v_t W_dec[i_t].
 
     Args:
         x: (N, d_in) targets; values, indices: (N, t) latents (any order; zero values decode to nothing).
         W_dec: (d_sae, d_in); b_dec: (d_in,); prefix_widths: m_1 < … < m_G = d_sae.
+        use_kernel: force (True) or forbid (False) the fused CPU kernel path; default: use it when available.
 
-    Returns (loss, reconstruction (N, d_in) of the whole dictionary, detached; per-prefix MSEs (G,), detached).
-    Each latent's group g (m_{g-1} <= i < m_g) is found by a search; one ``embedding_bag`` with a bag per (row,
-    group) decodes every group at once, and a cumulative sum over the G groups gives the prefixes: memory
-    O(N·G·d_in), never (N, t, d_in). Half-precision inputs accumulate in fp32.
+    Returns (loss, reconstruction (N, d_in) of the whole dictionary, detached). Memory O(N·d_in) on the kernel
+    path: each row's latents are laid out group by group in slots of the same width for every row (the largest
+    count of that group in a row; zeros elsewhere), so every prefix ends at the same position in all rows and the
+    prefix MSEs are the HierarchicalTopK kernel's weighted prefix sums with weight 1 at the G group ends. Elsewhere
+    (GPU, no compiler) one ``embedding_bag`` with a bag per (group, row) decodes every group at once (O(N·G·d_in)).
+    Half-precision inputs accumulate in fp32.
     """
     if any(t.dtype in (torch.bfloat16, torch.float16) for t in (x, values, W_dec, b_dec)):
-        loss, reconstruction, prefix = matryoshka_loss(
-            x.float(), values.float(), indices, W_dec.float(), b_dec.float(), prefix_widths
+        loss, reconstruction = matryoshka_loss(
+            x.float(), values.float(), indices, W_dec.float(), b_dec.float(), prefix_widths, use_kernel
         )
-        return loss, reconstruction.to(x.dtype), prefix
+        return loss, reconstruction.to(x.dtype)
     n, d = x.shape
-    widths = torch.as_tensor(prefix_widths, device=indices.device)
     groups = len(prefix_widths)
-    group = torch.searchsorted(widths, indices, right=True).clamp_max_(groups - 1)  # (N, t)
-    bag = (torch.arange(n, device=indices.device)[:, None] * groups + group).reshape(-1)
-    bag, order = bag.sort(stable=True)
-    counts = torch.bincount(bag, minlength=n * groups)
-    offsets = counts.cumsum(0) - counts
+    group = torch.searchsorted(torch.as_tensor(prefix_widths, device=indices.device), indices, right=True)
+    group = group.clamp_max_(groups - 1)  # (N, t): the group of each latent
+    kernel_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and values.dtype == x.dtype
+    if use_kernel is None:
+        use_kernel = kernel_ok and W_dec.dtype == x.dtype and b_dec.dtype == x.dtype and cpu_kernels() is not None
+    if use_kernel:
+        return _matryoshka_kernel_loss(x, values, indices, W_dec, b_dec, group, groups)
+    bag = (group * n + torch.arange(n, device=indices.device)[:, None]).reshape(-1)  # bag of (group, row)
+    crow, order = csr_order(bag, groups * n)  # a counting sort: the pairs of each bag, bags in order
     per_group = F.embedding_bag(
         indices.reshape(-1)[order],
         W_dec,
-        offsets,
+        crow[:-1],
         mode="sum",
         per_sample_weights=values.reshape(-1)[order].to(W_dec.dtype),
-        include_last_offset=False,
-    ).view(n, groups, d)
-    residuals = (x - b_dec).unsqueeze(1) - per_group.cumsum(dim=1)  # (N, G, d): x − x̂_g
-    prefix = residuals.pow(2).mean(dim=(0, 2))
-    reconstruction = (x - residuals[:, -1]).detach()
-    return prefix.sum(), reconstruction, prefix.detach()
+    ).view(groups, n, d)
+    residual, loss = x - b_dec, x.new_zeros(())
+    for g in range(groups):  # x − x̂_g, one (N, d_in) pass per prefix
+        residual = residual - per_group[g]
+        loss = loss + residual.pow(2).mean()
+    return loss, (x - residual).detach()
+
+
+def _matryoshka_kernel_loss(x, values, indices, W_dec, b_dec, group, groups) -> tuple[Tensor, Tensor]:
+    """:func:`matryoshka_loss` on the fused prefix-MSE kernel: latents re-laid out in per-group slots."""
+    n, t = values.shape
+    counts = torch.zeros(n, groups, dtype=torch.long, device=x.device).scatter_add_(1, group, torch.ones_like(group))
+    slot_width = counts.amax(0)  # (G,) slots of group g in every row
+    slot_start = slot_width.cumsum(0) - slot_width
+    group_sorted, order = group.sort(dim=-1, stable=True)  # each row's latents group by group
+    first_of_group = (counts.cumsum(1) - counts).gather(1, group_sorted)  # where its group starts in the row
+    rank = torch.arange(t, device=x.device) - first_of_group
+    position = slot_start[group_sorted] + rank  # (N, t) into (N, width)
+    width = max(1, int(slot_width.sum()))
+    laid_values = values.new_zeros(n, width).scatter(1, position, values.gather(1, order))
+    laid_indices = torch.zeros(n, width, dtype=indices.dtype, device=x.device).scatter(
+        1, position, indices.gather(1, order)
+    )
+    ends = (slot_start + slot_width).tolist()  # each prefix ends after its group's slots
+    weights = torch.zeros(width, dtype=x.dtype, device=x.device)
+    empty = 0  # prefixes with no slot at all (their groups and every earlier one empty): x̂ = b_dec
+    for end in ends:
+        if end == 0:
+            empty += 1
+        else:
+            weights[end - 1] += 1.0
+    args = (x.contiguous(), laid_values.contiguous(), laid_indices.contiguous(), W_dec.contiguous(), b_dec)
+    loss, reconstruction = _FusedHierarchicalLoss.apply(*args, weights)
+    if empty:
+        loss = loss + empty * (x - b_dec).pow(2).mean()
+    return loss, reconstruction
 
 
 def _rectangle(u: Tensor) -> Tensor:

@@ -27,7 +27,14 @@ from .losses import hierarchical_topk_loss
 from .modeling_hierarchical_sae import HierarchicalSAE
 from .modeling_sae import SAEOutput
 from .registry import register_architecture
-from .sparse import CentringGradient, SparseLatents, SparseLinearGather, batch_topk_select, compact_latents
+from .sparse import (
+    CentringGradient,
+    SelectedLinear,
+    SparseLatents,
+    SparseLinearGather,
+    batch_topk_select,
+    compact_latents,
+)
 
 
 class BatchTopKSAE(HierarchicalSAE):
@@ -91,18 +98,25 @@ class BatchTopKSAE(HierarchicalSAE):
         return self._values_at(centred, pre, indices) * (selected > 0), indices
 
     def _batch_latents(self, x: Tensor, dead_mask: Tensor | None, k_aux: int):
-        """Training selection: the batch's N·k largest activations, and AuxK's k_aux best dead latents per token."""
-        centred, pre = self._scores(x)
+        """Training selection: the batch's N·k largest activations (:func:`hf_sae.sparse.batch_topk_select`, the
+        encoder bias added inside the selection pass), and AuxK's k_aux best dead latents per token; then the sparse
+        encoder backward through exactly those latents."""
+        weight, bias = self.encoder.weight, self.encoder.bias
+        centred = x - self.b_dec
         with torch.no_grad():
-            selected, indices = batch_topk_select(pre.clamp_min(0), self.config.k)
-            if dead_mask is not None and k_aux > 0:
-                aux_indices = pre.masked_fill(~dead_mask, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
-            else:
-                aux_indices = indices.new_zeros(indices.shape[0], 0)
+            scores = centred @ weight.t()  # (N, d_sae), the bias is added by the selection
+            chosen = batch_topk_select(scores, self.config.k, bias, dead_mask, k_aux)
+            selected, indices, aux_selected, aux_indices = chosen
             self._update_threshold(selected)
+            del scores
+        values = torch.cat([selected.to(x.dtype), aux_selected.to(x.dtype).clamp_min(0)], dim=1)
+        if torch.is_grad_enabled() and (weight.requires_grad or centred.requires_grad):
+            if self.b_dec.requires_grad:
+                bias = CentringGradient.apply(bias, weight, self.b_dec)
+            columns = torch.cat([indices, aux_indices], dim=1)
+            values = SelectedLinear.apply(centred.detach(), weight, bias, columns, values)
         width = indices.shape[1]
-        gathered = self._values_at(centred, pre, torch.cat([indices, aux_indices], dim=1))
-        return gathered[:, :width] * (selected > 0), indices, gathered[:, width:].clamp_min(0), aux_indices
+        return values[:, :width] * (selected > 0), indices, values[:, width:], aux_indices
 
     @torch.no_grad()
     def _update_threshold(self, selected: Tensor) -> None:

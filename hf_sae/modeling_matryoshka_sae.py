@@ -31,9 +31,9 @@ class MatryoshkaSAE(BatchTopKSAE):
     config_class = MatryoshkaSAEConfig
 
     def _reconstruction_losses(self, x: Tensor, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, dict]:
-        """The sum over prefixes of their MSE; the per-prefix MSEs as ``mse_prefix_<m_g>`` (detached, logged)."""
-        loss, x_hat, prefix = matryoshka_loss(x, values, indices, self.W_dec, self.b_dec, self.config.prefix_widths)
-        return loss, x_hat, {f"mse_prefix_{w}": prefix[g] for g, w in enumerate(self.config.prefix_widths)}
+        """The sum over prefixes of their MSE (:func:`hf_sae.losses.matryoshka_loss`)."""
+        loss, x_hat = matryoshka_loss(x, values, indices, self.W_dec, self.b_dec, self.config.prefix_widths)
+        return loss, x_hat, {}
 
     def decode_prefix(self, latents: SparseLatents | tuple[Tensor, Tensor], group: int) -> Tensor:
         """(..., d_in): the reconstruction from the latents of prefix ``group`` only (indices < m_group; groups count

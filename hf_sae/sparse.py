@@ -242,6 +242,21 @@ class SparseLinearGather(torch.autograd.Function):
         return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, columns, grad.contiguous()), None, None)
 
 
+class SelectedLinear(torch.autograd.Function):
+    """The values (N, t) of pre = x Wᵀ + b at ``columns`` (N, t), already computed without gradient (by a selection
+    kernel), given the sparse backward of :class:`SparseLinearGather`: only the selected columns get gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, columns: Tensor, values: Tensor):
+        ctx.save_for_backward(x, weight, columns)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, columns = ctx.saved_tensors
+        return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, columns, grad.contiguous()), None, None)
+
+
 class CentringGradient(torch.autograd.Function):
     """Identity on the encoder bias b whose backward also gives b_dec its gradient through the centring.
 
@@ -293,15 +308,33 @@ def compact_latents(acts: Tensor) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
-def batch_topk_select(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """BatchTopK selection (Bussmann et al. 2024, arXiv 2412.06410): the N·k largest of the (N, F) non-negative
-    scores of the whole batch, so a row keeps any number of latents and the batch's mean L0 is k (zeros aside).
+def batch_topk_select(
+    scores: Tensor, k: int, bias: Tensor | None = None, dead_mask: Tensor | None = None, k_aux: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BatchTopK selection (Bussmann et al. 2024, arXiv 2412.06410): the N·k largest of the (N, F) activations
+    ReLU(scores + bias) of the whole batch, so a row keeps any number of latents and the batch's mean L0 is k.
 
     Returns (values, indices) as :func:`compact_latents` (rows sorted descending, padded with zeros at inactive
-    latents, width = the largest number kept in one row). Vectorised: one top-(N·k) over the flattened scores, one
-    scatter into an (N, F) buffer, one per-row top-w.
+    latents, width = the largest number kept in one row), and the ``k_aux`` largest of ``dead_mask``'s latents per
+    row (AuxK; empty when k_aux is 0), as :func:`select_topk`.
+
+    Never a top-(N·k) over all N·F scores: each row's c largest (one pass of :func:`select_topk`, the bias added on
+    the fly), then the N·k largest of those N·c candidates. That is exact when no row keeps all of its c candidates;
+    otherwise c doubles and the pass is repeated (c starts at 4k, at most F).
     """
     n, num_latents = scores.shape
-    values, flat = scores.reshape(-1).topk(min(n * k, scores.numel()), sorted=False)
-    kept = scores.new_zeros(n * num_latents).index_put_((flat,), values).view(n, num_latents)
-    return compact_latents(kept)
+    cap = min(num_latents, 4 * k)
+    while True:
+        values, indices, aux_values, aux_indices = select_topk(scores, cap, dead_mask, k_aux, bias=bias)
+        values = values.clamp_min(0)
+        _, flat = values.reshape(-1).topk(min(n * k, values.numel()), sorted=False)
+        kept = torch.zeros(values.numel(), dtype=torch.bool, device=values.device).index_fill_(0, flat, True)
+        counts = kept.view(n, cap).sum(-1)
+        width = int(counts.max()) if n else 1
+        if cap == num_latents or width < cap:
+            break
+        cap = min(num_latents, 2 * cap)
+    # kept entries come first in each row (up to ties at the batch's threshold, which the stable sort settles)
+    values, order = (values * kept.view(n, cap)).sort(dim=-1, descending=True, stable=True)
+    width = max(1, width)
+    return values[:, :width], indices.gather(1, order[:, :width]), aux_values, aux_indices

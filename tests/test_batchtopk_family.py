@@ -47,7 +47,7 @@ def _trainable_jumprelu(**overrides) -> JumpReLUSAE:
 # ------------------------------------------------------------------------------------------- BatchTopK selection
 def test_batch_topk_keeps_the_batchs_n_times_k_largest_activations():
     scores = torch.tensor([[5.0, 0.0, 1.0, 0.5], [4.0, 3.0, 2.5, 0.2], [0.1, 0.0, 0.0, 6.0]])
-    values, indices = batch_topk_select(scores, 2)  # the 6 largest of the batch: 6, 5, 4, 3, 2.5, 1
+    values, indices, _, _ = batch_topk_select(scores, 2)  # the 6 largest of the batch: 6, 5, 4, 3, 2.5, 1
     dense = torch.zeros_like(scores).scatter_(1, indices, values)
     expected = torch.tensor([[5.0, 0.0, 1.0, 0.0], [4.0, 3.0, 2.5, 0.0], [0.0, 0.0, 0.0, 6.0]])
     assert torch.equal(dense, expected)
@@ -160,15 +160,17 @@ def _naive_matryoshka(x, values, indices, W_dec, b_dec, widths):
     return total
 
 
-def test_matryoshka_loss_values_and_gradients_match_the_naive_sum_of_prefix_mses():
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "embedding_bag"])
+@pytest.mark.parametrize("widths", [[3, 7, 12], [1, 2, 12], [5, 12]])
+def test_matryoshka_loss_values_and_gradients_match_the_naive_sum_of_prefix_mses(use_kernel, widths):
     generator = torch.Generator().manual_seed(5)
-    n, t, widths = 6, 5, [3, 7, 12]
+    n, t = 6, 5
     x = torch.randn(n, 4, dtype=torch.float64, generator=generator)
     indices = torch.stack([torch.randperm(12, generator=generator)[:t] for _ in range(n)])
     values = torch.rand(n, t, dtype=torch.float64, generator=generator).requires_grad_()
     W_dec = torch.randn(12, 4, dtype=torch.float64, generator=generator).requires_grad_()
     b_dec = torch.randn(4, dtype=torch.float64, generator=generator).requires_grad_()
-    loss, reconstruction, prefix = matryoshka_loss(x, values, indices, W_dec, b_dec, widths)
+    loss, reconstruction = matryoshka_loss(x, values, indices, W_dec, b_dec, widths, use_kernel=use_kernel)
     grads = torch.autograd.grad(loss, [values, W_dec, b_dec])
     expected = _naive_matryoshka(x, values, indices, W_dec, b_dec, widths)
     expected_grads = torch.autograd.grad(expected, [values, W_dec, b_dec])
@@ -177,21 +179,22 @@ def test_matryoshka_loss_values_and_gradients_match_the_naive_sum_of_prefix_mses
         torch.testing.assert_close(got, want)
     dense = torch.zeros(n, 12, dtype=torch.float64).scatter(1, indices, values.detach())
     torch.testing.assert_close(reconstruction, b_dec.detach() + dense @ W_dec.detach())
-    assert prefix.shape == (3,)
 
 
-def test_matryoshka_hand_computed_two_prefix_case():
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "embedding_bag"])
+def test_matryoshka_hand_computed_two_prefix_case(use_kernel):
     # d_in 1, latents 0 (group 0) and 1 (group 1): W_dec = [[1], [2]], b_dec = 0, x = 3, values 1 and 0.5
-    loss, reconstruction, prefix = matryoshka_loss(
+    loss, reconstruction = matryoshka_loss(
         torch.tensor([[3.0]]),
-        torch.tensor([[1.0, 0.5]]),
-        torch.tensor([[0, 1]]),
+        torch.tensor([[0.5, 1.0]]),
+        torch.tensor([[1, 0]]),
         torch.tensor([[1.0], [2.0]]),
         torch.zeros(1),
         [1, 2],
+        use_kernel=use_kernel,
     )
     # prefix 1: x̂ = 1 -> (3-1)² = 4; prefix 2: x̂ = 1 + 1 = 2 -> 1; sum 5
-    assert torch.equal(prefix, torch.tensor([4.0, 1.0])) and float(loss) == 5.0 and float(reconstruction) == 2.0
+    assert float(loss) == 5.0 and float(reconstruction) == 2.0
 
 
 def test_matryoshka_prefixes_decode_only_their_groups():
@@ -211,12 +214,14 @@ def test_matryoshka_prefixes_decode_only_their_groups():
         sae.decode_prefix(latents, 3)
 
 
-def test_matryoshka_forward_loss_is_the_sum_of_its_prefix_terms():
+def test_matryoshka_forward_loss_is_the_sum_of_its_prefix_mses():
     sae = _matryoshka(auxk=False)
     sae.train()
-    out = sae(torch.randn(32, D_IN))
-    prefixes = [out.losses[f"mse_prefix_{w}"] for w in (8, 32, 64)]
-    torch.testing.assert_close(out.losses["reconstruction"].detach(), sum(prefixes))
+    x = torch.randn(32, D_IN)
+    out = sae(x)
+    values, indices = out.latents.values.detach(), out.latents.indices
+    expected = _naive_matryoshka(x, values, indices, sae.W_dec.detach(), sae.b_dec.detach(), [8, 32, 64])
+    torch.testing.assert_close(out.losses["reconstruction"].detach(), expected)
 
 
 def test_matryoshka_and_batchtopk_configs_validate():
