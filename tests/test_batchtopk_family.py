@@ -459,3 +459,46 @@ def test_a_training_run_of_each_architecture_saves_evaluates_and_reports_its_l0_
         assert loaded.config.l0_warmup_steps == 3 and int(loaded.steps_trained) == 30
     card = (Path(result["path"]) / "README.md").read_text()
     assert {"batchtopk": "2412.06410", "matryoshka": "2503.17547", "jumprelu": "2407.14435"}[arch] in card
+
+
+@pytest.mark.parametrize("make", [_batchtopk, _matryoshka], ids=["batchtopk", "matryoshka"])
+def test_the_pure_torch_path_gives_the_kernel_paths_step(make, monkeypatch):
+    """What runs where the CPU kernels are not built (GPUs, no compiler): same latents, loss and gradients."""
+    from hf_sae import kernels
+
+    x = torch.randn(48, D_IN)
+    results = []
+    for disable in (False, True):
+        if disable:
+            monkeypatch.setattr(kernels, "_MODULES", {"hierarchical_cpu.cpp": None, "kron_cpu.cpp": None})
+        torch.manual_seed(0)
+        sae = make(auxk=True, dead_tokens=1)
+        sae.train()
+        sae.tokens_since_fired[::2] = 5  # half the latents dead: AuxK on
+        out = sae(x)
+        out.loss.backward()
+        results.append((out, {name: p.grad for name, p in sae.named_parameters()}))
+    (kernel, kernel_grads), (torch_path, torch_grads) = results
+    assert torch.equal(kernel.latents.indices, torch_path.latents.indices)
+    torch.testing.assert_close(kernel.loss, torch_path.loss, rtol=1e-5, atol=1e-6)
+    for name in kernel_grads:
+        torch.testing.assert_close(kernel_grads[name], torch_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "make", [_batchtopk, _matryoshka, _trainable_jumprelu], ids=["batchtopk", "matryoshka", "jumprelu"]
+)
+def test_bf16_autocast_and_bf16_weights_train(make):
+    x = torch.randn(64, D_IN)
+    sae = make()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.train()
+    out = training_step(sae, optimizer, x, autocast_dtype=torch.bfloat16)
+    assert out.stepped and torch.isfinite(out.loss)
+    half = make().to(torch.bfloat16)
+    half.train()
+    out = training_step(half, torch.optim.Adam(half.parameters(), lr=1e-3), x.to(torch.bfloat16))
+    assert out.stepped and torch.isfinite(out.loss) and out.output.reconstruction.dtype == torch.bfloat16
+    half.eval()
+    with torch.no_grad():
+        assert half.encode(x.to(torch.bfloat16)).values.dtype == torch.bfloat16
