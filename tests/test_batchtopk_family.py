@@ -502,3 +502,31 @@ def test_bf16_autocast_and_bf16_weights_train(make):
     half.eval()
     with torch.no_grad():
         assert half.encode(x.to(torch.bfloat16)).values.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "make", [_batchtopk, _matryoshka, _trainable_jumprelu], ids=["batchtopk", "matryoshka", "jumprelu"]
+)
+def test_feature_flow_traces_and_steers_with_variable_l0_saes(make, tiny_lm):
+    from hf_sae.flow import FeatureFlow
+
+    model = tiny_lm("gemma2", num_hidden_layers=2, vocab_size=100)
+    width = model.config.hidden_size
+    saes = {}
+    for layer in (0, 1):
+        for site in ("attn", "mlp", "resid"):
+            sae = make(d_in=width, hook_layer=layer, hook_site=site)
+            sae.train()
+            sae(torch.randn(256, width))
+            saes[(layer, site)] = sae.eval()
+    flow = FeatureFlow(saes, cache_dir=False)
+    match = flow.match((1, "resid"), (0, "resid"))
+    assert len(match) == D_SAE
+    graph = flow.trace(layer=1, feature=3)
+    assert "1/resid/3" in graph.nodes
+    ids = torch.tensor([[2, 5, 9, 14]])
+    with torch.no_grad():
+        clean = model(ids).logits
+        with flow.steer(model, graph, 8.0):
+            steered = model(ids).logits
+    assert not torch.allclose(clean, steered)
