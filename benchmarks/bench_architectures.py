@@ -10,10 +10,12 @@ table reports medians over rounds and each variant's throughput as a ratio to To
     python benchmarks/bench_architectures.py --large     # also Gemma 2 2B's (2304 / 16384 / k 64 / 2048 tokens)
     python benchmarks/bench_architectures.py --threads 1 --rounds 5
 
-What the ratios mean: BatchTopK selects with one top-(N·k) over the whole (N, d_sae) score matrix instead of a
-per-row TopK, and its backward is TopK's sparse one; Matryoshka adds the G prefix reconstructions (one
-``embedding_bag`` into (N, G, d_in)); JumpReLU decodes densely ((N, d_sae) x (d_sae, d_in), as the paper and Gemma
-Scope do) and back-propagates through the dense encoder, so it costs about three dense matmuls more than TopK.
+What the ratios mean: BatchTopK selects the batch's N·k largest from each row's 4k largest (TopK's fused
+selection kernel, then one top-(N·k) of the candidates), its rows are padded to the batch's largest L0 (wider than k),
+and its backward is TopK's sparse one; Matryoshka lays each token's latents out group by group (slots as wide as
+the largest group count) for the fused prefix-MSE kernel, so its width is larger again; JumpReLU at its init (most
+latents above θ = 0.001) takes the dense step (the decoder and the encoder backward as dense matmuls, about three
+more than TopK), once its L0 is small the sparse one (only the latents with pre > θ − ε/2, as TopK's sparse backward).
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ VARIANTS = {
     "BatchTopK": ("batchtopk", {}),
     "BatchTopK (hierarchical)": ("batchtopk", {"hierarchical": True}),
     "Matryoshka": ("matryoshka", {}),
-    "JumpReLU": ("jumprelu", {"l0_coefficient": 1e-3, "l0_warmup_steps": 1}),
+    "JumpReLU (θ = 0.001: the init, dense step)": ("jumprelu", {"l0_coefficient": 1e-3, "l0_warmup_steps": 1}),
+    # θ = 2.4 on these N(0, 1) inputs (unit encoder rows): ~k active per token, as after training (sparse step)
+    "JumpReLU (θ = 2.4: L0 ≈ k, sparse step)": (
+        "jumprelu",
+        {"l0_coefficient": 1e-3, "l0_warmup_steps": 1, "initial_threshold": 2.4},
+    ),
 }
 
 

@@ -315,7 +315,7 @@ class _JumpReLU(torch.autograd.Function):
         grad_threshold = None
         if ctx.needs_input_grad[1]:
             pseudo = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
-            grad_threshold = pseudo.reshape(-1, pre.shape[-1]).sum(0)
+            grad_threshold = pseudo.sum_to_size(threshold.shape)
         return grad_pre, grad_threshold, None
 
 
@@ -334,13 +334,13 @@ class _Step(torch.autograd.Function):
         eps = ctx.bandwidth
         grad_threshold = None
         if ctx.needs_input_grad[1]:
-            grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).reshape(-1, pre.shape[-1])
-            grad_threshold = grad_threshold.sum(0)
+            grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).sum_to_size(threshold.shape)
         return None, grad_threshold, None
 
 
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """JumpReLU_θ(z) = z·H(z − θ) elementwise: pre (..., F), threshold (F,); θ's gradient by the STE of Eq. 11."""
+    """JumpReLU_θ(z) = z·H(z − θ) elementwise: pre (..., F), threshold (F,) (or pre's shape: gathered thresholds);
+    θ's gradient by the STE of Eq. 11, summed to θ's shape."""
     return _JumpReLU.apply(pre, threshold, bandwidth)
 
 

@@ -34,10 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from .configuration_jumprelu_sae import JumpReLUSAEConfig
-from .losses import jumprelu, step
+from .losses import hierarchical_topk_loss, jumprelu, step
 from .modeling_sae import SAEOutput, SAEPreTrainedModel
 from .registry import register_architecture
-from .sparse import SparseLatents, compact_latents
+from .sparse import CentringGradient, SelectedLinear, SparseLatents, compact_latents
 
 
 class JumpReLUSAE(SAEPreTrainedModel):
@@ -146,20 +146,50 @@ class JumpReLUSAE(SAEPreTrainedModel):
         self._check_input(x)
         cfg = self.config
         flat = self._scale_in(x.reshape(-1, cfg.d_in))
-        pre = torch.addmm(self.b_enc, flat - self.b_dec if cfg.apply_b_dec_to_input else flat, self.W_enc)
+        x_in = flat - self.b_dec if cfg.apply_b_dec_to_input else flat
+        pre = torch.addmm(self.b_enc, x_in, self.W_enc)
         threshold = self.threshold
-        acts = jumprelu(pre, threshold, cfg.bandwidth)
-        x_hat = torch.addmm(self.b_dec, acts, self.W_dec)
-        wide = torch.promote_types(x_hat.dtype, torch.float32)  # half precision accumulates in fp32
-        mse = (x_hat.to(wide) - flat.to(wide)).pow(2).mean()
-        l0 = step(pre, threshold, cfg.bandwidth).to(wide).sum(-1).mean()
+        with torch.no_grad():  # every entry with a value or a straight-through gradient: pre > θ − ε/2
+            band = pre > threshold - cfg.bandwidth / 2
+            width = max(1, int(band.sum(-1).max()))
+        if width <= self.sparse_step_width * cfg.d_sae:
+            mse, l0, x_hat, acts, columns = self._sparse_step(flat, x_in, pre.detach(), threshold, band, width)
+        else:  # early in training (θ near 0) most latents fire: the dense step is cheaper
+            acts = jumprelu(pre, threshold, cfg.bandwidth)
+            x_hat = torch.addmm(self.b_dec, acts, self.W_dec)
+            wide = torch.promote_types(x_hat.dtype, torch.float32)  # half precision accumulates in fp32
+            mse = (x_hat.to(wide) - flat.to(wide)).pow(2).mean()
+            l0 = step(pre, threshold, cfg.bandwidth).to(wide).sum(-1).mean()
+            columns = None
         with torch.no_grad():
             self.steps_trained += 1
             warmup = (self.steps_trained.float() / cfg.l0_warmup_steps).clamp_max(1.0) if cfg.l0_warmup_steps else 1.0
             values, indices = compact_latents(acts.detach())
+            if columns is not None:  # compact_latents ranked the band's slots: back to latent ids
+                indices = columns.gather(1, indices)
         l0_term = cfg.l0_coefficient * warmup * l0
         losses = {"reconstruction": mse, "l0": l0_term}
         return self._sae_output(x, values, indices, x_hat.detach(), mse + l0_term, losses)
+
+    # The sparse step runs when the band pre > θ − ε/2 of every token fits in this fraction of the latents.
+    sparse_step_width = 0.125
+
+    def _sparse_step(self, x: Tensor, x_in: Tensor, pre: Tensor, threshold: Tensor, band: Tensor, width: int):
+        """The training objective on the band's latents only (the others have neither a value nor a gradient):
+        their pre-activations with the sparse encoder backward, the JumpReLU and step STEs on the gathered
+        thresholds, the MSE on the fused kernel. The same loss and gradients as the dense step, O(N·width·d_in)."""
+        cfg = self.config
+        columns = band.to(pre.dtype).topk(width, dim=-1).indices  # (N, width): every band entry of the row first
+        in_band = band.gather(1, columns)
+        weight, bias = self.W_enc.t(), self.b_enc
+        if cfg.apply_b_dec_to_input and self.b_dec.requires_grad:
+            bias = CentringGradient.apply(bias, weight, self.b_dec)
+        pre_band = SelectedLinear.apply(x_in.detach(), weight, bias, columns, pre.gather(1, columns))
+        threshold_band = threshold[columns]
+        acts = jumprelu(pre_band, threshold_band, cfg.bandwidth) * in_band
+        l0 = (step(pre_band, threshold_band, cfg.bandwidth) * in_band).sum(-1).mean()
+        mse, x_hat = hierarchical_topk_loss(x, acts, columns, self.W_dec, self.b_dec, [width])
+        return mse, l0.to(mse.dtype), x_hat, acts, columns
 
     @classmethod
     def run_defaults(cls, total_steps: int) -> dict:

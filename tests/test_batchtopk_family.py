@@ -530,3 +530,29 @@ def test_feature_flow_traces_and_steers_with_variable_l0_saes(make, tiny_lm):
         with flow.steer(model, graph, 8.0):
             steered = model(ids).logits
     assert not torch.allclose(clean, steered)
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_the_sparse_jumprelu_step_gives_the_dense_steps_loss_and_gradients(apply_b_dec, monkeypatch):
+    x = torch.randn(40, D_IN, dtype=torch.float64)
+    results = []
+    for width in (0.0, 1.0):  # dense, then sparse (the band of pre > θ − ε/2 only)
+        monkeypatch.setattr(JumpReLUSAE, "sparse_step_width", width)
+        torch.manual_seed(0)
+        sae = _trainable_jumprelu(
+            bandwidth=0.2, initial_threshold=0.4, l0_warmup_steps=0, apply_b_dec_to_input=apply_b_dec
+        ).double()
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.3)
+            sae.b_dec.normal_(0, 0.3)
+        sae.train()
+        out = sae(x)
+        out.loss.backward()
+        results.append((out, {name: p.grad for name, p in sae.named_parameters()}))
+    (dense, dense_grads), (sparse, sparse_grads) = results
+    torch.testing.assert_close(sparse.losses["reconstruction"], dense.losses["reconstruction"])
+    torch.testing.assert_close(sparse.losses["l0"], dense.losses["l0"])
+    torch.testing.assert_close(sparse.latents.to_dense(D_SAE), dense.latents.to_dense(D_SAE))
+    assert (dense_grads["log_threshold"] != 0).any()
+    for name in dense_grads:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], msg=name)
