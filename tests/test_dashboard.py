@@ -179,6 +179,14 @@ def test_flow_neighbours_are_the_one_step_trace(sae):
         for n in neighbours[feature]:
             edge = graph.edges[n["node"], target] if n["relation"] != "resid after" else graph.edges[target, n["node"]]
             assert n["cosine"] == pytest.approx(edge["cosine"])
+    fed: dict[int, set] = {}  # an mlp feature's neighbours: the resid features whose trace attaches it
+    for feature in range(sae.config.d_sae):
+        for node in flow.trace(1, feature, max_steps=0).predecessors(f"1/resid/{feature}"):
+            if node.startswith("1/mlp/"):
+                fed.setdefault(int(node.split("/")[-1]), set()).add(f"1/resid/{feature}")
+    module_neighbours, _ = flow_neighbours(flow, saes[(1, "mlp")])
+    assert fed and max(map(len, fed.values())) <= 8
+    assert {m: {n["node"] for n in found} for m, found in enumerate(module_neighbours) if found} == fed
 
 
 def test_site_files_index_and_pages(built, sae):
