@@ -137,7 +137,8 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, k: int | None = None) -
 
 # ------------------------------------------------------------------------------------------------ describing
 # Licenses of the peer releases the converters read, by source format (Gemma Scope's weights are CC-BY-4.0).
-_SOURCE_LICENSES = {"gemma-scope": "cc-by-4.0", "gemma-scope-2": "cc-by-4.0"}
+# Qwen-Scope's weights are under Qwen's own license (the Hub's "other", license_name qwen).
+_SOURCE_LICENSES = {"gemma-scope": "cc-by-4.0", "gemma-scope-2": "cc-by-4.0", "qwen-scope": "other"}
 
 
 def default_license(config) -> str:

@@ -119,6 +119,7 @@ def test_hf_sae_convert_qwen_scope_writes_a_loadable_folder(tmp_path, capsys):
     assert cli_main(["convert", "qwen-scope", str(repo), str(out), "--sae-id", "layer3"]) == 0
     assert "HierarchicalSAE" in capsys.readouterr().out
     loaded = HierarchicalSAE.from_pretrained(out)
-    assert (loaded.config.k, loaded.config.hook_layer) == (100, 3) and (out / "README.md").is_file()
+    assert (loaded.config.k, loaded.config.hook_layer) == (100, 3)
+    assert "license: other" in (out / "README.md").read_text()  # Qwen-Scope's own license, not the base model's
     assert cli_main(["convert", "qwen-scope", str(repo), str(out), "--sae-id", "layer9"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("hf-sae: error: ")
