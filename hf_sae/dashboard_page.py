@@ -135,8 +135,10 @@ function fmt(x, digits) {
   if (x === null || x === undefined) return "–";
   if (x === 0) return "0";
   const a = Math.abs(x);
-  return (a >= 1e4 || a < 1e-3) ? x.toExponential(digits === undefined ? 2 : digits) :
-         x.toPrecision(digits === undefined ? 4 : digits).replace(/\.?0+$/, "");
+  if (a >= 1e6 || a < 1e-3) return x.toExponential(digits === undefined ? 2 : digits);
+  if (a >= 1000) return Math.round(x).toLocaleString("en");
+  const s = x.toPrecision(digits === undefined ? 4 : digits);
+  return s.includes(".") ? s.replace(/\.?0+$/, "") : s;  // 4.500 -> 4.5, never 630 -> 63
 }
 function pct(x) { return x === 0 ? "0" : (100 * x < 0.01 ? (100 * x).toExponential(1) : fmt(100 * x, 3)) + "%"; }
 function visible(text) { return text.replace(/\n/g, "⏎").replace(/\t/g, "⇥"); }
@@ -282,7 +284,7 @@ function renderFeature(id) {
     const line = el("div", "ctx");
     line.appendChild(el("span", "val", fmt(peak, 3)));
     values.forEach((v, i) => {
-      const span = el("span", "tok" + (start + i === peakAt ? " peak" : ""), HFSAE.text(tokens[start + i]));
+      const span = el("span", "tok" + (start + i === peakAt ? " peak" : ""), visible(HFSAE.text(tokens[start + i])));
       if (v > 0) {
         span.style.background = `rgba(var(--hot), ${(0.12 + 0.78 * v / peakMax).toFixed(3)})`;
         span.title = "activation " + fmt(v);
