@@ -304,5 +304,7 @@ def test_site_in_headless_chromium(chromium, word_site):
         assert browser.evaluate("document.querySelectorAll('#contexts .peak').length") == n_contexts
         assert browser.evaluate("document.querySelectorAll('svg rect').length") == 32
         assert browser.evaluate("document.querySelectorAll('#promoted tr').length") == 11
+        numbers = browser.evaluate("[fmt(-630, 3), fmt(4.5), fmt(1165.3), fmt(0.0001234), fmt(0.25)]")
+        assert numbers == ["-630", "4.5", "1,165", "1.23e-4", "0.25"]
         assert browser.console == []
     assert browser.requests and all(url.startswith("file://") for url in browser.requests), browser.requests
