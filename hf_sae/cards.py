@@ -246,6 +246,8 @@ def _usage(config, repo_id: str | None, subfolder: str | None) -> str:
         f"x = torch.randn(4, {config.d_in})",
         f"latents = sae.encode(x)        # SparseLatents: values, indices (4, {config.k}), sorted descending",
     ]
+    if config.variable_l0:  # a threshold: the width is the batch's largest L0
+        lines[-1] = "latents = sae.encode(x)        # SparseLatents above the threshold (4, largest L0), sorted"
     if config.topk_budgets:
         lines.append("top8 = sae.encode(x, k=8)      # the first 8 of the same ranking: a smaller budget")
     lines += [
@@ -339,6 +341,15 @@ def _facts(config, metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     if config.hierarchical:
         budgets = ", ".join(map(str, config.budgets)) if config.budgets else f"every k' in 1..{config.k}"
         facts.append(("budgets", budgets))
+    native = metrics.get("native") if isinstance(metrics.get("native"), Mapping) else {}
+    if isinstance(spread := native.get("l0_distribution"), Mapping) and "mean" in spread:  # a variable-L0 SAE
+        facts.append(
+            (
+                "L0 of its own encoding",
+                f"mean {spread['mean']:.1f} (10th–90th percentile {spread.get('p10', 0):g}–{spread.get('p90', 0):g}, "
+                f"max {spread.get('max', 0)}), EV {native.get('explained_variance', float('nan')):.4f}",
+            )
+        )
     tokens = metrics.get("tokens_trained") or config.tokens_trained
     if tokens:
         facts.append(("tokens trained", f"{int(tokens):,}"))
@@ -468,7 +479,11 @@ def generate_model_card(
     summary = (
         f"A sparse autoencoder (SAE) with {config.d_sae:,} latents over the "
         f"{SITE_DESCRIPTIONS.get(config.hook_site, '')} {layer_text} of {base_text}"
-        + (f", k = {config.k} active latents per token" if config.topk_budgets else "")
+        + (
+            f", {'a mean of ' if config.variable_l0 else ''}k = {config.k} active latents per token"
+            if config.topk_budgets
+            else ""
+        )
         + (f", trained on {int(t):,} tokens" if (t := metrics.get("tokens_trained") or config.tokens_trained) else "")
         + ". It is a plain `transformers` model: weights in `model.safetensors`, every hyperparameter in "
         "`config.json`, loadable with `AutoModel.from_pretrained` once `hf_sae` is imported."

@@ -556,3 +556,23 @@ def test_the_sparse_jumprelu_step_gives_the_dense_steps_loss_and_gradients(apply
     assert (dense_grads["log_threshold"] != 0).any()
     for name in dense_grads:
         torch.testing.assert_close(sparse_grads[name], dense_grads[name], msg=name)
+
+
+@pytest.mark.parametrize(
+    "make,paper,tag",
+    [
+        (_batchtopk, "2412.06410", "batchtopk"),
+        (_matryoshka, "2503.17547", "matryoshka"),
+        (_trainable_jumprelu, "2407.14435", "jumprelu"),
+    ],
+    ids=["batchtopk", "matryoshka", "jumprelu"],
+)
+def test_cards_describe_each_recipe_with_its_paper_and_the_l0_distribution(make, paper, tag):
+    from hf_sae.cards import generate_model_card
+
+    spread = {"mean": 4.2, "p10": 1.0, "p90": 9.0, "max": 21}
+    metrics = {"native": {"explained_variance": 0.8, "l0": 4.2, "l0_distribution": spread}}
+    card = generate_model_card(make(base_model="google/gemma-2-2b", hook_layer=3), metrics=metrics)
+    assert paper in card.text and tag in card.data.tags
+    assert "| L0 of its own encoding | mean 4.2 (10th–90th percentile 1–9, max 21), EV 0.8000 |" in card.text
+    assert "SparseLatents above the threshold" in card.text
