@@ -247,6 +247,24 @@ def test_dashboard_command_on_a_saved_sae(saved_lm, tmp_path, capsys):
     assert len(list((out / "data" / "features").glob("*.js"))) == 1
 
 
+def test_dashboard_command_with_a_flow_collection(saved_lm, tmp_path, monkeypatch):
+    """--subfolder picks the SAE of a collection folder and --flow adds each page's flow neighbours."""
+    monkeypatch.setenv("HF_SAE_CACHE", str(tmp_path / "cache"))  # the flow's match cache
+    model_dir, docs = saved_lm
+    for layer, seed in ((1, 3), (2, 4)):
+        tiny_sae(layer=layer, d_sae=32, k=4, seed=seed, base_model=str(model_dir)).save_pretrained(
+            tmp_path / "saes" / f"layer_{layer}" / "resid"
+        )
+    out = tmp_path / "site"
+    args = ["dashboard", str(tmp_path / "saes"), "--subfolder", "layer_2/resid", "--flow", str(tmp_path / "saes")]
+    args += ["--model", str(model_dir), "--texts", str(docs), "--out", str(out), "--tokens", "800"]
+    assert main(args) == 0
+    pages = read_data(out / "data" / "features" / "00000.js")[1]
+    assert all("flow" in page and page["cls"] for page in pages.values())
+    relations = {n["relation"] for page in pages.values() for n in page["flow"]}
+    assert relations <= {"resid before"}
+
+
 # ------------------------------------------------------------------------------------------------ in a browser
 @pytest.fixture(scope="session")
 def chromium() -> str:
