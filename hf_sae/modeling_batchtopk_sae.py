@@ -49,6 +49,15 @@ class BatchTopKSAE(HierarchicalSAE):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.long))
 
+    def _apply(self, fn, *args, **kwargs):
+        """As nn.Module's; a cast to half precision (``.to(torch.bfloat16)``) keeps θ in float32, where the running
+        average's small steps do not round away (as SAELens keeps its threshold)."""
+        out = super()._apply(fn, *args, **kwargs)
+        threshold = self._buffers.get("threshold")
+        if threshold is not None and threshold.dtype in (torch.bfloat16, torch.float16):
+            self._buffers["threshold"] = threshold.float()
+        return out
+
     def reset_parameters(self) -> None:
         """The TopK init (random unit decoder rows, W_enc = W_decᵀ, zero biases) and no threshold estimate yet."""
         super().reset_parameters()

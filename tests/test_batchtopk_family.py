@@ -502,6 +502,8 @@ def test_bf16_autocast_and_bf16_weights_train(make):
     half.eval()
     with torch.no_grad():
         assert half.encode(x.to(torch.bfloat16)).values.dtype == torch.bfloat16
+    if isinstance(half, BatchTopKSAE):  # θ's running average stays float32
+        assert half.threshold.dtype == torch.float32 and float(half.threshold) > 0
 
 
 @pytest.mark.parametrize(
