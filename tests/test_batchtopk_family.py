@@ -578,3 +578,20 @@ def test_cards_describe_each_recipe_with_its_paper_and_the_l0_distribution(make,
     assert paper in card.text and tag in card.data.tags
     assert "| L0 of its own encoding | mean 4.2 (10th–90th percentile 1–9, max 21), EV 0.8000 |" in card.text
     assert "SparseLatents above the threshold" in card.text
+
+
+def test_a_yaml_saes_list_sets_the_new_fields(tmp_path):
+    from training.cli import parse_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "saes:\n"
+        "  - {layer: 2, arch: matryoshka, k: 16, group_sizes: [512, 1536, 2048]}\n"
+        "  - {layer: 2, arch: batchtopk, k: 16, threshold_lr: 0.05, hierarchical: true}\n"
+        "  - {layer: 2, arch: jumprelu, l0_coefficient: 0.002, bandwidth: 0.01}\n"
+    )
+    cfg, _ = parse_args(["--config", str(path)])
+    built = [spec.build_config(d_in=64) for spec in cfg.saes]
+    assert built[0].prefix_widths == [512, 2048, 4096] and built[0].k == 16
+    assert (built[1].threshold_lr, built[1].hierarchical) == (0.05, True)
+    assert (built[2].l0_coefficient, built[2].bandwidth, built[2].threshold_parametrization) == (0.002, 0.01, "log")
