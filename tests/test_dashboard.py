@@ -265,6 +265,25 @@ def test_dashboard_command_with_a_flow_collection(saved_lm, tmp_path, monkeypatc
     assert relations <= {"resid before"}
 
 
+@pytest.mark.slow
+def test_dashboard_command_defaults_to_the_embedded_gemma_and_corpus(tmp_path, capsys):
+    """An SAE whose base_model is google/gemma-3-270m gets the embedded model and held-out text without options;
+    the promoted tokens are real Gemma tokens."""
+    from hf_sae import HierarchicalSAE, HierarchicalSAEConfig
+
+    config = HierarchicalSAEConfig(
+        d_in=640, d_sae=128, k=8, hook_layer=3, hook_site="resid", base_model="google/gemma-3-270m"
+    )
+    HierarchicalSAE(config).save_pretrained(tmp_path / "sae")
+    out = tmp_path / "site"
+    assert main(["dashboard", str(tmp_path / "sae"), "--out", str(out), "--tokens", "600"]) == 0
+    assert "feature pages" in capsys.readouterr().out
+    _, index = read_data(out / "data" / "index.js")
+    assert "google/gemma-3-270m" in index["meta"]["short"]
+    _, tokens = read_data(out / "data" / "tokens.js")
+    assert tokens["ids"][0] == 2 and " the" in tokens["text"].values()  # BOS, then English
+
+
 # ------------------------------------------------------------------------------------------------ in a browser
 @pytest.fixture(scope="session")
 def chromium() -> str:
