@@ -27,6 +27,8 @@ from hf_sae.metrics import explained_variance, l0_distribution
 from hf_sae.registry import resolve_architecture
 from hf_sae.sparse import batch_topk_select
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SAEs: thread hand-off would dominate on busy cores
+
 D_IN, D_SAE, K = 16, 64, 4
 
 
