@@ -44,7 +44,9 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flow", help="a collection folder or Hub repo (FeatureFlow) holding this SAE: show neighbours"
     )
-    parser.add_argument("--tokens", type=int, default=100_000, help="at most this many tokens of text (default 100k)")
+    parser.add_argument(
+        "--tokens", type=int, default=100_000, help="read whole windows of text until this many tokens (default 100k)"
+    )
     parser.add_argument("--context-length", type=int, help="tokens per window (default: the SAE's, else 128)")
     parser.add_argument("--examples", type=int, default=10, help="top contexts per feature (default 10)")
     parser.add_argument("--logits", type=int, default=10, help="promoted / suppressed tokens per feature (default 10)")
