@@ -12,14 +12,22 @@ Three steering modes act on the activation h (B, T, d_in) at the SAE's site (``c
 Steering acts on every position the model processes, at prefill and at every KV-cached decode step, with no special
 case for either; greedy ``generate`` therefore gives the same tokens with ``use_cache=True`` and ``False``.
 ``positions`` picks ``"all"``, ``"prompt"`` or ``"generated"`` positions; padded positions (``attention_mask == 0``)
-are never touched. To know which positions a forward holds, a forward pre-hook on the decoder stack (shared by every
-hook on that model, see :class:`_PositionTracker`) reads ``input_ids``, ``attention_mask`` and the cache length.
+are never touched, and neither are BOS and the SAE's ``excluded_token_ids`` (the tokens it was not trained on;
+``exclude_token_ids`` overrides the set, ``[]`` steers every token). To know which positions a forward holds, a
+forward pre-hook on the decoder stack (shared by every hook on that model, see :class:`_PositionTracker`) reads
+``input_ids``, ``attention_mask`` and the cache length; without a cache, beam search's reordered beams are followed.
+
+Strengths are in the model's units by default; ``units="max" | "mean" | "residual_norm"`` and strings such as
+``"2x"`` scale them by the SAE's feature statistics (:func:`strengths_in_latent_units`). Besides SAE features, a
+:class:`SteeringVector` (e.g. :func:`hf_sae.contrastive_vector`) or an edit function ``fn`` can be steered through the
+same hooks.
 
 The SAE computes in its own dtype: the activation is cast to the SAE's dtype, the edit computed, and the result cast
 back to the model's dtype. The SAE is moved to the device of the hooked layer.
 
 Every hook is removed on exit of the ``with`` block, also when the body raises; handles nest and compose (two
-handles on one site apply in the order they were made), and ``handle.remove()`` is the form for long-lived use.
+handles on one site apply in the order they were made), ``handle.remove()`` is the form for long-lived use, and a
+removed handle installs its hooks again when it is used again.
 """
 
 from __future__ import annotations
