@@ -318,6 +318,15 @@ class SiteHook:
         raise TypeError(f"{type(self).__name__} must implement _edit()")
 
 
+def steering_exclusion(model: nn.Module, configs: Iterable[Any], exclude_token_ids: Sequence[int] | None) -> dict:
+    """The :class:`SiteHook` keywords of a steering hook: ``exclude_token_ids`` as given, or by default BOS and the
+    ``excluded_token_ids`` of the SAE ``configs`` (then ``default_exclusion``: unknown token ids warn, not raise)."""
+    return {
+        "exclude_token_ids": excluded_token_ids(model, configs, exclude_token_ids),
+        "default_exclusion": exclude_token_ids is None,
+    }
+
+
 def _module_device(module: nn.Module) -> torch.device | None:
     for tensor in module.parameters():
         return tensor.device
@@ -348,13 +357,7 @@ class _SteeringHook(SiteHook):
         if mode not in MODES:
             raise SteeringError(f"mode={mode!r} is unknown. Use one of {list(MODES)}.")
         feature_ids, strengths = _feature_strengths(features, sae.config.d_sae, mode, strength)
-        super().__init__(
-            model,
-            sae,
-            positions,
-            excluded_token_ids(model, [sae.config], exclude_token_ids),
-            default_exclusion=exclude_token_ids is None,
-        )
+        super().__init__(model, sae, positions, **steering_exclusion(model, [sae.config], exclude_token_ids))
         self.mode = mode
         self.units = units
         device = sae.W_dec.device
@@ -411,9 +414,7 @@ def strengths_in_latent_units(
     if units not in UNITS:
         raise SteeringError(f"units={units!r} is unknown. Use one of {list(UNITS)}.")
     ids = torch.as_tensor(list(feature_ids), dtype=torch.long)
-    numbers = torch.tensor(
-        [float(_TIMES.match(v).group(1)) if isinstance(v, str) else v for v in strengths], dtype=float
-    )
+    numbers = torch.tensor([strength_number(v) for v in strengths], dtype=float)
     row_units = [("max" if isinstance(v, str) else units) for v in strengths]
     if all(u == "absolute" for u in row_units) or mode == "ablate":
         return numbers
@@ -474,6 +475,11 @@ def latent_values(latents: SparseLatents, feature_ids: Tensor, d_sae: int) -> Te
         match = latents.indices.unsqueeze(-1) == feature_ids  # (N, k, m)
         return (latents.values.unsqueeze(-1) * match).sum(dim=1)
     return latents.to_dense(d_sae)[:, feature_ids]
+
+
+def strength_number(value: float | str) -> float:
+    """The number of a strength: N for a string "Nx" (validated by the steering entry points), else the value."""
+    return float(_TIMES.match(value).group(1)) if isinstance(value, str) else float(value)
 
 
 def _strength_value(value: Any, feature: int) -> float | str:
@@ -738,16 +744,9 @@ def steer(
     if isinstance(saes_or_sae, SteeringVector):
         if features is not None:
             raise SteeringError("a steering vector takes strength=..., not features.")
-        excluded = excluded_token_ids(model, [], exclude_token_ids)
         multiplier = 1.0 if strength is None else strength
-        hook = _VectorHook(
-            model,
-            saes_or_sae,
-            multiplier,
-            exclude_token_ids=excluded,
-            default_exclusion=exclude_token_ids is None,
-            **options,
-        )
+        exclusion = steering_exclusion(model, [], exclude_token_ids)
+        hook = _VectorHook(model, saes_or_sae, multiplier, **exclusion, **options)
         return SteeringHandle(model, [hook])
     if isinstance(saes_or_sae, nn.Module):
         if features is None:
@@ -788,10 +787,7 @@ def _function_hook(
         configs, where = [], resolve_site(model, layer, site)
     else:
         configs, where = [sae.config], None
-    excluded = excluded_token_ids(model, configs, exclude_token_ids)
-    return _FunctionHook(
-        model, sae, fn, site=where, exclude_token_ids=excluded, default_exclusion=exclude_token_ids is None, **options
-    )
+    return _FunctionHook(model, sae, fn, site=where, **steering_exclusion(model, configs, exclude_token_ids), **options)
 
 
 def _steering_hooks(

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ._io import atomic_path
 from .errors import SteeringError
 from .lm_inputs import Texts, eval_mode, model_device, tokenize_texts, tokenizer_for
-from .steering import SteeringHandle, SteeringVector, steer
+from .steering import SteeringHandle, SteeringVector, steer, strength_number
 
 COLUMNS = ("strength", "kl", "target_logprob", "fluency_loss", "target_rate", "tokens")
 
@@ -65,13 +65,15 @@ class SweepResult:
     def baseline(self) -> SweepRow:
         return self.rows[0]
 
+    @property
+    def strength_units(self) -> str:
+        """What the strengths are in: multiples of each feature's peak for "Nx" strings, else :attr:`units`."""
+        return "multiples of each feature's peak" if any(isinstance(r.strength, str) for r in self.rows) else self.units
+
     def table(self, sample_chars: int = 60) -> str:
         """A fixed-width table: one line per strength with its metrics and the start of the first continuation."""
         head = f"{'strength':>12} {'KL':>8} {'log p(target)':>14} {'fluency loss':>13} {'target rate':>12}  sample"
-        units = (
-            "multiples of each feature's peak" if any(isinstance(r.strength, str) for r in self.rows) else self.units
-        )
-        lines = [f"steering: {self.what} (strength units: {units})", head]
+        lines = [f"steering: {self.what} (strength units: {self.strength_units})", head]
         for row in self.rows:
             label = "0 (none)" if row is self.baseline else str(row.strength)
             sample = (row.texts[0] if row.texts else "").replace("\n", " ")[:sample_chars]
@@ -99,16 +101,14 @@ class SweepResult:
         from matplotlib.figure import Figure
 
         path = Path(path)
-        xs = [_numeric(row.strength) for row in self.rows]
+        xs = [strength_number(row.strength) for row in self.rows]
         fig = Figure(figsize=(11, 3.4))
         panels = (("kl", "KL(steered ‖ clean)"), ("target_logprob", "log p(target)"), ("fluency_loss", "fluency loss"))
         for i, (name, label) in enumerate(panels):
             ax = fig.add_subplot(1, 3, i + 1)
             ax.plot(xs, [getattr(row, name) for row in self.rows], marker="o", color="#4C72B0")
             ax.axhline(getattr(self.baseline, name), color="#999999", linestyle="--", linewidth=0.8)
-            ax.set_xlabel(
-                f"strength ({'× peak' if any(isinstance(r.strength, str) for r in self.rows) else self.units})"
-            )
+            ax.set_xlabel(f"strength ({self.strength_units})", fontsize=8)
             ax.set_title(label, fontsize=10)
             for side in ("top", "right"):
                 ax.spines[side].set_visible(False)
@@ -117,10 +117,6 @@ class SweepResult:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
         return path
-
-
-def _numeric(strength: float | str) -> float:
-    return float(str(strength).strip().rstrip("xX×")) if isinstance(strength, str) else float(strength)
 
 
 def target_token_ids(targets: Sequence[str | int] | None, tokenizer: Any) -> list[int]:
@@ -187,10 +183,9 @@ def steering_sweep(
         if not features:
             raise SteeringError("no features to sweep: pass a feature id or a list of them.")
         what = f"{mode} features {features} at layer {sae.config.hook_layer} {sae.config.hook_site}"
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    tokenizer = tokenizer_for(model, tokenizer) if tokenizer is not None or _has_strings(prompts, targets) else None
-    lists, _ = tokenize_texts(model, prompts, tokenizer)
+    lists, tokenizer = tokenize_texts(model, prompts, tokenizer)  # the model's tokenizer when prompts are strings
+    if tokenizer is None and any(isinstance(target, str) for target in targets or []):
+        tokenizer = tokenizer_for(model)  # target words need one too
     target_ids = target_token_ids(targets, tokenizer)
     generation = {"max_new_tokens": max_new_tokens, "do_sample": False, **(generate_kwargs or {})}
     options = {"positions": positions, "exclude_token_ids": exclude_token_ids}
@@ -199,7 +194,7 @@ def steering_sweep(
         if strength is None:
             return None
         if isinstance(sae, SteeringVector):
-            return steer(model, sae, strength=_numeric(strength), **options)
+            return steer(model, sae, strength=strength_number(strength), **options)
         return steer(model, sae, dict.fromkeys(features, strength), mode=mode, units=units, **options)
 
     rows = []
@@ -211,11 +206,6 @@ def steering_sweep(
             rows.append(_score_strength(model, lists, handle, strength, target_ids, tokenizer, generation, batch_size))
     texts = [tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else str(ids) for ids in lists]
     return SweepResult(rows, texts, what, units, target_ids)
-
-
-def _has_strings(prompts: Any, targets: Any) -> bool:
-    items = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, Sequence) else []
-    return any(isinstance(item, str) for item in [*items, *(targets or [])])
 
 
 def _left_padded(lists: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -32,9 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FlowError
-from ..lm_inputs import excluded_token_ids
 from ..sites import D_MODEL_SITES
-from ..steering import POSITIONS, SiteHook, SteeringHandle, install_hooks, latent_values
+from ..steering import POSITIONS, SiteHook, SteeringHandle, install_hooks, latent_values, steering_exclusion
 from .graph import parse_node_id
 from .matching import feature_scales
 
@@ -268,7 +267,5 @@ def _flow_hooks(
         scales = None
         if units == "folded" and plan.mode == "activate":
             scales = feature_scales(sae, flow.mean_activations.get(key))
-        excluded = excluded_token_ids(model, [sae.config], exclude_token_ids)
-        yield FlowHook(
-            model, sae, features, plan.mode, positions, scales, excluded, default_exclusion=exclude_token_ids is None
-        )
+        exclusion = steering_exclusion(model, [sae.config], exclude_token_ids)
+        yield FlowHook(model, sae, features, plan.mode, positions, scales, **exclusion)
