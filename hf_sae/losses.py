@@ -3,8 +3,8 @@
 * :func:`hierarchical_topk_loss` — the HierarchicalTopK objective (Balagansky et al. 2025):
   L = Σ_{j∈J} w_j · mean_{batch, d_in} (x − x̂_j)², x̂_j = b_dec + Σ_{t≤j} v_t W_dec[i_t], w_j = 1/|J|.
   With J = {K} it is the plain TopK loss mean((x − x̂_K)²) of Gao et al. (2024).
-  Memory is O(batch·d_in): the (batch, K, d_in) prefix reconstructions are never stored (fused CPU kernel, or a
-  checkpointed chunked torch path elsewhere).
+  Memory is O(batch·d_in): the (batch, K, d_in) prefix reconstructions are never stored (fused CPU kernel, fused
+  Triton kernels on CUDA, or a checkpointed chunked torch path elsewhere).
 * :func:`auxk_loss` — the AuxK term of Gao et al. (2024) on dead latents.
 * :func:`matryoshka_loss` — the Matryoshka objective (Bussmann et al. 2025, arXiv 2503.17547): the sum over nested
   dictionary prefixes m_1 < … < m_G of the MSE of the reconstruction from the latents of that prefix only.
@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .kernels import cpu_kernels
+from .kernels.triton_support import triton_kernel_for
 from .sparse import csr_order, sparse_decode
 
 
@@ -144,13 +145,21 @@ def hierarchical_topk_loss(
         W_dec: (d_sae, d_in) decoder; b_dec: (d_in,).
         budgets: the budgets J averaged over (default 1..K). ``budgets=[K]`` gives the plain TopK loss.
         chunk_elements: bound on the (rows, K, d_in) temporary of the pure-torch path.
-        use_kernel: force (True) or forbid (False) the compiled CPU kernel; default: use it when available.
+        use_kernel: force (True) or forbid (False) the compiled kernels (CPU C++ on CPU, Triton on CUDA; False
+            gives the pure-torch reference); default: use them when available.
 
     Returns:
         (loss scalar, reconstruction (N, d_in) at budget K, detached); for half-precision inputs the loss is
         accumulated in fp32 and the reconstruction has the dtype of ``x``.
     """
     n, K = values.shape
+    triton_kernels = (
+        triton_kernel_for("triton_hierarchical", x, values, W_dec, b_dec) if use_kernel is not False else None
+    )
+    if triton_kernels is not None:  # CUDA: fused Triton kernels, each input read in its own dtype, fp32 arithmetic
+        weights = budget_weights(K, budgets, torch.float32, x.device)
+        single_budget = budgets is not None and list(budgets) == [K]
+        return triton_kernels.hierarchical_topk_loss(x, values, indices, W_dec, b_dec, weights, single_budget)
     if any(t.dtype in (torch.bfloat16, torch.float16) for t in (x, values, W_dec, b_dec)):
         # half-precision inputs (autocast, a bf16 SAE): the loss and its gradients accumulate in fp32
         loss, reconstruction = hierarchical_topk_loss(

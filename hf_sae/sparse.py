@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .errors import SAEInputError
 from .kernels import cpu_kernels
+from .kernels.triton_support import triton_kernel_for
 
 
 @dataclass
@@ -64,8 +65,12 @@ class SparseLatents:
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """Σ_t values[..., t] · W_dec[indices[..., t]] without a dense (…, d_sae) tensor.
 
-    values, indices: (N, k); W_dec: (d_sae, d_in) -> (N, d_in).
+    values, indices: (N, k); W_dec: (d_sae, d_in) -> (N, d_in), in W_dec's dtype. On CUDA the Triton kernels of
+    :mod:`hf_sae.kernels.triton_decode` (fp32 accumulation, no (N, k, d_in) temporary) when triton is installed.
     """
+    triton_kernels = triton_kernel_for("triton_decode", values, W_dec) if values.dim() == 2 else None
+    if triton_kernels is not None:
+        return triton_kernels.sparse_decode(values, indices, W_dec)
     if values.dtype != W_dec.dtype:
         values = values.to(W_dec.dtype)
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
