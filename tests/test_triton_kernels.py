@@ -87,12 +87,12 @@ def reference_loss(x, values, indices, W, b, budgets):
     return loss.detach(), reconstruction, [t.grad for t in leaves]
 
 
-def triton_loss(x, values, indices, W, b, budgets, block_rows=None, block_d=None):
+def triton_loss(x, values, indices, W, b, budgets, tiles=None):
     leaves = [t.detach().clone().requires_grad_() for t in (x, values, W, b)]
     k = values.shape[1]
     weights = budget_weights(k, budgets, torch.float32, x.device)
     loss, reconstruction = triton_hierarchical.hierarchical_topk_loss(
-        leaves[0], leaves[1], indices, leaves[2], leaves[3], weights, budgets == [k], block_rows, block_d
+        leaves[0], leaves[1], indices, leaves[2], leaves[3], weights, budgets == [k], tiles
     )
     loss.backward()
     return loss.detach(), reconstruction, [t.grad for t in leaves]
@@ -105,26 +105,24 @@ def assert_close_relative(actual, expected, rtol, what):
     assert error <= rtol * max(scale, 1e-30), f"{what}: max error {error:.3g} vs scale {scale:.3g} (rtol {rtol})"
 
 
-LOSS_CASES = [  # (n, k, d, f, budgets, (block_rows, block_d)); None tiles: the GPU default
-    pytest.param(5, 3, 37, 50, None, (2, 16), id="K3-D37-B5-all-budgets-partial-tiles"),
-    pytest.param(5, 17, 37, 50, [1, 4, 17], (2, 16), id="K17-D37-B5-budgets-1-4-17"),
-    pytest.param(5, 17, 37, 50, [17], (4, 32), id="K17-D37-B5-plain-topk"),
-    pytest.param(1, 1, 37, 50, None, (None, None), id="K1-D37-B1"),
-    pytest.param(5, 17, 640, 300, None, (None, None), id="K17-D640-B5-default-tiles"),
-    pytest.param(256, 64, 640, 1000, None, (128, 256), id="K64-D640-B256"),
-    pytest.param(256, 64, 640, 1000, [64], (128, 256), id="K64-D640-B256-plain-topk"),
-    pytest.param(5, 100, 2304, 400, [1, 4, 17, 100], (8, 1024), id="K100-D2304-B5-budgets"),
-    pytest.param(256, 100, 2304, 2000, None, (256, 1024), id="K100-D2304-B256", marks=pytest.mark.slow),
+LOSS_CASES = [  # (n, k, d, f, budgets, tiles (rows, columns, warps) per program); None: the GPU default
+    pytest.param(5, 3, 37, 50, None, (2, 16, 4), id="K3-D37-B5-all-budgets-partial-tiles"),
+    pytest.param(5, 17, 37, 50, [1, 4, 17], (2, 16, 4), id="K17-D37-B5-budgets-1-4-17"),
+    pytest.param(5, 17, 37, 50, [17], (4, 32, 4), id="K17-D37-B5-plain-topk"),
+    pytest.param(1, 1, 37, 50, None, None, id="K1-D37-B1"),
+    pytest.param(5, 17, 640, 300, None, None, id="K17-D640-B5-default-tiles"),
+    pytest.param(256, 64, 640, 1000, None, (128, 256, 4), id="K64-D640-B256"),
+    pytest.param(256, 64, 640, 1000, [64], (128, 256, 4), id="K64-D640-B256-plain-topk"),
+    pytest.param(5, 100, 2304, 400, [1, 4, 17, 100], (8, 1024, 4), id="K100-D2304-B5-budgets"),
+    pytest.param(256, 100, 2304, 2000, None, (256, 1024, 4), id="K100-D2304-B256", marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("n, k, d, f, budgets, blocks", LOSS_CASES)
-def test_float32_loss_reconstruction_and_gradients_match_the_reference(n, k, d, f, budgets, blocks):
+@pytest.mark.parametrize("n, k, d, f, budgets, tiles", LOSS_CASES)
+def test_float32_loss_reconstruction_and_gradients_match_the_reference(n, k, d, f, budgets, tiles):
     x, values, indices, W, b = random_latents(n, k, d, f)
     expected_loss, expected_reconstruction, expected_grads = reference_loss(x, values, indices, W, b, budgets)
-    loss, reconstruction, grads = triton_loss(
-        x.float(), values.float(), indices, W.float(), b.float(), budgets, *blocks
-    )
+    loss, reconstruction, grads = triton_loss(x.float(), values.float(), indices, W.float(), b.float(), budgets, tiles)
     assert loss.dtype == torch.float32 and reconstruction.dtype == torch.float32
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
     assert_close_relative(reconstruction, expected_reconstruction, 1e-5, "reconstruction")
@@ -140,7 +138,7 @@ def test_half_precision_inputs_accumulate_in_float32(dtype, budgets):
     (rounded) inputs the only error left is the final rounding of each output to its input's dtype."""
     x, values, indices, W, b = (t.to(dtype) if t.is_floating_point() else t for t in random_latents(5, 17, 2304, 200))
     expected_loss, expected_reconstruction, expected_grads = reference_loss(x, values, indices, W, b, budgets)
-    loss, reconstruction, grads = triton_loss(x, values, indices, W, b, budgets, 8, 1024)
+    loss, reconstruction, grads = triton_loss(x, values, indices, W, b, budgets, (8, 1024, 4))
     eps = torch.finfo(dtype).eps
     assert loss.dtype == torch.float32 and reconstruction.dtype == dtype
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
@@ -154,7 +152,7 @@ def test_mixed_dtypes_keep_each_gradient_in_its_input_dtype():
     """bf16 activations with an fp32 SAE (the harvest's dtype, the master weights): no upcast copies needed."""
     x, values, indices, W, b = random_latents(5, 17, 37, 50)
     expected_loss, _, expected_grads = reference_loss(x.bfloat16(), values.float(), indices, W.float(), b.float(), None)
-    loss, _, grads = triton_loss(x.bfloat16(), values.float(), indices, W.float(), b.float(), None, 2, 16)
+    loss, _, grads = triton_loss(x.bfloat16(), values.float(), indices, W.float(), b.float(), None, (2, 16, 4))
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
     for name, grad, expected, rtol in zip(
@@ -163,18 +161,18 @@ def test_mixed_dtypes_keep_each_gradient_in_its_input_dtype():
         assert_close_relative(grad, expected, rtol, f"dL/d{name}")
 
 
-DECODE_CASES = [  # (n, k, d, f, (block_rows, block_d))
-    pytest.param(5, 1, 37, 50, (2, 16), id="K1-D37-B5"),
-    pytest.param(5, 17, 37, 50, (2, 16), id="K17-D37-B5"),
-    pytest.param(1, 3, 640, 100, (None, None), id="K3-D640-B1-default-tiles"),
-    pytest.param(256, 64, 640, 1000, (128, 256), id="K64-D640-B256"),
-    pytest.param(5, 100, 2304, 400, (8, 1024), id="K100-D2304-B5"),
+DECODE_CASES = [  # (n, k, d, f, tiles)
+    pytest.param(5, 1, 37, 50, (2, 16, 4), id="K1-D37-B5"),
+    pytest.param(5, 17, 37, 50, (2, 16, 4), id="K17-D37-B5"),
+    pytest.param(1, 3, 640, 100, None, id="K3-D640-B1-default-tiles"),
+    pytest.param(256, 64, 640, 1000, (128, 256, 4), id="K64-D640-B256"),
+    pytest.param(5, 100, 2304, 400, (8, 1024, 4), id="K100-D2304-B5"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n, k, d, f, blocks", DECODE_CASES)
-def test_sparse_decode_forward_and_backward_match_embedding_bag(n, k, d, f, blocks, dtype):
+@pytest.mark.parametrize("n, k, d, f, tiles", DECODE_CASES)
+def test_sparse_decode_forward_and_backward_match_embedding_bag(n, k, d, f, tiles, dtype):
     _, values, indices, W, _ = random_latents(n, k, d, f)
     values, W = values.to(dtype), W.to(dtype)
     grad_out = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -182,7 +180,7 @@ def test_sparse_decode_forward_and_backward_match_embedding_bag(n, k, d, f, bloc
     expected = F.embedding_bag(indices, expected_leaves[1], per_sample_weights=expected_leaves[0], mode="sum")
     expected.backward(grad_out)
     leaves = [values.clone().requires_grad_(), W.clone().requires_grad_()]
-    out = triton_decode.sparse_decode(leaves[0], indices, leaves[1], *blocks)
+    out = triton_decode.sparse_decode(leaves[0], indices, leaves[1], tiles)
     out.backward(grad_out.to(dtype))
     rtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps  # bf16 also rounds grad_out
     assert out.dtype == dtype and [t.grad.dtype for t in leaves] == [dtype, dtype]

@@ -3,7 +3,7 @@
 out[n] = Σ_t v[n, t] · W[i[n, t]] for values v, indices i (N, K) and a decoder W (F, D), and its backward given
 g = dL/dout (N, D): dL/dv[n, t] = ⟨W[i[n, t]], g[n]⟩ and dL/dW[f] = Σ_{(n,t): i[n,t] = f} v[n, t] · g[n].
 
-Tiling: one program per (block of ``block_rows`` rows, tile of ``block_d`` columns of D); any N, K, D (the last
+Tiling: one program per (block of rows, tile of columns of D; :func:`block_shape`); any N, K, D (the last
 blocks are masked). Each program loops over t, gathering the ``block_rows`` decoder-row segments W[i[n, t], tile]
 (contiguous in D, so coalesced). All arithmetic is float32 whatever the input dtypes (float32, bfloat16, float16);
 outputs are cast back to the dtypes of the torch reference (:func:`hf_sae.sparse.sparse_decode`).
@@ -40,14 +40,17 @@ MAX_BLOCK_D = 512  # columns of D per program (a power of two; D is tiled with m
 BLOCK_ELEMENTS = 2048  # rows × columns per program: ~16 fp32 registers per thread and array at 4 warps
 
 
-def block_shape(n: int, d: int, block_rows: int | None = None, block_d: int | None = None) -> tuple[int, int]:
-    """(rows, columns) per program, both powers of two: D tiles of at most MAX_BLOCK_D columns, and as many rows
-    as fill BLOCK_ELEMENTS (no more than the batch needs). Explicit values (tests, tuning) are used as given."""
-    if block_d is None:
-        block_d = min(MAX_BLOCK_D, triton.next_power_of_2(max(1, d)))
-    if block_rows is None:
-        block_rows = max(1, min(BLOCK_ELEMENTS // block_d, triton.next_power_of_2(max(1, n))))
-    return block_rows, block_d
+Tiles = tuple[int, int, int]  # (rows, columns of D, warps) per program
+
+
+def block_shape(n: int, d: int, tiles: Tiles | None = None) -> Tiles:
+    """(rows, columns, warps) per program: D tiles of at most MAX_BLOCK_D columns (a power of two), as many rows as
+    fill BLOCK_ELEMENTS (no more than the batch needs), 4 warps. ``tiles`` (tests, tuning) is used as given."""
+    if tiles is not None:
+        return tiles
+    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(max(1, d)))
+    block_rows = max(1, min(BLOCK_ELEMENTS // block_d, triton.next_power_of_2(max(1, n))))
+    return block_rows, block_d, 4
 
 
 @triton.jit
@@ -114,15 +117,14 @@ def _grid(n: int, d: int, block_rows: int, block_d: int) -> tuple[int, int]:
     return triton.cdiv(n, block_rows), triton.cdiv(d, block_d)
 
 
-def decode_forward(
-    values: Tensor, indices: Tensor, W_dec: Tensor, block_rows: int | None = None, block_d: int | None = None
-) -> Tensor:
+def decode_forward(values: Tensor, indices: Tensor, W_dec: Tensor, tiles: Tiles | None = None) -> Tensor:
     """values, indices (N, K), W_dec (F, D) -> (N, D) in W_dec's dtype (as ``F.embedding_bag`` returns)."""
     values, indices, W_dec = values.contiguous(), indices.contiguous(), W_dec.contiguous()
     (n, k), d = values.shape, W_dec.shape[1]
     out = torch.empty(n, d, dtype=W_dec.dtype, device=W_dec.device)
-    rows, cols = block_shape(n, d, block_rows, block_d)
-    decode_forward_kernel[_grid(n, d, rows, cols)](out, values, indices, W_dec, n, k, d, BLOCK_N=rows, BLOCK_D=cols)
+    rows, cols, warps = block_shape(n, d, tiles)
+    grid = _grid(n, d, rows, cols)
+    decode_forward_kernel[grid](out, values, indices, W_dec, n, k, d, BLOCK_N=rows, BLOCK_D=cols, num_warps=warps)
     return out
 
 
@@ -134,13 +136,12 @@ def scatter_backward(
     W_dec: Tensor,
     grad_values: bool,
     grad_weight: bool,
-    block_rows: int | None = None,
-    block_d: int | None = None,
+    tiles: Tiles | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(dL/dv (N, K) float32, dL/dW (F, D) float32), each None unless asked, for per-row gradient directions
     ``direction`` (N, D) scaled by the one-element float32 tensor ``coef`` (see :func:`scatter_backward_kernel`)."""
     (n, k), (f, d) = values.shape, W_dec.shape
-    rows, cols = block_shape(n, d, block_rows, block_d)
+    rows, cols, warps = block_shape(n, d, tiles)
     grid = _grid(n, d, rows, cols)
     parts = torch.empty(grid[1] if grad_values else 0, n, k, dtype=torch.float32, device=W_dec.device)
     grad_W = torch.zeros(f if grad_weight else 0, d, dtype=torch.float32, device=W_dec.device)
@@ -160,6 +161,7 @@ def scatter_backward(
             BLOCK_D=cols,
             GRAD_VALUES=grad_values,
             GRAD_WEIGHT=grad_weight,
+            num_warps=warps,
         )
     return (parts.sum(0) if grad_values else None), (grad_W if grad_weight else None)
 
@@ -169,25 +171,23 @@ class TritonSparseDecode(torch.autograd.Function):
     the dtypes of ``values`` and ``W_dec``."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, block_rows=None, block_d=None) -> Tensor:
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, tiles: Tiles | None = None) -> Tensor:
         ctx.save_for_backward(values, indices, W_dec)
-        ctx.blocks = (block_rows, block_d)
-        return decode_forward(values, indices, W_dec, block_rows, block_d)
+        ctx.tiles = tiles
+        return decode_forward(values, indices, W_dec, tiles)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         values, indices, W_dec = ctx.saved_tensors
         coef = torch.ones(1, dtype=torch.float32, device=W_dec.device)
         needs_v, needs_W = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        grad_v, grad_W = scatter_backward(grad_out, coef, values, indices, W_dec, needs_v, needs_W, *ctx.blocks)
+        grad_v, grad_W = scatter_backward(grad_out, coef, values, indices, W_dec, needs_v, needs_W, ctx.tiles)
         grad_v = grad_v.to(values.dtype) if grad_v is not None else None
         grad_W = grad_W.to(W_dec.dtype) if grad_W is not None else None
-        return grad_v, None, grad_W, None, None
+        return grad_v, None, grad_W, None
 
 
-def sparse_decode(
-    values: Tensor, indices: Tensor, W_dec: Tensor, block_rows: int | None = None, block_d: int | None = None
-) -> Tensor:
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, tiles: Tiles | None = None) -> Tensor:
     """Σ_t values[n, t] · W_dec[indices[n, t]]: values, indices (N, K), W_dec (F, D) -> (N, D), differentiable in
-    values and W_dec. ``block_rows`` / ``block_d`` override the tile shape (tests, tuning)."""
-    return TritonSparseDecode.apply(values, indices, W_dec, block_rows, block_d)
+    values and W_dec. ``tiles`` (rows, columns, warps) overrides :func:`block_shape` (tests, tuning)."""
+    return TritonSparseDecode.apply(values, indices, W_dec, tiles)

@@ -5,7 +5,7 @@ L = Σ_j w_j · Σ_{n,d} r_j[n, d]² / (N·D), r_j = x − b_dec − Σ_{t≤j} 
 budget weights w come from :func:`hf_sae.losses.budget_weights`; w = e_K is the plain TopK loss).
 
 Forward: one program per (block of rows, tile of D columns) runs the prefix sum r ← r − v_t·W[i_t] for t = 1..K
-and accumulates w_t·Σ_d r² per row; it writes that row sum for its D tile and the float32 residual r_K (N, D).
+and accumulates w_t·r_t² elementwise; it writes the row sums of its D tile and the float32 residual r_K (N, D).
 Backward, from t = K down to 1, elementwise in d (the same tiling): s ← s + w_t·r_t (the suffix sum
 s_t = Σ_{j≥t} w_j r_j), dL/dv_t = c·⟨W[i_t], s_t⟩ (a per-tile partial), dL/dW[i_t] += c·v_t·s_t (float32
 ``atomic_add``), then r_{t−1} = r_t + v_t·W[i_t]; c = −2·grad/(N·D), dL/dx = −c·s_1, dL/db_dec = c·Σ_n s_1.
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_decode import block_shape, scatter_backward, sum_combine
+from .triton_decode import Tiles, block_shape, scatter_backward, sum_combine
 
 
 @triton.jit
@@ -56,16 +56,17 @@ def hierarchical_forward_kernel(
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + tile, mask=mask, other=0.0).to(tl.float32) - bias[None, :]
     r = tl.where(mask, r, 0.0)
-    loss = tl.full([BLOCK_N], 0.0, tl.float32)
+    squares = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)  # Σ_t w_t r_t², summed over the tile's columns at the end
     for t in range(0, K):
         v = tl.load(values_ptr + rows64 * K + t, mask=row_ok, other=0.0).to(tl.float32)
         latent = tl.load(indices_ptr + rows64 * K + t, mask=row_ok, other=0).to(tl.int64)
         w = tl.load(weight_ptr + latent[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         r -= v[:, None] * w
         if not SINGLE_BUDGET:
-            loss += tl.load(budget_weights_ptr + t) * tl.reduce(r * r, 1, sum_combine)
+            squares += tl.load(budget_weights_ptr + t) * (r * r)
     if SINGLE_BUDGET:
-        loss = tl.reduce(r * r, 1, sum_combine)
+        squares = r * r
+    loss = tl.reduce(squares, 1, sum_combine)
     tl.store(row_loss_ptr + pid_d.to(tl.int64) * N + rows64, loss, mask=row_ok)
     tl.store(residual_ptr + tile, r, mask=mask)
 
@@ -124,11 +125,11 @@ class TritonHierarchicalLoss(torch.autograd.Function):
     W_dec and b_dec. ``single_budget``: the weights are e_K (the plain TopK loss; no recurrence)."""
 
     @staticmethod
-    def forward(ctx, x, values, indices, W_dec, b_dec, weights, single_budget, block_rows, block_d):
+    def forward(ctx, x, values, indices, W_dec, b_dec, weights, single_budget, tiles):
         x, values, indices, W_dec = x.contiguous(), values.contiguous(), indices.contiguous(), W_dec.contiguous()
         weights = weights.to(device=x.device, dtype=torch.float32).contiguous()
         (n, k), d = values.shape, x.shape[1]
-        rows, cols = block_shape(n, d, block_rows, block_d)
+        rows, cols, warps = block_shape(n, d, tiles)
         grid = (triton.cdiv(n, rows), triton.cdiv(d, cols))
         row_loss = torch.empty(grid[1], n, dtype=torch.float32, device=x.device)
         residual = torch.empty(n, d, dtype=torch.float32, device=x.device)
@@ -147,9 +148,10 @@ class TritonHierarchicalLoss(torch.autograd.Function):
             BLOCK_N=rows,
             BLOCK_D=cols,
             SINGLE_BUDGET=single_budget,
+            num_warps=warps,
         )
         ctx.save_for_backward(values, indices, W_dec, weights, residual)
-        ctx.meta = (n, d, single_budget, block_rows, block_d, x.dtype, b_dec.dtype)
+        ctx.meta = (n, d, single_budget, tiles, x.dtype, b_dec.dtype)
         reconstruction = (x.float() - residual).to(x.dtype)
         ctx.mark_non_differentiable(reconstruction)
         return row_loss.sum() / (n * d), reconstruction
@@ -157,17 +159,15 @@ class TritonHierarchicalLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
         values, indices, W_dec, weights, residual = ctx.saved_tensors
-        n, d, single_budget, block_rows, block_d, x_dtype, b_dtype = ctx.meta
+        n, d, single_budget, tiles, x_dtype, b_dtype = ctx.meta
         needs_x, needs_v, _, needs_W, needs_b = ctx.needs_input_grad[:5]
         coef = (grad_loss.detach().float() * (-2.0 / (n * d))).reshape(1)  # c = −2·grad/(N·D), left on the device
         if single_budget:  # s_t = r_K for every t: the sparse decode's backward with direction r_K
             suffix = residual
-            grad_v, grad_W = scatter_backward(
-                residual, coef, values, indices, W_dec, needs_v, needs_W, block_rows, block_d
-            )
+            grad_v, grad_W = scatter_backward(residual, coef, values, indices, W_dec, needs_v, needs_W, tiles)
         else:
             suffix = torch.empty_like(residual)
-            rows, cols = block_shape(n, d, block_rows, block_d)
+            rows, cols, warps = block_shape(n, d, tiles)
             grid = (triton.cdiv(n, rows), triton.cdiv(d, cols))
             parts = torch.empty(grid[1] if needs_v else 0, n, values.shape[1], dtype=torch.float32, device=W_dec.device)
             grad_W = torch.zeros(W_dec.shape if needs_W else (0, d), dtype=torch.float32, device=W_dec.device)
@@ -188,6 +188,7 @@ class TritonHierarchicalLoss(torch.autograd.Function):
                 BLOCK_D=cols,
                 GRAD_VALUES=needs_v,
                 GRAD_WEIGHT=needs_W,
+                num_warps=warps,
             )
             grad_v = parts.sum(0) if needs_v else None
             grad_W = grad_W if needs_W else None
@@ -195,7 +196,7 @@ class TritonHierarchicalLoss(torch.autograd.Function):
         grad_b = (suffix.sum(0) * coef).to(b_dtype) if needs_b else None
         grad_v = grad_v.to(values.dtype) if grad_v is not None else None
         grad_W = grad_W.to(W_dec.dtype) if grad_W is not None else None
-        return grad_x, grad_v, None, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_v, None, grad_W, grad_b, None, None, None
 
 
 def hierarchical_topk_loss(
@@ -206,16 +207,15 @@ def hierarchical_topk_loss(
     b_dec: Tensor,
     weights: Tensor,
     single_budget: bool = False,
-    block_rows: int | None = None,
-    block_d: int | None = None,
+    tiles: Tiles | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The weighted prefix MSE and the reconstruction at K on the Triton kernels.
 
     Args:
         x: (N, D) targets; values, indices: (N, K) TopK latents sorted descending; W_dec: (F, D); b_dec: (D,).
         weights: (K,) budget weights (:func:`hf_sae.losses.budget_weights`); ``single_budget`` when they are e_K.
-        block_rows, block_d: tile shape override (tests, tuning); default :func:`block_shape`.
+        tiles: (rows, columns, warps) per program, overriding :func:`block_shape` (tests, tuning).
 
     Returns (loss, float32 scalar; reconstruction (N, D) in x's dtype, detached).
     """
-    return TritonHierarchicalLoss.apply(x, values, indices, W_dec, b_dec, weights, single_budget, block_rows, block_d)
+    return TritonHierarchicalLoss.apply(x, values, indices, W_dec, b_dec, weights, single_budget, tiles)
