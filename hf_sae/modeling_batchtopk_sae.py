@@ -43,6 +43,7 @@ class BatchTopKSAE(HierarchicalSAE):
     units of the activations) and ``threshold_batches`` (how many training batches estimated it; 0: not yet)."""
 
     config_class = BatchTopKSAEConfig
+    supports_latent_parallel = False  # the top-k is over the whole batch, not per token
 
     def __init__(self, config: BatchTopKSAEConfig):
         super().__init__(config)

@@ -25,6 +25,7 @@ class HierarchicalSAE(SAEPreTrainedModel):
     """
 
     config_class = HierarchicalSAEConfig
+    supports_latent_parallel = True  # latents are the top-k of independent encoder rows: --shard-latents works
 
     def __init__(self, config: HierarchicalSAEConfig):
         super().__init__(config)
@@ -54,8 +55,13 @@ class HierarchicalSAE(SAEPreTrainedModel):
     def _pre_acts_flat(self, x: Tensor) -> Tensor:
         return torch.relu(nn.functional.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
 
-    def _encode_topk(self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
-        return topk_encode(x, self.encoder.weight, self.encoder.bias, k, dead_mask, k_aux, center=self.b_dec)
+    def _encode_topk(
+        self, x: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0, center: Tensor | None = None
+    ):
+        """``center`` replaces b_dec in the centring x − b_dec (a latent-parallel shard passes b_dec through an
+        op that sums its gradient over processes, see :mod:`hf_sae.latent_parallel`)."""
+        center = self.b_dec if center is None else center
+        return topk_encode(x, self.encoder.weight, self.encoder.bias, k, dead_mask, k_aux, center=center)
 
 
 register_architecture(

@@ -73,6 +73,8 @@ class SAEPreTrainedModel(PreTrainedModel):
     # Training defaults of the architecture (read by training/ through the registry): how b_dec starts before the
     # first step ("geometric_median", "mean" or "zeros"); the learning rate comes from default_learning_rate().
     b_dec_init: ClassVar[str] = "geometric_median"
+    # Whether hf_sae.latent_parallel can split the SAE by latent across processes (--shard-latents).
+    supports_latent_parallel: ClassVar[bool] = False
     base_model_prefix = "sae"
     main_input_name = "x"
     supports_gradient_checkpointing = False
@@ -109,6 +111,11 @@ class SAEPreTrainedModel(PreTrainedModel):
         """Renormalise every decoder row to unit norm (after each optimiser step)."""
         norms = self.W_dec.norm(dim=-1, keepdim=True)
         self.W_dec.div_(norms.clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale the gradients so their total norm is at most ``max_norm``; returns the norm before (the training
+        step's per-SAE clipping; a latent-parallel SAE takes the norm over every process's shard)."""
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:

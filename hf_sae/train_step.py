@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import HfSaeError
 from .modeling_sae import SAEOutput, SAEPreTrainedModel
@@ -80,7 +80,8 @@ def training_step(
 
     Returns: :class:`TrainingStepOutput` (summed loss, per-SAE outputs and gradient norms, whether it stepped).
     """
-    saes = [sae] if isinstance(sae, SAEPreTrainedModel) else list(sae)  # one SAE, a list or an nn.ModuleList
+    # one SAE (or a latent-parallel shard of one), a list or an nn.ModuleList
+    saes = [sae] if isinstance(sae, nn.Module) and not isinstance(sae, nn.ModuleList) else list(sae)
     inputs = [x] if isinstance(x, Tensor) else list(x)
     if len(saes) != len(inputs):
         raise HfSaeError(f"training_step got {len(saes)} SAE(s) but {len(inputs)} input tensor(s); pass one each.")
@@ -100,7 +101,7 @@ def training_step(
     grad_norms = []
     for model in saes:
         model.remove_gradient_parallel_to_decoder_directions()
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+        grad_norms.append(model.clip_grad_norm_(limit))
     # Gradients are all-reduced before this point under DDP, so every process takes the same decision here.
     stepped = bool(torch.isfinite(torch.stack(grad_norms)).all())
     if stepped:

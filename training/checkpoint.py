@@ -180,7 +180,8 @@ def save_checkpoint(
             },
             str(tmp / "sae_state.safetensors"),
         )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        # a latent-parallel run passes the state gathered to whole SAEs (a dict), the others the optimiser
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(process_states, tmp / "process_states.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")

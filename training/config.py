@@ -205,6 +205,12 @@ class RunOptions:
         "their values, the losses and the weights stay fp32 (~0.5x the fp32 step on CPUs with bf16 units)",
     )
     compile: bool = _f(False, "torch.compile the SAEs")
+    shard_latents: bool = _f(
+        False,
+        "latent parallelism: split each SAE by latent across the processes of the run (for dictionaries too wide "
+        "for one device). Every process reads the same batches and holds 1/N of each SAE and its AdamW state; the "
+        "exact global top-k is gathered each step. Without it, several processes are data-parallel (DDP)",
+    )
     seed: int = _f(0, "random seed (SAE init, shuffling)")
     deterministic: bool | None = _f(
         None,

@@ -18,17 +18,29 @@ from .config import SAESpec, TrainConfig
 from .saes import learning_rate
 
 
-def describe_run(cfg: TrainConfig, run_dir: Path, saes: list, total_steps: int, world: int, device, data: str) -> str:
+def describe_run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    saes: list,
+    total_steps: int,
+    world: int,
+    device,
+    data: str,
+    sharded: bool = False,
+) -> str:
     """The lines printed before the first step: where, how much, each SAE's class, scale and learning rate."""
+    streams = 1 if sharded else world  # processes reading different batches
+    layout = f"each SAE split by latent over the {world} process(es)" if sharded else f"{world} process(es)"
     lines = [
-        f"hf-sae {__version__}: training {len(saes)} SAE(s) into {run_dir} on {world} process(es), "
-        f"{device}; {cfg.tokens:,} tokens = {total_steps} steps x {cfg.batch_size} x {world}"
+        f"hf-sae {__version__}: training {len(saes)} SAE(s) into {run_dir} on {layout}, "
+        f"{device}; {cfg.tokens:,} tokens = {total_steps} steps x {cfg.batch_size} x {streams}"
     ]
     for spec, sae in zip(cfg.saes, saes):
+        name = f"{type(sae.shard).__name__} (latents {sae.lo}..{sae.hi - 1} here)" if sharded else type(sae).__name__
         lines.append(
-            f"  {spec.name}: {type(sae).__name__} d_in={sae.config.d_in} activation_scale="
+            f"  {spec.name}: {name} d_in={sae.config.d_in} activation_scale="
             f"{sae.config.activation_scale:.4g} lr={learning_rate(spec, sae):.3g} "
-            f"dead after {sae.config.dead_tokens * world:,} tokens"
+            f"dead after {sae.config.dead_tokens * streams:,} tokens"
         )
     lines.append(
         f"  data {data}; windows of {cfg.context_length} tokens; excluded ids {saes[0].config.excluded_token_ids}; "

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
+from hf_sae.latent_parallel import gather_optimizer_state, gather_sae
 from hf_sae.modeling_sae import SAEPreTrainedModel
 from hf_sae.sites import Site
 
@@ -60,12 +61,21 @@ class Run:
         return self.accelerator.num_processes
 
     @property
+    def data_world(self) -> int:
+        """Processes reading different data: all of them, or one stream read by every process (--shard-latents)."""
+        return 1 if self.cfg.shard_latents else self.world
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.world
+        return self.cfg.batch_size * self.data_world
 
     def save_checkpoint(self, step: int, optimizer, scheduler) -> None:
         """Gather every process's data position and RNG state, then the main process writes the checkpoint."""
         process_states = gather_object([{"buffer": self.buffer.state(), "rng": ckpt.rng_state()}])
+        saes, optimizer_state = self.saes, optimizer
+        if self.cfg.shard_latents:  # every process sends its shards; the checkpoint holds whole SAEs
+            saes = [gather_sae(sae) for sae in self.saes]
+            optimizer_state = gather_optimizer_state(optimizer, self.saes)
         if self.accelerator.is_main_process:
             state = {
                 **self.trainer_state,
@@ -78,8 +88,8 @@ class Run:
             ckpt.save_checkpoint(
                 self.run_dir,
                 step,
-                self.saes,
-                optimizer,
+                saes,
+                optimizer_state,
                 scheduler,
                 state,
                 process_states,

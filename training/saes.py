@@ -46,10 +46,13 @@ def sae_config(spec: SAESpec, site: Site, **filled) -> SAEConfig:
     return spec.build_config(d_in=site.width, hook_layer=spec.layer, hook_site=spec.site, **filled)
 
 
-def check_sae_memory(cfg: TrainConfig, specs: list[SAESpec], sites: list[Site], device: torch.device) -> None:
+def check_sae_memory(
+    cfg: TrainConfig, specs: list[SAESpec], sites: list[Site], device: torch.device, shards: int = 1
+) -> None:
     """Refuse SAEs that cannot be built or would not fit in ``device``'s free memory: float32 weights, gradients and
-    two AdamW moments, plus a batch's dense pre-activations and their gradient. The SAEs are built on the meta
-    device to count (nothing is allocated, no random number drawn)."""
+    two AdamW moments, plus a batch's dense pre-activations and their gradient, each divided over ``shards``
+    processes under latent parallelism. The SAEs are built on the meta device to count (nothing is allocated, no
+    random number drawn)."""
     need, sizes = 0, []
     for i, (spec, site) in enumerate(zip(specs, sites)):
         config = sae_config(spec, site)
@@ -63,7 +66,7 @@ def check_sae_memory(cfg: TrainConfig, specs: list[SAESpec], sites: list[Site], 
             ) from None
         weights = sum(p.numel() for p in sae.parameters())
         counters = sum(b.numel() * b.element_size() for b in sae.buffers())
-        need += 16 * weights + counters + 2 * 4 * cfg.batch_size * config.d_sae
+        need += (16 * weights + counters + 2 * 4 * cfg.batch_size * config.d_sae) // shards
         sizes.append(f"{spec.name}: {weights:,} parameters")
     free = available_memory(device)
     if need > free:
@@ -116,7 +119,7 @@ def build_sae(
 
 def learning_rate(spec: SAESpec, sae: SAEPreTrainedModel) -> float:
     """The entry's ``lr``, else the architecture's default for its config (8e-4 / sqrt(d_sae / 2^14))."""
-    return spec.lr or type(sae).default_learning_rate(sae.config)
+    return spec.lr or sae.default_learning_rate(sae.config)
 
 
 def build_optimizer(

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from hf_sae import training_step
-from hf_sae.errors import HfSaeError, NonFiniteLossError, ResumeError
+from hf_sae.errors import HfSaeError, NonFiniteLossError, ResumeError, TrainConfigError
+from hf_sae.latent_parallel import gather_sae, shard_optimizer_state, shard_sae
 from hf_sae.modeling_sae import SAEOutput
 from hf_sae.sites import resolve_site
 
@@ -100,6 +101,10 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
     use_cpu = cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available()
     accelerator = Accelerator(cpu=use_cpu, log_with=cfg.trackers or None, project_dir=cfg.out or "runs")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    shard = cfg.shard_latents  # latent parallelism: one data stream, every process holds 1/world of each SAE
+    data_rank, data_world = (0, 1) if shard else (rank, world)
+    if shard and cfg.compile:
+        raise TrainConfigError("--compile does not work with --shard-latents yet; drop one of them.")
     if not accelerator.is_main_process:
         logging.getLogger("training").setLevel(logging.WARNING)  # one voice: the main process reports
     torch.use_deterministic_algorithms(cfg.deterministic if cfg.deterministic is not None else device.type == "cpu")
@@ -109,19 +114,19 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
     model, tokenizer = load_language_model(cfg, device)
     specs = resolve_layers(cfg, model)
     sites = [resolve_site(model, spec.layer, spec.site) for spec in specs]
-    check_sae_memory(cfg, specs, sites, device)
+    check_sae_memory(cfg, specs, sites, device, shards=world if shard else 1)
     folder = resources.enter_context(RunFolder(run_dir_of(cfg, specs, model_id(cfg, model)), cfg, accelerator))
     run_dir, checkpoint_dir = folder.path, folder.checkpoint()  # locked; the newest intact checkpoint if resuming
     stop.watch(run_dir, accelerator)
     excluded = excluded_token_ids(cfg, tokenizer)
-    train_data, eval_data = dataset_factories(cfg, rank, world)
-    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * world))
+    train_data, eval_data = dataset_factories(cfg, data_rank, data_world)
+    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * data_world))
     harvester = ActivationHarvester(model, sites, excluded)
     on_device = cfg.buffer_device == "device"
     if cfg.activations:  # a harvested cache (training/activation_cache.py) instead of the LM on the fly
-        buffer = CachedActivations.for_run(cfg, model_id(cfg, model), model, sites, rank, world, device)
+        buffer = CachedActivations.for_run(cfg, model_id(cfg, model), model, sites, data_rank, data_world, device)
     else:
-        windows = training_windows(cfg, tokenizer, train_data, rank, activations=total_steps * cfg.batch_size)
+        windows = training_windows(cfg, tokenizer, train_data, data_rank, activations=total_steps * cfg.batch_size)
         buffer = ActivationBuffer(
             windows,
             harvester,
@@ -131,7 +136,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
             dtype=model.dtype,
             storage_device=device if on_device else torch.device("cpu"),
             seed=cfg.seed,
-            rank=rank,
+            rank=data_rank,
             pin_memory=device.type == "cuda" and not on_device,
             max_nonfinite_batches=cfg.max_nonfinite_batches,
         )
@@ -149,12 +154,13 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
         buffer=buffer,
         eval_data=eval_data,
         total_steps=total_steps,
-        dead_tokens=[dead_tokens_of(cfg, spec, world) for spec in specs],
+        dead_tokens=[dead_tokens_of(cfg, spec, data_world) for spec in specs],
     )
 
     # ---- 3. SAEs: fresh (scale + b_dec from the first buffer round) or from the checkpoint ---------------------
     started = time.perf_counter()  # training time includes harvesting the first buffer round
     run.setup_seconds = started - setup_started  # imports excluded: model, tokenizer, data set
+    build_device = torch.device("cpu") if shard else device  # shards go to the device, never the whole SAE
     if checkpoint_dir is None:
         first_round = buffer.peek(min(cfg.buffer_size, 16384))
         provenance = {
@@ -166,38 +172,45 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
         for spec, site, dead_tokens in zip(specs, sites, run.dead_tokens):
             x = first_round[site.key].float()
             scale = activation_scale(x, accelerator)
-            run.saes.append(build_sae(cfg, spec, site, scale, dead_tokens, provenance, x, device, total_steps))
+            run.saes.append(build_sae(cfg, spec, site, scale, dead_tokens, provenance, x, build_device, total_steps))
         run.trainer_state["data_files"] = data_file_state(cfg.dataset)  # a resume checks them
     else:
-        state = ckpt.load_checkpoint(checkpoint_dir, model_classes(specs), device)
+        state = ckpt.load_checkpoint(checkpoint_dir, model_classes(specs), build_device)
         run.saes, run.trainer_state = state["saes"], state["trainer_state"]
-        if run.trainer_state["processes"] != world:
+        if run.trainer_state["processes"] != world and not shard:  # sharded checkpoints hold whole SAEs
             raise ResumeError(
                 f"--resume {cfg.resume}: the checkpoint was written by {run.trainer_state['processes']} process(es), "
                 f"this launch has {world}. Launch with --num_processes {run.trainer_state['processes']} to continue it."
             )
         run.trainer_state["data_files"] = check_data_unchanged(run.trainer_state.get("data_files"), cfg)
-        mine = state["process_states"][rank]
+        mine = state["process_states"][data_rank]
         buffer.load_state(mine["buffer"])
         ckpt.set_rng_state(mine["rng"])
         accelerator.print(f"resuming {run_dir} from {checkpoint_dir.name} (step {run.trainer_state['step']})")
     run.config_yaml = folder.prepare(cfg)  # checked: now --overwrite clears the old run, the config is written
+    if shard:
+        run.saes = [shard_sae(sae, device=device) for sae in run.saes]
     for sae, dead_tokens in zip(run.saes, run.dead_tokens):
         sae.train()
         sae.check_finite = False  # the harvester already drops NaN/inf batches; skip a sync per step
-        sae.config.dead_tokens = max(1, math.ceil(dead_tokens / world))  # each process counts its own tokens
+        sae.config.dead_tokens = max(1, math.ceil(dead_tokens / data_world))  # each process counts its own tokens
 
     # ---- 4. optimiser, schedule, the loop ------------------------------------------------------------------------
     optimizer, scheduler = build_optimizer(cfg, run.saes, specs, run.total_steps)
     if checkpoint_dir is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(
+            shard_optimizer_state(state["optimizer"], optimizer, run.saes) if shard else state["optimizer"]
+        )
         scheduler.load_state_dict(state["scheduler"])
     stack = SAEStack([torch.compile(sae) for sae in run.saes] if cfg.compile else run.saes)
-    stack, optimizer = accelerator.prepare(stack, optimizer)  # DDP when several processes; not the scheduler
+    if shard:  # no DDP: each process's gradients are its own shard's (b_dec's are summed inside the forward)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        stack, optimizer = accelerator.prepare(stack, optimizer)  # DDP when several processes; not the scheduler
     if cfg.trackers:
         accelerator.project_configuration.set_directories(str(run_dir))  # e.g. tensorboard logs in <run>/<project>/
         accelerator.init_trackers(cfg.project, config=flat_config(cfg))
-    accelerator.print(describe_run(cfg, run_dir, run.saes, run.total_steps, world, device, run.data_name))
+    accelerator.print(describe_run(cfg, run_dir, run.saes, run.total_steps, world, device, run.data_name, shard))
 
     run.start_step, keys = run.trainer_state.get("step", 0), [site.key for site in sites]
     progress = resources.enter_context(  # closed however the loop ends, so a last message starts a line of its own
@@ -257,6 +270,9 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
     run.trainer_state["seconds"] = previous_seconds + run.session_seconds
 
     # ---- 5. fold, save, evaluate, plot, card, summary (main process) --------------------------------------------
+    if shard:  # the whole SAEs on the main process (None elsewhere), for the ordinary save and evaluation
+        run.saes = [gather_sae(sae) for sae in run.saes]
+        run.saes = [sae.to(device) for sae in run.saes] if accelerator.is_main_process else []
     accelerator.wait_for_everyone()
     metrics: dict[str, Any] = finish_run(run) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()

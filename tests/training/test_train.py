@@ -263,3 +263,29 @@ def test_resuming_with_a_different_config_or_without_a_checkpoint_is_refused(
         run(["--resume", str(tmp_path)])
     with pytest.raises(TrainConfigError, match="already exists"):  # and a new run never overwrites an old one
         run(tiny_args(out))
+
+
+def test_latent_parallel_run_trains_the_same_sae_and_resumes_on_another_process_count(tiny_args, saved_lm, tmp_path):
+    """--shard-latents on 2 gloo processes: every process reads the one data stream, holds half of the SAE, and the
+    saved SAE equals a one-process run's (up to float sums). The checkpoints hold whole SAEs: a resume from one
+    of them on 3 processes finishes with the same SAE again."""
+    options = {"tokens": 128 * 12, "checkpoint_every": 5, "eval_lm_windows": 0, "eval_tokens": 256}
+    reference = tmp_path / "whole"
+    run(tiny_args(reference, **options))
+    expected = load_file(reference / "model.safetensors")
+
+    out = tmp_path / "sharded"
+    proc = torchrun(*tiny_args(out, shard_latents=True, **options))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "each SAE split by latent over the 2 process(es)" in proc.stdout
+    checkpoint = HierarchicalSAE.from_pretrained(ckpt.latest_checkpoint(out) / "sae_0")
+    assert checkpoint.config.d_sae == 128  # an ordinary, whole SAE
+    for name, value in load_file(out / "model.safetensors").items():
+        assert (value - expected[name]).abs().max() <= 1e-5, name
+    assert json.loads((out / "metrics.json").read_text())["run"]["tokens"] == 128 * 12
+
+    ckpt.latest_checkpoint(out).rename(out / "checkpoints" / "step-99999999-removed")  # resume from step 10
+    proc = torchrun("--resume", str(out), processes=3)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for name, value in load_file(out / "model.safetensors").items():
+        assert (value - expected[name]).abs().max() <= 1e-5, name
