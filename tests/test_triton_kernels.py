@@ -13,6 +13,7 @@ use tiny tiles so that both the row and the column masks of partial tiles are ex
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import subprocess
 import sys
@@ -248,3 +249,49 @@ def test_hf_sae_imports_and_decodes_without_triton():
     env = {**os.environ, "HF_SAE_NO_EXTENSION": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def _hopper_specializations(kernel, dtype: str) -> list[tuple[dict, dict]]:
+    """(signature, constexprs) of one of our kernels at the default tiles for every setting of its boolean flags,
+    from its argument names: decoder and activation pointers in ``dtype``, indices int64, other pointers fp32,
+    N/K/D int32, upper-case names constexpr (BLOCK_* the tile, the rest flags)."""
+    signature, tiles, flags = {}, {"BLOCK_N": 4, "BLOCK_D": 512}, []
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            wide = name in ("weight_ptr", "x_ptr")
+            signature[name] = "*i64" if name == "indices_ptr" else f"*{dtype}" if wide else "*fp32"
+        elif name.isupper() and len(name) > 1:
+            signature[name] = "constexpr"
+            if name not in tiles:
+                flags.append(name)
+        else:
+            signature[name] = "i32"
+    settings = itertools.product([True, False], repeat=len(flags))
+    return [(signature, {**tiles, **dict(zip(flags, setting))}) for setting in settings]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_hopper_without_a_gpu(dtype, tmp_path, monkeypatch):
+    """Every kernel compiles to an sm_90 (H100 / H200) cubin at the default tiles and every flag setting: what the
+    interpreter cannot check (types, layouts, register allocation) is checked by triton's real compiler and ptxas,
+    with no GPU needed."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile
+    except ImportError as err:
+        pytest.skip(f"this triton has no ahead-of-time compile API ({err})")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real, not from an earlier run's cache
+    import hf_sae.kernels.triton_decode as compiled_decode
+    import hf_sae.kernels.triton_hierarchical as compiled_hierarchical
+
+    kernels = [
+        compiled_decode.decode_forward_kernel,
+        compiled_decode.scatter_backward_kernel,
+        compiled_hierarchical.hierarchical_forward_kernel,
+        compiled_hierarchical.hierarchical_backward_kernel,
+    ]
+    for kernel in kernels:
+        assert type(kernel).__name__ == "JITFunction"  # the real compiler's kernels, not the interpreter's copies
+        for signature, constexprs in _hopper_specializations(kernel, dtype):
+            binary = compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+            assert binary.asm["cubin"], (kernel.__name__, constexprs)

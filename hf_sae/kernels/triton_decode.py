@@ -8,9 +8,10 @@ blocks are masked). Each program loops over t, gathering the ``block_rows`` deco
 (contiguous in D, so coalesced). All arithmetic is float32 whatever the input dtypes (float32, bfloat16, float16);
 outputs are cast back to the dtypes of the torch reference (:func:`hf_sae.sparse.sparse_decode`).
 
-Determinism: the forward and dL/dv are fixed-order sums (dL/dv of each D tile goes to its own slot of a
-(D tiles, N, K) float32 buffer, summed afterwards); dL/dW is accumulated with float32 ``atomic_add`` into an (F, D)
-float32 buffer (rows chosen by many tokens receive adds in a varying order: not bit-reproducible).
+Determinism: the forward is a fixed-order sum. The gradients are float32 ``atomic_add``s: dL/dW into an (F, D)
+float32 buffer (a row chosen by many tokens receives their adds in a varying order), dL/dv into an (N, K) buffer
+(one add per D tile). So gradients are not bit-reproducible; under ``torch.use_deterministic_algorithms(True)``
+:mod:`hf_sae.kernels.triton_support` sends such calls to the torch path. Memory: O(N·K + N·D) besides dL/dW.
 
 :func:`scatter_backward` is shared with the plain TopK loss of :mod:`hf_sae.kernels.triton_hierarchical`, whose
 backward is this one with g = −2·grad·r_K / (N·D).
@@ -90,7 +91,7 @@ def scatter_backward_kernel(
     GRAD_WEIGHT: tl.constexpr,
 ):
     """With s = coef · direction[rows, cols] (one vector per row for every t):
-    grad_values[tile, rows, t] = ⟨W[i[rows, t], cols], s⟩ (this D tile's part) and grad_W[i[rows, t], cols] += v·s.
+    grad_values[rows, t] += ⟨W[i[rows, t], cols], s⟩ (this D tile's part) and grad_W[i[rows, t], cols] += v·s.
     ``coef`` is read from device memory, so the caller's scale (the loss gradient) needs no host sync."""
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,12 +101,12 @@ def scatter_backward_kernel(
     rows64 = rows.to(tl.int64)
     coef = tl.load(coef_ptr)
     s = coef * tl.load(direction_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    part_ptr = grad_values_ptr + pid_d.to(tl.int64) * N * K + rows64 * K
+    grad_v_ptrs = grad_values_ptr + rows64 * K
     for t in range(0, K):
         latent = tl.load(indices_ptr + rows64 * K + t, mask=row_ok, other=0).to(tl.int64)
         if GRAD_VALUES:
             w = tl.load(weight_ptr + latent[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(part_ptr + t, tl.reduce(w * s, 1, sum_combine), mask=row_ok)
+            tl.atomic_add(grad_v_ptrs + t, tl.reduce(w * s, 1, sum_combine), mask=row_ok, sem="relaxed")
         if GRAD_WEIGHT:
             v = tl.load(values_ptr + rows64 * K + t, mask=row_ok, other=0.0).to(tl.float32)
             tl.atomic_add(
@@ -143,11 +144,11 @@ def scatter_backward(
     (n, k), (f, d) = values.shape, W_dec.shape
     rows, cols, warps = block_shape(n, d, tiles)
     grid = _grid(n, d, rows, cols)
-    parts = torch.empty(grid[1] if grad_values else 0, n, k, dtype=torch.float32, device=W_dec.device)
+    grad_v = torch.zeros(n if grad_values else 0, k, dtype=torch.float32, device=W_dec.device)
     grad_W = torch.zeros(f if grad_weight else 0, d, dtype=torch.float32, device=W_dec.device)
     if grad_values or grad_weight:
         scatter_backward_kernel[grid](
-            parts,
+            grad_v,
             grad_W,
             direction.contiguous(),
             coef,
@@ -163,7 +164,7 @@ def scatter_backward(
             GRAD_WEIGHT=grad_weight,
             num_warps=warps,
         )
-    return (parts.sum(0) if grad_values else None), (grad_W if grad_weight else None)
+    return (grad_v if grad_values else None), (grad_W if grad_weight else None)
 
 
 class TritonSparseDecode(torch.autograd.Function):

@@ -7,14 +7,15 @@ budget weights w come from :func:`hf_sae.losses.budget_weights`; w = e_K is the 
 Forward: one program per (block of rows, tile of D columns) runs the prefix sum r ← r − v_t·W[i_t] for t = 1..K
 and accumulates w_t·r_t² elementwise; it writes the row sums of its D tile and the float32 residual r_K (N, D).
 Backward, from t = K down to 1, elementwise in d (the same tiling): s ← s + w_t·r_t (the suffix sum
-s_t = Σ_{j≥t} w_j r_j), dL/dv_t = c·⟨W[i_t], s_t⟩ (a per-tile partial), dL/dW[i_t] += c·v_t·s_t (float32
+s_t = Σ_{j≥t} w_j r_j), dL/dv_t = c·⟨W[i_t], s_t⟩ (each D tile adds its part), dL/dW[i_t] += c·v_t·s_t (both float32
 ``atomic_add``), then r_{t−1} = r_t + v_t·W[i_t]; c = −2·grad/(N·D), dL/dx = −c·s_1, dL/db_dec = c·Σ_n s_1.
 So memory is O(N·D) (never the (N, K, D) prefix reconstructions) and each decoder row is read once per pass.
 The plain TopK case skips the recurrence (s = r_K for every t) and shares the sparse decode's backward kernel.
 
 Any N, K, D (masked tiles); float32 / bfloat16 / float16 inputs, each in its own dtype, float32 arithmetic; the
 loss is float32, the reconstruction has x's dtype and each gradient its input's dtype (as the torch reference).
-Determinism: loss and dL/dv are fixed-order sums (per-tile partials summed afterwards); dL/dW uses atomics.
+Determinism: the loss is a fixed-order sum (per-tile row sums, summed afterwards); the gradients use atomics (see
+:mod:`hf_sae.kernels.triton_decode`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def hierarchical_backward_kernel(
     GRAD_VALUES: tl.constexpr,
     GRAD_WEIGHT: tl.constexpr,
 ):
-    """The suffix recurrence from t = K to 1 (module docstring); writes this tile's ⟨W[i_t], c·s_t⟩ partials,
+    """The suffix recurrence from t = K to 1 (module docstring); adds this tile's part of ⟨W[i_t], c·s_t⟩ to grad_v,
     adds c·v_t·s_t into grad_W rows, and stores s_1 (unscaled) for dL/dx and dL/db_dec."""
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,7 +103,7 @@ def hierarchical_backward_kernel(
     coef = tl.load(coef_ptr)
     r = tl.load(residual_ptr + tile, mask=mask, other=0.0)
     s = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
-    part_ptr = grad_values_ptr + pid_d.to(tl.int64) * N * K + rows64 * K
+    grad_v_ptrs = grad_values_ptr + rows64 * K
     for step in range(0, K):
         t = K - 1 - step
         s += tl.load(budget_weights_ptr + t) * r
@@ -111,7 +112,7 @@ def hierarchical_backward_kernel(
         w_ptrs = weight_ptr + latent[:, None] * D + cols[None, :]
         w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
         if GRAD_VALUES:
-            tl.store(part_ptr + t, coef * tl.reduce(w * s, 1, sum_combine), mask=row_ok)
+            tl.atomic_add(grad_v_ptrs + t, coef * tl.reduce(w * s, 1, sum_combine), mask=row_ok, sem="relaxed")
         if GRAD_WEIGHT:
             tl.atomic_add(
                 grad_weight_ptr + latent[:, None] * D + cols[None, :], (coef * v)[:, None] * s, mask=mask, sem="relaxed"
@@ -169,10 +170,10 @@ class TritonHierarchicalLoss(torch.autograd.Function):
             suffix = torch.empty_like(residual)
             rows, cols, warps = block_shape(n, d, tiles)
             grid = (triton.cdiv(n, rows), triton.cdiv(d, cols))
-            parts = torch.empty(grid[1] if needs_v else 0, n, values.shape[1], dtype=torch.float32, device=W_dec.device)
+            grad_v = torch.zeros(n if needs_v else 0, values.shape[1], dtype=torch.float32, device=W_dec.device)
             grad_W = torch.zeros(W_dec.shape if needs_W else (0, d), dtype=torch.float32, device=W_dec.device)
             hierarchical_backward_kernel[grid](
-                parts,
+                grad_v,
                 grad_W,
                 suffix,
                 residual,
@@ -190,7 +191,7 @@ class TritonHierarchicalLoss(torch.autograd.Function):
                 GRAD_WEIGHT=needs_W,
                 num_warps=warps,
             )
-            grad_v = parts.sum(0) if needs_v else None
+            grad_v = grad_v if needs_v else None
             grad_W = grad_W if needs_W else None
         grad_x = (suffix * -coef).to(x_dtype) if needs_x else None
         grad_b = (suffix.sum(0) * coef).to(b_dtype) if needs_b else None
