@@ -4,7 +4,7 @@ out[n] = Σ_t v[n, t] · W[i[n, t]] for values v, indices i (N, K) and a decoder
 g = dL/dout (N, D): dL/dv[n, t] = ⟨W[i[n, t]], g[n]⟩ and dL/dW[f] = Σ_{(n,t): i[n,t] = f} v[n, t] · g[n].
 
 Tiling: one program per (block of rows, tile of columns of D; :func:`block_shape`); any N, K, D (the last
-blocks are masked). Each program loops over t, gathering the ``block_rows`` decoder-row segments W[i[n, t], tile]
+blocks are masked). Each program loops over t, gathering its rows' decoder-row segments W[i[n, t], tile]
 (contiguous in D, so coalesced). All arithmetic is float32 whatever the input dtypes (float32, bfloat16, float16);
 outputs are cast back to the dtypes of the torch reference (:func:`hf_sae.sparse.sparse_decode`).
 
