@@ -87,12 +87,19 @@ TILES = [
 GIB = 2**30
 
 LINES: list[str] = []
+OUT_PATH: list[str] = []  # the --out file, rewritten after every section (a run cut short keeps what it measured)
 
 
 def say(line: str = "") -> None:
     """Print and keep for ``--out``."""
     print(line, flush=True)
     LINES.append(line)
+
+
+def write_out() -> None:
+    for path in OUT_PATH:
+        with open(path, "w") as handle:
+            handle.write("\n".join(LINES) + "\n")
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -158,6 +165,7 @@ def run_section(name: str, fn: Callable[[], None]) -> None:
     except Exception:  # one broken section must not cost the others' (GPU) time
         say(f"\n**section {name} failed:**\n```\n{traceback.format_exc()}```")
     say(f"\n(section {name}: {time.perf_counter() - start:.1f} s)")
+    write_out()
 
 
 # ------------------------------------------------------------------------------------ a. decoder + loss
@@ -491,6 +499,8 @@ def main() -> None:
     parser.add_argument("--attn", default="eager", help="attn_implementation of the Gemma-2 model (default eager)")
     parser.add_argument("--out", default=None, help="also write the tables to this file (markdown)")
     args = parser.parse_args()
+    if args.out:
+        OUT_PATH.append(args.out)
     shape = dict(SMOKE if args.cpu_smoke else QUICK if args.quick else FULL)
     if args.batch:
         shape["batch"] = args.batch
@@ -531,9 +541,7 @@ def main() -> None:
     if "e" in args.sections and not args.quick:
         run_section("e", lambda: bench_tiles(shape, device, rounds))
     say(f"\ntotal {time.perf_counter() - started:.0f} s")
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write("\n".join(LINES) + "\n")
+    write_out()
 
 
 if __name__ == "__main__":
