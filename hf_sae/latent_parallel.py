@@ -9,9 +9,10 @@ x (N, d_in). One forward:
 2. an all-gather of every process's (N, k) candidates and the exact global top-k of the world·k candidates (sorted
    descending, ties to the lower latent id), the same on every process: the k best of all F latents;
 3. the reconstruction. Plain TopK: each process decodes its own selected latents and one all-reduce sums the (N,
-   d_in) partial reconstructions. HierarchicalTopK: the prefix losses need the decoder rows in the global order, so
-   the rows of the selected latents are all-reduced chunk by chunk ((chunk, K, d_in) at a time, each row sent by its
-   owner alone, so the sum is exact) and the loss runs on the globally sorted latents;
+   d_in) partial reconstructions. HierarchicalTopK: the prefix losses need every selected latent's decoder row in
+   the global order, so the rows of the batch's distinct selected latents (at most F, usually far fewer than N·K)
+   are all-reduced, each sent by its owner alone (the sum is exact), and the fused prefix loss runs on them; row
+   chunks bound that transient (``chunk_elements`` floats) when the batch selects too many distinct latents;
 4. AuxK the same way on the dead latents (each process counts its own latents; the dead count is all-reduced).
 
 Every process computes the same loss. Backward: the gradient of the summed values / reconstruction is the same on
@@ -108,60 +109,82 @@ def _best(values: Tensor, ids: Tensor, k: int) -> Tensor:
     return by_id.gather(1, order)
 
 
-def _selected_rows(W_shard: Tensor, rows: Tensor, own: Tensor, group) -> Tensor:
-    """(n, K) selected latents -> their decoder rows (n·K, d_in) in the global order; each process fills its own."""
-    out = W_shard.new_zeros(*rows.shape, W_shard.shape[1])
-    out[own] = W_shard[rows[own]]
-    dist.all_reduce(out, group=group)
-    return out.view(-1, W_shard.shape[1])
+def _selected_decoder(W_shard: Tensor, ids: Tensor, lo: int, group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The decoder rows of the distinct latents in ``ids`` (n, K) (global ids, the same on every process), each
+    sent by its owner alone (so the all-reduce is exact): rows (U, d), ids as indices into them (n, K), and which of
+    the U are this process's (own (U,) bool) with their local row (U,). U ≤ min(n·K, F): far below n·K once a batch
+    selects latents many times, so this moves about a decoder's worth of rows at most, not (n, K, d)."""
+    unique, compact = torch.unique(ids, return_inverse=True)
+    local = unique - lo
+    own = (local >= 0) & (local < W_shard.shape[0])
+    rows = W_shard.new_zeros(unique.numel(), W_shard.shape[1])
+    rows[own] = W_shard[local[own]]
+    dist.all_reduce(rows, group=group)
+    return rows, compact.view(ids.shape), own, local
 
 
 class _ShardedPrefixLoss(torch.autograd.Function):
     """The HierarchicalTopK loss on globally sorted latents whose decoder rows are spread over the processes.
 
-    x (N, d), values (N, K) global (the same everywhere), W_shard (F_r, d), b_dec (d,), rows (N, K) local row of each
-    selected latent (valid where ``own``), own (N, K) bool. Row chunks of ``chunk_rows`` bound the (chunk, K, d)
-    gathered rows; the backward gathers them again instead of keeping them. Returns (loss, reconstruction at K)."""
+    x (N, d), values (N, K) and ids (N, K) global (the same everywhere), W_shard (F_r, d) this process's rows from
+    latent ``lo`` on, b_dec (d,). Each row chunk gathers the rows of its distinct latents (at most ``chunk_elements``
+    floats, about) and runs the fused prefix loss on them; with one chunk its graph is kept for the backward, with
+    several the backward gathers each chunk again instead of keeping them all. Returns (loss, reconstruction at K)."""
 
     @staticmethod
-    def forward(ctx, x, values, W_shard, b_dec, rows, own, budgets, group, chunk_rows):
-        n = x.shape[0]
+    def forward(ctx, x, values, W_shard, b_dec, ids, lo, budgets, group, chunk_elements):
+        n, d = x.shape
+        # One chunk when the batch's distinct latents fit; else chunks of n_c rows with n_c·K·d <= chunk_elements,
+        # which bounds the gathered rows (at most n_c·K distinct) whatever the batch selects.
+        fits = int(torch.unique(ids).numel()) * d <= chunk_elements
+        chunk_rows = n if fits else max(1, chunk_elements // (values.shape[1] * d))
+        chunks = -(-n // chunk_rows)
+        ctx.chunk_rows, ctx.lo, ctx.budgets, ctx.group = chunk_rows, lo, budgets, group
+        ctx.kept = None
         loss, reconstruction = x.new_zeros((), dtype=torch.float32), torch.empty_like(x)
-        for start in range(0, n, chunk_rows):
-            part = slice(start, start + chunk_rows)
-            dec = _selected_rows(W_shard, rows[part], own[part], group)
-            ids = torch.arange(dec.shape[0], device=x.device).view(-1, values.shape[1])
-            part_loss, reconstruction[part] = hierarchical_topk_loss(x[part], values[part], ids, dec, b_dec, budgets)
-            loss += part_loss.float() * (ids.shape[0] / n)
-        ctx.save_for_backward(x, values, W_shard, b_dec, rows, own)
-        ctx.budgets, ctx.group, ctx.chunk_rows = budgets, group, chunk_rows
+        for start in range(0, n, ctx.chunk_rows):
+            part = slice(start, start + ctx.chunk_rows)
+            graph = _chunk_graph(x[part], values[part], W_shard, b_dec, ids[part], ctx, ctx.needs_input_grad[0])
+            if chunks == 1:  # keep the graph (the gathered rows are saved in it once)
+                ctx.kept = graph
+            loss += graph[0].detach().float() * (graph[1].shape[0] / n)
+            reconstruction[part] = graph[1].detach()
+        ctx.save_for_backward(x, values, W_shard, b_dec, ids)
         ctx.mark_non_differentiable(reconstruction)
         return loss.to(x.dtype), reconstruction
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
-        x, values, W_shard, b_dec, rows, own = ctx.saved_tensors
-        n, K = values.shape
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        x, values, W_shard, b_dec, ids = ctx.saved_tensors
+        n = x.shape[0]
+        needs_x = ctx.needs_input_grad[0]
+        grad_x = torch.zeros_like(x) if needs_x else None
         grad_values, grad_W, grad_b = torch.zeros_like(values), torch.zeros_like(W_shard), torch.zeros_like(b_dec)
         for start in range(0, n, ctx.chunk_rows):
             part = slice(start, start + ctx.chunk_rows)
-            dec = _selected_rows(W_shard, rows[part], own[part], ctx.group).detach().requires_grad_()
-            ids = torch.arange(dec.shape[0], device=x.device).view(-1, K)
-            with torch.enable_grad():
-                leaves = [values[part].detach().requires_grad_(), dec, b_dec.detach().requires_grad_()]
-                if grad_x is not None:
-                    leaves.append(x[part].detach().requires_grad_())
-                x_part = leaves[3] if grad_x is not None else x[part]
-                part_loss, _ = hierarchical_topk_loss(x_part, leaves[0], ids, dec, leaves[2], ctx.budgets)
-                grads = torch.autograd.grad(part_loss * (grad_loss * (ids.shape[0] / n)), leaves)
+            graph = ctx.kept or _chunk_graph(x[part], values[part], W_shard, b_dec, ids[part], ctx, needs_x)
+            part_loss, _, leaves, own, local = graph
+            grads = torch.autograd.grad(part_loss, leaves, grad_outputs=grad_loss * (leaves[0].shape[0] / n))
             grad_values[part] = grads[0]
-            mine = own[part]
-            grad_W.index_add_(0, rows[part][mine], grads[1].view(-1, K, W_shard.shape[1])[mine])
+            grad_W.index_add_(0, local[own], grads[1][own])  # distinct latents: each row added once
             grad_b += grads[2]
-            if grad_x is not None:
+            if needs_x:
                 grad_x[part] = grads[3]
+        ctx.kept = None
         return grad_x, grad_values, grad_W, grad_b, None, None, None, None, None
+
+
+def _chunk_graph(x, values, W_shard, b_dec, ids, ctx, needs_x: bool):
+    """The prefix loss of one row chunk with autograd on its own leaves: (loss, reconstruction, leaves, own, local),
+    leaves = [values, gathered rows (U, d), b_dec] (+ x when ``needs_x``); own / local as in _selected_decoder."""
+    rows, compact, own, local = _selected_decoder(W_shard.detach(), ids, ctx.lo, ctx.group)
+    leaves = [values.detach().requires_grad_(), rows.requires_grad_(), b_dec.detach().requires_grad_()]
+    if needs_x:
+        leaves.append(x.detach().requires_grad_())
+    with torch.enable_grad():
+        target = leaves[3] if needs_x else x
+        loss, reconstruction = hierarchical_topk_loss(target, leaves[0], compact, rows, leaves[2], ctx.budgets)
+    return loss, reconstruction, leaves, own, local
 
 
 class LatentParallelSAE(nn.Module):
@@ -252,8 +275,8 @@ class LatentParallelSAE(nn.Module):
             x_hat = self.shard.b_dec + self._sum(self._partial_decode(values, rows, own))
             loss = (flat - x_hat).pow(2).mean()
         else:
-            chunk_rows = max(1, self.chunk_elements // max(1, cfg.k * cfg.d_in))
-            args = (flat, values, self.shard.W_dec, self.shard.b_dec, rows, own, budgets, self.group, chunk_rows)
+            args = (flat, values, self.shard.W_dec, self.shard.b_dec, ids, self.lo, budgets, self.group)
+            args = (*args, self.chunk_elements)
             loss, x_hat = (
                 _ShardedPrefixLoss.apply(*args)
                 if self.world > 1
@@ -345,9 +368,15 @@ def supports_latent_parallel(sae: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def shard_sae(sae: SAEPreTrainedModel, group=None, device: torch.device | str | None = None) -> LatentParallelSAE:
+def shard_sae(
+    sae: SAEPreTrainedModel,
+    group=None,
+    device: torch.device | str | None = None,
+    chunk_elements: int = 1 << 24,
+) -> LatentParallelSAE:
     """This process's part of ``sae`` (the whole SAE, on CPU, on every process; process 0's copy is broadcast so
-    all agree). Collective. The shard is moved to ``device`` (default: the SAE's)."""
+    all agree). Collective. The shard is moved to ``device`` (default: the SAE's). ``chunk_elements`` bounds the
+    decoder rows a HierarchicalTopK step gathers at once (floats)."""
     if not supports_latent_parallel(sae):
         raise HfSaeError(
             f"{type(sae).__name__} cannot be split by latent: latent parallelism needs an SAE whose latents are the "
@@ -374,7 +403,7 @@ def shard_sae(sae: SAEPreTrainedModel, group=None, device: torch.device | str | 
     shard.load_state_dict({name: t if name in REPLICATED else t[lo:hi] for name, t in state.items()})
     shard.tokens_since_fired.copy_(counters[lo:hi])
     shard.train(sae.training)
-    model = LatentParallelSAE(shard.to(device), config, group)
+    model = LatentParallelSAE(shard.to(device), config, group, chunk_elements=chunk_elements)
     model.train(sae.training)
     return model
 

@@ -74,6 +74,12 @@ def test_gathering_and_resharding_mid_run_changes_nothing(tmp_path, references):
     assert_same_training(run, references["hierarchical"])
 
 
+def test_a_hierarchical_step_in_row_chunks_is_the_same(tmp_path, references):
+    """A bound of 500 gathered floats: chunks of 3 rows (3 x 6 latents x 24), each gathered again in the backward."""
+    run = launch(tmp_path, "chunked", "--world", "2", "--chunk-elements", "500")
+    assert_same_training(run, references["hierarchical"])
+
+
 def test_shard_bounds_cover_every_latent_once():
     assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert shard_bounds(96, 2) == [(0, 48), (48, 96)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
+import gc
 import statistics
 import tempfile
 import time
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", action="store_true", help="plain TopK loss instead of HierarchicalTopK")
     p.add_argument("--dead-tokens", type=int, default=64, help="small, so AuxK has dead latents from step 2")
     p.add_argument("--resume-at", type=int, default=0, help="gather + re-shard weights and AdamW state at this step")
+    p.add_argument("--chunk-elements", type=int, default=1 << 24, help="gathered decoder floats per chunk")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -76,6 +77,26 @@ def _sae(args) -> HierarchicalSAE:
     return sae
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``); returns the RSS now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_bytes("VmRSS")
+
+
+def _peak_rss() -> int:
+    return _status_bytes("VmHWM")
+
+
 def _optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-3, fused=True)
 
@@ -86,7 +107,10 @@ def run(rank: int, args, store_path: str) -> None:
     if args.world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=args.world)
     batches, sae = _batches(args)[1:], _sae(args)
-    model = sae if args.whole else shard_sae(sae)
+    model = sae if args.whole else shard_sae(sae, chunk_elements=args.chunk_elements)
+    del sae  # a shard keeps only its slice: what is left is this process's part
+    gc.collect()
+    resting_rss = _reset_peak_rss()
     optimizer = _optimizer(model.parameters())
     selected, seconds, auxk_steps = [], [], 0
     for step, x in enumerate(batches):
@@ -97,7 +121,7 @@ def run(rank: int, args, store_path: str) -> None:
             if args.world > 1:
                 dist.broadcast_object_list(whole, src=0)
                 dist.broadcast_object_list(full_state, src=0)
-            model = shard_sae(whole[0])
+            model = shard_sae(whole[0], chunk_elements=args.chunk_elements)
             optimizer = _optimizer(model.parameters())
             optimizer.load_state_dict(shard_optimizer_state(full_state[0], optimizer, [model]))
         started = time.perf_counter()
@@ -105,8 +129,8 @@ def run(rank: int, args, store_path: str) -> None:
         seconds.append(time.perf_counter() - started)
         selected.append(result.output.latents.indices.tolist())
         auxk_steps += int(float(result.output.losses.get("auxk", 0.0)) > 0)
+    peak_rss = torch.tensor([_peak_rss() - resting_rss], dtype=torch.float64)  # before the gather below
     whole = model if args.whole else gather_sae(model)
-    peak_rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.float64)
     state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())  # weights, grad, 2 moments
     if args.world > 1:
         dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
@@ -121,7 +145,7 @@ def run(rank: int, args, store_path: str) -> None:
             "selected": selected,
             "auxk_steps": auxk_steps,
             "step_seconds_median": statistics.median(seconds[1:] or seconds or [0.0]),
-            "peak_rss_mib": float(peak_rss) / 1024,
+            "step_peak_rss_mib": float(peak_rss) / 2**20,  # the steps' peak above the resting process
             "sae_state_mib_per_process": state_bytes / 2**20,
         }
         write_json_atomic(out, report)
