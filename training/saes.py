@@ -12,7 +12,7 @@ from torch import Tensor
 from transformers import get_scheduler
 
 from hf_sae.configuration_sae import SAEConfig
-from hf_sae.errors import SAEMemoryError
+from hf_sae.errors import SAEMemoryError, TrainConfigError
 from hf_sae.modeling_sae import SAEPreTrainedModel
 from hf_sae.registry import resolve_architecture
 from hf_sae.sites import Site
@@ -75,6 +75,24 @@ def check_sae_memory(
             f"with its gradient and AdamW moments, and a batch of {cfg.batch_size} pre-activations), but only "
             f"{free / 2**30:,.1f} GiB is free per process. Use a smaller --d-sae or --batch-size, or fewer SAEs."
         )
+
+
+def check_shardable(specs: list[SAESpec], sites: list[Site], world: int) -> None:
+    """--shard-latents: refuse, before anything is written, SAEs latent parallelism cannot split (not the TopK
+    family) or that leave some process fewer than k latents."""
+    for spec, site in zip(specs, sites):
+        model_class = resolve_architecture(spec.arch)[0].model_class
+        if not model_class.supports_latent_parallel:
+            raise TrainConfigError(
+                f"--shard-latents: SAE {spec.name} ({model_class.__name__}) cannot be split by latent; latent "
+                "parallelism needs the TopK family (arch=hierarchical or topk). Drop --shard-latents or that SAE."
+            )
+        config = sae_config(spec, site)
+        if config.d_sae // world < config.k:
+            raise TrainConfigError(
+                f"--shard-latents: SAE {spec.name} has d_sae={config.d_sae}, which leaves {config.d_sae // world} "
+                f"latents per process on {world} processes, fewer than k={config.k}. Use fewer processes."
+            )
 
 
 def build_sae(

@@ -59,7 +59,15 @@ from .language_model import dataset_id, load_language_model, model_id, resolve_l
 from .report import describe_run, flat_config, progress_text, step_metrics
 from .run import Run
 from .run_folder import RunFolder, check_run_dir_is_free, resolve_resume, run_dir_of
-from .saes import activation_scale, build_optimizer, build_sae, check_sae_memory, dead_tokens_of, model_classes
+from .saes import (
+    activation_scale,
+    build_optimizer,
+    build_sae,
+    check_sae_memory,
+    check_shardable,
+    dead_tokens_of,
+    model_classes,
+)
 from .stopping import StopSignals
 
 logger = logging.getLogger("training")
@@ -114,6 +122,8 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
     model, tokenizer = load_language_model(cfg, device)
     specs = resolve_layers(cfg, model)
     sites = [resolve_site(model, spec.layer, spec.site) for spec in specs]
+    if shard:
+        check_shardable(specs, sites, world)
     check_sae_memory(cfg, specs, sites, device, shards=world if shard else 1)
     folder = resources.enter_context(RunFolder(run_dir_of(cfg, specs, model_id(cfg, model)), cfg, accelerator))
     run_dir, checkpoint_dir = folder.path, folder.checkpoint()  # locked; the newest intact checkpoint if resuming

@@ -289,3 +289,10 @@ def test_latent_parallel_run_trains_the_same_sae_and_resumes_on_another_process_
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for name, value in load_file(out / "model.safetensors").items():
         assert (value - expected[name]).abs().max() <= 1e-5, name
+
+
+def test_shard_latents_refuses_an_sae_it_cannot_split_before_writing_anything(tiny_args, saved_lm, tmp_path):
+    out = tmp_path / "kron"
+    with pytest.raises(TrainConfigError, match=r"--shard-latents: SAE .*KronSAE.* cannot be split by latent"):
+        run(tiny_args(out, shard_latents=True, sae="arch=kron,base_dim=2,ext_dim=4"))
+    assert not out.exists()
