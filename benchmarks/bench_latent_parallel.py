@@ -13,6 +13,11 @@ ratio here says what the collectives cost, not what N GPUs gain: there each proc
     python benchmarks/bench_latent_parallel.py            # d_in 640, d_sae 16384, k 32, batch 1024; 2 processes
     python benchmarks/bench_latent_parallel.py --quick    # a smaller SAE, fewer rounds
     python benchmarks/bench_latent_parallel.py --worlds 2 3
+    python benchmarks/bench_latent_parallel.py --d-sae 65536 --rounds 2 --steps 3   # where the state dominates
+
+A step's transients do not shrink with the process count: the gathered decoder rows of the batch's distinct latents
+(at most ``chunk_elements`` = 2^24 floats per chunk, plus their gradient and the CPU kernel's private gradient
+copies). At small widths they are as large as the SAE's own state, so the peak only falls once the SAE is wide.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2])
     parser.add_argument("--topk", action="store_true", help="plain TopK loss (default HierarchicalTopK)")
+    parser.add_argument("--d-sae", type=int, default=None, help="the SAE width (default 16384; --quick 4096)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per launch (default 5; --quick 4)")
     args = parser.parse_args(argv)
-    shape = {"d_in": 640, "d_sae": 4096 if args.quick else 16384, "k": 32, "batch": 1024}
-    rounds, steps = args.rounds or (2 if args.quick else 3), 4 if args.quick else 5
+    shape = {"d_in": 640, "d_sae": args.d_sae or (4096 if args.quick else 16384), "k": 32, "batch": 1024}
+    rounds, steps = args.rounds or (2 if args.quick else 3), args.steps or (4 if args.quick else 5)
     worlds = [1, *args.worlds]
     results: dict[int, list[dict]] = {w: [] for w in worlds}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         f"\nlatent-parallel {loss} step, d_in {shape['d_in']}, d_sae {shape['d_sae']}, k {shape['k']}, "
         f"batch {shape['batch']}, 1 thread per process, {rounds} rounds x {steps} steps (medians)\n"
     )
-    print("| processes | step ms | step / one process | SAE state MiB per process | ratio | step peak RSS MiB | ratio |")
+    print(
+        "| processes | step ms | step / one process | SAE state MiB per process | ratio | step peak RSS MiB | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     floor = {
         key: statistics.median(r[key] for r in results[1])
