@@ -89,9 +89,14 @@ def harvest(
     lm_batch: int = 16,
     store_dtype: torch.dtype = torch.bfloat16,
     log_every: int = 50,
+    skip_windows: int = 0,
 ) -> dict:
-    """Activations of ``tokens`` kept tokens (BOS/padding excluded) at each (layer, site) of ``keys``."""
+    """Activations of ``tokens`` kept tokens (BOS/padding excluded) at each (layer, site) of ``keys``, from the
+    ``split``'s windows after the first ``skip_windows`` (e.g. the windows an activation cache holds)."""
     stream = corpus_windows(tokenizer, split, context_length)
+    for _ in range(skip_windows):
+        if stream.next_window() is None:
+            break
     excluded = sorted({tokenizer.bos_token_id, tokenizer.pad_token_id} - {None})
     harvester = ActivationHarvester(model, [resolve_site(model, layer, site) for layer, site in keys], excluded)
     parts: dict = {key: [] for key in keys}
@@ -187,21 +192,41 @@ class HeldOut:
 
 # ------------------------------------------------------------------------------------------- the training CLI
 def training_command(
-    placement: list[str], saes: list[str], *, d_sae: int, tokens: int, seed: int, eval_tokens: int, run: Path
+    placement: list[str],
+    saes: list[str],
+    *,
+    d_sae: int,
+    tokens: int,
+    seed: int,
+    eval_tokens: int,
+    run: Path,
+    auxk: bool = False,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int | None = None,
+    activations: Path | None = None,
 ) -> list[str]:
     """``python -m training.train`` as the experiments run it: ``placement`` options, one ``--sae`` per entry of
-    ``saes``, batch 4096, AuxK off, no LM-loss evaluation, no checkpoints, into the run folder ``run``."""
+    ``saes``, batch 4096, no LM-loss evaluation, into the run folder ``run``. By default AuxK off and no checkpoints
+    (the short runs); ``auxk`` keeps the package default (AuxK on), ``checkpoint_every`` steps between checkpoints
+    (``keep_checkpoints`` of them kept), ``activations`` trains from a harvested cache instead of the LM."""
     command = [sys.executable, "-m", "training.train", *placement]
+    if activations is not None:
+        command += ["--activations", str(activations)]
     command += ["--d-sae", str(d_sae), "--tokens", str(tokens), "--batch-size", "4096"]
     for sae in saes:
         command += ["--sae", sae]
-    command += ["--no-auxk", "--eval-lm-windows", "0", "--eval-tokens", str(eval_tokens), "--seed", str(seed)]
-    return command + ["--checkpoint-every", "0", "--out", str(run), "--overwrite"]
+    if not auxk:
+        command += ["--no-auxk"]
+    command += ["--eval-lm-windows", "0", "--eval-tokens", str(eval_tokens), "--seed", str(seed)]
+    command += ["--checkpoint-every", str(checkpoint_every)]
+    if keep_checkpoints is not None:
+        command += ["--keep-checkpoints", str(keep_checkpoints)]
+    return command + ["--out", str(run), "--overwrite"]
 
 
 def command_text(command: list[str]) -> str:
     """A training command as docs/results.md shows it: without the interpreter, paths relative to the checkout."""
-    return " ".join(command[1:]).replace(str(ROOT) + "/", "")
+    return " ".join(command[1:]).replace(str(ROOT) + "/", "").replace(str(Path.home()), "~")
 
 
 def train_once(command: list[str], run: Path, train: bool) -> dict[str, Any]:
