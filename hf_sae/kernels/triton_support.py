@@ -20,10 +20,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)  # not "logger": the remote-code bundle shares one namespace
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MODULES: dict[str, ModuleType | None] = {}
+_TRITON_MODULES: dict[str, ModuleType | None] = {}
 
 
 def load_triton_module(name: str) -> ModuleType | None:
@@ -31,13 +31,13 @@ def load_triton_module(name: str) -> ModuleType | None:
     imported (not installed, no driver) or ``HF_SAE_NO_TRITON=1``. Cached; a failed import is logged once."""
     if os.environ.get("HF_SAE_NO_TRITON", "0") not in ("", "0"):
         return None
-    if name not in _MODULES:
+    if name not in _TRITON_MODULES:
         try:
-            _MODULES[name] = importlib.import_module(f"{__package__}.{name}")
+            _TRITON_MODULES[name] = importlib.import_module(f"{__package__}.{name}")
         except Exception as err:  # ImportError, or a triton that fails to initialise: the torch path still works
-            logger.info("hf-sae: Triton kernels unavailable (%s); CUDA tensors use the pure-torch path.", err)
-            _MODULES[name] = None
-    return _MODULES[name]
+            _log.info("hf-sae: Triton kernels unavailable (%s); CUDA tensors use the pure-torch path.", err)
+            _TRITON_MODULES[name] = None
+    return _TRITON_MODULES[name]
 
 
 def triton_kernel_for(name: str, *tensors: Tensor) -> ModuleType | None:
