@@ -12,8 +12,8 @@ SAE's weights (safetensors), the selected latent ids of every step and the timin
 from __future__ import annotations
 
 import argparse
-import os
 import gc
+import os
 import statistics
 import tempfile
 import time
