@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import HfSaeError
-from .losses import hierarchical_topk_loss
+from .losses import auxk_of_reconstruction, hierarchical_topk_loss
 from .modeling_sae import SAEOutput, SAEPreTrainedModel
 from .sparse import SparseLatents, sparse_decode
 
@@ -286,9 +286,7 @@ class LatentParallelSAE(nn.Module):
         if k_aux > 0:
             aux_values, _, aux_own, aux_rows = self._global(aux_values, aux_rows, k_aux)
             e_hat = self._sum(self._partial_decode(aux_values, aux_rows, aux_own))
-            residual = (flat - x_hat).detach()
-            denominator = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(residual.dtype).tiny)
-            auxk = (residual - e_hat).pow(2).sum() / denominator
+            auxk = auxk_of_reconstruction((flat - x_hat).detach(), e_hat)
             losses["auxk"] = auxk * cfg.auxk_coefficient * min(1.0, n_dead / cfg.auxk_k_effective)
         if self.training:
             self._update_dead_counters(rows, own, values, flat.shape[0])

@@ -209,7 +209,15 @@ def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: 
         args = (residual.detach().contiguous(), aux_values.contiguous(), aux_indices.contiguous(), W_dec.contiguous())
         mse, _ = _TopKMSE.apply(*args, residual.new_zeros(d))
         return mse * (n * d) / denominator
-    e_hat = sparse_decode(aux_values, aux_indices, W_dec)
+    return auxk_of_reconstruction(residual, sparse_decode(aux_values, aux_indices, W_dec), denominator)
+
+
+def auxk_of_reconstruction(residual: Tensor, e_hat: Tensor, denominator: Tensor | None = None) -> Tensor:
+    """AuxK from the dead latents' reconstruction ê (N, d_in) of the residual e (N, d_in): ||e − ê||² / ||e −
+    mean(e)||² (the denominator computed here unless given). For callers that build ê themselves (latent
+    parallelism sums each process's part)."""
+    if denominator is None:
+        denominator = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(residual.dtype).tiny)
     return (residual - e_hat).pow(2).sum() / denominator
 
 
