@@ -363,14 +363,14 @@ def gap_table(curve: list[dict]) -> list[dict]:
 def section(args, record: dict, table: str) -> str:
     losses, tokens, finished = record["losses"], record["tokens"], record["finished"]
     hours = f"{record['training_seconds'] / 3600:.2f} h" if record["training_seconds"] else "?"
-    if record["training_seconds"]:
-        step = record["training_seconds"] / (tokens / 4096)
-        hours += f", {step:.1f} s per step of the 6 SAEs with AuxK on"
+    step = f"{record['training_seconds'] / (tokens / 4096):.1f}" if record["training_seconds"] else "?"
     status = (
-        f"Training finished: {tokens:,} tokens per SAE ({hours} of training)."
+        f"Training finished: {tokens:,} tokens per SAE ({hours} of training, {step} s per step of the 6 SAEs with "
+        "AuxK on)."
         if finished
         else f"**Interim numbers.** The run is planned for {args.tokens:,} tokens per SAE; it was stopped at "
-        f"{tokens:,} ({record['newest']}, {hours} of training on the shared 2-core CPU), so the learning rate has not "
+        f"{tokens:,} ({record['newest']}; {hours} of training on the shared 2-core CPU, {step} s per step of the "
+        f"6 SAEs with AuxK on), so the learning rate has not "
         f"decayed yet and these SAEs are not the final ones. Resume: `nice -n 5 python experiments/pareto.py --train "
         f"--seed {args.seed}` (continues from the newest checkpoint)."
     )
@@ -467,7 +467,7 @@ def verdict(record: dict, by: dict) -> str:
         else f"interim ({record['tokens']:,} of {record['planned_tokens']:,} tokens, learning rate not decayed)"
     )
     return (
-        f"**Verdict ({status}; one seed).** Hierarchical EV on or above the separate TopK SAE at k' ∈ "
+        f"**Verdict — {status}, one seed.** Hierarchical EV on or above the separate TopK SAE at k' ∈ "
         f"{{{', '.join(map(str, above)) or '–'}}}, below at k' ∈ {{{', '.join(map(str, below)) or '–'}}}; above "
         f"truncated TopK-64 at every k' < 64: {'yes' if beats_trunc else 'no'}. Gap from the first to the newest "
         f"point ({first['tokens']:,} → {last['tokens']:,} tokens): {moved}. The paper's claim (on or above the "
@@ -545,15 +545,17 @@ def plot_curves(curve: list[dict], gaps: list[dict], path: Path, seed: int) -> N
     left.set_ylabel("explained variance (held-out)")
     left.set_title("training curve: solid separate TopK, dashed one hierarchical SAE", fontsize=10)
     left.grid(alpha=0.3)
-    left.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(1.1, -0.13))
+    handles, names = left.get_legend_handles_labels()  # column-major with 2 rows: one column per k
+    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=9)
     right.axhline(0.0, color="grey", lw=1)
+    right.set_yscale("symlog", linthresh=0.01)  # linear within ±0.01, where the large-k gaps live
     right.set_xlabel("training tokens per SAE (millions)")
-    right.set_ylabel("EV(hierarchical at k) − EV(separate TopK k)")
-    right.set_title(f"gap against training tokens (seed {seed}; > 0: hierarchical better)", fontsize=10)
+    right.set_ylabel("EV(hierarchical at k) − EV(separate TopK k), symlog")
+    right.margins(y=0.08)
+    right.set_title(f"EV gap, hierarchical − separate (seed {seed}; > 0: hierarchical better)", fontsize=10)
     right.grid(alpha=0.3)
-    right.legend(fontsize=9, loc="lower right")
-    fig.tight_layout()
-    fig.subplots_adjust(bottom=0.24)
+    right.legend(fontsize=9, loc="best")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     save(fig, path, tight=False)
 
 
