@@ -51,6 +51,9 @@ from hf_sae.losses import budget_weights, hierarchical_topk_loss  # noqa: E402
 from hf_sae.registry import resolve_architecture  # noqa: E402
 from hf_sae.sites import capture_activations, decoder_stack, resolve_site  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmarks, when run as a script
+import bench_sae_step  # noqa: E402
+
 GEMMA2_2B = dict(  # google/gemma-2-2b's config.json sizes
     hidden_size=2304,
     num_hidden_layers=26,
@@ -103,11 +106,7 @@ def write_out() -> None:
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
-    say(f"\n### {title}\n")
-    say("| " + " | ".join(header) + " |")
-    say("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        say("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |")
+    bench_sae_step.table(title, header, rows, emit=say)
 
 
 def goal(value: float, limit: float) -> str:

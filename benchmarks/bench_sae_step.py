@@ -100,12 +100,13 @@ def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int) -> dict
     return times
 
 
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
+def table(title: str, header: list[str], rows: list[list], emit: Callable[[str], None] = print) -> None:
+    """A markdown table, each line through ``emit`` (bench_gpu.py also writes them to its --out file)."""
+    emit(f"\n### {title}\n")
+    emit("| " + " | ".join(header) + " |")
+    emit("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
-        print("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |")
+        emit("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |")
 
 
 def main() -> None:

@@ -492,9 +492,14 @@ def plot_ev(ev: dict, path: Path, title: str) -> None:
 
     ax.plot(*curve("hier64"), "s-", color="tab:red", label="one HierarchicalTopK SAE (K = 64) at k'")
     ax.plot(*curve("topk64"), "^--", color="tab:blue", label="TopK K = 64 truncated to k'")
+    _finish_l0_axes(fig, ax, "explained variance (held-out)", title, path)
+
+
+def _finish_l0_axes(fig, ax, ylabel: str, title: str, path: Path) -> None:
+    """The common frame of the two Pareto plots: log2 L0 axis, labels, grid, legend; then save."""
     ax.set_xscale("log", base=2)
     ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("explained variance (held-out)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
@@ -512,13 +517,7 @@ def plot_ce(results: list[dict], path: Path, title: str) -> None:
         if prefix == "trunc64":
             points.append(next(r for r in results if r["label"] == "topk64@64"))
         ax.plot([r["l0"] for r in points], [r["ce_recovered"] for r in points], style, color=color, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("CE loss recovered (validation)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
-    save(fig, path)
+    _finish_l0_axes(fig, ax, "CE loss recovered (validation)", title, path)
 
 
 def plot_curves(curve: list[dict], gaps: list[dict], path: Path, seed: int) -> None:
