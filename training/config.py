@@ -103,11 +103,19 @@ class SAESpec(SAEPlacement):
     (training fills in the rest: d_in, base_model, hook_layer/site, the activation scale, ...)."""
 
     config: dict[str, Any] = field(default_factory=dict)
+    # set by TrainConfig.validate when another SAE of the run has the same base name (not saved: derived)
+    tag: str = field(default="", compare=False, repr=False)
+
+    @property
+    def base_name(self) -> str:
+        return f"L{self.layer}_{self.site}_{self.arch}_k{self.config.get('k')}_d{self.config.get('d_sae')}"
 
     @property
     def name(self) -> str:
-        """Folder name of this SAE inside a multi-SAE run, e.g. ``L6_resid_hierarchical_k32_d4096``."""
-        return f"L{self.layer}_{self.site}_{self.arch}_k{self.config.get('k')}_d{self.config.get('d_sae')}"
+        """Folder name of this SAE inside a multi-SAE run, e.g. ``L6_resid_hierarchical_k32_d4096``; SAEs of one run
+        that would share it get the fields that tell them apart appended, e.g.
+        ``L6_resid_kron_k32_d4096_kron_activation-relu_product`` (so no final folder overwrites another)."""
+        return f"{self.base_name}_{self.tag}" if self.tag else self.base_name
 
     def build_config(self, **filled: Any) -> SAEConfig:
         """The architecture's config from ``config`` plus the fields training fills in (validated by the class)."""
@@ -310,6 +318,32 @@ class RunOptions:
                 )
 
 
+def _tag_same_names(specs: list[SAESpec]) -> None:
+    """Give the SAEs of a run that share a base name (same layer, site, arch, k, d_sae) a tag of the fields whose
+    built values differ between them (learning rate included), in sorted order: deterministic, so a resumed run
+    finds the same folders."""
+    groups: dict[str, list[SAESpec]] = {}
+    for spec in specs:
+        spec.tag = ""
+        groups.setdefault(spec.base_name, []).append(spec)
+    for group in (g for g in groups.values() if len(g) > 1):
+        built = [spec.build_config() for spec in group]
+        fields_ = sorted({key for spec in group for key in spec.config})
+        differ = [k for k in fields_ if len({repr(getattr(b, k, None)) for b in built}) > 1]
+        values = [{k: getattr(b, k, None) for k in differ} for b in built]
+        if len({spec.lr for spec in group}) > 1:
+            differ.append("lr")
+            for value, spec in zip(values, group):
+                value["lr"] = spec.lr
+        for value, spec in zip(values, group):
+            spec.tag = "_".join(f"{k}-{value[k]}" for k in differ)
+        if len({spec.name for spec in group}) < len(group):
+            raise TrainConfigError(
+                f"the saes list trains the same SAE twice ({group[0].base_name}: entries {[s.to_dict() for s in group]}"
+                " build equal configs once defaults are filled in); list each once."
+            )
+
+
 def check_trackers_installed(trackers: list[str]) -> None:
     """Refuse a named tracker whose package is missing (accelerate would silently log nowhere)."""
     registered = set(LOGGER_TYPE_TO_CLASS) - set(LoggerType.list())  # trackers of the user's own (no package)
@@ -367,6 +401,7 @@ class TrainConfig(RunOptions):
             raise TrainConfigError(
                 f"the saes list has duplicate entries {[s.to_dict() for s in self.saes]}; list each once."
             )
+        _tag_same_names(self.saes)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -122,3 +122,28 @@ def test_resume_compares_every_sae_field_given_with_what_the_saes_were_built_wit
     assert config_differences(saved, {"budgets": [4, 2]})["budgets"] == (None, [4, 2])
     assert config_differences(saved, {"k": 8}) == {"k": (4, 8)}
     assert config_differences(saved, {"auxk": True, "eval_tokens": 5}) == {}  # the same value; a may-change option
+
+
+def test_same_base_name_gets_distinct_folders_and_resume_keeps_them():
+    """Two KronSAEs of one run that differ only in kron_activation (same layer, site, arch, k, d_sae) must not share
+    a final folder; the tags come from the differing fields and survive a reload of the saved config."""
+    entries = [
+        "layer=6,arch=kron,base_dim=2,ext_dim=4,k=32,hierarchical=false",
+        "layer=6,arch=kron,base_dim=2,ext_dim=4,k=32,hierarchical=false,kron_activation=relu_product",
+        "layer=6,arch=topk,k=4",
+    ]
+    config = make_config({"saes": entries, "d_sae": 4096})
+    names = [spec.name for spec in config.saes]
+    assert names == [
+        "L6_resid_kron_k32_d4096_kron_activation-mand",
+        "L6_resid_kron_k32_d4096_kron_activation-relu_product",
+        "L6_resid_topk_k4_d4096",
+    ]
+    assert [spec.name for spec in make_config(config.to_dict()).saes] == names
+
+
+def test_same_sae_twice_after_defaults_is_refused():
+    """hierarchical=true is KronSAE's default: the two entries are one SAE, refused with one line."""
+    entries = ["layer=6,arch=kron,k=32", "layer=6,arch=kron,k=32,hierarchical=true"]
+    with pytest.raises(TrainConfigError, match="trains the same SAE twice"):
+        make_config({"saes": entries, "d_sae": 4096})
