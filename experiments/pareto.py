@@ -309,6 +309,7 @@ def evaluate_run(args) -> dict:
             }
         )
     record = {
+        "same_index": same_index_rates(saes),
         "seed": args.seed,
         "labels": labels,
         "run": str(args.run.relative_to(ROOT)),
@@ -328,6 +329,22 @@ def evaluate_run(args) -> dict:
     }
     write_json(record_path(args.seed, labels), record)
     return record
+
+
+@torch.no_grad()
+def same_index_rates(saes: dict) -> dict[str, float]:
+    """For each pair of SAEs of the run: the share of A's latents whose most similar decoder row in B (cosine) has
+    the same index. Independent initialisations give ~1/d_sae; a shared initialisation leaves many latents where
+    they started, so this is the check that no SAE of a multi-SAE run reused another's draw."""
+    rates = {}
+    labels = list(saes)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            wa = torch.nn.functional.normalize(saes[a].W_dec.float(), dim=-1)
+            wb = torch.nn.functional.normalize(saes[b].W_dec.float(), dim=-1)
+            best = (wa @ wb.T).argmax(dim=1)
+            rates[f"{a}/{b}"] = float((best == torch.arange(best.numel())).float().mean())
+    return rates
 
 
 def ce_splices(saes: dict) -> dict[str, tuple]:
@@ -566,7 +583,7 @@ def section(records: list[dict], table: str, gaps: dict, curves: dict, by_name: 
 Gemma 3 270M (embedded, bf16), resid of layer 6, d_sae 4096, all SAEs trained from one activation cache of
 {cache["tokens"]:,} tokens of the training split (bf16, {cache["windows"]:,} windows of 128), several epochs; batch
 4096, AuxK on (the package default recipe), AdamW at the architecture's default learning rate. Every SAE of a run
-starts from its own random draw (checked: no shared initialisation between the SAEs of a multi-SAE run).
+starts from its own random draw: {same_index_text(records)}
 {"All runs finished." if finished_all else "**Not every run has finished: the interim runs below are marked.**"}
 
 {chr(10).join(runs)}
@@ -603,6 +620,22 @@ The training curve (held-out EV against tokens, every checkpoint) and the gap ag
 
 {claims(records, gaps, curves, by_name)}
 """
+
+
+def same_index_text(records: list[dict]) -> str:
+    """The same-index check of every run, in one sentence."""
+    rates = [rate for r in records for rate in r.get("same_index", {}).values()]
+    if not rates:
+        return "(the same-index check has not run on these records)."
+    return (
+        f"over the {len(rates)} pairs of SAEs of one run, the share of latents whose most similar decoder row in the "
+        f"other SAE has the same index is {100 * min(rates):.3f}–{100 * max(rates):.3f}% (mean "
+        f"{100 * sum(rates) / len(rates):.3f}%), against {100 / 4096:.3f}% by chance (1/d_sae): no SAE reused "
+        "another's initialisation."
+        if max(rates) < 10 / 4096
+        else f"**same-index matches up to {100 * max(rates):.2f}% (chance {100 / 4096:.3f}%): a shared "
+        "initialisation?**"
+    )
 
 
 def claims(records: list[dict], gaps: dict, curves: dict, by_name: dict) -> str:
