@@ -152,6 +152,8 @@ def main() -> None:
 
     # the TopK reference: the Pareto seed-0 record's numbers for TopK 32 (its EV at 8 / 16 from the same SAE)
     pareto = json.loads((RESULTS_DIR / "pareto_seed0.json").read_text())
+    if not pareto.get("finished"):
+        raise SystemExit("experiments/results/pareto_seed0.json holds interim numbers: evaluate the finished run.")
     final = pareto["curve"][-1]["saes"]["topk32"]
     row = next(r for r in pareto["rows"] if r["label"] == "topk32@32")
     topk_metrics = json.loads((reference / "metrics.json").read_text())
