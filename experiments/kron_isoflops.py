@@ -8,9 +8,10 @@ is the Pareto run's TopK k = 32 SAE (5,242,880 tokens, the same cache and recipe
 
 Iso-FLOPs (the KronSAE paper's protocol): the encoder dominates the training cost, d_in·F multiply-adds per token
 for TopK vs d_in·h·(m+n) for KronSAE (F = h·m·n), forward and backward alike. So a KronSAE gets
-F / (h·(m+n)) = m·n / (m+n) times TopK's tokens: 4/3 for (2, 4) (6,991,872 tokens), 8/3 for (4, 8) (13,983,744).
-The decoder side (sparse, k·d_in) and the TopK selection are the same for both and left out of the count. The
-ReLU·ReLU and the hierarchical KronSAE train in the (2, 4) run: the same tokens as the mAND one.
+F / (h·(m+n)) = m·n / (m+n) times TopK's tokens: 4/3 for (2, 4) (6,991,872 tokens), 8/3 for (4, 8). The decoder
+side (sparse, k·d_in) and the TopK selection are the same for both and left out of the count. The ReLU·ReLU and the
+hierarchical KronSAE train in the (2, 4) run: the same tokens as the mAND one. The (4, 8) SAE trains on TopK's
+5,242,880 tokens, 0.375x its encoder FLOPs (its iso-FLOPs 13,983,744 tokens did not fit the CPU time).
 
 Two runs (each resumes from its newest checkpoint; ``--max-train-minutes`` stops training cleanly and evaluates
 what is saved):
@@ -90,13 +91,19 @@ def run_dir(name: str) -> Path:
     return ROOT / "runs" / f"kron-iso-{name}"
 
 
+# tokens per run: iso-FLOPs for (2, 4); the (4, 8) SAE trains on TopK's own tokens (0.375x its encoder FLOPs), as
+# its iso-FLOPs 13,983,744 did not fit this session's CPU time (if it matches TopK with fewer FLOPs, the iso-FLOPs
+# claim holds a fortiori; if not, that comparison stays open)
+TOKENS = {"m2n4": iso_tokens(2, 4), "m4n8": TOPK_TOKENS}
+
+
 def train_command(name: str, seed: int) -> list[str]:
-    (m, n), saes = RUNS[name]
+    _, saes = RUNS[name]
     return training_command(
         ["--layer", "6", "--site", "resid"],
         [entry for entry, _, _ in saes.values()],
         d_sae=4096,
-        tokens=iso_tokens(m, n),
+        tokens=TOKENS[name],
         seed=seed,
         eval_tokens=32768,
         run=run_dir(name),
@@ -257,11 +264,15 @@ def section(results: dict) -> str:
         label = f"kron_{mn}_mand"
         if label in ev:
             delta = ev[label] - ev["topk32"]
-            verdict = "holds" if delta >= -0.002 else "does not hold"
+            flops = results[label]["encoder_columns"] * results[label]["tokens"] / (4096 * base["tokens"])
+            if abs(flops - 1) < 0.02:
+                verdict = "holds" if delta >= -0.002 else "does not hold"
+            else:  # fewer FLOPs than TopK: a tie or a win settles the claim, a loss does not
+                verdict = "holds (with fewer FLOPs)" if delta >= -0.002 else "inconclusive (it had fewer FLOPs)"
             lines.append(
-                f"- KronSAE ≥ TopK at equal encoder FLOPs (paper Table 6, L0 32: EV .814 vs .809, +0.005), {mn}: "
-                f"{ev[label]:.4f} vs {ev['topk32']:.4f} (Δ {delta:+.4f}): **{verdict}** (one seed; the Pareto "
-                "seeds put TopK's seed spread at a few thousandths)."
+                f"- KronSAE ≥ TopK at equal encoder FLOPs (paper Table 6, L0 32: EV .814 vs .809, +0.005), {mn} at "
+                f"{flops:.2f}x TopK's encoder FLOPs: {ev[label]:.4f} vs {ev['topk32']:.4f} (Δ {delta:+.4f}): "
+                f"**{verdict}** (one seed)."
             )
     if "kron_m2n4_relu" in ev and "kron_m2n4_mand" in ev:
         delta = ev["kron_m2n4_mand"] - ev["kron_m2n4_relu"]
@@ -294,7 +305,8 @@ training CLI from the Pareto experiment's activation cache with the package defa
 centred input x − b_dec (the default since the scale issue). The TopK reference is the Pareto run's TopK k=32 SAE.
 Iso-FLOPs: a KronSAE gets m·n/(m+n) times TopK's {base["tokens"]:,} tokens (its encoder is that much cheaper);
 "encoder FLOPs vs TopK" is the resulting total encoder cost (1.00 = iso-FLOPs). ReLU·ReLU and the hierarchical
-KronSAE get the tokens of the mAND (2, 4) SAE. Held out: EV / dead on the Pareto experiment's 65,536 tokens; CE on
+KronSAE get the tokens of the mAND (2, 4) SAE. The (4, 8) SAE got TopK's tokens only (0.375x its FLOPs): its
+iso-FLOPs budget, 13,983,744 tokens, did not fit this session's CPU time. Held out: EV / dead on the Pareto experiment's 65,536 tokens; CE on
 its 66 validation windows.
 
 Command: `nice -n 5 python experiments/kron_isoflops.py --train` (numbers: `experiments/results/kron_isoflops.json`).
