@@ -809,11 +809,7 @@ def plot(args, results: dict, path: Path) -> None:
 
 
 def report(args, results: dict) -> None:
-    from experiments import common
     from experiments.common import DOCS, markdown_table, update_results
-
-    if "synthetic" not in common.SECTION_ORDER:  # update_results keeps only the sections it knows
-        common.SECTION_ORDER.insert(common.SECTION_ORDER.index("missing"), "synthetic")
 
     k_max = max(args.topk_ks)
     plot(args, results, DOCS / "synthetic.png")
