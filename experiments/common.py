@@ -330,7 +330,7 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 RESULTS = DOCS / "results.md"
-SECTION_ORDER = ["intro", "pareto", "kron", "flow", "synthetic", "interp", "bench", "missing"]
+SECTION_ORDER = ["intro", "pareto", "kron", "flow", "bench", "synthetic", "interp", "missing"]
 
 
 def update_results(section: str, text: str) -> None:

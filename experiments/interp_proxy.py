@@ -248,6 +248,13 @@ def section(results: list[dict], chance: float, tokens: int) -> str:
     trend_sep = "falls" if sep[-1] < sep[0] else "does not fall"
     hier_vs = [f"k'={k} {h:.3f} vs {s:.3f}" for k, h, s in zip(TOPK, hier, sep)]
     above = [k for k, h, s in zip(TOPK, hier, sep) if h >= s]
+    verdict = (
+        "holds on this proxy"
+        if len(above) == len(TOPK)
+        else "does not hold on this proxy"
+        if not above
+        else "holds on this proxy only at k' ∈ {" + ", ".join(map(str, above)) + "}"
+    )
     return f"""## 6. Interpretability proxy: token specificity of the latents
 
 No LLM judge runs offline. `experiments/interp_proxy.py` scores, on the {tokens:,} held-out tokens of section 1, how
@@ -272,7 +279,8 @@ Command: `python experiments/interp_proxy.py` (numbers: `experiments/results/int
 trained at a larger k has less interpretable latents, while one hierarchical SAE keeps them interpretable up to its
 K. On this proxy, the separate TopK SAEs' purity {trend_sep} from k=4 to k=64 ({sep[0]:.3f} → {sep[-1]:.3f}). The
 hierarchical SAE at each k' vs the separate SAE: {", ".join(hier_vs)}, so it is at or above the separate SAE at k' ∈
-{{{", ".join(map(str, above)) or "–"}}}. The proxy measures token specificity only.
+{{{", ".join(map(str, above)) or "–"}}}: the claim **{verdict}** (one seed; the proxy measures token specificity
+only, and the hierarchical SAE's latents are scored on more of its latents at small k', see coverage).
 """
 
 
