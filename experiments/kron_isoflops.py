@@ -306,8 +306,8 @@ centred input x − b_dec (the default since the scale issue). The TopK referenc
 Iso-FLOPs: a KronSAE gets m·n/(m+n) times TopK's {base["tokens"]:,} tokens (its encoder is that much cheaper);
 "encoder FLOPs vs TopK" is the resulting total encoder cost (1.00 = iso-FLOPs). ReLU·ReLU and the hierarchical
 KronSAE get the tokens of the mAND (2, 4) SAE. The (4, 8) SAE got TopK's tokens only (0.375x its FLOPs): its
-iso-FLOPs budget, 13,983,744 tokens, did not fit this session's CPU time. Held out: EV / dead on the Pareto
-experiment's 65,536 tokens; CE on its 66 validation windows.
+iso-FLOPs budget, 13,983,744 tokens, did not fit this session's CPU time. Held out: EV / dead on the Pareto experiment's 65,536 tokens; CE on
+its 66 validation windows.
 
 Command: `nice -n 5 python experiments/kron_isoflops.py --train` (numbers: `experiments/results/kron_isoflops.json`).
 
