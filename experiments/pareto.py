@@ -581,7 +581,15 @@ def section(records: list[dict], table: str, gaps: dict, curves: dict, by_name: 
     ]
     curve_table = markdown_table(["training tokens", "point (seed 0)", *[f"k={k}" for k in TOPK]], curve_rows)
     finished_all = all(r["finished"] for r in records)
-    return f"""## 1. HierarchicalTopK vs separate TopK vs truncated TopK, BatchTopK, Matryoshka (Pareto)
+    baselines = any(n.endswith("@thr") for n in by_name)
+    title = "HierarchicalTopK vs separate TopK vs truncated TopK" + (", BatchTopK, Matryoshka" if baselines else "")
+    threshold_note = (
+        "BatchTopK and Matryoshka are evaluated as they are used, with the inference threshold learnt in training, so "
+        "their L0 is measured, not set."
+        if baselines
+        else "The BatchTopK and Matryoshka baselines have not run at this scale (see the last section)."
+    )
+    return f"""## 1. {title} (Pareto)
 
 Gemma 3 270M (embedded, bf16), resid of layer 6, d_sae 4096, all SAEs trained from one activation cache of
 {cache["tokens"]:,} tokens of the training split (bf16, {cache["windows"]:,} windows of 128), several epochs; batch
@@ -595,8 +603,7 @@ Held out: EV / L0 / dead on {main["held_out_tokens"]:,} tokens of the training s
 SAE saw them; the validation split holds only ~55k tokens); CE loss on {losses["tokens"]:,} predicted tokens of the
 validation split ({main["lm_windows"] if "lm_windows" in main else main["args"]["lm_windows"]} windows of 128); clean
 loss {losses["clean"]:.4f}, zero-ablated {losses["ablated"]:.4f}. Dead (train): no top-k firing for the run's
-`dead_tokens`; dead (held-out): never fires on the held-out tokens. BatchTopK and Matryoshka are evaluated as they are
-used, with the inference threshold learnt in training, so their L0 is measured, not set. Mean ± sample std over the
+`dead_tokens`; dead (held-out): never fires on the held-out tokens. {threshold_note} Mean ± sample std over the
 seeds that trained each SAE.
 
 Command (all runs, then this report; each run resumes from its newest checkpoint):
