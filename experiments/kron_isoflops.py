@@ -126,15 +126,18 @@ def train(args) -> None:
             return
 
 
-def final_saes(name: str) -> dict[str, Path]:
-    """label -> final SAE folder of a finished run (the run's metrics list its SAEs in the entries' order)."""
+def final_saes(name: str) -> dict[str, tuple[Path, str]]:
+    """label -> (final SAE folder, its name in the run's metrics) of a finished run (the metrics list its SAEs in the
+    entries' order)."""
     folder = run_dir(name)
     metrics = json.loads((folder / "metrics.json").read_text())
     names = list(metrics["saes"])
     labels = list(RUNS[name][1])
     if len(names) != len(labels):
         raise SystemExit(f"{folder}: metrics.json lists {len(names)} SAEs, expected {len(labels)} ({labels}).")
-    return {label: folder / saved for label, saved in zip(labels, names)}
+    if len(names) == 1:  # a one-SAE run saves its SAE in the run folder itself
+        return {labels[0]: (folder, names[0])}
+    return {label: (folder / saved, saved) for label, saved in zip(labels, names)}
 
 
 def main() -> None:
@@ -170,7 +173,7 @@ def main() -> None:
         "dead_eval": final["dead_eval"],
         "ce_recovered": row["ce_recovered"],
         "encoder_columns": 4096,
-        "seconds_per_step_per_sae": topk_metrics["run"]["seconds"] / (pareto["tokens"] / 4096) / len(MAIN),
+        "seconds_per_step_per_sae": topk_metrics["run"]["train_seconds"] / (pareto["tokens"] / 4096) / len(MAIN),
     }
     model = tokenizer = None
     for name, ((m, n), saes) in RUNS.items():
@@ -186,9 +189,9 @@ def main() -> None:
         metrics = json.loads((run_dir(name) / "metrics.json").read_text())
         loaded = {}
         for label in todo:
-            sae = load_sae(folders[label]).eval()
+            sae = load_sae(folders[label][0]).eval()
             if sae.config.model_type != "kron_sae" or (sae.config.base_dim, sae.config.ext_dim) != (m, n):
-                raise SystemExit(f"{folders[label]}: expected a kron_sae with (m, n) = {(m, n)}")
+                raise SystemExit(f"{folders[label][0]}: expected a kron_sae with (m, n) = {(m, n)}")
             sae.fold_activation_scale()  # a no-op on the CLI's final (already folded) SAEs
             loaded[label] = sae
         input_ids, attention_mask = windows(tokenizer, "validation", args.lm_windows)
@@ -203,13 +206,13 @@ def main() -> None:
                 "hierarchical": hierarchical,
                 "tokens": metrics["run"]["tokens"],
                 "ev": {b: ev[b] for b in ("8", "16", "32")},
-                "dead_train": metrics["saes"][folders[label].name]["dead_fraction"],
+                "dead_train": metrics["saes"][folders[label][1]]["dead_fraction"],
                 "dead_eval": ev["dead_eval"],
                 "ce_recovered": recovered(losses, label),
                 "losses": losses,
                 "encoder_columns": sae.config.num_heads * (m + n),
                 "apply_b_dec_to_input": bool(sae.config.apply_b_dec_to_input),
-                "seconds_per_step_per_sae": metrics["run"]["seconds"] / (metrics["run"]["tokens"] / 4096) / len(saes),
+                "seconds_per_step_per_sae": metrics["run"]["train_seconds"] / metrics["run"]["steps"] / len(saes),
                 "command": command_text(train_command(name, args.seed)),
             }
         write_json(results_path, {"results": results, "args": {k: str(v) for k, v in vars(args).items()}})

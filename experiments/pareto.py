@@ -226,7 +226,7 @@ def sources(args) -> list[dict]:
 def training_seconds(args, newest: dict) -> float | None:
     """Seconds of training behind the newest SAEs (the checkpoint's trainer state, or the finished run's metrics)."""
     if newest["where"] == "final":
-        return json.loads((args.run / "metrics.json").read_text())["run"].get("seconds")
+        return json.loads((args.run / "metrics.json").read_text())["run"].get("train_seconds")
     return json.loads((args.run / "checkpoints" / newest["where"] / "trainer_state.json").read_text()).get("seconds")
 
 
@@ -666,7 +666,16 @@ def claims(records: list[dict], gaps: dict, curves: dict, by_name: dict) -> str:
         verdict = "**holds** (no budget significantly below)"
     else:
         verdict = f"**does not hold** at k' ∈ {{{', '.join(map(str, below))}}}"
-        verdict += " and holds at the others" if tied or above else ""
+    every = [
+        k
+        for k in tied
+        if gaps[k]["ev"] and gaps[k]["ev"]["n"] > 1 and all(v < 0 for v in gaps[k]["ev"]["per_seed"].values())
+    ]
+    if every:
+        verdict += (
+            f"; at k' ∈ {{{', '.join(map(str, every))}}} every seed is below, but the spread of so few seeds does "
+            "not make it significant"
+        )
     lines.append(
         "- Balagansky et al. 2025 (arXiv 2505.24473): one HierarchicalTopK SAE (Gemma-2 2B, layer 12, 65,536 "
         "latents, ~1B tokens) is on or above the EV-vs-L0 frontier of separately trained TopK SAEs at every budget "
