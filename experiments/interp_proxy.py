@@ -52,18 +52,19 @@ from experiments.pareto import (  # noqa: E402
     save,
     sources,
 )
+from hf_sae.sites import resolve_site  # noqa: E402
+from training.harvest import ActivationHarvester  # noqa: E402
 
 matplotlib.use("Agg")
 
 TOP = 20  # the examples per latent, as an auto-interpretation pipeline would show a judge
 
 
-def held_out_tokens(tokenizer, tokens: int, cache_windows: int) -> torch.Tensor:
+def held_out_tokens(harvester, tokenizer, tokens: int, cache_windows: int) -> torch.Tensor:
     """The token ids (N,) of the Pareto held-out activations, in their order: the training split's windows after the
-    cache's, BOS and padding dropped row by row (what the harvest keeps)."""
+    cache's, with the rows the harvester keeps (its ``keep_mask``: BOS and padding dropped)."""
     ids, mask = windows(tokenizer, "train", tokens // 100 + 16, skip_windows=cache_windows)
-    excluded = torch.tensor(sorted({tokenizer.bos_token_id, tokenizer.pad_token_id} - {None}))
-    kept = ids[mask.bool() & ~torch.isin(ids, excluded)]
+    kept = ids[harvester.keep_mask(ids, mask)]
     if kept.numel() < tokens:
         raise SystemExit(f"only {kept.numel():,} held-out tokens after {cache_windows:,} windows; need {tokens:,}")
     return kept[:tokens]
@@ -158,8 +159,10 @@ def main() -> None:
     held = run_folder(0, MAIN) / f"held_out_L6_{args.eval_tokens}_after_{cache_windows}.pt"
     x = torch.load(held)
     model, tokenizer = load_model("bfloat16")
-    ids = held_out_tokens(tokenizer, x.shape[0], cache_windows)
-    check_alignment(model, tokenizer, x, cache_windows)
+    excluded = sorted({tokenizer.bos_token_id, tokenizer.pad_token_id} - {None})
+    harvester = ActivationHarvester(model, [resolve_site(model, 6, "resid")], excluded)
+    ids = held_out_tokens(harvester, tokenizer, x.shape[0], cache_windows)
+    check_alignment(harvester, tokenizer, x, cache_windows)
     words = word_ids(tokenizer, ids)
     chance = chance_purity(words)
     print(f"{x.shape[0]:,} held-out tokens, {int(words.max()) + 1:,} distinct words; chance purity {chance:.4f}")
@@ -190,14 +193,9 @@ def main() -> None:
     update_results("interp", section(results, chance, x.shape[0]))
 
 
-def check_alignment(model, tokenizer, x: torch.Tensor, cache_windows: int) -> None:
+def check_alignment(harvester, tokenizer, x: torch.Tensor, cache_windows: int) -> None:
     """The token ids line up with the saved activations: one LM batch of the same windows gives the same rows."""
-    from hf_sae.sites import resolve_site
-    from training.harvest import ActivationHarvester
-
     ids, mask = windows(tokenizer, "train", 4, skip_windows=cache_windows)
-    excluded = sorted({tokenizer.bos_token_id, tokenizer.pad_token_id} - {None})
-    harvester = ActivationHarvester(model, [resolve_site(model, 6, "resid")], excluded)
     rows = next(iter(harvester(ids, mask).values())).float()
     if not torch.allclose(rows, x[: rows.shape[0]], atol=1e-2, rtol=1e-2):
         raise SystemExit("the held-out token ids do not line up with the saved activations (a different harvest?)")

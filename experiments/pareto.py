@@ -131,7 +131,11 @@ def record_path(seed: int, labels: list[str]) -> Path:
 
 def sae_entries(args) -> dict[str, str]:
     """label -> the training CLI's --sae entry, in the run's order (checkpoint folder sae_<i> is entry i)."""
-    return {label: f"arch={KINDS[parse_label(label)[0]][0]},k={parse_label(label)[1]}" for label in args.saes}
+    entries = {}
+    for label in args.saes:
+        kind, k = parse_label(label)
+        entries[label] = f"arch={KINDS[kind][0]},k={k}"
+    return entries
 
 
 def saved_name(label: str, args) -> str:

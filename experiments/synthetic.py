@@ -204,6 +204,18 @@ def hierarchy_groups(hierarchy) -> dict[str, list[int]]:
     return groups
 
 
+def replace_json(path: Path, data: dict) -> None:
+    """Write a stage's marker JSON by rename (temp file in the same folder, fsync, os.replace): a stage killed
+    mid-write leaves no marker, so the rerun redoes it. The venv stages cannot import hf_sae._io (no hf_sae
+    there); outside them the script uses experiments.common.write_json."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(data, indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def venv_generate(folder: Path, params: dict, samples: int, heldout: int, seed: int) -> None:
     """Stage 1 (SAELens's venv): the model, the training rows, the held-out rows and their true features."""
     torch.manual_seed(seed)
@@ -228,7 +240,7 @@ def venv_generate(folder: Path, params: dict, samples: int, heldout: int, seed: 
     np.save(folder / "heldout_feature_ids.npy", cols.numpy().astype(np.int32))
     np.save(folder / "heldout_feature_values.npy", features[rows, cols].numpy())
     np.save(folder / "feature_vectors.npy", model.feature_dict.feature_vectors.detach().numpy())
-    (folder / "hierarchy.json").write_text(json.dumps(hierarchy_groups(model.hierarchy)))
+    replace_json(folder / "hierarchy.json", hierarchy_groups(model.hierarchy))
     true_l0 = float((features > 0).sum(1).double().mean())
     stats = {"params": params, "seed": seed, "samples": samples, "heldout": heldout, "true_l0_heldout": true_l0}
     import sae_lens
@@ -237,7 +249,7 @@ def venv_generate(folder: Path, params: dict, samples: int, heldout: int, seed: 
     stats["firing_probability_sum"] = float(model.activation_generator.firing_probabilities.sum())
     stats["seconds"] = time.perf_counter() - started
     os.replace(folder / "train.tmp.npy", folder / "train.npy")
-    (folder / "generator.json").write_text(json.dumps(stats, indent=2))
+    replace_json(folder / "generator.json", stats)
     print(f"generate: done, true L0 {true_l0:.2f} ({stats['seconds']:.0f} s)", flush=True)
 
 
@@ -326,7 +338,7 @@ def venv_train(folder: Path, spec: dict) -> None:
             "recall": metrics.recall,
             "rows": n_rows,
         }
-    (out / "hf_sae_run.json").write_text(json.dumps({"seconds": seconds, "steps": steps, "sae_lens_metrics": check}))
+    replace_json(out / "hf_sae_run.json", {"seconds": seconds, "steps": steps, "sae_lens_metrics": check})
     print(f"{spec['name']}: trained in {seconds:.0f} s; sae_lens metrics {check}", flush=True)
 
 
