@@ -8,6 +8,9 @@
 * :func:`auxk_loss` — the AuxK term of Gao et al. (2024) on dead latents.
 * :func:`matryoshka_loss` — the Matryoshka objective (Bussmann et al. 2025, arXiv 2503.17547): the sum over nested
   dictionary prefixes m_1 < … < m_G of the MSE of the reconstruction from the latents of that prefix only.
+* :func:`flat_mse_loss` and :func:`flat_matryoshka_loss` — the plain MSE and the Matryoshka objective of flat
+  (ragged) latents (row, column, value), for selections whose rows keep very different numbers of latents
+  (BatchTopK): cost O(nnz · d_in) however long the longest row.
 * :func:`jumprelu` and :func:`step` — JumpReLU and the Heaviside step with the straight-through estimators of
   Rajamanoharan et al. (2024, arXiv 2407.14435, Eq. 11-12): rectangle kernel of bandwidth ε for the threshold.
 """
@@ -21,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .kernels import cpu_kernels
 from .kernels.triton_support import triton_kernel_for
-from .sparse import csr_order, sparse_decode
+from .sparse import csr_order, flat_decode, sparse_decode
 
 
 def budget_weights(k: int, budgets: list[int] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -307,6 +310,66 @@ def _matryoshka_kernel_loss(x, values, indices, W_dec, b_dec, group, groups) -> 
     if empty:
         loss = loss + empty * (x - b_dec).pow(2).mean()
     return loss, reconstruction
+
+
+def _full_precision(*tensors: Tensor) -> list[Tensor]:
+    """The tensors in float32 when any is half precision (the losses accumulate in fp32), else unchanged."""
+    if any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors):
+        return [t.float() for t in tensors]
+    return list(tensors)
+
+
+def flat_mse_loss(
+    x: Tensor, values: Tensor, rows: Tensor, columns: Tensor, W_dec: Tensor, b_dec: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The plain TopK/BatchTopK loss mean_{batch, d_in} (x − x̂)² of flat (ragged) latents: x̂ = b_dec +
+    Σ_e v_e W_dec[i_e], entry e decoded into row rows[e] (:func:`hf_sae.sparse.flat_decode`).
+
+    x: (N, d_in); values, rows, columns: (nnz,) (rows ascending; ``values`` carries the encoder's gradient); W_dec:
+    (d_sae, d_in); b_dec: (d_in,). The same value as :func:`hierarchical_topk_loss` with ``budgets=[K]`` on the same
+    latents padded to (N, K), at cost O(nnz · d_in) instead of O(N · K · d_in). Returns (loss, reconstruction
+    (N, d_in), detached, in x's dtype); half-precision inputs accumulate in fp32.
+    """
+    target, values32, W32, b32 = _full_precision(x, values, W_dec, b_dec)
+    with torch.autocast(x.device.type, enabled=False):
+        reconstruction = b32 + flat_decode(values32, rows, columns, W32, x.shape[0])
+        loss = (target - reconstruction).pow(2).mean()
+    return loss, reconstruction.detach().to(x.dtype)
+
+
+def flat_matryoshka_loss(
+    x: Tensor,
+    values: Tensor,
+    rows: Tensor,
+    columns: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    prefix_widths: list[int],
+) -> tuple[Tensor, Tensor]:
+    """:func:`matryoshka_loss` of flat (ragged) latents: L = Σ_g mean_{batch, d_in} (x − x̂_g)², x̂_g = b_dec +
+    Σ_{e: i_e < m_g} v_e W_dec[i_e] decoded into row rows[e].
+
+    x: (N, d_in); values, rows, columns: (nnz,) (``values`` carries the encoder's gradient); W_dec: (d_sae, d_in);
+    b_dec: (d_in,); prefix_widths: m_1 < … < m_G = d_sae. One ``embedding_bag`` with a bag per (group, row)
+    decodes each group's part (G, N, d_in), whose running sums over g are the prefix reconstructions: cost
+    O(nnz · d_in + G · N · d_in). Returns (loss, reconstruction (N, d_in) of the whole dictionary, detached, in
+    x's dtype); half-precision inputs accumulate in fp32.
+    """
+    target, values32, W32, b32 = _full_precision(x, values, W_dec, b_dec)
+    n, d = x.shape
+    groups = len(prefix_widths)
+    group = torch.searchsorted(torch.as_tensor(prefix_widths, device=columns.device), columns, right=True)
+    bag = group.clamp_max_(groups - 1) * n + rows  # (nnz,): the bag of (group, row) of each entry
+    crow, order = csr_order(bag, groups * n)
+    with torch.autocast(x.device.type, enabled=False):
+        per_group = F.embedding_bag(
+            columns[order], W32, crow[:-1], mode="sum", per_sample_weights=values32[order].to(W32.dtype)
+        ).view(groups, n, d)
+        residual, loss = target - b32, target.new_zeros(())
+        for part in per_group.unbind(0):  # x − x̂_g, one (N, d_in) pass per prefix (unbind: one backward stack)
+            residual = residual - part
+            loss = loss + residual.pow(2).mean()
+    return loss, (target - residual).detach().to(x.dtype)
 
 
 def _rectangle(u: Tensor) -> Tensor:

@@ -15,6 +15,13 @@ Encoding contract (latents are sorted descending, as for every hf-sae SAE):
   (nested in j). Wherever a token has at least j latents above θ, it is the first j of ``encode(x)``.
 * ``forward`` in training mode uses the batch selection (and updates θ and the dead-latent counters); in eval mode it
   uses ``encode(x)``.
+
+Training cost: a few outlier tokens (large norms) can keep hundreds of latents each while the mean L0 stays k, so
+the padded (N, width) selection can be ~100x wider than k. When it is wider than ``flat_width_factor`` · k, the
+encoder values, the decode and the loss run on the flat list of the ≈ N·k kept (row, latent, value) entries
+(:class:`~hf_sae.sparse.FlatSelectedLinear`, :func:`~hf_sae.losses.flat_mse_loss`, Matryoshka's
+:func:`~hf_sae.losses.flat_matryoshka_loss`): the same loss and gradients at the cost of a TopK step. The
+HierarchicalTopK objective (``config.hierarchical``) keeps the padded path.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import torch
 from torch import Tensor
 
 from .configuration_batchtopk_sae import BatchTopKSAEConfig
-from .losses import hierarchical_topk_loss
+from .losses import flat_mse_loss, hierarchical_topk_loss
 from .modeling_hierarchical_sae import HierarchicalSAE
 from .modeling_sae import SAEOutput
 from .registry import register_architecture
 from .sparse import (
     CentringGradient,
+    FlatSelectedLinear,
     SelectedLinear,
     SparseLatents,
     SparseLinearGather,
@@ -44,6 +52,9 @@ class BatchTopKSAE(HierarchicalSAE):
 
     config_class = BatchTopKSAEConfig
     supports_latent_parallel = False  # the top-k is over the whole batch, not per token
+    #: training takes the flat (ragged) path when the selection's padded width exceeds this multiple of k
+    #: (``math.inf``: always padded; 0: always flat); the results are the same either way (see _use_flat_path)
+    flat_width_factor: float = 2.0
 
     def __init__(self, config: BatchTopKSAEConfig):
         super().__init__(config)
@@ -107,26 +118,94 @@ class BatchTopKSAE(HierarchicalSAE):
             selected, indices = compact_latents(acts)
         return self._values_at(centred, pre, indices) * (selected > 0), indices
 
-    def _batch_latents(self, x: Tensor, dead_mask: Tensor | None, k_aux: int):
-        """Training selection: the batch's N·k largest activations (:func:`hf_sae.sparse.batch_topk_select`, the
-        encoder bias added inside the selection pass), and AuxK's k_aux best dead latents per token; then the sparse
-        encoder backward through exactly those latents."""
+    def _batch_selection(
+        self, x: Tensor, dead_mask: Tensor | None, k_aux: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Training selection without gradient, θ updated: the batch's N·k largest activations
+        (:func:`hf_sae.sparse.batch_topk_select`, the encoder bias added inside the selection pass), padded (N, width)
+        and sorted, and AuxK's k_aux best dead latents per token (N, k_aux)."""
         weight, bias = self.encoder.weight, self.encoder.bias
-        centred = x - self.b_dec
         with torch.no_grad():
-            scores = centred @ weight.t()  # (N, d_sae), the bias is added by the selection
+            scores = (x - self.b_dec) @ weight.t()  # (N, d_sae), the bias is added by the selection
             chosen = batch_topk_select(scores, self.config.k, bias, dead_mask, k_aux)
-            selected, indices, aux_selected, aux_indices = chosen
-            self._update_threshold(selected)
             del scores
+            self._update_threshold(chosen[0])
+        return chosen
+
+    def _encoder_needs_grad(self, centred: Tensor) -> bool:
+        return torch.is_grad_enabled() and (self.encoder.weight.requires_grad or centred.requires_grad)
+
+    def _encoder_bias(self) -> Tensor:
+        """b_enc, through :class:`~hf_sae.sparse.CentringGradient` when b_dec trains (b_dec's share of the gradient)."""
+        bias = self.encoder.bias
+        if self.b_dec.requires_grad:
+            bias = CentringGradient.apply(bias, self.encoder.weight, self.b_dec)
+        return bias
+
+    def _batch_latents(self, x: Tensor, dead_mask: Tensor | None, k_aux: int):
+        """Training selection (:meth:`_batch_selection`), then the sparse encoder backward through exactly those
+        latents: (values, indices) (N, width) padded, (aux_values, aux_indices) (N, k_aux)."""
+        return self._padded_values(x, self._batch_selection(x, dead_mask, k_aux))
+
+    def _padded_values(self, x: Tensor, chosen: tuple[Tensor, Tensor, Tensor, Tensor]):
+        """The selection's values with the encoder's sparse gradient (:class:`~hf_sae.sparse.SelectedLinear` over
+        the (N, width + k_aux) selected columns)."""
+        selected, indices, aux_selected, aux_indices = chosen
+        centred = x - self.b_dec
         values = torch.cat([selected.to(x.dtype), aux_selected.to(x.dtype).clamp_min(0)], dim=1)
-        if torch.is_grad_enabled() and (weight.requires_grad or centred.requires_grad):
-            if self.b_dec.requires_grad:
-                bias = CentringGradient.apply(bias, weight, self.b_dec)
+        if self._encoder_needs_grad(centred):
             columns = torch.cat([indices, aux_indices], dim=1)
-            values = SelectedLinear.apply(centred.detach(), weight, bias, columns, values)
+            values = SelectedLinear.apply(centred.detach(), self.encoder.weight, self._encoder_bias(), columns, values)
         width = indices.shape[1]
         return values[:, :width] * (selected > 0), indices, values[:, width:], aux_indices
+
+    def _flat_values(self, x: Tensor, chosen: tuple[Tensor, Tensor, Tensor, Tensor]):
+        """The selection as flat entries: (values (nnz,) with the encoder's gradient, rows, columns (nnz,), rows
+        ascending; positions (nnz,) in the padded rows) and AuxK's (aux_values, aux_indices) (N, k_aux), the same
+        values and gradients as :meth:`_padded_values` at cost O(nnz · d_in) (nnz <= N·k, the kept entries)."""
+        selected, indices, aux_selected, aux_indices = chosen
+        rows, positions = (selected > 0).nonzero(as_tuple=True)
+        columns = indices[rows, positions]
+        values = selected[rows, positions].to(x.dtype)
+        aux_values = aux_selected.to(x.dtype).clamp_min(0)
+        centred = x - self.b_dec
+        if self._encoder_needs_grad(centred):
+            weight, bias = self.encoder.weight, self._encoder_bias()
+            values = FlatSelectedLinear.apply(centred.detach(), weight, bias, rows, columns, values)
+            if aux_indices.shape[1] > 0:
+                aux_values = SelectedLinear.apply(centred.detach(), weight, bias, aux_indices, aux_values)
+        return values, rows, columns, positions, aux_values, aux_indices
+
+    def _use_flat_path(self, width: int) -> bool:
+        """Whether a training selection of this padded width takes the flat (ragged) path: when the width is more
+        than ``flat_width_factor`` · k (an outlier token kept many latents) and the objective has a flat form.
+        Both paths give the same latents, loss and gradients; the padded one is faster for narrow selections."""
+        return self._has_flat_loss() and width > self.flat_width_factor * self.config.k
+
+    def _has_flat_loss(self) -> bool:
+        """The HierarchicalTopK objective (every prefix of each row's sorted latents) has no flat form here."""
+        return not self.config.hierarchical
+
+    def _flat_reconstruction_losses(
+        self, x: Tensor, values: Tensor, rows: Tensor, columns: Tensor
+    ) -> tuple[Tensor, Tensor, dict]:
+        """:meth:`_reconstruction_losses` of flat latents (the non-hierarchical MSE)."""
+        loss, x_hat = flat_mse_loss(x, values, rows, columns, self.W_dec, self.b_dec)
+        return loss, x_hat, {}
+
+    def _batch_training_terms(self, x: Tensor, dead_mask: Tensor | None, k_aux: int):
+        """One training batch: selection, values with gradient, and the reconstruction objective, on the flat or
+        the padded path (:meth:`_use_flat_path`) -> (values, indices) (N, width) padded (values with gradient),
+        (aux_values, aux_indices), loss, x̂, extra terms."""
+        chosen = self._batch_selection(x, dead_mask, k_aux)
+        if not self._use_flat_path(chosen[1].shape[1]):
+            values, indices, aux_values, aux_indices = self._padded_values(x, chosen)
+            return values, indices, aux_values, aux_indices, *self._reconstruction_losses(x, values, indices)
+        flat_values, rows, columns, positions, aux_values, aux_indices = self._flat_values(x, chosen)
+        loss, x_hat, extra = self._flat_reconstruction_losses(x, flat_values, rows, columns)
+        indices = chosen[1]
+        values = flat_values.new_zeros(indices.shape).index_put((rows, positions), flat_values)
+        return values, indices, aux_values, aux_indices, loss, x_hat, extra
 
     @torch.no_grad()
     def _update_threshold(self, selected: Tensor) -> None:
@@ -154,12 +233,13 @@ class BatchTopKSAE(HierarchicalSAE):
         flat = self._scale_in(x.reshape(-1, cfg.d_in))
         dead, n_dead, k_aux = self._auxk_dead_latents()
         if self.training:
-            values, indices, aux_values, aux_indices = self._batch_latents(flat, dead, k_aux)
-        elif int(self.threshold_batches) > 0:
-            values, indices = self._threshold_latents(flat)
+            values, indices, aux_values, aux_indices, loss, x_hat, extra = self._batch_training_terms(flat, dead, k_aux)
         else:
-            values, indices, _, _ = self._encode_topk(flat, cfg.k)
-        loss, x_hat, extra = self._reconstruction_losses(flat, values, indices)
+            if int(self.threshold_batches) > 0:
+                values, indices = self._threshold_latents(flat)
+            else:
+                values, indices, _, _ = self._encode_topk(flat, cfg.k)
+            loss, x_hat, extra = self._reconstruction_losses(flat, values, indices)
         losses = {"reconstruction": loss, **extra}
         if k_aux > 0:
             losses["auxk"] = self._auxk_term(flat, x_hat, aux_values, aux_indices, n_dead)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .configuration_matryoshka_sae import MatryoshkaSAEConfig
 from .errors import SAEInputError
-from .losses import matryoshka_loss
+from .losses import flat_matryoshka_loss, matryoshka_loss
 from .modeling_batchtopk_sae import BatchTopKSAE
 from .registry import register_architecture
 from .sparse import SparseLatents
@@ -33,6 +33,16 @@ class MatryoshkaSAE(BatchTopKSAE):
     def _reconstruction_losses(self, x: Tensor, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, dict]:
         """The sum over prefixes of their MSE (:func:`hf_sae.losses.matryoshka_loss`)."""
         loss, x_hat = matryoshka_loss(x, values, indices, self.W_dec, self.b_dec, self.config.prefix_widths)
+        return loss, x_hat, {}
+
+    def _has_flat_loss(self) -> bool:
+        return True
+
+    def _flat_reconstruction_losses(
+        self, x: Tensor, values: Tensor, rows: Tensor, columns: Tensor
+    ) -> tuple[Tensor, Tensor, dict]:
+        """The sum over prefixes of their MSE on flat latents (:func:`hf_sae.losses.flat_matryoshka_loss`)."""
+        loss, x_hat = flat_matryoshka_loss(x, values, rows, columns, self.W_dec, self.b_dec, self.config.prefix_widths)
         return loss, x_hat, {}
 
     def decode_prefix(self, latents: SparseLatents | tuple[Tensor, Tensor], group: int) -> Tensor:

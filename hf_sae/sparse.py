@@ -76,6 +76,19 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
 
 
+def flat_decode(values: Tensor, rows: Tensor, columns: Tensor, W_dec: Tensor, num_rows: int) -> Tensor:
+    """Σ_e values[e] · W_dec[columns[e]] summed into row rows[e]: the decode of a flat (ragged) list of latents.
+
+    values, rows, columns: (nnz,) with ``rows`` ascending (row-major order, as ``mask.nonzero()`` gives); W_dec:
+    (d_sae, d_in) -> (num_rows, d_in) in W_dec's dtype, rows with no entry zero. One ``F.embedding_bag`` with a bag
+    per row: autograd gives values and W_dec their gradients, and nothing costs more than nnz · d_in, however
+    unequal the rows' lengths (a padded (N, width) decode costs N · width · d_in).
+    """
+    counts = torch.bincount(rows, minlength=num_rows)
+    offsets = counts.cumsum(0) - counts
+    return F.embedding_bag(columns, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
+
+
 def csr_order(indices: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     """The (N, k) latent ids grouped by latent: (crow (num_rows + 1,), perm (N·k,)), pairs of latent f being
     ``perm[crow[f]:crow[f + 1]]`` (flat pair ids n·k + t) in increasing order. A counting sort on CPU (O(N·k)),
@@ -262,6 +275,49 @@ class SelectedLinear(torch.autograd.Function):
         return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, columns, grad.contiguous()), None, None)
 
 
+def _flat_scatter_rows_matmul(
+    columns: Tensor, rows: Tensor, coefficients: Tensor, x: Tensor, num_columns: int
+) -> tuple[Tensor, Tensor]:
+    """out[f] = Σ_{e: columns[e] = f} coefficients[e] · x[rows[e]] -> (num_columns, d), and Σ coefficients per f.
+
+    The flat counterpart of :func:`_scatter_rows_matmul`: entries grouped by column (CSR order), then one CSR
+    sparse-dense product, with no (nnz, d) temporary."""
+    compute_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    crow, order = csr_order(columns, num_columns)
+    coef = coefficients.reshape(-1).to(compute_dtype)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = torch.sparse_csr_tensor(crow, rows[order], coef[order], (num_columns, x.shape[0]))
+        out = (sparse @ x.to(compute_dtype)).to(x.dtype)
+    sums = coef.new_zeros(num_columns).index_add_(0, columns, coef)
+    return out, sums.to(x.dtype)
+
+
+class FlatSelectedLinear(torch.autograd.Function):
+    """The values (nnz,) of pre = x Wᵀ + b at the flat entries (rows[e], columns[e]), already computed without
+    gradient (by the selection), with a backward that touches only those entries: dW[f] = Σ g x[row], db[f] = Σ g,
+    dx = the flat decode of g by W (only when x needs it). The ragged counterpart of :class:`SelectedLinear` for
+    selections whose rows keep very different numbers of latents (BatchTopK): cost O(nnz · d_in).
+
+    x: (N, d_in), weight: (C, d_in), bias: (C,), rows, columns: (nnz,) int64 (rows ascending), values: (nnz,).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, rows: Tensor, columns: Tensor, values: Tensor):
+        ctx.save_for_backward(x, weight, rows, columns)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rows, columns = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = flat_decode(grad, rows, columns, weight, x.shape[0]) if needs[0] else None
+        grad_weight = grad_bias = None
+        if needs[1] or needs[2]:
+            grad_weight, grad_bias = _flat_scatter_rows_matmul(columns, rows, grad, x, weight.shape[0])
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
 class CentringGradient(torch.autograd.Function):
     """Identity on the encoder bias b whose backward also gives b_dec its gradient through the centring.
 
@@ -313,6 +369,51 @@ def compact_latents(acts: Tensor) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
+def _flat_topk_mask(values: Tensor, count: int) -> Tensor:
+    """A bool mask of values' shape marking its ``count`` largest entries over all dimensions (which of the entries
+    tied at the count-th largest value is marked is torch.topk's choice)."""
+    flat = values.reshape(-1)
+    _, chosen = flat.topk(min(count, flat.numel()), sorted=False)
+    return (
+        torch.zeros(flat.numel(), dtype=torch.bool, device=values.device).index_fill_(0, chosen, True).view_as(values)
+    )
+
+
+def _sorted_kept(values: Tensor, indices: Tensor, kept: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Rows (r, c) of candidates -> their first min(width, c) after sorting the kept ones first, descending
+    (``values`` zero where not kept), as (values, indices) (r, min(width, c)).
+
+    The stable sort keeps the candidates' order among equal values (lower latent first for :func:`select_topk`'s
+    candidates and for whole rows)."""
+    sorted_values, order = (values * kept).sort(dim=-1, descending=True, stable=True)
+    width = min(width, values.shape[1])
+    return sorted_values[:, :width], indices.gather(1, order[:, :width])
+
+
+def _place_rows(out_values: Tensor, out_indices: Tensor, rows: Tensor | None, part: tuple[Tensor, Tensor]) -> None:
+    """Write sorted rows (r, c) into ``rows`` of the (N, width) output (all rows when None). Past the c candidates
+    (width > c, only when another row keeps more than c) a row is padded with zeros at its last sorted index, an
+    inactive latent of this row, so padding never repeats a kept latent (``to_dense`` stays exact) although it may
+    repeat an inactive one."""
+    values, indices = part
+    c = values.shape[1]
+    if rows is None:
+        out_values[:, :c], out_indices[:, :c] = values, indices
+        out_indices[:, c:] = indices[:, -1:]
+    else:
+        out_values[rows, :c], out_indices[rows, :c] = values, indices
+        out_indices[rows, c:] = indices[:, -1:]
+
+
+def _rectified_rows(scores: Tensor, rows: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """ReLU(scores[rows] + bias) -> (len(rows), F) in ``dtype``: the same sum :func:`select_topk` forms (the bias
+    promoted with the scores, as its kernel adds the float32 bias to the scores read as float32)."""
+    full = scores[rows]
+    if bias is not None:
+        full = full + bias.detach()
+    return full.to(dtype).clamp_min_(0)
+
+
 def batch_topk_select(
     scores: Tensor, k: int, bias: Tensor | None = None, dead_mask: Tensor | None = None, k_aux: int = 0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -323,23 +424,59 @@ def batch_topk_select(
     latents, width = the largest number kept in one row), and the ``k_aux`` largest of ``dead_mask``'s latents per
     row (AuxK; empty when k_aux is 0), as :func:`select_topk`.
 
-    Never a top-(N·k) over all N·F scores: each row's c largest (one pass of :func:`select_topk`, the bias added on
-    the fly), then the N·k largest of those N·c candidates. That is exact when no row keeps all of its c candidates;
-    otherwise c doubles and the pass is repeated (c starts at 4k, at most F).
+    Never a top-(N·k) over all N·F scores, and never a full sort of the batch: each row's c = 4k largest (one pass
+    of :func:`select_topk`, the bias added on the fly) are its candidates, and t₁ = the N·k-th largest candidate.
+    Rows that keep all c of their candidates ("overflow" rows, the few outlier tokens) may keep more than c; those
+    rows alone are then taken whole (their F activations) and t = the N·k-th largest of the union of the other
+    rows' candidates and the overflow rows' full rows is the answer. Exact: the union holds every candidate and is
+    part of the batch, so t₁ <= t* (the batch's N·k-th largest). A non-overflow row keeps fewer than c candidates
+    and keeps every candidate above t₁, so all its entries above t₁ — hence all above t* — are candidates: a larger
+    threshold never makes a non-overflow row overflow. So the union holds every entry above t*, and at least N·k
+    entries >= t* (if t* = t₁, the candidates alone have them), and its N·k largest values are the batch's.
+    Ties at the threshold: which of the tied entries are kept is torch.topk's choice (as with the earlier doubling
+    of c, :func:`batch_topk_select_by_doubling`); within a row the kept entries are sorted stably (equal values:
+    lower latent first). Cost: one top-c pass, a top-(N·k) of N·c + r·F values and a sort of the r overflow rows.
     """
+    n, num_latents = scores.shape
+    cap = min(num_latents, 4 * k)
+    values, indices, aux_values, aux_indices = select_topk(scores, cap, dead_mask, k_aux, bias=bias)
+    values = values.clamp_min(0)
+    kept = _flat_topk_mask(values, n * k)
+    overflow = kept.all(dim=-1) if cap < num_latents and n else kept.new_zeros(n)
+    rows = overflow.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        width = max(1, int(kept.sum(-1).max())) if n else 1
+        return (*_sorted_kept(values, indices, kept, width), aux_values, aux_indices)  # width <= c
+    rest = (~overflow).nonzero().squeeze(1)
+    full = _rectified_rows(scores, rows, bias, values.dtype)  # (r, F)
+    rest_values, rest_indices = values[rest], indices[rest]
+    union = _flat_topk_mask(torch.cat([rest_values.reshape(-1), full.reshape(-1)]), n * k)
+    rest_kept = union[: rest_values.numel()].view_as(rest_values)
+    full_kept = union[rest_values.numel() :].view_as(full)
+    width = max(1, int(full_kept.sum(-1).max()), int(rest_kept.sum(-1).max()) if rest.numel() else 0)
+    out_values = values.new_zeros(n, width)
+    out_indices = indices.new_zeros(n, width)
+    if rest.numel():
+        _place_rows(out_values, out_indices, rest, _sorted_kept(rest_values, rest_indices, rest_kept, width))
+    all_latents = torch.arange(num_latents, device=indices.device).expand(rows.numel(), -1)
+    _place_rows(out_values, out_indices, rows, _sorted_kept(full, all_latents, full_kept, width))
+    return out_values, out_indices, aux_values, aux_indices
+
+
+def batch_topk_select_by_doubling(
+    scores: Tensor, k: int, bias: Tensor | None = None, dead_mask: Tensor | None = None, k_aux: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The earlier :func:`batch_topk_select` (same results): the per-row candidate count c doubles from 4k until no
+    row keeps all of its c candidates, up to a full sort of the batch (c = F) when one outlier row keeps many.
+    Kept as the reference for tests and benchmarks/bench_batchtopk_step.py; not used in training."""
     n, num_latents = scores.shape
     cap = min(num_latents, 4 * k)
     while True:
         values, indices, aux_values, aux_indices = select_topk(scores, cap, dead_mask, k_aux, bias=bias)
         values = values.clamp_min(0)
-        _, flat = values.reshape(-1).topk(min(n * k, values.numel()), sorted=False)
-        kept = torch.zeros(values.numel(), dtype=torch.bool, device=values.device).index_fill_(0, flat, True)
-        counts = kept.view(n, cap).sum(-1)
-        width = int(counts.max()) if n else 1
+        kept = _flat_topk_mask(values, n * k)
+        width = int(kept.sum(-1).max()) if n else 1
         if cap == num_latents or width < cap:
             break
         cap = min(num_latents, 2 * cap)
-    # kept entries come first in each row (up to ties at the batch's threshold, which the stable sort settles)
-    values, order = (values * kept.view(n, cap)).sort(dim=-1, descending=True, stable=True)
-    width = max(1, width)
-    return values[:, :width], indices.gather(1, order[:, :width]), aux_values, aux_indices
+    return (*_sorted_kept(values, indices, kept, max(1, width)), aux_values, aux_indices)

@@ -22,10 +22,17 @@ from hf_sae import (
     SAEInputError,
     training_step,
 )
-from hf_sae.losses import jumprelu, matryoshka_loss, step
+from hf_sae.losses import (
+    flat_matryoshka_loss,
+    flat_mse_loss,
+    hierarchical_topk_loss,
+    jumprelu,
+    matryoshka_loss,
+    step,
+)
 from hf_sae.metrics import explained_variance, l0_distribution
 from hf_sae.registry import resolve_architecture
-from hf_sae.sparse import batch_topk_select
+from hf_sae.sparse import batch_topk_select, batch_topk_select_by_doubling, select_topk
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SAEs: thread hand-off would dominate on busy cores
 
@@ -55,6 +62,137 @@ def test_batch_topk_keeps_the_batchs_n_times_k_largest_activations():
     assert torch.equal(dense, expected)
     assert values.shape == (3, 3) and torch.all(values[:, :-1] >= values[:, 1:])  # sorted; padded with zeros
     assert [len(set(row.tolist())) for row in indices] == [3, 3, 3]  # padding never repeats a kept latent
+
+
+def _scores_with_outliers(n: int, num_latents: int, outliers: list[int], seed: int, shift: float = 0.0):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n, num_latents, generator=generator) + shift
+    scores[outliers] = scores[outliers].abs() * 8.0  # outlier tokens: every latent active, and large
+    bias = 0.1 * torch.randn(num_latents, generator=generator)
+    return scores, bias
+
+
+def _brute_force_batch_topk(scores, bias, k):
+    """The N·k largest of ReLU(scores + bias) over the whole batch, as a dense (N, F) tensor (zeros elsewhere)."""
+    acts = (scores + bias).clamp_min(0).reshape(-1)
+    _, top = acts.topk(scores.shape[0] * k)
+    return torch.zeros_like(acts).index_copy_(0, top, acts[top]).view_as(scores)
+
+
+@pytest.mark.parametrize(
+    "n, num_latents, k, outliers, shift",
+    [
+        (64, 64, 4, [3], 0.0),  # one outlier keeps all 64 latents (> 4k = 16 candidates)
+        (64, 64, 4, [0, 5, 63], 0.0),
+        (40, 256, 3, [7, 8], 0.0),
+        (30, 16, 4, [2], 0.0),  # 4k = F: the candidates are the whole rows
+        (50, 64, 4, [1], -2.5),  # fewer positive activations than N·k in ordinary rows: zeros kept, then dropped
+        (50, 64, 4, [], 0.0),  # no outlier
+        (1, 64, 4, [0], 0.0),
+    ],
+)
+def test_the_exact_batch_topk_selection_matches_a_brute_force_top_of_the_batch(n, num_latents, k, outliers, shift):
+    scores, bias = _scores_with_outliers(n, num_latents, outliers, seed=n + num_latents, shift=shift)
+    dead = torch.zeros(num_latents, dtype=torch.bool)
+    dead[::3] = True
+    values, indices, aux_values, aux_indices = batch_topk_select(scores, k, bias, dead, 2)
+    expected = _brute_force_batch_topk(scores, bias, k)
+    assert torch.equal(torch.zeros_like(scores).scatter_(1, indices, values), expected)
+    counts = (expected > 0).sum(-1)
+    assert values.shape == (n, max(1, int(counts.max())))
+    assert torch.all(values[:, :-1] >= values[:, 1:])  # sorted descending, zeros last
+    for row_values, row_indices in zip(values, indices):
+        kept = set(row_indices[row_values > 0].tolist())
+        assert len(kept) == int((row_values > 0).sum()) and not kept & set(row_indices[row_values == 0].tolist())
+    # the same as the earlier doubling selection (indices of the kept entries in the same order) and its AuxK
+    old_values, old_indices, old_aux_values, old_aux_indices = batch_topk_select_by_doubling(scores, k, bias, dead, 2)
+    assert torch.equal(values, old_values) and torch.equal(indices[values > 0], old_indices[old_values > 0])
+    _, _, want_aux_values, want_aux_indices = select_topk(scores, min(num_latents, 4 * k), dead, 2, bias=bias)
+    assert torch.equal(aux_values, want_aux_values) and torch.equal(aux_indices, want_aux_indices)
+    assert torch.equal(aux_values, old_aux_values) and torch.equal(aux_indices, old_aux_indices)
+
+
+def test_the_exact_selection_never_sorts_more_than_the_overflow_rows(monkeypatch):
+    """Only the outlier row is taken whole: select_topk runs once, at 4k candidates (no doubling of c)."""
+    from hf_sae import sparse
+
+    calls = []
+    original = sparse.select_topk
+
+    def counting(scores, cap, *args, **kwargs):
+        calls.append(cap)
+        return original(scores, cap, *args, **kwargs)
+
+    monkeypatch.setattr(sparse, "select_topk", counting)
+    scores, bias = _scores_with_outliers(128, 512, [4], seed=1)
+    values, _, _, _ = sparse.batch_topk_select(scores, 4, bias)
+    assert calls == [16] and values.shape[1] > 16
+
+
+def _padded_and_flat_steps(make, x, dead: bool):
+    """(output, gradients, sae) of one training forward + backward on the padded path and on the flat path."""
+    results = []
+    for factor in (math.inf, 0.0):
+        torch.manual_seed(0)
+        sae = make().double()
+        with torch.no_grad():
+            sae.encoder.bias.normal_(0, 0.1)
+            sae.b_dec.normal_(0, 0.3)
+        if dead:
+            sae.tokens_since_fired[::2] = 10**9  # half the latents dead: AuxK on
+        sae.flat_width_factor = factor
+        sae.train()
+        out = sae(x)
+        out.loss.backward()
+        results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters()}, sae))
+    return results
+
+
+@pytest.mark.parametrize("dead", [False, True], ids=["auxk_off", "auxk_on"])
+@pytest.mark.parametrize("make", [_batchtopk, _matryoshka], ids=["batchtopk", "matryoshka"])
+def test_the_flat_path_gives_the_padded_paths_loss_gradients_and_output(make, dead):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(48, D_IN, dtype=torch.float64, generator=generator)
+    x[[3, 30]] *= 8.0  # outlier tokens: the selection is much wider than k
+    (padded, padded_grads, padded_sae), (flat, flat_grads, flat_sae) = _padded_and_flat_steps(
+        lambda: make(auxk=dead, dead_tokens=1), x, dead
+    )
+    assert padded.latents.values.shape[1] > 2 * K
+    assert set(flat.losses) == set(padded.losses) == ({"reconstruction", "auxk"} if dead else {"reconstruction"})
+    for name in padded.losses:
+        torch.testing.assert_close(flat.losses[name], padded.losses[name], rtol=1e-10, atol=0, msg=name)
+    torch.testing.assert_close(flat.loss, padded.loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(flat.reconstruction, padded.reconstruction, rtol=1e-10, atol=1e-12)
+    assert torch.equal(flat.latents.values.detach(), padded.latents.values.detach())
+    assert torch.equal(flat.latents.indices, padded.latents.indices)
+    for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+        torch.testing.assert_close(flat_grads[name], padded_grads[name], rtol=1e-6, atol=1e-12, msg=name)
+    assert set(flat_grads) == set(padded_grads)
+    assert torch.equal(flat_sae.tokens_since_fired, padded_sae.tokens_since_fired)
+    assert torch.equal(flat_sae.threshold, padded_sae.threshold)
+    assert torch.equal(flat_sae.threshold_batches, padded_sae.threshold_batches)
+
+
+def test_the_flat_losses_equal_the_padded_losses():
+    generator = torch.Generator().manual_seed(2)
+    n, t, num_latents, d = 7, 6, 24, 5
+    x = torch.randn(n, d, dtype=torch.float64, generator=generator)
+    indices = torch.stack([torch.randperm(num_latents, generator=generator)[:t] for _ in range(n)])
+    values = torch.rand(n, t, dtype=torch.float64, generator=generator)
+    values[values < 0.3] = 0  # padding-like zeros, dropped by the flat form
+    values[4] = 0  # a row with no latent at all
+    W_dec = torch.randn(num_latents, d, dtype=torch.float64, generator=generator)
+    b_dec = torch.randn(d, dtype=torch.float64, generator=generator)
+    rows, positions = (values > 0).nonzero(as_tuple=True)
+    columns, flat_values = indices[rows, positions], values[rows, positions]
+    for flat, padded in [
+        (flat_mse_loss(x, flat_values, rows, columns, W_dec, b_dec), hierarchical_topk_loss(
+            x, values, indices, W_dec, b_dec, [t])),
+        (flat_matryoshka_loss(x, flat_values, rows, columns, W_dec, b_dec, [3, 10, 24]), matryoshka_loss(
+            x, values, indices, W_dec, b_dec, [3, 10, 24])),
+    ]:  # fmt: skip
+        torch.testing.assert_close(flat[0], padded[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(flat[1], padded[1], rtol=1e-12, atol=1e-12)
 
 
 def test_batchtopk_mean_l0_is_k_in_training_and_the_threshold_is_used_at_inference():

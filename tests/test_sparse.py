@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from hf_sae.sparse import SparseLatents, TopKEncode, _scatter_rows_matmul, csr_order, sparse_decode
+from hf_sae.sparse import (
+    FlatSelectedLinear,
+    SparseLatents,
+    TopKEncode,
+    _scatter_rows_matmul,
+    csr_order,
+    flat_decode,
+    sparse_decode,
+)
 
 
 @pytest.mark.parametrize("centred", [False, True])
@@ -74,3 +82,37 @@ def test_kron_sparse_encoder_backward_equals_dense_autograd():
     expected = torch.autograd.grad((dense * upstream).sum(), [sae.encoder.weight, sae.encoder.bias])
     for ours, ref in zip(grads, expected):
         assert torch.allclose(ours, ref, atol=1e-10)
+
+
+def _flat_entries(n: int, num_latents: int, seed: int):
+    """Ragged rows (0 to 9 latents each, one empty row) as flat (rows ascending, columns) entries."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 10, (n,), generator=generator)
+    lengths[1] = 0
+    rows = torch.repeat_interleave(torch.arange(n), lengths)
+    columns = torch.cat([torch.randperm(num_latents, generator=generator)[:length] for length in lengths.tolist()])
+    return rows, columns
+
+
+def test_flat_decode_sums_each_rows_decoder_rows():
+    rows, columns = _flat_entries(6, 20, seed=1)
+    values = torch.rand(rows.shape[0], dtype=torch.float64)
+    W_dec = torch.randn(20, 5, dtype=torch.float64)
+    dense = torch.zeros(6, 20, dtype=torch.float64).index_put_((rows, columns), values)
+    torch.testing.assert_close(flat_decode(values, rows, columns, W_dec, 6), dense @ W_dec)
+
+
+def test_flat_selected_linear_has_the_dense_gradients_of_its_entries():
+    rows, columns = _flat_entries(8, 30, seed=2)
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(rows.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        values = (x @ weight.t() + bias)[rows, columns]
+    got = FlatSelectedLinear.apply(x, weight, bias, rows, columns, values)
+    assert torch.equal(got, values)
+    grads = torch.autograd.grad((got * upstream).sum(), [x, weight, bias])
+    expected = torch.autograd.grad(((x @ weight.t() + bias)[rows, columns] * upstream).sum(), [x, weight, bias])
+    for g, want in zip(grads, expected):
+        torch.testing.assert_close(g, want)
