@@ -7,9 +7,9 @@ English corpus (train split for training, validation split for every held-out nu
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -224,17 +224,43 @@ def training_command(
     return command + ["--out", str(run), "--overwrite"]
 
 
+def run_stage(command: list[str], max_seconds: float | None = None) -> bool:
+    """Run ``command`` (printed) from the checkout; after ``max_seconds`` send SIGTERM (the training CLI then saves a
+    checkpoint at the next step and exits). Returns True if it finished, False if it was stopped."""
+    print("+", " ".join(command), flush=True)
+    process = subprocess.Popen(command, cwd=ROOT)
+    try:
+        code = process.wait(timeout=max_seconds)
+    except subprocess.TimeoutExpired:
+        print(f"stopping after {max_seconds / 60:.0f} min (SIGTERM: checkpoint at the next step)", flush=True)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait()
+        if code in (0, 128 + signal.SIGTERM):
+            return code == 0
+    if code != 0:
+        raise subprocess.CalledProcessError(code, command)
+    return True
+
+
 def command_text(command: list[str]) -> str:
     """A training command as docs/results.md shows it: without the interpreter, paths relative to the checkout."""
     return " ".join(command[1:]).replace(str(ROOT) + "/", "").replace(str(Path.home()), "~")
 
 
-def train_once(command: list[str], run: Path, train: bool) -> dict[str, Any]:
-    """Run the training ``command`` (printed) if ``train`` and ``run`` has no metrics.json yet; return its metrics."""
-    if train and not (run / "metrics.json").exists():
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT)
-    return json.loads((run / "metrics.json").read_text())
+@torch.no_grad()
+def same_index_rates(saes: dict) -> dict[str, float]:
+    """For each pair of SAEs of the run: the share of A's latents whose most similar decoder row in B (cosine) has
+    the same index. Independent initialisations give ~1/d_sae; a shared initialisation leaves many latents where
+    they started, so this is the check that no SAE of a multi-SAE run reused another's draw."""
+    rates = {}
+    labels = list(saes)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            wa = torch.nn.functional.normalize(saes[a].W_dec.float(), dim=-1)
+            wb = torch.nn.functional.normalize(saes[b].W_dec.float(), dim=-1)
+            best = (wa @ wb.T).argmax(dim=1)
+            rates[f"{a}/{b}"] = float((best == torch.arange(best.numel())).float().mean())
+    return rates
 
 
 # ------------------------------------------------------------------------------------------------ a small trainer

@@ -42,6 +42,7 @@ from experiments.common import (  # noqa: E402
     load_model,
     markdown_table,
     recovered,
+    run_stage,
     training_command,
     update_results,
     windows,
@@ -53,7 +54,6 @@ from experiments.pareto import (  # noqa: E402
     RESULTS_DIR,
     evaluate,
     run_folder,
-    run_stage,
 )
 from hf_sae import load_sae  # noqa: E402
 from training.checkpoint import checkpoint_dirs  # noqa: E402

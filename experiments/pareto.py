@@ -42,8 +42,6 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +62,8 @@ from experiments.common import (  # noqa: E402
     load_model,
     markdown_table,
     recovered,
+    run_stage,
+    same_index_rates,
     seed_everything,
     training_command,
     update_results,
@@ -164,24 +164,6 @@ def train_command(args) -> list[str]:
         keep_checkpoints=1000,
         activations=args.cache,
     )
-
-
-def run_stage(command: list[str], max_seconds: float | None = None) -> bool:
-    """Run ``command`` (printed) from the checkout; after ``max_seconds`` send SIGTERM (the training CLI then saves a
-    checkpoint at the next step and exits). Returns True if it finished, False if it was stopped."""
-    print("+", " ".join(command), flush=True)
-    process = subprocess.Popen(command, cwd=ROOT)
-    try:
-        code = process.wait(timeout=max_seconds)
-    except subprocess.TimeoutExpired:
-        print(f"stopping after {max_seconds / 60:.0f} min (SIGTERM: checkpoint at the next step)", flush=True)
-        process.send_signal(signal.SIGTERM)
-        code = process.wait()
-        if code in (0, 128 + signal.SIGTERM):
-            return code == 0
-    if code != 0:
-        raise subprocess.CalledProcessError(code, command)
-    return True
 
 
 def train(args) -> None:
@@ -336,22 +318,6 @@ def evaluate_run(args) -> dict:
     }
     write_json(record_path(args.seed, labels), record)
     return record
-
-
-@torch.no_grad()
-def same_index_rates(saes: dict) -> dict[str, float]:
-    """For each pair of SAEs of the run: the share of A's latents whose most similar decoder row in B (cosine) has
-    the same index. Independent initialisations give ~1/d_sae; a shared initialisation leaves many latents where
-    they started, so this is the check that no SAE of a multi-SAE run reused another's draw."""
-    rates = {}
-    labels = list(saes)
-    for i, a in enumerate(labels):
-        for b in labels[i + 1 :]:
-            wa = torch.nn.functional.normalize(saes[a].W_dec.float(), dim=-1)
-            wb = torch.nn.functional.normalize(saes[b].W_dec.float(), dim=-1)
-            best = (wa @ wb.T).argmax(dim=1)
-            rates[f"{a}/{b}"] = float((best == torch.arange(best.numel())).float().mean())
-    return rates
 
 
 def ce_splices(saes: dict) -> dict[str, tuple]:
