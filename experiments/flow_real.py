@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=5242880, help="training tokens per SAE (epochs of the cache)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--held-out-tokens", type=int, default=16384, help="held-out tokens for the EV curve")
+    parser.add_argument("--held-out-tokens", type=int, default=65536, help="held-out tokens for the EV curve")
     parser.add_argument("--windows", type=int, default=48, help="held-out windows (feature choice, annotation)")
     parser.add_argument("--skip-windows", type=int, default=16, help="held-out windows for skip-layer eval")
     parser.add_argument("--deactivation-features", type=int, default=16, help="per set (most active, best linked)")
@@ -337,7 +337,10 @@ def main() -> None:
     model, tokenizer = load_model("bfloat16")
     keys = sae_keys(args.layers)
 
-    held = harvest(model, tokenizer, keys, "validation", args.held_out_tokens)
+    # held-out EV as in experiments/pareto.py: training-split text after the cache's windows (no SAE saw it; the
+    # validation split holds only ~54k tokens)
+    cache_windows = json.loads((args.cache / "manifest.json").read_text())["windows"]
+    held = harvest(model, tokenizer, keys, "train", args.held_out_tokens, skip_windows=cache_windows)
     curve = training_curve(args, held)
     plot_curve(curve, DOCS / "flow_curve.png")
     print("curve", json.dumps(curve[-1]), flush=True)
@@ -346,7 +349,8 @@ def main() -> None:
     default_summary = default_flow.summary(layers=args.layers)
     nulls = null_report(default_flow, args.layers, args.seed, saes[keys[0]].config.d_in, args.d_sae)
     t = nulls["thresholds"]
-    flow = FeatureFlow(saes, t_resid=t["resid"], t_mlp=t["mlp"], t_attn=t["attn"])
+    # module edges of a traced graph must pass the stricter of the two module thresholds
+    flow = FeatureFlow(saes, t_resid=t["resid"], t_mlp=t["mlp"], t_attn=t["attn"], t_module=max(t["mlp"], t["attn"]))
     summary = flow.summary(layers=args.layers)
     print(default_summary, "\n", summary, flush=True)
     summary.plot(DOCS / "flow_classes.png")
@@ -472,7 +476,8 @@ def report(record: dict, default_summary, summary, nulls: dict, graph, skip: dic
 Ten TopK SAEs (d_sae {args.d_sae}, k {args.k}) on Gemma 3 270M (bf16): resid {args.layers[0] - 1}–{args.layers[-1]},
 mlp and attn {args.layers[0]}–{args.layers[-1]}, **{record["tokens"]:,} training tokens each** from one activation
 cache ({args.harvest_tokens:,} tokens of the training split, 10 epochs) in one multi-SAE run, AuxK on, the default
-recipe, seed {args.seed}. Held-out EV ({args.held_out_tokens:,} validation tokens) at the end: {ev_text}.
+recipe, seed {args.seed}. Held-out EV ({args.held_out_tokens:,} tokens of the training split after the cache's
+windows, which no SAE saw) at the end: {ev_text}. Everything else below uses the validation split.
 
 Command: `nice -n 5 python experiments/flow_real.py --train` (harvest: `{record["commands"]["harvest"]}`; training:
 `{record["commands"]["train"]}`). Numbers: `experiments/results/flow.json`.
@@ -487,7 +492,8 @@ cosine of a random unit vector with {args.d_sae} others): median {floor["median"
 turned by one random rotation: each dictionary keeps its geometry, the two lose their alignment) is what that pair
 scores with no flow. A threshold is justified when at most 0.1% of the null passes it; the justified thresholds
 are the larger of the paper's defaults (t_R 0.5, t_M = t_A 0.15) and every null's 99.9% quantile, rounded up:
-**t_R {t["resid"]:.2f}, t_M {t["mlp"]:.2f}, t_A {t["attn"]:.2f}**. The defaults t_M = t_A = 0.15 sit at or below this
+**t_R {t["resid"]:.2f}, t_M {t["mlp"]:.2f}, t_A {t["attn"]:.2f}** (a traced graph attaches module predecessors
+at ≥ max(t_M, t_A) = {max(t["mlp"], t["attn"]):.2f}). The defaults t_M = t_A = 0.15 sit at or below this
 d_in's noise floor (they were set for Gemma 2 2B, d_in 2304, whose floor is ~0.13).
 
 ![score histograms with the nulls](flow_scores.png)

@@ -17,7 +17,7 @@ low though a person may find it clear. At layer 6 of 18 many features are contex
 not an interpretability rate; the comparison between SAEs on the same tokens is the point: the HierarchicalTopK
 paper (arXiv 2505.24473) reports that a TopK SAE trained at a large k loses interpretability while the hierarchical
 SAE's latents stay interpretable up to its K. Only the final SAEs of the finished runs are scored (seed 0's six; the
-BatchTopK / Matryoshka baselines of seed 1 when that run has finished).
+BatchTopK / Matryoshka baselines, a run of their own, when it has finished).
 
 Command (needs the Pareto runs; writes experiments/results/interp_proxy.json, docs/interp_proxy.png and the section
 of docs/results.md):

@@ -13,6 +13,7 @@ import html
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -190,9 +191,10 @@ def plot_graph(graph, path: str | os.PathLike, *, title: str | None = None, dpi:
         f"t_R = {graph.graph.get('t_resid', 0.5)}, t_module = {graph.graph.get('t_module', 0.15)}; "
         "edge width and label = cosine" + graph_caveats(graph, "; ")
     )
+    lines = textwrap.wrap(subtitle, width=max(40, int(width * 14)))  # ~14 characters of 7.5 pt per inch
     fig.suptitle(title or f"Feature flow of {target or 'graph'}", fontsize=11, y=0.975)
-    fig.text(0.5, 0.905, subtitle, ha="center", fontsize=7.5, color="#555555")
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.86, bottom=0.27)
+    fig.text(0.5, 0.925, "\n".join(lines), ha="center", va="top", fontsize=7.5, color="#555555")
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.87 - 0.03 * len(lines), bottom=0.27)
     return _save_figure(fig, path, fmt, dpi)
 
 
@@ -228,6 +230,7 @@ def plot_summary(summary, path: str | os.PathLike, *, dpi: int = 150) -> Path:
         heights = [fractions[layer][name] for layer in summary.layers]
         ax.bar(summary.layers, heights, bottom=bottom, color=color, label=name, width=0.8)
         bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(summary.layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("share of resid features")
     ax.set_ylim(0, 1)
