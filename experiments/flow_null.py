@@ -72,7 +72,8 @@ def quantile(scores: Tensor, q: float = QUANTILE) -> float:
 
 
 def justified_threshold(default: float, nulls: list[Tensor], q: float = QUANTILE) -> float:
-    """The smallest threshold ≥ ``default`` that every null's q-quantile stays below, rounded up to 0.01 (within 1e-6 of a step counts as on it)."""
+    """The smallest threshold ≥ ``default`` that every null's q-quantile stays below, rounded up to 0.01 (a quantile
+    within 1e-6 of a step counts as on it)."""
     floor = max(quantile(null, q) for null in nulls)
     return max(default, math.ceil(floor * 100 - 1e-4) / 100)
 
