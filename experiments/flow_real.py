@@ -173,7 +173,7 @@ def training_curve(args, held: dict) -> list[dict]:
     return curve
 
 
-def plot_curve(curve: list[dict], path: Path) -> None:
+def plot_curve(curve: list[dict], path: Path, what: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     tokens = [p["tokens"] / 1e6 for p in curve]
     for name in curve[-1]["ev"]:
@@ -182,7 +182,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
         ax.plot(tokens, [p["ev"][name] for p in curve], style, marker=".", label=name)
     ax.set_xlabel("training tokens per SAE (millions)")
     ax.set_ylabel("held-out explained variance")
-    ax.set_title("Flow SAEs (TopK k=32, d_sae 4096): held-out EV during training", fontsize=10)
+    ax.set_title(f"Flow SAEs ({what}): held-out EV during training", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
@@ -200,7 +200,7 @@ def score_nulls(flow: FeatureFlow, layers: list[int], seed: int) -> dict:
     return nulls
 
 
-def plot_scores(tables: dict, nulls: dict, floor: torch.Tensor, thresholds: dict, path: Path) -> None:
+def plot_scores(tables: dict, nulls: dict, floor: torch.Tensor, thresholds: dict, path: Path, shape: str) -> None:
     """One panel per (layer, predecessor site): histogram of s(P), the rotated null, the isotropic floor's 99.9%
     quantile, the default and the justified threshold."""
     layers = sorted(tables)
@@ -222,7 +222,7 @@ def plot_scores(tables: dict, nulls: dict, floor: torch.Tensor, thresholds: dict
             if row == len(layers) - 1:
                 ax.set_xlabel("top-1 decoder cosine")
     axes[0][2].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Feature-flow scores against chance (d_in 640, d_sae 4096)", fontsize=11)
+    fig.suptitle(f"Feature-flow scores against chance ({shape})", fontsize=11)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -342,7 +342,7 @@ def main() -> None:
     cache_windows = json.loads((args.cache / "manifest.json").read_text())["windows"]
     held = harvest(model, tokenizer, keys, "train", args.held_out_tokens, skip_windows=cache_windows)
     curve = training_curve(args, held)
-    plot_curve(curve, DOCS / "flow_curve.png")
+    plot_curve(curve, DOCS / "flow_curve.png", f"TopK k={args.k}, d_sae {args.d_sae}")
     print("curve", json.dumps(curve[-1]), flush=True)
 
     default_flow = FeatureFlow(saes)
@@ -354,7 +354,8 @@ def main() -> None:
     summary = flow.summary(layers=args.layers)
     print(default_summary, "\n", summary, flush=True)
     summary.plot(DOCS / "flow_classes.png")
-    plot_scores(summary.tables, nulls["nulls"], nulls["floor"], t, DOCS / "flow_scores.png")
+    shape = f"d_in {saes[keys[0]].config.d_in}, d_sae {args.d_sae}"
+    plot_scores(summary.tables, nulls["nulls"], nulls["floor"], t, DOCS / "flow_scores.png", shape)
     same_index = same_index_report(saes, summary.tables, args.d_sae)
 
     ids, mask = windows(tokenizer, "validation", args.windows)
