@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from unittest import mock
 
@@ -31,6 +32,9 @@ import torch
 from hf_sae import modeling_batchtopk_sae
 from hf_sae.registry import resolve_architecture
 from hf_sae.sparse import batch_topk_select_by_doubling
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmarks, when run as a script
+from bench_sae_step import interleaved_times, table  # noqa: E402
 
 REAL_ACTS = "/root/.cache/hf_sae/acts/gemma3-270m-L6-resid"
 
@@ -84,29 +88,6 @@ def variants(x: torch.Tensor, d_sae: int, k: int) -> dict[str, Callable[[], None
         steps[f"{name}_old"] = stepper(_sae(name, x, d_sae, k), old=True)
         steps[f"{name}_new"] = stepper(_sae(name, x, d_sae, k))
     return steps
-
-
-def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each step in each of ``rounds`` rounds, every round running every step once in turn (after one
-    warm-up call each)."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def table(title: str, header: list[str], rows: list[list], emit: Callable[[str], None] = print) -> None:
-    """A markdown table, each line through ``emit``."""
-    emit(f"\n### {title}\n")
-    emit("| " + " | ".join(header) + " |")
-    emit("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        emit("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from hf_sae._io import write_json_atomic, write_text_atomic
 from hf_sae.metrics import budget_metrics, dead_fraction, fvu
 from hf_sae.sites import resolve_site
 from hf_sae.steering import ActivationPatch, attach
+from training.checkpoint import checkpoint_dirs
 from training.corpus import corpus_paths
 from training.data import TokenWindows
 from training.harvest import ActivationHarvester
@@ -240,6 +241,24 @@ def run_stage(command: list[str], max_seconds: float | None = None) -> bool:
     if code != 0:
         raise subprocess.CalledProcessError(code, command)
     return True
+
+
+def train_from_cache(
+    cache: Path, harvest: list[str], run: Path, train: list[str], max_seconds: float | None = None
+) -> bool:
+    """Finish the activation cache (``harvest``: its harvest or --resume command) if it is missing or unfinished, then
+    train into ``run`` (the ``train`` command, or --resume from its newest checkpoint) unless it finished already;
+    ``max_seconds`` as :func:`run_stage` (counted from here, at least a minute of training). Returns True when the
+    run has finished."""
+    if (run / "metrics.json").exists():
+        return True
+    started = time.perf_counter()
+    if not (cache / "manifest.json").exists() or (cache / "harvest_state.json").exists():
+        run_stage(harvest)
+    resume = run.exists() and bool(checkpoint_dirs(run))
+    command = [sys.executable, "-m", "training.train", "--resume", str(run)] if resume else train
+    left = None if max_seconds is None else max(max_seconds - (time.perf_counter() - started), 60.0)
+    return run_stage(command, left)
 
 
 def command_text(command: list[str]) -> str:

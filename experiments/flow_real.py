@@ -45,9 +45,9 @@ from experiments.common import (  # noqa: E402
     harvest,
     load_model,
     markdown_table,
-    run_stage,
     same_index_rates,
     seed_everything,
+    train_from_cache,
     training_command,
     update_results,
     windows,
@@ -119,12 +119,7 @@ def train_command(args) -> list[str]:
 
 def train(args) -> None:
     """Harvest the cache (or finish it), then train (or resume from the newest checkpoint) until done."""
-    if (args.run / "metrics.json").exists():
-        return
-    if not (args.cache / "manifest.json").exists() or (args.cache / "harvest_state.json").exists():
-        run_stage(harvest_command(args))
-    resume = args.run.exists() and bool(checkpoint_dirs(args.run))
-    run_stage([sys.executable, "-m", "training.train", "--resume", str(args.run)] if resume else train_command(args))
+    train_from_cache(args.cache, harvest_command(args), args.run, train_command(args))
 
 
 def sae_sources(args) -> tuple[dict, str, int]:

@@ -65,6 +65,7 @@ from experiments.common import (  # noqa: E402
     run_stage,
     same_index_rates,
     seed_everything,
+    train_from_cache,
     training_command,
     update_results,
     windows,
@@ -168,15 +169,8 @@ def train_command(args) -> list[str]:
 
 def train(args) -> None:
     """Harvest the cache (or finish it), then train (or resume) until done or ``--max-train-minutes``."""
-    if (args.run / "metrics.json").exists():
-        return
-    started = time.perf_counter()
-    if not (args.cache / "manifest.json").exists() or (args.cache / "harvest_state.json").exists():
-        run_stage(harvest_command(args))
-    resume = bool(checkpoint_dirs(args.run)) if args.run.exists() else False
-    command = [sys.executable, "-m", "training.train", "--resume", str(args.run)] if resume else train_command(args)
-    left = None if args.max_train_minutes is None else args.max_train_minutes * 60 - (time.perf_counter() - started)
-    run_stage(command, None if left is None else max(left, 60.0))
+    limit = None if args.max_train_minutes is None else args.max_train_minutes * 60
+    train_from_cache(args.cache, harvest_command(args), args.run, train_command(args), limit)
 
 
 def sources(args) -> list[dict]:
