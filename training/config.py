@@ -43,6 +43,7 @@ from hf_sae.sites import SITES
 from .sae_options import SAE_DEFAULTS, Count, coerce, sae_annotations, sae_fields
 
 EMBEDDED = "embedded"
+EMBEDDED_EXTENDED = "embedded-extended"  # the embedded corpus plus the Brown corpus (opt-in)
 # Options that may differ between a run and its --resume (they do not change the trained weights).
 RESUME_MAY_CHANGE = frozenset(
     {
@@ -153,8 +154,9 @@ class RunOptions:
     dataset: str = _f(
         EMBEDDED,
         "training text: a local .jsonl/.json/.txt/.csv/.parquet file or folder, a Hub data set id (read with "
-        "streaming=True), or 'embedded' for the real English corpus (Wikipedia, news, fiction, reviews) that "
-        "training/corpus.py builds once from registry packages and caches",
+        "streaming=True), 'embedded' for the real English corpus (Wikipedia, news, fiction, reviews) that "
+        "training/corpus.py builds once from registry packages and caches, or 'embedded-extended' for the same "
+        "documents plus the Brown corpus (500 documents, 6M characters, 1M words of American English; own cache)",
     )
     dataset_config: str | None = _f(None, "configuration (subset) name of a Hub data set, e.g. 'sample-10BT'")
     split: str = _f("train", "data set split to train on")

