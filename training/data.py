@@ -200,7 +200,7 @@ def _load(dataset: str, split: str, dataset_config: str | None):
         if dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
             raise DataError(
                 f"--dataset {dataset}: no such file or folder. Pass an existing local file/folder, a Hub data set "
-                "id such as HuggingFaceFW/fineweb, or 'embedded'."
+                "id such as HuggingFaceFW/fineweb, or 'embedded' / 'embedded-extended'."
             )
         return load_dataset(dataset, dataset_config, split=split, streaming=True)
     except (DataError, MissingSplitError):
@@ -217,7 +217,7 @@ def _load(dataset: str, split: str, dataset_config: str | None):
         raise DataError(
             f"--dataset {dataset}: cannot load it ({kind}: {str(error).strip().splitlines()[0] if str(error) else ''})."
             " Check the Hub id and --dataset-config (and network access, or HF_DATASETS_OFFLINE), or pass a local "
-            ".jsonl/.txt/.parquet file, or 'embedded'."
+            ".jsonl/.txt/.parquet file, or 'embedded' / 'embedded-extended'."
         ) from None
 
 

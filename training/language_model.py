@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from hf_sae.errors import ModelLoadError, TrainConfigError
 from hf_sae.sites import num_layers
 
-from .config import EMBEDDED, SAESpec, TrainConfig
+from .config import EMBEDDED, EMBEDDED_EXTENDED, SAESpec, TrainConfig
 from .small_gemma import load_small_gemma
 
 
@@ -68,4 +68,8 @@ def model_id(cfg: TrainConfig, model: nn.Module) -> str:
 
 def dataset_id(cfg: TrainConfig) -> str:
     """The training data's name, as the SAE's config and card record it."""
-    return "hf-sae embedded English corpus (training/corpus.py)" if cfg.dataset == EMBEDDED else cfg.dataset
+    if cfg.dataset == EMBEDDED:
+        return "hf-sae embedded English corpus (training/corpus.py)"
+    if cfg.dataset == EMBEDDED_EXTENDED:
+        return "hf-sae embedded English corpus plus the Brown corpus (training/corpus.py, variant 'extended')"
+    return cfg.dataset
