@@ -690,17 +690,75 @@ def claims(records: list[dict], gaps: dict, curves: dict, by_name: dict) -> str:
             "Matryoshka (Bussmann et al. 2025, arXiv 2503.17547) claims a slightly worse reconstruction than "
             "BatchTopK, traded for nested features. Measured at the L0 its threshold gives: " + "; ".join(parts) + "."
         )
+        lines += baseline_verdicts(by_name)
     return "\n".join(lines)
 
 
-def _finish_l0_axes(fig, ax, ylabel: str, title: str, path: Path) -> None:
-    """The common frame of the two Pareto plots: log2 L0 axis, labels, grid, legend; then save."""
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("L0 (active latents per token)")
+def baseline_verdicts(by_name: dict) -> list[str]:
+    """The two baseline claims as verdicts, from the seed-0 rows of BatchTopK k=16, Matryoshka k=16 and TopK k=16.
+
+    Rules: BatchTopK's claim holds if its EV is above the TopK k=16 SAE's at an L0 no larger than 16 x 1.05;
+    Matryoshka's if its EV is below BatchTopK's by at most 0.01 ("slightly worse"). One seed: the three-seed spread
+    of the separate TopK SAEs (std of EV ≤ 0.002) is the yardstick for "beyond noise"."""
+    rows = {name: by_name.get(name, [None])[0] for name in ("batchtopk16@thr", "matryoshka16@thr", "topk16@16")}
+    btk, mat, topk = rows["batchtopk16@thr"], rows["matryoshka16@thr"], rows["topk16@16"]
+    lines = []
+    if btk and topk:
+        gap = btk["ev"] - topk["ev"]
+        holds = gap > 0 and btk["l0"] <= 16 * 1.05
+        lines.append(
+            f"  - **BatchTopK better than TopK at the same L0: {'holds' if holds else 'does not hold'}** here (one "
+            f"seed): EV {btk['ev']:.4f} at L0 {btk['l0']:.2f} vs TopK k=16 {topk['ev']:.4f} (Δ {gap:+.4f}, "
+            f"CE recovered Δ {btk['ce_recovered'] - topk['ce_recovered']:+.4f}); the seed spread of the TopK SAEs is "
+            "≤ 0.002 in EV, so the gap is larger than noise."
+            if abs(gap) > 0.002
+            else f"  - **BatchTopK better than TopK at the same L0: inconclusive** (one seed, Δ EV {gap:+.4f} within "
+            "the seed spread of 0.002)."
+        )
+    if btk and mat:
+        gap = mat["ev"] - btk["ev"]
+        holds = -0.01 <= gap < 0
+        lines.append(
+            f"  - **Matryoshka slightly worse than BatchTopK in reconstruction: {'holds' if holds else 'does not hold'}"
+            f"** here (one seed): EV {mat['ev']:.4f} vs {btk['ev']:.4f} (Δ {gap:+.4f}), CE recovered "
+            f"{mat['ce_recovered']:.4f} vs {btk['ce_recovered']:.4f}; dead (held-out) {100 * mat['dead_eval']:.1f}% vs "
+            f"{100 * btk['dead_eval']:.1f}%."
+        )
+    return lines
+
+
+def _l0_figure():
+    """The Pareto plots' frame: the whole range on the left, a zoom on L0 ≈ 16 (where the BatchTopK / Matryoshka
+    points sit among the TopK and hierarchical ones) on the right."""
+    return plt.subplots(1, 2, figsize=(11.5, 5), gridspec_kw={"width_ratios": [2.2, 1]})
+
+
+def _finish_l0_axes(fig, axes, ylabel: str, title: str, path: Path, metric: str, by_name: dict) -> None:
+    """Log2 L0 axes, labels, grid, legend; the zoom panel's limits from the points near L0 16; then save."""
+    ax, zoom = axes
+    for a in axes:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("L0 (active latents per token)")
+        a.grid(alpha=0.3)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
+    near = [  # the truncated TopK is far below: left out of the zoom's range
+        row[metric]
+        for name, rows in by_name.items()
+        if not name.startswith("trunc")
+        for row in rows
+        if 12 <= row["l0"] <= 22
+    ]
+    if near:
+        low, high = min(near), max(near)
+        pad = max(high - low, 1e-3) * 0.25
+        zoom.set_ylim(low - pad, high + pad)
+    zoom.set_xlim(12, 22)
+    zoom.set_xticks([12, 14, 16, 18, 20, 22], labels=["12", "14", "16", "18", "20", "22"])
+    zoom.minorticks_off()
+    zoom.set_title("zoom on L0 12–22", fontsize=10)
+    fig.tight_layout()
     save(fig, path)
 
 
@@ -739,7 +797,7 @@ def _draw(ax, by_name: dict, metric: str, hier_curve: tuple | None = None) -> No
 
 def plot_ev(records: list[dict], path: Path, by_name: dict) -> None:
     """EV against L0; the hierarchical curve at every budget 1..64 (mean over the seeds that trained it)."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, axes = _l0_figure()
     per_budget: dict[str, list[dict]] = {}
     for r in records:
         if "hier64" in r["labels"]:
@@ -753,16 +811,19 @@ def plot_ev(records: list[dict], path: Path, by_name: dict) -> None:
         [s[0] for s in stats],
         [0.0 if math.isnan(s[1]) else s[1] for s in stats],
     )
-    _draw(ax, by_name, "ev", hier)
+    for ax in axes:
+        _draw(ax, by_name, "ev", hier)
     seeds = sorted({r["seed"] for r in records})
     title = f"Gemma 3 270M, resid L6, d_sae 4096, 5.2M tokens per SAE; mean ± std over seeds {seeds}"
-    _finish_l0_axes(fig, ax, "explained variance (held-out)", title, path)
+    _finish_l0_axes(fig, axes, "explained variance (held-out)", title, path, "ev", by_name)
 
 
 def plot_ce(by_name: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    _draw(ax, by_name, "ce_recovered")
-    _finish_l0_axes(fig, ax, "CE loss recovered (validation)", "Gemma 3 270M, resid L6, d_sae 4096", path)
+    fig, axes = _l0_figure()
+    for ax in axes:
+        _draw(ax, by_name, "ce_recovered")
+    title = "Gemma 3 270M, resid L6, d_sae 4096"
+    _finish_l0_axes(fig, axes, "CE loss recovered (validation)", title, path, "ce_recovered", by_name)
 
 
 def plot_curves(curve: list[dict], gaps: dict[int, list[dict]], path: Path) -> None:

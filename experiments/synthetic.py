@@ -42,6 +42,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -389,25 +391,50 @@ def run_in_venv(args, stage: str, payload: dict) -> None:
     subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"})
 
 
+@contextmanager
+def claimed(out: Path, done: str, wait: bool) -> Iterator[bool]:
+    """Claim the SAE folder ``out`` for this process with a lock file beside it, so that several processes can share
+    one run's SAEs. Yields whether this process should train it: not already done (``out / done`` exists) and not
+    being trained by another process. ``wait``: block until another process's claim ends (the final call, which
+    must evaluate every SAE) instead of skipping that SAE."""
+    from filelock import FileLock, Timeout
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield not (out / done).exists()
+    finally:
+        lock.release()
+
+
 def train_ours(args, folder: Path, data: Tensor) -> None:
+    for v in our_variants(args):
+        out = folder / "saes" / v["name"]
+        with claimed(out, "train.json", wait=not args.only) as mine:
+            if mine:
+                train_one_of_ours(args, v, out, data)
+
+
+def train_one_of_ours(args, v: dict, out: Path, data: Tensor) -> None:
     from experiments.common import seed_everything, train_sae, write_json
     from hf_sae.registry import resolve_architecture
 
-    for v in our_variants(args):
-        out = folder / "saes" / v["name"]
-        if (out / "train.json").exists():
-            continue
-        seed_everything(args.seed + INIT_SEED_OFFSET)
-        architecture, preset = resolve_architecture(v["arch"])
-        # fields whose default depends on the run's length (JumpReLU's λ warm-up), as training/saes.py fills them
-        steps = math.ceil(args.samples / args.batch_size)
-        run_defaults = architecture.model_class.run_defaults(steps)
-        fields = {**run_defaults, **v["config"]}
-        config = architecture.build_config(preset, d_in=data.shape[1], d_sae=args.d_sae, **fields)
-        sae = architecture.model_class(config)
-        timing = train_sae(sae, data, args.samples, batch_size=args.batch_size, seed=args.seed, name=v["name"])
-        sae.save_pretrained(out)
-        write_json(out / "train.json", {**timing, "lr": sae.default_learning_rate(config)})
+    seed_everything(args.seed + INIT_SEED_OFFSET)
+    architecture, preset = resolve_architecture(v["arch"])
+    # fields whose default depends on the run's length (JumpReLU's λ warm-up), as training/saes.py fills them
+    steps = math.ceil(args.samples / args.batch_size)
+    run_defaults = architecture.model_class.run_defaults(steps)
+    fields = {**run_defaults, **v["config"]}
+    config = architecture.build_config(preset, d_in=data.shape[1], d_sae=args.d_sae, **fields)
+    sae = architecture.model_class(config)
+    timing = train_sae(sae, data, args.samples, batch_size=args.batch_size, seed=args.seed, name=v["name"])
+    sae.save_pretrained(out)
+    write_json(out / "train.json", {**timing, "lr": sae.default_learning_rate(config)})
 
 
 # SAELens's SAETrainerConfig: warm-up, then the main schedule (cosine to lr_end), then lr_decay_steps of linear
@@ -425,21 +452,25 @@ def train_saelens(args, folder: Path) -> None:
     )
     for v in saelens_variants(args):
         out = folder / "saes" / v["name"]
-        if (out / "hf_sae_run.json").exists():
-            continue
-        spec = dict(
-            name=v["name"],
-            arch=v["arch"],
-            widths=v["widths"],
-            d_sae=args.d_sae,
-            k=args.k,
-            samples=args.samples,
-            batch_size=args.batch_size,
-            **(OUR_SCHEDULE | {"lr": lr} if v["recipe"] == "ours" else SAELENS_DEFAULTS),
-            seed=args.seed,
-            out=str(out),
-        )
-        run_in_venv(args, "train", {"folder": str(folder), "spec": spec})
+        with claimed(out, "hf_sae_run.json", wait=not args.only) as mine:
+            if mine:
+                train_one_of_saelens(args, folder, v, out, lr)
+
+
+def train_one_of_saelens(args, folder: Path, v: dict, out: Path, lr: float) -> None:
+    spec = dict(
+        name=v["name"],
+        arch=v["arch"],
+        widths=v["widths"],
+        d_sae=args.d_sae,
+        k=args.k,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        **(OUR_SCHEDULE | {"lr": lr} if v["recipe"] == "ours" else SAELENS_DEFAULTS),
+        seed=args.seed,
+        out=str(out),
+    )
+    run_in_venv(args, "train", {"folder": str(folder), "spec": spec})
 
 
 class HeldOut:
@@ -525,10 +556,14 @@ def evaluate_all(args, folder: Path, results: dict, results_path: Path) -> None:
             write_json(results_path, results)
 
 
+def results_file(seed: int, samples: int) -> Path:
+    return ROOT / "experiments" / "results" / f"synthetic_seed{seed}_n{samples}.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=2**18, help="training rows (every SAE sees all of them)")
+    parser.add_argument("--samples", type=int, default=2**22, help="training rows (every SAE sees all of them)")
     parser.add_argument("--heldout", type=int, default=65536)
     parser.add_argument("--d-sae", type=int, default=GENERATOR["num_features"])
     parser.add_argument("--k", type=int, default=16, help="k of KronSAE and the BatchTopK family")
@@ -538,6 +573,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default runs/synthetic/seed<seed>-n<samples>")
     parser.add_argument("--saelens-python", type=Path, default=SAELENS_PYTHON)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--only",
+        choices=("ours", "saelens"),
+        help="train only this group's SAEs and stop; several such processes may run at once (each SAE is claimed "
+        "by a lock file, one process per core), then a plain call waits for them, trains what is left, evaluates "
+        "and reports",
+    )
     parser.add_argument("--venv-stage", nargs=2, metavar=("STAGE", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.venv_stage:  # inside SAELens's venv: no hf_sae here
@@ -555,18 +597,21 @@ def main() -> None:
     args.topk_ks = sorted(args.topk_ks)
     folder = args.out or ROOT / "runs" / "synthetic" / f"seed{args.seed}-n{args.samples}"
     folder.mkdir(parents=True, exist_ok=True)
-    results_path = ROOT / "experiments" / "results" / f"synthetic_seed{args.seed}.json"
+    results_path = results_file(args.seed, args.samples)
     started = time.perf_counter()
     if not args.report_only:
         if not (folder / "generator.json").exists():
             payload = dict(folder=str(folder), params=GENERATOR, samples=args.samples, heldout=args.heldout)
             run_in_venv(args, "generate", payload | {"seed": args.seed})
-        data = torch.from_numpy(np.load(folder / "train.npy"))
-        if data.shape[0] < args.samples:
-            raise ValueError(f"{folder}/train.npy has {data.shape[0]:,} rows, fewer than --samples {args.samples:,}")
-        train_ours(args, folder, data)
-        del data
-        train_saelens(args, folder)
+        rows = np.load(folder / "train.npy", mmap_mode="r").shape[0]
+        if rows < args.samples:
+            raise ValueError(f"{folder}/train.npy has {rows:,} rows, fewer than --samples {args.samples:,}")
+        if args.only != "saelens":
+            train_ours(args, folder, torch.from_numpy(np.load(folder / "train.npy")))
+        if args.only != "ours":
+            train_saelens(args, folder)
+        if args.only:
+            return
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if results.get("folder") != str(folder):  # another run's results (other samples or data): start afresh
         results = {}
@@ -645,6 +690,28 @@ def table_rows(results: dict, k_max: int) -> list[list]:
             + [f"{seconds:.0f}" if seconds is not None else "-"]
         )
     return rows
+
+
+def scale_rows(args, results: dict, k_max: int) -> tuple[list[str], list[list]]:
+    """The same SAEs at every sample count this seed has results for (other ``synthetic_seed<seed>_n*.json``):
+    EV and MCC per SAE and budget, smallest run first: does more data move the numbers?"""
+    runs = {}
+    for path in (ROOT / "experiments" / "results").glob(f"synthetic_seed{args.seed}_n*.json"):
+        other = json.loads(path.read_text())
+        if other.get("evaluations"):
+            runs[int(other["generator"]["samples"] if "generator" in other else path.stem.rsplit("_n", 1)[1])] = other
+    runs[int(args.samples)] = results
+    sizes = sorted(runs)
+    headers = ["SAE"] + [f"{metric} at {n:,}" for metric in ("EV", "MCC", "F1") for n in sizes]
+    rows = []
+    for key, m in results["evaluations"].items():
+        if m["budget"] == "cross_check" or not all(key in runs[n]["evaluations"] for n in sizes):
+            continue
+        rows.append(
+            [row_label(m, k_max)]
+            + [runs[n]["evaluations"][key][metric] for metric in ("explained_variance", "mcc", "f1") for n in sizes]
+        )
+    return headers, rows
 
 
 def value(results: dict, name: str, budget, metric: str) -> float | None:
@@ -828,6 +895,13 @@ def report(args, results: dict) -> None:
     g = results["generator"]
     p = g["params"]
     table = markdown_table(["SAE", *[c for c, _ in COLUMNS], "train s"], table_rows(results, k_max))
+    scale_headers, scale = scale_rows(args, results, k_max)
+    scale_text = (
+        "**Scale.** The same SAEs (same generator and seed, fresh rows) at each sample count run so far, held-out "
+        "EV, MCC and F1:\n\n" + markdown_table(scale_headers, scale)
+        if len(scale_headers) > 4
+        else ""
+    )
     training = results["training"]
     total_train = sum(run.get("seconds", 0.0) for run in training.values())
     text = f"""## 5. Synthetic ground truth: every architecture and SAELens's trainers on SynthSAEBench-style data
@@ -868,12 +942,16 @@ latent the one-to-one matching assigns it, averaged over the group. Cross-check 
 
 {cross_check_text(results)}
 
-Command: `python experiments/synthetic.py --seed {args.seed}` (resumable; {g["seconds"]:.0f} s generation,
-{total_train:.0f} s of training steps in all on this shared CPU; data and SAEs in `runs/synthetic/`).
+Command: `python experiments/synthetic.py --seed {args.seed} --samples {args.samples}` (resumable; after the
+generation, `--only ours` and `--only saelens` in two processes use both cores, then the plain command evaluates;
+{g["seconds"]:.0f} s generation, {total_train:.0f} s of training steps in all on this shared CPU; data and SAEs in
+`runs/synthetic/`).
 
 ![synthetic](synthetic.png)
 
 {table}
+
+{scale_text}
 
 Dead latents: SAELens marks a latent dead (for its AuxK) after `dead_feature_window` = 1000 steps without firing
 (its default), more than this run's {math.ceil(int(args.samples) / args.batch_size)} steps, so its AuxK never

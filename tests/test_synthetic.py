@@ -4,6 +4,7 @@ cases. They need neither sae_lens nor a trained SAE."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,36 @@ def test_ground_truth_metrics_score_each_latent_against_its_best_feature_and_gro
     assert out["f1"] == pytest.approx(1.0) and out["precision"] == pytest.approx(1.0)
     assert out["mcc_a"] == pytest.approx((1.0 + cos_latent0) / 2) and out["mcc_b"] == pytest.approx(0.8)
     assert out["f1_a"] == pytest.approx(1.0) and out["f1_b"] == pytest.approx(1.0)
+
+
+def test_a_claimed_sae_is_skipped_by_another_worker_and_a_finished_one_by_everyone(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from experiments.synthetic import claimed
+
+    out = tmp_path / "saes" / "topk_k4"
+    other_worker = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from experiments.synthetic import claimed
+        with claimed(Path({str(out)!r}), "train.json", wait=False) as mine:
+            print(mine)
+        """
+    )
+
+    def ask_another_process() -> str:
+        root = Path(__file__).resolve().parents[1]
+        command = [sys.executable, "-c", other_worker]
+        result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root)
+        return result.stdout.strip()
+
+    with claimed(out, "train.json", wait=False) as mine:
+        assert mine  # nobody trained it, nobody holds it
+        assert ask_another_process() == "False"  # held by this process: the other worker moves on
+    assert ask_another_process() == "True"  # released, still not trained
+    out.mkdir(parents=True)
+    (out / "train.json").write_text("{}")
+    with claimed(out, "train.json", wait=True) as mine:
+        assert not mine  # trained: nothing to do, even for the final (waiting) call
