@@ -345,6 +345,11 @@ def venv_train(folder: Path, spec: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- stages 2 and 4: hf-sae
+def chosen(args, variants: list[dict]) -> list[dict]:
+    """The variants ``--variants`` names (all of them without it)."""
+    return [v for v in variants if not args.variants or v["name"] in args.variants]
+
+
 def our_variants(args) -> list[dict]:
     """name, architecture name for hf_sae.registry, config fields, and the budgets k' it is evaluated at."""
     k_max, k = max(args.topk_ks), args.k
@@ -413,7 +418,7 @@ def claimed(out: Path, done: str, wait: bool) -> Iterator[bool]:
 
 
 def train_ours(args, folder: Path, data: Tensor) -> None:
-    for v in our_variants(args):
+    for v in chosen(args, our_variants(args)):
         out = folder / "saes" / v["name"]
         with claimed(out, "train.json", wait=not args.only) as mine:
             if mine:
@@ -450,7 +455,7 @@ def train_saelens(args, folder: Path) -> None:
     lr = architecture.model_class.default_learning_rate(
         architecture.build_config(preset, d_in=GENERATOR["hidden_dim"], d_sae=args.d_sae, k=args.k)
     )
-    for v in saelens_variants(args):
+    for v in chosen(args, saelens_variants(args)):
         out = folder / "saes" / v["name"]
         with claimed(out, "hf_sae_run.json", wait=not args.only) as mine:
             if mine:
@@ -537,7 +542,7 @@ def evaluate_all(args, folder: Path, results: dict, results_path: Path) -> None:
         generator = torch.Generator().manual_seed(args.seed + INIT_SEED_OFFSET + 1)
         random_decoder = torch.randn(args.d_sae, held_out.features.shape[1], generator=generator)
         results["random_decoder_mcc"] = mcc(abs_cosines(random_decoder, held_out.features))
-    for v in [*our_variants(args), *saelens_variants(args)]:
+    for v in chosen(args, [*our_variants(args), *saelens_variants(args)]):
         sae = None
         cross_check = ["cross_check"] if v["name"].startswith("saelens") else []
         for budget in [*v["budgets"], *cross_check]:
@@ -554,6 +559,34 @@ def evaluate_all(args, folder: Path, results: dict, results_path: Path) -> None:
             results["evaluations"][key] = metrics
             print(f"eval {key}: " + ", ".join(f"{k} {val:.4f}" for k, val in metrics.items() if isinstance(val, float)))
             write_json(results_path, results)
+
+
+DATA_FILES = (
+    "train.npy",
+    "heldout_x.npy",
+    "heldout_feature_rows.npy",
+    "heldout_feature_ids.npy",
+    "heldout_feature_values.npy",
+    "feature_vectors.npy",
+    "hierarchy.json",
+    "synthetic_model",
+    "generator.json",  # last: its presence means the data is complete
+)
+
+
+def link_data(source: Path, folder: Path) -> None:
+    """Link another run's generated data into ``folder`` (relative links; generator.json last)."""
+    source = source.resolve()
+    if not (source / "generator.json").exists():
+        raise SystemExit(f"--data-from {source}: no generator.json there; pass a folder whose generation finished.")
+    for name in DATA_FILES:
+        target = folder / name
+        if not target.exists():
+            target.symlink_to(os.path.relpath(source / name, folder))
+
+
+def training_rows(folder: Path) -> int:
+    return int(np.load(folder / "train.npy", mmap_mode="r").shape[0])
 
 
 def results_file(seed: int, samples: int) -> Path:
@@ -580,6 +613,13 @@ def main() -> None:
         "by a lock file, one process per core), then a plain call waits for them, trains what is left, evaluates "
         "and reports",
     )
+    parser.add_argument(
+        "--data-from",
+        type=Path,
+        help="reuse the generated rows of another run's folder (linked, not copied) and train for --samples on them "
+        "(several epochs when --samples exceeds its rows): a longer run on the same data and held-out set",
+    )
+    parser.add_argument("--variants", nargs="+", help="train and evaluate only these SAEs (names as in saes/)")
     parser.add_argument("--venv-stage", nargs=2, metavar=("STAGE", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.venv_stage:  # inside SAELens's venv: no hf_sae here
@@ -600,11 +640,13 @@ def main() -> None:
     results_path = results_file(args.seed, args.samples)
     started = time.perf_counter()
     if not args.report_only:
+        if args.data_from and not (folder / "generator.json").exists():
+            link_data(args.data_from, folder)
         if not (folder / "generator.json").exists():
             payload = dict(folder=str(folder), params=GENERATOR, samples=args.samples, heldout=args.heldout)
             run_in_venv(args, "generate", payload | {"seed": args.seed})
         rows = np.load(folder / "train.npy", mmap_mode="r").shape[0]
-        if rows < args.samples:
+        if rows < args.samples and not args.data_from:
             raise ValueError(f"{folder}/train.npy has {rows:,} rows, fewer than --samples {args.samples:,}")
         if args.only != "saelens":
             train_ours(args, folder, torch.from_numpy(np.load(folder / "train.npy")))
@@ -699,7 +741,7 @@ def scale_rows(args, results: dict, k_max: int) -> tuple[list[str], list[list]]:
     for path in (ROOT / "experiments" / "results").glob(f"synthetic_seed{args.seed}_n*.json"):
         other = json.loads(path.read_text())
         if other.get("evaluations"):
-            runs[int(other["generator"]["samples"] if "generator" in other else path.stem.rsplit("_n", 1)[1])] = other
+            runs[int(other["args"]["samples"])] = other
     runs[int(args.samples)] = results
     sizes = sorted(runs)
     headers = ["SAE"] + [f"{metric} at {n:,}" for metric in ("EV", "MCC", "F1") for n in sizes]
@@ -914,9 +956,10 @@ firing probabilities (exponent {p["zipf_exponent"]}, p from {p["min_prob"]:g} to
 all children mutually exclusive; low-rank correlation (rank {p["correlation_rank"]}, scale {p["correlation_scale"]});
 mean magnitude linear {p["mean_magnitude"][0]:g} → {p["mean_magnitude"][1]:g}, std folded normal
 ({p["std_magnitude"][0]:g}, {p["std_magnitude"][1]:g}); no orthogonalisation step. True L0 on the held-out set:
-{g["true_l0_heldout"]:.2f}. **Scale: {g["samples"]:,} training samples per SAE** (SynthSAEBench trains on 200M),
-{g["heldout"]:,} held-out samples, d_sae = {args.d_sae} (= the number of true features), batch {args.batch_size},
-seed {args.seed}. Every SAE sees exactly the same training rows (ours in one seeded order, SAELens's in another).
+{g["true_l0_heldout"]:.2f}. **Scale: {int(args.samples):,} training samples per SAE**{epochs_text(args, g)}
+(SynthSAEBench trains on 200M), {g["heldout"]:,} held-out samples, d_sae = {args.d_sae} (= the number of true
+features), batch {args.batch_size}, seed {args.seed}. Every SAE sees exactly the same training rows (ours in one
+seeded order, SAELens's in another).
 
 Ours: `experiments/common.train_sae` (the training CLI's recipe: activation scale, b_dec at the geometric median,
 AdamW at 8e-4/sqrt(d_sae/2^14), 10% warm-up then cosine to 1e-6, clipping, AuxK as each architecture's default);
@@ -960,13 +1003,24 @@ engaged here; ours counts a latent dead after a tenth of the run (`training.saes
 "train s": seconds of optimiser steps (ours) or of SAELens's `fit` (theirs), data in memory; the CPU is shared
 with another job, so compare within a row's order of magnitude only.
 
-**The papers' claims beside this measurement** (one seed, {g["samples"]:,} samples: differences of a few 0.001 are
+**The papers' claims beside this measurement** (one seed, {int(args.samples):,} samples: differences of a few 0.001 are
 within what a second seed could move):
 
 {claims(args, results)}
 """
     update_results("synthetic", text)
     print(text, flush=True)
+
+
+def epochs_text(args, generator: dict) -> str:
+    """How the samples relate to the generated rows: fresh rows, or several epochs of another run's rows."""
+    rows, samples = int(generator["samples"]), int(args.samples)
+    if samples <= rows:
+        return ", each a freshly generated row"
+    return (
+        f" ({samples / rows:.1f} epochs of {rows:,} generated rows, reshuffled each epoch; the rows and the held-out "
+        "set of the shorter run)"
+    )
 
 
 def len_group(results: dict, name: str) -> int:

@@ -117,3 +117,19 @@ def test_a_claimed_sae_is_skipped_by_another_worker_and_a_finished_one_by_everyo
     (out / "train.json").write_text("{}")
     with claimed(out, "train.json", wait=True) as mine:
         assert not mine  # trained: nothing to do, even for the final (waiting) call
+
+
+def test_a_longer_run_links_the_shorter_runs_data_and_refuses_an_unfinished_one(tmp_path):
+    from experiments.synthetic import DATA_FILES, link_data
+
+    source, folder = tmp_path / "seed0-n8", tmp_path / "seed0-n20"
+    source.mkdir()
+    folder.mkdir()
+    with pytest.raises(SystemExit, match="no generator.json"):
+        link_data(source, folder)  # a generation still running (generator.json is written last)
+    for name in DATA_FILES:
+        (source / name).write_text(name)
+    link_data(source, folder)
+    for name in DATA_FILES:
+        assert (folder / name).is_symlink() and (folder / name).read_text() == name
+        assert not Path((folder / name).readlink()).is_absolute()  # relative: the runs folder can move
