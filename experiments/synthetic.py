@@ -645,7 +645,7 @@ def main() -> None:
         if not (folder / "generator.json").exists():
             payload = dict(folder=str(folder), params=GENERATOR, samples=args.samples, heldout=args.heldout)
             run_in_venv(args, "generate", payload | {"seed": args.seed})
-        rows = np.load(folder / "train.npy", mmap_mode="r").shape[0]
+        rows = training_rows(folder)
         if rows < args.samples and not args.data_from:
             raise ValueError(f"{folder}/train.npy has {rows:,} rows, fewer than --samples {args.samples:,}")
         if args.only != "saelens":
@@ -734,26 +734,48 @@ def table_rows(results: dict, k_max: int) -> list[list]:
     return rows
 
 
-def scale_rows(args, results: dict, k_max: int) -> tuple[list[str], list[list]]:
-    """The same SAEs at every sample count this seed has results for (other ``synthetic_seed<seed>_n*.json``):
-    EV and MCC per SAE and budget, smallest run first: does more data move the numbers?"""
+def runs_of_seed(args, results: dict) -> dict[int, dict]:
+    """Every evaluated run of this seed by its training samples (``synthetic_seed<seed>_n*.json``), this one too."""
     runs = {}
     for path in (ROOT / "experiments" / "results").glob(f"synthetic_seed{args.seed}_n*.json"):
         other = json.loads(path.read_text())
         if other.get("evaluations"):
             runs[int(other["args"]["samples"])] = other
     runs[int(args.samples)] = results
-    sizes = sorted(runs)
-    headers = ["SAE"] + [f"{metric} at {n:,}" for metric in ("EV", "MCC", "F1") for n in sizes]
+    return dict(sorted(runs.items()))
+
+
+def scale_rows(args, results: dict, k_max: int) -> tuple[list[str], list[list]]:
+    """This run's SAEs at every sample count this seed has results for: EV, MCC and F1 per SAE and budget, smallest
+    run first ("–" where a run did not train that SAE): does more data move the numbers?"""
+    runs = runs_of_seed(args, results)
+    headers = ["SAE"] + [f"{metric} at {n:,}" for metric in ("EV", "MCC", "F1") for n in runs]
     rows = []
     for key, m in results["evaluations"].items():
-        if m["budget"] == "cross_check" or not all(key in runs[n]["evaluations"] for n in sizes):
+        if m["budget"] == "cross_check":
             continue
-        rows.append(
-            [row_label(m, k_max)]
-            + [runs[n]["evaluations"][key][metric] for metric in ("explained_variance", "mcc", "f1") for n in sizes]
-        )
+        cells = [
+            run["evaluations"][key][metric] if key in run["evaluations"] else "–"
+            for metric in ("explained_variance", "mcc", "f1")
+            for run in runs.values()
+        ]
+        rows.append([row_label(m, k_max), *cells])
     return headers, rows
+
+
+def longer_claims(args, results: dict) -> str:
+    """The claims again for every run of this seed with more samples than this one (e.g. a subset of the SAEs
+    trained for longer on the same rows)."""
+    parts = []
+    for samples, other in runs_of_seed(args, results).items():
+        if samples <= int(args.samples):
+            continue
+        trained = sorted({m["sae"] for m in other["evaluations"].values()})
+        parts.append(
+            f"**The same claims at {samples:,} samples**{epochs_text(samples, other['generator'])}"
+            f" (SAEs trained: {', '.join(trained)}):\n\n{claims(args, other)}\n"
+        )
+    return "\n".join(parts)
 
 
 def value(results: dict, name: str, budget, metric: str) -> float | None:
@@ -939,11 +961,14 @@ def report(args, results: dict) -> None:
     table = markdown_table(["SAE", *[c for c, _ in COLUMNS], "train s"], table_rows(results, k_max))
     scale_headers, scale = scale_rows(args, results, k_max)
     scale_text = (
-        "**Scale.** The same SAEs (same generator and seed, fresh rows) at each sample count run so far, held-out "
-        "EV, MCC and F1:\n\n" + markdown_table(scale_headers, scale)
+        "**Scale.** The same SAEs (same generator and seed; a run longer than its generated rows repeats them, see "
+        "the claims below) at each sample count run so far, held-out EV, MCC and F1:\n\n"
+        + markdown_table(scale_headers, scale)
         if len(scale_headers) > 4
         else ""
     )
+    steps = math.ceil(int(args.samples) / args.batch_size)
+    auxk_note = ", so its AuxK never engaged" if steps <= 1000 else ""
     training = results["training"]
     total_train = sum(run.get("seconds", 0.0) for run in training.values())
     text = f"""## 5. Synthetic ground truth: every architecture and SAELens's trainers on SynthSAEBench-style data
@@ -956,7 +981,7 @@ firing probabilities (exponent {p["zipf_exponent"]}, p from {p["min_prob"]:g} to
 all children mutually exclusive; low-rank correlation (rank {p["correlation_rank"]}, scale {p["correlation_scale"]});
 mean magnitude linear {p["mean_magnitude"][0]:g} → {p["mean_magnitude"][1]:g}, std folded normal
 ({p["std_magnitude"][0]:g}, {p["std_magnitude"][1]:g}); no orthogonalisation step. True L0 on the held-out set:
-{g["true_l0_heldout"]:.2f}. **Scale: {int(args.samples):,} training samples per SAE**{epochs_text(args, g)}
+{g["true_l0_heldout"]:.2f}. **Scale: {int(args.samples):,} training samples per SAE**{epochs_text(int(args.samples), g)}
 (SynthSAEBench trains on 200M), {g["heldout"]:,} held-out samples, d_sae = {args.d_sae} (= the number of true
 features), batch {args.batch_size}, seed {args.seed}. Every SAE sees exactly the same training rows (ours in one
 seeded order, SAELens's in another).
@@ -997,8 +1022,8 @@ generation, `--only ours` and `--only saelens` in two processes use both cores, 
 {scale_text}
 
 Dead latents: SAELens marks a latent dead (for its AuxK) after `dead_feature_window` = 1000 steps without firing
-(its default), more than this run's {math.ceil(int(args.samples) / args.batch_size)} steps, so its AuxK never
-engaged here; ours counts a latent dead after a tenth of the run (`training.saes.default_dead_tokens`).
+(its default; this run has {steps:,} steps{auxk_note}); ours counts a latent dead after a tenth of the run
+(`training.saes.default_dead_tokens`).
 
 "train s": seconds of optimiser steps (ours) or of SAELens's `fit` (theirs), data in memory; the CPU is shared
 with another job, so compare within a row's order of magnitude only.
@@ -1007,14 +1032,16 @@ with another job, so compare within a row's order of magnitude only.
 within what a second seed could move):
 
 {claims(args, results)}
+
+{longer_claims(args, results)}
 """
     update_results("synthetic", text)
     print(text, flush=True)
 
 
-def epochs_text(args, generator: dict) -> str:
+def epochs_text(samples: int, generator: dict) -> str:
     """How the samples relate to the generated rows: fresh rows, or several epochs of another run's rows."""
-    rows, samples = int(generator["samples"]), int(args.samples)
+    rows = int(generator["samples"])
     if samples <= rows:
         return ", each a freshly generated row"
     return (
