@@ -300,8 +300,11 @@ def baseline_text(by: dict) -> str:
         f"{hier['purity']:.3f}; their token F1 is lower ({mat['token_f1']:.3f}, {btk['token_f1']:.3f} vs "
         f"{topk['token_f1']:.3f}, {hier['token_f1']:.3f}): their strongest activations are one word, but they fire "
         "on many other tokens too. Matryoshka's claim of more interpretable (more specific) latents than BatchTopK: "
-        f"**{'holds' if mat['purity'] > btk['purity'] and mat['token_f1'] > btk['token_f1'] else 'inconclusive'} "
-        "on this proxy** (one seed, both scores higher).\n"
+        + {
+            2: "**holds on this proxy** (one seed, both scores higher).\n",
+            1: "**inconclusive on this proxy** (one seed, the two scores disagree).\n",
+            0: "**does not hold on this proxy** (one seed, neither score higher).\n",
+        }[(mat["purity"] > btk["purity"]) + (mat["token_f1"] > btk["token_f1"])]
     )
 
 

@@ -698,10 +698,12 @@ def baseline_verdicts(by_name: dict) -> list[str]:
     """The two baseline claims as verdicts, from the seed-0 rows of BatchTopK k=16, Matryoshka k=16 and TopK k=16.
 
     Rules: BatchTopK's claim holds if its EV is above the TopK k=16 SAE's at an L0 no larger than 16 x 1.05;
-    Matryoshka's if its EV is below BatchTopK's by at most 0.01 ("slightly worse"). One seed: the three-seed spread
-    of the separate TopK SAEs (std of EV ≤ 0.002) is the yardstick for "beyond noise"."""
+    Matryoshka's if its EV is below BatchTopK's by at most 0.01 ("slightly worse"). One seed: the largest std of EV
+    over seeds among the SAEs trained with several seeds is the yardstick for "beyond noise"."""
     rows = {name: by_name.get(name, [None])[0] for name in ("batchtopk16@thr", "matryoshka16@thr", "topk16@16")}
     btk, mat, topk = rows["batchtopk16@thr"], rows["matryoshka16@thr"], rows["topk16@16"]
+    spreads = [mean_std([r["ev"] for r in found])[1] for found in by_name.values() if len(found) > 1]
+    spread = max(spreads, default=float("nan"))
     lines = []
     if btk and topk:
         gap = btk["ev"] - topk["ev"]
@@ -709,11 +711,11 @@ def baseline_verdicts(by_name: dict) -> list[str]:
         lines.append(
             f"  - **BatchTopK better than TopK at the same L0: {'holds' if holds else 'does not hold'}** here (one "
             f"seed): EV {btk['ev']:.4f} at L0 {btk['l0']:.2f} vs TopK k=16 {topk['ev']:.4f} (Δ {gap:+.4f}, "
-            f"CE recovered Δ {btk['ce_recovered'] - topk['ce_recovered']:+.4f}); the seed spread of the TopK SAEs is "
-            "≤ 0.002 in EV, so the gap is larger than noise."
-            if abs(gap) > 0.002
-            else f"  - **BatchTopK better than TopK at the same L0: inconclusive** (one seed, Δ EV {gap:+.4f} within "
-            "the seed spread of 0.002)."
+            f"CE recovered Δ {btk['ce_recovered'] - topk['ce_recovered']:+.4f}); the largest seed std of EV here is "
+            f"{spread:.4f}, so the gap is larger than noise."
+            if abs(gap) > spread  # a nan spread (no repeated seeds) compares False: inconclusive
+            else f"  - **BatchTopK better than TopK at the same L0: inconclusive** (one seed, Δ EV {gap:+.4f}, not "
+            f"beyond the largest seed std of EV, {spread:.4f})."
         )
     if btk and mat:
         gap = mat["ev"] - btk["ev"]
