@@ -81,7 +81,7 @@ from hf_sae._version import __version__
 from hf_sae.errors import BufferMemoryError, DataError, HfSaeError, TrainConfigError
 from hf_sae.sites import Site, num_layers, resolve_site
 
-from .config import EMBEDDED, EMBEDDED_EXTENDED, RunOptions, TrainConfig, flag, make_config, parse_sae_flag
+from .config import EMBEDDED_CORPORA, RunOptions, TrainConfig, flag, make_config, parse_sae_flag
 from .data import TokenWindows, data_files, dataset_factories, excluded_token_ids
 from .harvest import ActivationHarvester, available_memory
 from .language_model import dataset_id, load_language_model, model_id, resolve_layers
@@ -143,7 +143,7 @@ def shard_name(index: int, count: int) -> str:
 
 def _normalize_source(name: str) -> str:
     """A local model / data path made absolute (so another working directory finds it); ids stay as they are."""
-    if name in (EMBEDDED, EMBEDDED_EXTENDED):
+    if name in EMBEDDED_CORPORA:  # 'embedded' (the model or the corpus), 'embedded-extended'
         return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name

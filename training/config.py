@@ -44,6 +44,8 @@ from .sae_options import SAE_DEFAULTS, Count, coerce, sae_annotations, sae_field
 
 EMBEDDED = "embedded"
 EMBEDDED_EXTENDED = "embedded-extended"  # the embedded corpus plus the Brown corpus (opt-in)
+EMBEDDED_CORPORA = {EMBEDDED: "default", EMBEDDED_EXTENDED: "extended"}
+"""The --dataset names of the offline corpora -> their training.corpus.corpus_paths variant."""
 # Options that may differ between a run and its --resume (they do not change the trained weights).
 RESUME_MAY_CHANGE = frozenset(
     {

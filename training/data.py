@@ -32,12 +32,10 @@ from torch import Tensor
 
 from hf_sae.errors import DataChangedError, DataError, MissingSplitError, TrainConfigError
 
-from .config import EMBEDDED, EMBEDDED_EXTENDED, TrainConfig
+from .config import EMBEDDED_CORPORA, TrainConfig
 from .corpus import corpus_paths
 
 logger = logging.getLogger(__name__)
-
-_CORPUS_VARIANTS = {EMBEDDED: "default", EMBEDDED_EXTENDED: "extended"}  # --dataset name -> corpus_paths variant
 
 _BUILDERS = {
     ".jsonl": "json",
@@ -60,8 +58,8 @@ def _builder_of(path: Path) -> str | None:
 def data_files(dataset: str) -> list[Path]:
     """The local files behind ``--dataset``: the file, a folder's data files (hidden ones aside, as ``datasets``
     does), the embedded corpus's (or its extended variant's); [] for a Hub data set."""
-    if dataset in _CORPUS_VARIANTS:
-        return sorted(corpus_paths(variant=_CORPUS_VARIANTS[dataset]).values())
+    if dataset in EMBEDDED_CORPORA:
+        return sorted(corpus_paths(variant=EMBEDDED_CORPORA[dataset]).values())
     path = Path(dataset).expanduser()
     if path.is_file():
         return [path]
@@ -178,8 +176,8 @@ def check_data_unchanged(saved: list[dict[str, Any]] | None, cfg: TrainConfig) -
 def _load(dataset: str, split: str, dataset_config: str | None):
     """A streaming ``datasets.IterableDataset`` for one split of a local file / folder / Hub id / 'embedded' /
     'embedded-extended'."""
-    if dataset in _CORPUS_VARIANTS:
-        paths = corpus_paths(variant=_CORPUS_VARIANTS[dataset])
+    if dataset in EMBEDDED_CORPORA:
+        paths = corpus_paths(variant=EMBEDDED_CORPORA[dataset])
         if split not in paths:
             raise MissingSplitError(split)
         return load_dataset("json", data_files={split: str(paths[split])}, split=split, streaming=True)
@@ -247,7 +245,7 @@ def dataset_factories(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Cal
         return ds
 
     local = Path(cfg.dataset).expanduser()
-    if cfg.dataset not in _CORPUS_VARIANTS and local.exists():
+    if cfg.dataset not in EMBEDDED_CORPORA and local.exists():
         _check_local(cfg.dataset, local)
     train = load_split(cfg.split)
     if train is None:
