@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from hf_sae import training_step
+from hf_sae.hardware import has_native_bf16
 from hf_sae.registry import resolve_architecture
 
 SHAPES = {
@@ -120,6 +121,8 @@ def main() -> None:
     rounds = args.rounds or (5 if args.quick else 9)
     shapes = ["small"] if args.quick else list(SHAPES)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} interleaved rounds, medians")
+    units = "yes" if has_native_bf16("cpu") else "no: bf16 is emulated; python -m training.train then steps in fp32"
+    print(f"CPU bf16 matrix units (AVX512-BF16 / AMX): {units}")
     results = {}
     for name in shapes:
         results[name] = measure(SHAPES[name], rounds)

@@ -22,18 +22,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from experiments.common import ROOT, update_results  # noqa: E402
 from hf_sae._io import write_text_atomic  # noqa: E402
+from hf_sae.hardware import has_native_bf16  # noqa: E402
 
 BENCHMARKS = {
     "peers": ["benchmarks/bench_peers.py", "--quick"],
-    "sae_step": ["benchmarks/bench_sae_step.py", "--quick"],
+    "sae_step": ["benchmarks/bench_sae_step.py", "--rounds", "5"],
     "steering": ["benchmarks/bench_steering.py", "--real"],
     "flow": ["benchmarks/bench_flow.py", "--d-sae", "16384"],
 }
 TITLES = {
     "peers": "SAE training step: hf-sae (TopK, HierarchicalTopK, KronSAE) vs EleutherAI sparsify vs SAELens",
-    "sae_step": "HierarchicalTopK overhead vs TopK (and KronSAE), one SAE step",
+    "sae_step": "The SAE step against its floor: TopK, HierarchicalTopK, KronSAE, AuxK, bf16 (both shapes)",
     "steering": "Steering overhead in generate (real Gemma 3 270M)",
     "flow": "Feature-flow matching time vs the bare matmul",
 }
@@ -49,7 +52,7 @@ def main() -> None:
     for name, command in BENCHMARKS.items():
         if args.only and name not in args.only:
             continue
-        started = time.perf_counter()
+        started, load = time.perf_counter(), os.getloadavg()[0]
         print("+ python", " ".join(command), flush=True)
         process = subprocess.Popen(
             [sys.executable, *command],
@@ -69,22 +72,33 @@ def main() -> None:
             output = stdout
             status = f"timed out after {args.timeout} s (partial output)"
         seconds = time.perf_counter() - started
-        write_text_atomic(args.out / f"{name}.txt", f"{status}; {seconds:.0f} s\n{output}")
+        header = f"{status}; {seconds:.0f} s; load average {load:.2f} at the start"
+        write_text_atomic(args.out / f"{name}.txt", f"{header}\n{output}")
         print(output, flush=True)
         write_section(args.out, args.timeout)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's machine type where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_section(out: Path, timeout: int) -> None:
+    units = "with" if has_native_bf16("cpu") else "without"
     parts = [
         f"""## 4. Benchmarks on this machine
 
-All run one after the other by `python experiments/benchmarks.py --timeout 120 --only peers sae_step` then
-`python experiments/benchmarks.py --timeout 90 --only steering flow` (a benchmark still running at its timeout is
-stopped and its partial output kept — the session's time limit; this run used --timeout {timeout} last)
-on {platform.processor() or platform.machine()},
-{os.cpu_count()} cores, no GPU, torch CPU; the machine was shared with other jobs (another developer's training
-process held about one core), so absolute numbers are pessimistic — the ratios come from measurements taken side by
-side in one run. Each block below is the benchmark's own printed output."""
+All run one after the other by `python experiments/benchmarks.py --timeout {timeout}` (a benchmark still running at
+its timeout is stopped and its partial output kept) on {cpu_name()}, {os.cpu_count()} cores, {units} bf16 matrix
+units, no GPU, torch {torch.__version__}. The machine is a shared virtual machine whose speed drifts by ±10% within
+minutes, so absolute numbers move between runs; the ratios come from measurements interleaved in one run. Each block
+below is the benchmark's own printed output, headed by its exit status, wall time and the load average at its start."""
     ]
     for name, command in BENCHMARKS.items():
         path = out / f"{name}.txt"

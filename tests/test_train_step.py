@@ -73,3 +73,28 @@ def test_a_module_list_is_several_saes_and_a_negative_clip_is_refused():
         training_step(saes[0], _sgd([saes[0]]), torch.randn(8, 8), max_grad_norm=-1)
     with pytest.raises(HfSaeError, match="got 2 SAE\\(s\\) but 1 input tensor"):
         training_step(saes, _sgd(saes), [torch.randn(8, 8)])
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3, float("inf")])
+def test_clip_matches_torch_bit_for_bit(max_norm):
+    """The SAE's clip (which skips the multiplication by 1 on CPU) gives torch's clip_grad_norm_ gradients and norm."""
+    ours, theirs = _sae(4), _sae(4)
+    ours(10 * torch.randn(64, 8)).loss.backward()
+    for a, b in zip(ours.parameters(), theirs.parameters()):  # the same gradients (the backward may sum in any order)
+        b.grad = a.grad.clone()
+    norm = ours.clip_grad_norm_(max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    assert torch.equal(norm, expected)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_parallel_component_of_a_hand_gradient_is_removed():
+    """Rows e1 and (e1 + e2)/√2 with gradient rows (3, 4) and (2, 0): the parallel parts (3, 0) and (1, 1) go,
+    leaving (0, 4) and (1, −1)."""
+    sae = HierarchicalSAE(HierarchicalSAEConfig(d_in=2, d_sae=2, k=1, auxk=False))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [2**-0.5, 2**-0.5]]))
+    sae.W_dec.grad = torch.tensor([[3.0, 4.0], [2.0, 0.0]])
+    sae.remove_gradient_parallel_to_decoder_directions()
+    torch.testing.assert_close(sae.W_dec.grad, torch.tensor([[0.0, 4.0], [1.0, -1.0]]))

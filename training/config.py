@@ -214,7 +214,8 @@ class RunOptions:
     bf16_autocast: bool = _f(
         False,
         "the bf16 path: the SAE step under bfloat16 autocast; the encoder matmul runs in bf16 to choose the latents, "
-        "their values, the losses and the weights stay fp32 (~0.5x the fp32 step on CPUs with bf16 units)",
+        "their values, the losses and the weights stay fp32 (~0.5x the fp32 step on CPUs with bf16 units; on a CPU "
+        "without them the step runs in fp32, with a warning)",
     )
     compile: bool = _f(False, "torch.compile the SAEs")
     shard_latents: bool = _f(

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_sae.errors import ModelLoadError, TrainConfigError
+from hf_sae.hardware import has_native_bf16
 from hf_sae.sites import num_layers
 
 from .config import EMBEDDED, EMBEDDED_EXTENDED, SAESpec, TrainConfig
@@ -18,13 +19,7 @@ def lm_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """``--lm-dtype``; auto: bfloat16 on GPU and on CPUs with native bfloat16 (AVX512-BF16 / AMX), else float32."""
     if cfg.lm_dtype != "auto":
         return getattr(torch, cfg.lm_dtype)
-    if device.type == "cuda":
-        return torch.bfloat16
-    cpu = torch.cpu
-    native_bf16 = any(
-        getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
-    return torch.bfloat16 if device.type == "cpu" and native_bf16 else torch.float32
+    return torch.bfloat16 if device.type in ("cuda", "cpu") and has_native_bf16(device) else torch.float32
 
 
 def load_language_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase]:

@@ -4,6 +4,7 @@ optimiser and its schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -13,12 +14,15 @@ from transformers import get_scheduler
 
 from hf_sae.configuration_sae import SAEConfig
 from hf_sae.errors import SAEMemoryError, TrainConfigError
+from hf_sae.hardware import has_native_bf16
 from hf_sae.modeling_sae import SAEPreTrainedModel
 from hf_sae.registry import resolve_architecture
 from hf_sae.sites import Site
 
 from .config import SAESpec, TrainConfig
 from .harvest import available_memory
+
+logger = logging.getLogger("training")
 
 
 def default_dead_tokens(tokens: int, tokens_per_step: int) -> int:
@@ -30,6 +34,21 @@ def default_dead_tokens(tokens: int, tokens_per_step: int) -> int:
 def dead_tokens_of(cfg: TrainConfig, spec: SAESpec, world: int) -> int:
     """The dead-latent threshold of one SAE: its config's ``dead_tokens`` if the run sets it, else the default."""
     return int(spec.config.get("dead_tokens") or default_dead_tokens(cfg.tokens, cfg.batch_size * world))
+
+
+def step_autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The SAE step's autocast dtype: bfloat16 with ``--bf16-autocast``, except on a CPU without bf16 matrix units,
+    where the bf16 encoder matmul is emulated and several times slower than the fp32 step it is meant to halve: there
+    the step runs in fp32 (None) and a warning says so."""
+    if not cfg.bf16_autocast:
+        return None
+    if has_native_bf16(device):
+        return torch.bfloat16
+    logger.warning(
+        "--bf16-autocast: this CPU has no bf16 matrix units (AVX512-BF16 / AMX), so a bf16 matmul would be emulated "
+        "and slower than fp32; the SAE step runs in fp32 instead (the results only gain precision)."
+    )
+    return None
 
 
 def activation_scale(x: Tensor, accelerator: Accelerator | None = None) -> float:

@@ -67,6 +67,7 @@ from .saes import (
     check_shardable,
     dead_tokens_of,
     model_classes,
+    step_autocast_dtype,
 )
 from .stopping import StopSignals
 
@@ -233,7 +234,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
         )
     )
     tokens_at_start, previous_seconds = run.start_step * run.tokens_per_step, run.trainer_state["seconds"]
-    consecutive_skips = 0
+    consecutive_skips, step_dtype = 0, step_autocast_dtype(cfg, device)
     stop.deferred = True  # from here on a signal stops the loop at the next step boundary, after a checkpoint
     for step in range(run.start_step, run.total_steps):
         batch = buffer.next_batch(device)
@@ -244,7 +245,7 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
             inputs,
             scheduler=scheduler,
             max_grad_norm=cfg.max_grad_norm,
-            autocast_dtype=torch.bfloat16 if cfg.bf16_autocast else None,
+            autocast_dtype=step_dtype,
             forward=stack,
             backward=accelerator.backward,
         )

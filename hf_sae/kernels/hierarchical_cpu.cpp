@@ -22,6 +22,18 @@
 
 namespace {
 
+// Software prefetch of one d-wide row (all its cache lines) ahead of use: the sparse passes read rows of W or of
+// the batch in data-dependent order, which the hardware prefetcher cannot predict; fetching the next row while
+// the current one is processed hides most of the cache-miss latency (L3 / memory) that otherwise bounds them.
+constexpr int64_t kPrefetchAhead = 2;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 3);
+}
+
 template <typename T>
 void forward_rows(const T* x, const T* values, const int64_t* indices, const T* W, const T* b_dec,
                   const T* weights, T* residual, T* row_loss, int64_t B, int64_t K, int64_t d) {
@@ -34,6 +46,7 @@ void forward_rows(const T* x, const T* values, const int64_t* indices, const T* 
       for (int64_t t = 0; t < K; ++t) {
         const T v = values[b * K + t];
         const T* __restrict__ e = W + indices[b * K + t] * d;
+        if (b * K + t + kPrefetchAhead < B * K) prefetch_row(W + indices[b * K + t + kPrefetchAhead] * d, d);
         const T w = weights[t];
         if (w != T(0)) {
           T s = 0;
@@ -74,6 +87,7 @@ inline void backward_row(int64_t b, const T* values, const int64_t* indices, con
     const T v = values[b * K + t];
     const int64_t f = indices[b * K + t];
     const T* __restrict__ e = W + f * d;
+    if (t >= kPrefetchAhead) prefetch_row(W + indices[b * K + t - kPrefetchAhead] * d, d);
     T dot = 0;
     if (w != T(0)) {
 #pragma omp simd reduction(+ : dot)
@@ -251,6 +265,7 @@ void row_dots_impl(const T* rows, const T* W, const T* bias, const int64_t* indi
       for (int64_t t = 0; t < k; ++t) {
         const int64_t f = indices[n * k + t];
         const T* __restrict__ w = W + f * d;
+        if (n * k + t + kPrefetchAhead < N * k) prefetch_row(W + indices[n * k + t + kPrefetchAhead] * d, d);
         T dot = 0;
 #pragma omp simd reduction(+ : dot)
         for (int64_t c = 0; c < d; ++c) dot += x[c] * w[c];
