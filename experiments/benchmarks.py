@@ -28,8 +28,11 @@ from experiments.common import ROOT, update_results  # noqa: E402
 from hf_sae._io import write_text_atomic  # noqa: E402
 from hf_sae.hardware import has_native_bf16  # noqa: E402
 
+# Without bf16 matrix units a bf16 step is emulated (SAELens's ran at 55 tokens/s here): its rows say nothing about
+# the libraries, so the peers run in fp32 only there.
+PEER_PRECISIONS = [] if has_native_bf16("cpu") else ["--precisions", "fp32"]
 BENCHMARKS = {
-    "peers": ["benchmarks/bench_peers.py", "--quick"],
+    "peers": ["benchmarks/bench_peers.py", "--quick", *PEER_PRECISIONS],
     "sae_step": ["benchmarks/bench_sae_step.py", "--rounds", "5"],
     "steering": ["benchmarks/bench_steering.py", "--real"],
     "flow": ["benchmarks/bench_flow.py", "--d-sae", "16384"],
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=240, help="seconds per benchmark")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # the benchmarks import training/ (not an installed package) as well as hf_sae: run them from the checkout
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for name, command in BENCHMARKS.items():
         if args.only and name not in args.only:
             continue
@@ -57,6 +62,7 @@ def main() -> None:
         process = subprocess.Popen(
             [sys.executable, *command],
             cwd=ROOT,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -121,6 +121,8 @@ class SAEPreTrainedModel(PreTrainedModel):
         1), except that on CPU a coefficient of 1 skips the multiplication, a read and write of every gradient
         that changes nothing (50 ms a step at Gemma 2 2B widths); on accelerators it always multiplies, so reading
         the norm never forces a device sync here."""
+        if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6: its clip_grad_norm_ as it is
+            return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
         params = [p for p in self.parameters() if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.W_dec.device)

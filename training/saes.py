@@ -42,7 +42,7 @@ def step_autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype |
     the step runs in fp32 (None) and a warning says so."""
     if not cfg.bf16_autocast:
         return None
-    if has_native_bf16(device):
+    if device.type != "cpu" or has_native_bf16(device):
         return torch.bfloat16
     logger.warning(
         "--bf16-autocast: this CPU has no bf16 matrix units (AVX512-BF16 / AMX), so a bf16 matmul would be emulated "

@@ -19,3 +19,8 @@ def test_bf16_autocast_follows_the_hardware(monkeypatch, caplog, native):
         dtype = step_autocast_dtype(make_config({"bf16_autocast": True}), cpu)
     assert dtype == (torch.bfloat16 if native else None)
     assert ("no bf16 matrix units" in caplog.text) is not native
+
+
+def test_bf16_autocast_is_kept_on_accelerators(monkeypatch):
+    monkeypatch.setattr(training.saes, "has_native_bf16", lambda device: False)  # only CPUs fall back
+    assert step_autocast_dtype(make_config({"bf16_autocast": True}), torch.device("cuda")) == torch.bfloat16
