@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from hf_sae import training_step
-from hf_sae.registry import resolve_architecture
-from training.activation_cache import ActivationCache, CachedActivations, write_synthetic_cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ is not installed: use this checkout
+
+from hf_sae import training_step  # noqa: E402
+from hf_sae.registry import resolve_architecture  # noqa: E402
+from training.activation_cache import ActivationCache, CachedActivations, write_synthetic_cache  # noqa: E402
 
 KEY = (6, "resid")
 

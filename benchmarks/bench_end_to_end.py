@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 
-from hf_sae import training_step
-from hf_sae.sites import resolve_site
-from training.config import make_config
-from training.data import dataset_factories, excluded_token_ids, training_windows
-from training.harvest import ActivationBuffer, ActivationHarvester
-from training.language_model import load_language_model, resolve_layers
-from training.saes import activation_scale, build_optimizer, build_sae, default_dead_tokens
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ is not installed: use this checkout
+
+from hf_sae import training_step  # noqa: E402
+from hf_sae.sites import resolve_site  # noqa: E402
+from training.config import make_config  # noqa: E402
+from training.data import dataset_factories, excluded_token_ids, training_windows  # noqa: E402
+from training.harvest import ActivationBuffer, ActivationHarvester  # noqa: E402
+from training.language_model import load_language_model, resolve_layers  # noqa: E402
+from training.saes import activation_scale, build_optimizer, build_sae, default_dead_tokens  # noqa: E402
 
 
 def harvest_alone(cfg, model, tokenizer, site, rounds: int) -> tuple[float, torch.Tensor]:

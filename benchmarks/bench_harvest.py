@@ -22,19 +22,23 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from hf_sae.sites import decoder_stack, resolve_site
-from training.config import make_config
-from training.data import TokenWindows, dataset_factories, excluded_token_ids
-from training.harvest import ActivationBuffer, ActivationHarvester
-from training.language_model import lm_dtype, resolve_layers
-from training.small_gemma import load_small_gemma
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ is not installed: use this checkout
+
+from hf_sae.sites import decoder_stack, resolve_site  # noqa: E402
+from training.config import make_config  # noqa: E402
+from training.data import TokenWindows, dataset_factories, excluded_token_ids  # noqa: E402
+from training.harvest import ActivationBuffer, ActivationHarvester  # noqa: E402
+from training.language_model import lm_dtype, resolve_layers  # noqa: E402
+from training.small_gemma import load_small_gemma  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- the model

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-from hf_sae.steering import steer
-from hf_sae.testing.tiny_models import tiny_gemma2, tiny_gemma3, tiny_sae
-from training.small_gemma import load_small_gemma
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ is not installed: use this checkout
+
+from hf_sae.steering import steer  # noqa: E402
+from hf_sae.testing.tiny_models import tiny_gemma2, tiny_gemma3, tiny_sae  # noqa: E402
+from training.small_gemma import load_small_gemma  # noqa: E402
 
 TARGETS = {"add": 0.95, "clamp": 0.80}
 

@@ -52,8 +52,6 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=240, help="seconds per benchmark")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    # the benchmarks import training/ (not an installed package) as well as hf_sae: run them from the checkout
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for name, command in BENCHMARKS.items():
         if args.only and name not in args.only:
             continue
@@ -62,7 +60,6 @@ def main() -> None:
         process = subprocess.Popen(
             [sys.executable, *command],
             cwd=ROOT,
-            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
