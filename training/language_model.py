@@ -19,7 +19,7 @@ def lm_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """``--lm-dtype``; auto: bfloat16 on GPU and on CPUs with native bfloat16 (AVX512-BF16 / AMX), else float32."""
     if cfg.lm_dtype != "auto":
         return getattr(torch, cfg.lm_dtype)
-    return torch.bfloat16 if device.type in ("cuda", "cpu") and has_native_bf16(device) else torch.float32
+    return torch.bfloat16 if has_native_bf16(device) else torch.float32
 
 
 def load_language_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase]:
