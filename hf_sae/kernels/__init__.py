@@ -12,12 +12,35 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
 _MODULES: dict[str, ModuleType | None] = {}
+
+STALE_LOCK_SECONDS = 300.0  # a build takes 30-60 s; a lock this old was left by a build that was killed
+
+
+def clear_stale_build_lock(name: str, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove the build lock of extension ``name`` if it is older than ``max_age`` seconds; True if one was removed.
+
+    torch's extension builder holds a lock file in the build folder while it compiles and makes every other process
+    wait until the file is gone, with no timeout. A build killed mid-way (Ctrl-C, SIGKILL, a CI timeout) leaves the
+    file behind, and every later first use of the kernels would then hang forever."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError):  # no lock (the usual case), or no way to find it
+        return False
+    if age <= max_age:
+        return False  # another process may be building right now: let torch wait for it
+    logger.warning("hf-sae: removing %s, left %.0f s ago by a kernel build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _compiled(source_name: str, what: str, extra_cflags: list[str]) -> ModuleType | None:
@@ -35,8 +58,10 @@ def _compiled(source_name: str, what: str, extra_cflags: list[str]) -> ModuleTyp
         # The name carries the source's hash: processes (or installed versions) with different sources never
         # share, rebuild or load each other's binary in torch's extension cache.
         digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
+        name = f"hf_sae_{source.stem}_{digest}"
+        clear_stale_build_lock(name)
         _MODULES[source_name] = load(
-            name=f"hf_sae_{source.stem}_{digest}",
+            name=name,
             sources=[str(source)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
             extra_ldflags=["-fopenmp"],
