@@ -23,21 +23,28 @@ _MODULES: dict[str, ModuleType | None] = {}
 STALE_LOCK_SECONDS = 300.0  # a build takes 30-60 s; a lock this old was left by a build that was killed
 
 
-def clear_stale_build_lock(name: str, max_age: float = STALE_LOCK_SECONDS) -> bool:
-    """Remove the build lock of extension ``name`` if it is older than ``max_age`` seconds; True if one was removed.
+def clear_stale_build_lock(name: str, max_age: float = STALE_LOCK_SECONDS, poll: float = 1.0) -> bool:
+    """Wait while extension ``name``'s build lock is younger than ``max_age`` seconds, then remove it if it is still
+    there; True if one was removed.
 
     torch's extension builder holds a lock file in the build folder while it compiles and makes every other process
     wait until the file is gone, with no timeout. A build killed mid-way (Ctrl-C, SIGKILL, a CI timeout) leaves the
-    file behind, and every later first use of the kernels would then hang forever."""
+    file behind, and every later first use of the kernels would then hang forever. Waiting here first (a live
+    build removes its lock when done) means torch is never handed a lock that can go stale while it waits."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
         lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-        age = time.time() - lock.stat().st_mtime
-    except (ImportError, OSError):  # no lock (the usual case), or no way to find it
+    except ImportError:
         return False
-    if age <= max_age:
-        return False  # another process may be building right now: let torch wait for it
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:  # no lock (the usual case), or the other process's build finished
+            return False
+        if age > max_age:
+            break
+        time.sleep(poll)
     logger.warning("hf-sae: removing %s, left %.0f s ago by a kernel build that did not finish", lock, age)
     lock.unlink(missing_ok=True)
     return True
