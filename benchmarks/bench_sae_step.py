@@ -121,7 +121,11 @@ def main() -> None:
     rounds = args.rounds or (5 if args.quick else 9)
     shapes = ["small"] if args.quick else list(SHAPES)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} interleaved rounds, medians")
-    units = "yes" if has_native_bf16("cpu") else "no: bf16 is emulated; python -m training.train then steps in fp32"
+    units = (
+        "yes"
+        if has_native_bf16("cpu")
+        else "no: bf16 is emulated; the training script then steps in fp32 under --bf16-autocast"
+    )
     print(f"CPU bf16 matrix units (AVX512-BF16 / AMX): {units}")
     results = {}
     for name in shapes:
