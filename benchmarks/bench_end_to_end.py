@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ is not installed: use this checkout
 
 from hf_sae import training_step  # noqa: E402
+from hf_sae.hardware import retain_freed_memory  # noqa: E402
 from hf_sae.sites import resolve_site  # noqa: E402
 from training.config import make_config  # noqa: E402
 from training.data import dataset_factories, excluded_token_ids, training_windows  # noqa: E402
@@ -60,7 +61,9 @@ def harvest_alone(cfg, model, tokenizer, site, rounds: int) -> tuple[float, torc
 
 
 def step_alone(cfg, model, site, pool: torch.Tensor, steps: int) -> float:
-    """Tokens/s (activations/s) of the default SAE's training step on in-memory activations."""
+    """Tokens/s (activations/s) of the default SAE's training step on in-memory activations (freed memory kept for
+    reuse, as the run does on CPU)."""
+    retain_freed_memory()
     (spec,) = resolve_layers(cfg, model)
     x = pool[0]
     scale = activation_scale(x, None)

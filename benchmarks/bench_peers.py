@@ -24,6 +24,8 @@ logging and checkpointing of each trainer are left out of all three):
   warm-up + cosine schedule, the architecture's default learning rate). The step is: forward with the TopK loss and
   AuxK on dead latents (config default ``auxk=True``), the dead-latent counters, backward, removal of the decoder
   gradient parallel to the decoder rows, gradient-norm clipping, AdamW, scheduler, decoder rows renormalised.
+  Its worker keeps freed memory for reuse (``hf_sae.hardware.retain_freed_memory``), as ``training/train.py``
+  does on CPU; the peers' workers run with glibc's defaults, as their trainers do.
   bf16: the same call with ``autocast_dtype=torch.bfloat16`` (and any config fields given by ``--ours-bf16-config``,
   for a native bf16 encoder path).
 - **sparsify** (``eai-sparsify`` 1.3.3, ``Trainer.fit``): decoder rows renormalised, dead mask from the
@@ -248,6 +250,9 @@ def serve(spec: dict) -> None:
         rss_before_build = _rss_bytes()
         torch.manual_seed(1)
         if lib == OURS:
+            from hf_sae.hardware import retain_freed_memory
+
+            retain_freed_memory()  # what training/train.py does on CPU (the peers' trainers keep glibc's defaults)
             step = build_hf_sae_step(shape, bf16, spec["ours_bf16_config"])
         elif lib == "sparsify":
             step = build_sparsify_step(shape, bf16, data[0])

@@ -3,7 +3,8 @@
 The floor of a TopK step is what no implementation can skip: one fp32 encoder ``torch.addmm`` of the batch
 (batch, d_in) x (d_in, d_sae) plus ``torch.topk`` of its rows. Every variant below is one full
 :func:`hf_sae.training_step` (forward, loss, backward, decoder-gradient projection, clipping, fused Adam,
-renormalisation), exactly what ``python -m training.train`` runs (input checks off, as there).
+renormalisation), exactly what ``python -m training.train`` runs (input checks off and freed memory kept for
+reuse by :func:`hf_sae.hardware.retain_freed_memory`, as there).
 
 Variants, per shape: the floor; TopK; HierarchicalTopK; KronSAE at (m, n) = (2, 4) and (4, 8); TopK with half
 the latents dead and AuxK on; TopK and HierarchicalTopK on the bf16 path (``autocast_dtype=torch.bfloat16``).
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from hf_sae import training_step
-from hf_sae.hardware import has_native_bf16
+from hf_sae.hardware import has_native_bf16, retain_freed_memory
 from hf_sae.registry import resolve_architecture
 
 SHAPES = {
@@ -118,6 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = retain_freed_memory()  # as python -m training.train does on CPU
     rounds = args.rounds or (5 if args.quick else 9)
     shapes = ["small"] if args.quick else list(SHAPES)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} interleaved rounds, medians")
@@ -127,6 +129,7 @@ def main() -> None:
         else "no: bf16 is emulated; the training script then steps in fp32 under --bf16-autocast"
     )
     print(f"CPU bf16 matrix units (AVX512-BF16 / AMX): {units}")
+    print(f"freed memory kept for reuse (hf_sae.hardware.retain_freed_memory, as in training): {retained}")
     results = {}
     for name in shapes:
         results[name] = measure(SHAPES[name], rounds)

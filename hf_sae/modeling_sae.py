@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, cached_file
 from ._io import staged_files
 from .configuration_sae import SAEConfig
 from .errors import SAEConfigError, SAEInputError, SAELoadError
+from .kernels import cpu_kernels
 from .latent_stats import STATS_FILE, FeatureStats
 from .loading import describe_location, explain_load_failure
 from .losses import auxk_loss, hierarchical_topk_loss
@@ -109,8 +110,12 @@ class SAEPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         """Renormalise every decoder row to unit norm (after each optimiser step)."""
-        norms = self.W_dec.norm(dim=-1, keepdim=True)
-        self.W_dec.div_(norms.clamp_min(torch.finfo(self.W_dec.dtype).eps))
+        eps = torch.finfo(self.W_dec.dtype).eps
+        kernels = _row_kernels(self.W_dec)
+        if kernels is not None:  # one pass over W_dec instead of a norm and a division
+            kernels.normalize_rows(self.W_dec.data, eps)
+            return
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(eps))
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -144,6 +149,10 @@ class SAEPreTrainedModel(PreTrainedModel):
         # row-wise dot products and an in-place update: no (d_sae, d_in) temporary (at Gemma 2 2B widths each one
         # is 150 MB of freshly faulted pages, which cost more than the arithmetic)
         grad, weight = self.W_dec.grad, self.W_dec
+        kernels = _row_kernels(weight, grad)
+        if kernels is not None:  # compiled CPU kernel: each row read twice while in L1, one pass over memory
+            kernels.remove_parallel_rows(grad, weight.data)
+            return
         parallel = torch.einsum("fd,fd->f", grad, weight)
         grad.addcmul_(parallel.unsqueeze(-1), weight, value=-1.0)
 
@@ -511,3 +520,14 @@ def _check_finite_weights(model: nn.Module, name, subfolder: str | None, revisio
 def scaled_learning_rate(d_sae: int, base_lr: float = 8e-4) -> float:
     """The recipe's learning rate: 8e-4 at 2^14 latents, scaled by 1/sqrt(d_sae / 2^14)."""
     return base_lr / math.sqrt(d_sae / 2**14)
+
+
+def _row_kernels(*tensors: Tensor):
+    """The compiled CPU kernels when every tensor is a contiguous float32/float64 CPU matrix of one dtype, else None
+    (then the torch expressions run: accelerators, bf16 weights, strided views, no compiler)."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return None
+    if not all(t.device == first.device and t.dtype == first.dtype and t.is_contiguous() for t in tensors):
+        return None
+    return cpu_kernels()

@@ -98,3 +98,38 @@ def test_parallel_component_of_a_hand_gradient_is_removed():
     sae.W_dec.grad = torch.tensor([[3.0, 4.0], [2.0, 0.0]])
     sae.remove_gradient_parallel_to_decoder_directions()
     torch.testing.assert_close(sae.W_dec.grad, torch.tensor([[0.0, 4.0], [1.0, -1.0]]))
+
+
+def test_hand_decoder_rows_are_renormalised():
+    """Rows (3, 4) and (0, 0.5) become (0.6, 0.8) and (0, 1); a zero row stays zero (its norm is clamped at eps)."""
+    sae = HierarchicalSAE(HierarchicalSAEConfig(d_in=2, d_sae=3, k=1, auxk=False))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[3.0, 4.0], [0.0, 0.5], [0.0, 0.0]]))
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.data, torch.tensor([[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_row_passes_match_the_torch_expressions(dtype, monkeypatch):
+    """The fused CPU row kernels (projection and renormalisation) give the torch formulas' results at an odd width
+    (the vector loops' remainders) and many rows (several threads' chunks)."""
+    import hf_sae.modeling_sae as modeling
+
+    if modeling.cpu_kernels() is None:
+        pytest.skip("no compiled kernels (no compiler, or HF_SAE_NO_EXTENSION=1)")
+    torch.manual_seed(0)
+    fast = HierarchicalSAE(HierarchicalSAEConfig(d_in=77, d_sae=300, k=4, auxk=False)).to(dtype)
+    slow = copy.deepcopy(fast)
+    for sae in (fast, slow):
+        sae.W_dec.grad = torch.randn(300, 77, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    fast.remove_gradient_parallel_to_decoder_directions()
+    fast.W_dec.data.mul_(3.0)
+    fast.set_decoder_norm_to_unit_norm()
+    monkeypatch.setattr(modeling, "_row_kernels", lambda *tensors: None)
+    slow.remove_gradient_parallel_to_decoder_directions()
+    slow.W_dec.data.mul_(3.0)
+    slow.set_decoder_norm_to_unit_norm()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(fast.W_dec.grad, slow.W_dec.grad, rtol=0, atol=tolerance)
+    torch.testing.assert_close(fast.W_dec.data, slow.W_dec.data, rtol=0, atol=tolerance)
+    assert (fast.W_dec.grad * fast.W_dec).sum(-1).abs().max() < 1e-5  # rows unit to float32 precision

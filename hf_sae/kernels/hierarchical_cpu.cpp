@@ -321,6 +321,39 @@ void topk_decoder_rows(const int64_t* crow, const int64_t* perm, int64_t k, cons
   });
 }
 
+// grad[f] -= <grad[f], W[f]> W[f] for every row f, in place: the row is read twice while it sits in L1, where an
+// einsum and an addcmul_ stream the whole (F, d) gradient and decoder through memory twice each.
+template <typename T>
+void remove_parallel_impl(T* grad, const T* W, int64_t F, int64_t d) {
+  at::parallel_for(0, F, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      T* __restrict__ g = grad + f * d;
+      const T* __restrict__ w = W + f * d;
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) dot += g[c] * w[c];
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) g[c] -= dot * w[c];
+    }
+  });
+}
+
+// W[f] /= max(||W[f]||, eps) for every row f, in place, one row at a time (one pass over W instead of two).
+template <typename T>
+void normalize_rows_impl(T* W, T eps, int64_t F, int64_t d) {
+  at::parallel_for(0, F, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      T* __restrict__ w = W + f * d;
+      T sumsq = 0;
+#pragma omp simd reduction(+ : sumsq)
+      for (int64_t c = 0; c < d; ++c) sumsq += w[c] * w[c];
+      const T norm = std::max(std::sqrt(sumsq), eps);
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) w[c] /= norm;
+    }
+  });
+}
+
 }  // namespace
 
 // values, indices (N, k) of the k largest of scores + bias (bias: (F,) float32, or empty for none) of each row,
@@ -452,7 +485,25 @@ std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Te
   return {grad_values, grad_W, suffix};
 }
 
+// In place: grad[f] -= <grad[f], W[f]> W[f] (the decoder-gradient projection of the training step; rows of W unit).
+void remove_parallel_rows(torch::Tensor grad, torch::Tensor W) {
+  TORCH_CHECK(grad.is_contiguous() && W.is_contiguous() && grad.sizes() == W.sizes(), "remove_parallel_rows: shapes");
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "remove_parallel_rows", [&] {
+    remove_parallel_impl<scalar_t>(grad.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), W.size(0), W.size(1));
+  });
+}
+
+// In place: W[f] /= max(||W[f]||, eps) (the decoder renormalisation after each optimiser step).
+void normalize_rows(torch::Tensor W, double eps) {
+  TORCH_CHECK(W.is_contiguous() && W.dim() == 2, "normalize_rows: a contiguous matrix");
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "normalize_rows", [&] {
+    normalize_rows_impl<scalar_t>(W.data_ptr<scalar_t>(), (scalar_t)eps, W.size(0), W.size(1));
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("remove_parallel_rows", &remove_parallel_rows, "in place: each row of grad minus its part along W's row");
+  m.def("normalize_rows", &normalize_rows, "in place: each row of W divided by its norm (CPU)");
   m.def("hierarchical_forward", &hierarchical_forward, "fused HierarchicalTopK decode + loss (CPU)");
   m.def("hierarchical_backward", &hierarchical_backward, "backward of hierarchical_forward (CPU)");
   m.def("topk_scores", &topk_scores, "row-wise top-k (and top-k_aux among dead columns) in one pass (CPU)");
