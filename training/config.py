@@ -202,7 +202,7 @@ class RunOptions:
     )
 
     # --- optimisation ---------------------------------------------------------------------------------------------
-    tokens: Count = _f(1_048_576, "training activations in total (all processes); accepts 1e9, 10M, 2_000_000")
+    tokens: Count = _f(1_572_864, "training activations in total (all processes); accepts 1e9, 10M, 2_000_000")
     batch_size: Count = _f(4096, "activations per SAE step and process")
     lr_warmup_fraction: float = _f(0.1, "fraction of the steps with linear learning-rate warm-up")
     lr_min: float = _f(1e-6, "learning rate at the end of the cosine decay")

@@ -101,7 +101,12 @@ def test_activation_scale_is_estimated_then_folded_into_the_biases(load_saved_lm
     # the estimate: E||s x||^2 = d_in (on other windows than the estimate used, so only roughly)
     assert (s * x).pow(2).sum(-1).mean().item() == pytest.approx(x.shape[-1], rel=0.5)
     raw, ref = folded.encode(x), unfolded.encode(x)
-    assert torch.equal(raw.indices, ref.indices)
+    # the same latents, up to near ties (the two compute the scores in different units, so a tie may flip): at
+    # every rank, the latent each one chose has the same reference score
+    scores = unfolded.pre_acts(x)
+    same = (raw.indices == ref.indices).float().mean()
+    assert same > 0.99
+    torch.testing.assert_close(scores.gather(-1, raw.indices), scores.gather(-1, ref.indices), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(raw.values * s, ref.values, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(folded(x).reconstruction, unfolded(x).reconstruction, rtol=1e-4, atol=1e-5)
 
