@@ -49,12 +49,12 @@ def _deterministic_chunks(W_dec: Tensor, chunks: int = 4, memory_bytes: int = 1 
 def _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights) -> tuple[Tensor, Tensor]:
     """The CPU kernel's decode + weighted squared error, one pass over the rows: (loss, reconstruction at K).
     Saves (values, indices, W_dec, weights, residual r_K) and the normaliser N·d for the backward."""
-    row_loss, residual = cpu_kernels().hierarchical_forward(x, values, indices, W_dec, b_dec, weights)
+    row_loss, residual, reconstruction = cpu_kernels().hierarchical_forward(x, values, indices, W_dec, b_dec, weights)
     n, d = x.shape
     ctx.save_for_backward(values, indices, W_dec, weights, residual)
     ctx.norm = n * d
-    reconstruction = x - residual
     ctx.mark_non_differentiable(reconstruction)
+    ctx.set_materialize_grads(False)  # no (N, d) zero gradient for the non-differentiable reconstruction
     return row_loss.sum() / (n * d), reconstruction
 
 
@@ -67,6 +67,8 @@ class _FusedHierarchicalLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
+        if grad_loss is None:  # grads are not materialised: only the (non-differentiable) reconstruction was used
+            return None, None, None, None, None, None
         values, indices, W_dec, weights, residual = ctx.saved_tensors
         scale = 2.0 * float(grad_loss) / ctx.norm
         grad_values, grad_W, suffix = cpu_kernels().hierarchical_backward(
@@ -99,6 +101,8 @@ class _TopKMSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
+        if grad_loss is None:  # see _FusedHierarchicalLoss.backward
+            return None, None, None, None, None
         values, indices, W_dec, _weights, residual = ctx.saved_tensors
         scale = 2.0 * float(grad_loss) / ctx.norm
         crow, perm = csr_order(indices, W_dec.shape[0])

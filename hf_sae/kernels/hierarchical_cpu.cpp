@@ -36,7 +36,7 @@ inline void prefetch_row(const T* row, int64_t d) {
 
 template <typename T>
 void forward_rows(const T* x, const T* values, const int64_t* indices, const T* W, const T* b_dec,
-                  const T* weights, T* residual, T* row_loss, int64_t B, int64_t K, int64_t d) {
+                  const T* weights, T* residual, T* reconstruction, T* row_loss, int64_t B, int64_t K, int64_t d) {
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T* __restrict__ r = residual + b * d;
@@ -63,6 +63,9 @@ void forward_rows(const T* x, const T* values, const int64_t* indices, const T* 
         }
       }
       row_loss[b] = acc;
+      T* __restrict__ out = reconstruction + b * d;  // x_hat_K = x - r_K while both rows are in L1
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) out[c] = xb[c] - r[c];
     }
   });
 }
@@ -460,13 +463,15 @@ std::vector<torch::Tensor> hierarchical_forward(torch::Tensor x, torch::Tensor v
                                                 torch::Tensor W, torch::Tensor b_dec, torch::Tensor weights) {
   const int64_t B = x.size(0), d = x.size(1), K = values.size(1);
   auto residual = torch::empty_like(x);
+  auto reconstruction = torch::empty_like(x);
   auto row_loss = torch::empty({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hierarchical_forward", [&] {
     forward_rows<scalar_t>(x.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
                            W.data_ptr<scalar_t>(), b_dec.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
-                           residual.data_ptr<scalar_t>(), row_loss.data_ptr<scalar_t>(), B, K, d);
+                           residual.data_ptr<scalar_t>(), reconstruction.data_ptr<scalar_t>(),
+                           row_loss.data_ptr<scalar_t>(), B, K, d);
   });
-  return {row_loss, residual};
+  return {row_loss, residual, reconstruction};
 }
 
 std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Tensor indices, torch::Tensor W,
