@@ -37,8 +37,8 @@ def retain_freed_memory() -> bool:
     decoder, the batch-sized residuals and scores. glibc gives every block over 32 MiB (all of them at Gemma 2 2B
     widths: 150 MB per (16384, 2304) gradient) straight back to the kernel with ``munmap``, and trims the heap top
     once a few tens of MB are free, so the next step faults every page in again and the kernel zeroes it:
-    ~100 ms of a 850 ms step at the large benchmark shape, ~20 ms of a 145 ms step at the small one
-    (``benchmarks/bench_sae_step.py``). ``mallopt(M_MMAP_MAX, 0)`` serves large blocks from the heap and
+    ~95 ms of an 845 ms TopK step at the large benchmark shape, ~23 ms of a 155 ms step at the small one
+    (``benchmarks/bench_freed_memory.py``). ``mallopt(M_MMAP_MAX, 0)`` serves large blocks from the heap and
     ``M_TRIM_THRESHOLD`` 2 GiB keeps freed ones there, so each step reuses the pages of the last. The cost is that
     the process keeps up to 2 GiB of freed memory it may not use again; the training script calls this only when
     it trains on CPU. Process-wide and idempotent; a no-op (False) off Linux/glibc.

@@ -528,6 +528,8 @@ def _row_kernels(*tensors: Tensor):
     first = tensors[0]
     if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
         return None
-    if not all(t.device == first.device and t.dtype == first.dtype and t.is_contiguous() for t in tensors):
+    if not all(
+        t.device == first.device and t.dtype == first.dtype and t.is_contiguous() and t.dim() == 2 for t in tensors
+    ):
         return None
     return cpu_kernels()
