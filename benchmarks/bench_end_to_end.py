@@ -61,9 +61,7 @@ def harvest_alone(cfg, model, tokenizer, site, rounds: int) -> tuple[float, torc
 
 
 def step_alone(cfg, model, site, pool: torch.Tensor, steps: int) -> float:
-    """Tokens/s (activations/s) of the default SAE's training step on in-memory activations (freed memory kept for
-    reuse, as the run does on CPU)."""
-    retain_freed_memory()
+    """Tokens/s (activations/s) of the default SAE's training step on in-memory activations."""
     (spec,) = resolve_layers(cfg, model)
     x = pool[0]
     scale = activation_scale(x, None)
@@ -101,6 +99,7 @@ def main() -> None:
     parser.add_argument("--harvest-rounds", type=int, default=2, help="buffer fills per harvest measurement")
     parser.add_argument("--steps", type=int, default=10, help="SAE steps per step measurement")
     args = parser.parse_args()
+    retain_freed_memory()  # both halves in the process state of the run, which sets it before loading the LM
     cfg = make_config({"tokens": args.tokens} if args.tokens else {})
     model, tokenizer = load_language_model(cfg, torch.device("cpu"))
     (spec,) = resolve_layers(cfg, model)

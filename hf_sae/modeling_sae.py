@@ -113,7 +113,7 @@ class SAEPreTrainedModel(PreTrainedModel):
         eps = torch.finfo(self.W_dec.dtype).eps
         kernels = _row_kernels(self.W_dec)
         if kernels is not None:  # one pass over W_dec instead of a norm and a division
-            kernels.normalize_rows(self.W_dec.data, eps)
+            kernels.normalize_rows(self.W_dec, eps)
             return
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(eps))
 
@@ -146,13 +146,13 @@ class SAEPreTrainedModel(PreTrainedModel):
         """
         if self.W_dec.grad is None:
             return
-        # row-wise dot products and an in-place update: no (d_sae, d_in) temporary (at Gemma 2 2B widths each one
-        # is 150 MB of freshly faulted pages, which cost more than the arithmetic)
         grad, weight = self.W_dec.grad, self.W_dec
         kernels = _row_kernels(weight, grad)
         if kernels is not None:  # compiled CPU kernel: each row read twice while in L1, one pass over memory
-            kernels.remove_parallel_rows(grad, weight.data)
+            kernels.remove_parallel_rows(grad, weight)
             return
+        # row-wise dot products and an in-place update: no (d_sae, d_in) temporary (at Gemma 2 2B widths each one
+        # is 150 MB of freshly faulted pages, which cost more than the arithmetic)
         parallel = torch.einsum("fd,fd->f", grad, weight)
         grad.addcmul_(parallel.unsqueeze(-1), weight, value=-1.0)
 
