@@ -107,7 +107,7 @@ class BatchTopKSAE(HierarchicalSAE):
             return pre.gather(1, columns)
         if self.b_dec.requires_grad:
             bias = CentringGradient.apply(bias, weight, self.b_dec)
-        return SparseLinearGather.apply(centred.detach(), weight, bias, columns, pre)
+        return SparseLinearGather.apply(centred.detach(), weight, bias, columns, pre, False)
 
     def _threshold_latents(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (N, d_in) scaled -> (values, indices) of every latent above θ, sorted, padded to the largest L0."""

@@ -152,10 +152,11 @@ class KronSAE(SAEPreTrainedModel):
         weight, bias = self.encoder.weight, self.encoder.bias
         centred = self._encoder_input(x)  # x̃ (N, d_in)
         with torch.no_grad():  # select without gradient, then recompute only the selected scores with it
-            pre = torch.addmm(bias, centred, weight.t())  # (N, h·(m+n))
-            indices, columns = select_topk_latents(pre, cfg.num_heads, cfg.base_dim, cfg.ext_dim, k)
+            pre = centred @ weight.t()  # (N, h·(m+n)) without the bias: the selection adds it on the fly
+            indices, columns = select_topk_latents(pre, cfg.num_heads, cfg.base_dim, cfg.ext_dim, k, bias=bias)
             if dead_mask is not None and k_aux > 0:
-                _, aux_indices = self._dense_squared_scores(pre).masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1)
+                squared = self._dense_squared_scores(pre + bias)
+                _, aux_indices = squared.masked_fill_(~dead_mask, -1.0).topk(k_aux, dim=-1)
                 aux_columns = torch.cat(self._columns(aux_indices), dim=-1)
                 t = k + k_aux  # columns of all selected latents: every u, then every w
                 columns = torch.cat([columns[:, :k], aux_columns[:, :k_aux], columns[:, k:], aux_columns[:, k_aux:]], 1)
@@ -165,9 +166,9 @@ class KronSAE(SAEPreTrainedModel):
             # The sparse backward touches only the 2 columns each selected latent reads. It reads x̃ without
             # gradient: b_dec's share (∂pre/∂b_dec = −W) goes through the bias (see CentringGradient).
             bias_in = CentringGradient.apply(bias, weight, self.b_dec) if self._centres_with_b_dec(centred) else bias
-            gathered = SparseLinearGather.apply(centred.detach(), weight, bias_in, columns, pre)
+            gathered = SparseLinearGather.apply(centred.detach(), weight, bias_in, columns, pre, True)
         else:
-            gathered = pre.gather(1, columns)
+            gathered = pre.gather(1, columns) + bias[columns]
         values = self._activation(gathered[:, :t], gathered[:, t:])
         return values[:, :k], indices, values[:, k:], aux_indices
 
@@ -192,18 +193,23 @@ def latent_columns(indices: Tensor, base_dim: int, ext_dim: int) -> tuple[Tensor
     return head * width + rest // ext_dim, head * width + base_dim + rest % ext_dim
 
 
-def select_topk_latents(pre: Tensor, num_heads: int, base_dim: int, ext_dim: int, k: int) -> tuple[Tensor, Tensor]:
+def select_topk_latents(
+    pre: Tensor, num_heads: int, base_dim: int, ext_dim: int, k: int, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The ids (N, k) of the k largest mAND scores, sorted descending, without scoring all h·m·n latents, and the
     fused-encoder columns (N, 2k) they read (every latent's u column, then every latent's w column).
 
-    pre: (N, h·(m+n)). The compiled CPU kernel (``kernels/kron_cpu.cpp``, one pass per row) where it is built, else
-    :func:`select_topk_latents_reference`: the same latents (ties aside: the kernel prefers the smaller id).
+    pre: (N, h·(m+n)), plus ``bias`` (h·(m+n),) when given (added on the fly: the encoder's matmul need not
+    broadcast it into its output). The compiled CPU kernel (``kernels/kron_cpu.cpp``, one pass per row) where it is
+    built, else :func:`select_topk_latents_reference`: the same latents (ties aside: the kernel prefers the smaller
+    id).
     """
     kernels = kron_cpu_kernels() if pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.float64) else None
     if kernels is not None:
-        indices, columns = kernels.kron_select_topk(pre.contiguous(), num_heads, base_dim, ext_dim, k)
+        bias_arg = bias.detach().to(pre.dtype) if bias is not None else pre.new_zeros(0)
+        indices, columns = kernels.kron_select_topk(pre.contiguous(), bias_arg, num_heads, base_dim, ext_dim, k)
         return indices, columns
-    indices = select_topk_latents_reference(pre, num_heads, base_dim, ext_dim, k)
+    indices = select_topk_latents_reference(pre if bias is None else pre + bias, num_heads, base_dim, ext_dim, k)
     return indices, torch.cat(latent_columns(indices, base_dim, ext_dim), dim=-1)
 
 

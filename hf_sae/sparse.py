@@ -246,18 +246,20 @@ class SparseLinearGather(torch.autograd.Function):
     """pre.gather(1, columns) for pre = x Wᵀ + b computed without gradient, with a backward that touches only the
     gathered columns (used by KronSAE, whose selected latents read 2 of the h·(m+n) encoder columns each).
 
-    x: (N, d_in), weight: (C, d_in), bias: (C,), columns: (N, t), pre: (N, C) -> (N, t).
+    x: (N, d_in), weight: (C, d_in), bias: (C,), columns: (N, t), pre: (N, C) -> (N, t). With ``add_bias`` pre is
+    x Wᵀ alone and the bias is added to the gathered entries only (no (N, C) broadcast of it).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, columns: Tensor, pre: Tensor):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, columns: Tensor, pre: Tensor, add_bias: bool):
         ctx.save_for_backward(x, weight, columns)
-        return pre.gather(1, columns)
+        gathered = pre.gather(1, columns)
+        return gathered.add_(bias[columns]) if add_bias else gathered
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, columns = ctx.saved_tensors
-        return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, columns, grad.contiguous()), None, None)
+        return (*_sparse_linear_backward(ctx.needs_input_grad, x, weight, columns, grad.contiguous()), None, None, None)
 
 
 class SelectedLinear(torch.autograd.Function):

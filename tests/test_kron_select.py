@@ -33,6 +33,25 @@ def test_per_head_selection_equals_topk_over_all_scores(h, m, n, k):
         assert torch.equal(ids, dense_ids) and torch.equal(reference, dense_ids)
 
 
+@pytest.mark.parametrize("h, m, n, k", [(64, 2, 4, 32), (16, 4, 8, 64), (3, 2, 2, 12)])
+def test_the_bias_added_on_the_fly_selects_as_the_biased_scores(h, m, n, k):
+    torch.manual_seed(2)
+    pre, bias = torch.randn(53, h * (m + n)), torch.randn(h * (m + n)) * 0.5
+    dense_values, _ = _dense_scores(pre + bias, h, m, n).topk(k, dim=-1)
+    ids, columns = select_topk_latents(pre, h, m, n, k, bias=bias)
+    assert torch.equal(_dense_scores(pre + bias, h, m, n).gather(1, ids), dense_values)
+    assert torch.equal(columns, torch.cat(latent_columns(ids, m, n), dim=-1))
+    assert torch.equal(ids, select_topk_latents(pre + bias, h, m, n, k)[0])
+
+
+def test_exact_ties_at_the_head_bound_are_all_candidates():
+    # h = 3 heads, m = n = 1, k = 2: head bests 2, 1, 1 -> the bound is 1 and both tied heads are candidates;
+    # the tie is broken by the smaller id (head 1), as a dense top-k with that rule would
+    pre = torch.tensor([[1.0, 2.0, 1.0, 1.0, 1.0, 1.0]])
+    ids, columns = select_topk_latents(pre, 3, 1, 1, 2)
+    assert ids.tolist() == [[0, 1]] and columns.tolist() == [[0, 2, 1, 3]]
+
+
 def test_latent_columns_by_hand():
     # m = 2, n = 4, width 6: latent 13 = head 1, i = 1, j = 1 reads u column 6 + 1 = 7 and w column 6 + 2 + 1 = 9
     base, ext = latent_columns(torch.tensor([[13, 0, 7]]), 2, 4)
@@ -43,7 +62,7 @@ def test_latent_columns_by_hand():
 def test_the_kernel_breaks_ties_by_the_smaller_id():
     pre = torch.zeros(1, 2 * 3)  # h = 2, m = 1, n = 2: every score is 0
     pre[0, 0], pre[0, 1] = 1.0, 2.0  # head 0: u = 1, w = (2, 0) -> scores (2, 0); head 1: all 0
-    ids, _ = kron_cpu_kernels().kron_select_topk(pre, 2, 1, 2, 3)
+    ids, _ = kron_cpu_kernels().kron_select_topk(pre, torch.zeros(0), 2, 1, 2, 3)
     assert ids.tolist() == [[0, 1, 2]]
 
 
