@@ -35,6 +35,13 @@ inline void prefetch_row(const T* row, int64_t d) {
 }
 
 template <typename T>
+inline void prefetch_row_for_write(T* row, int64_t d) {
+  char* p = reinterpret_cast<char*>(row);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 1, 3);
+}
+
+template <typename T>
 void forward_rows(const T* x, const T* values, const int64_t* indices, const T* W, const T* b_dec,
                   const T* weights, T* residual, T* reconstruction, T* row_loss, int64_t B, int64_t K, int64_t d) {
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
@@ -90,9 +97,27 @@ inline void backward_row(int64_t b, const T* values, const int64_t* indices, con
     const T v = values[b * K + t];
     const int64_t f = indices[b * K + t];
     const T* __restrict__ e = W + f * d;
-    if (t >= kPrefetchAhead) prefetch_row(W + indices[b * K + t - kPrefetchAhead] * d, d);
+    if (t >= kPrefetchAhead) {
+      const int64_t ahead = indices[b * K + t - kPrefetchAhead];
+      prefetch_row(W + ahead * d, d);
+      prefetch_row_for_write(grad_W + ahead * d, d);
+    }
+    const T coef = -scale * v;
+    T* __restrict__ g = grad_W + f * d;
+    // one pass: S_t = S_{t+1} + w r_t, <e, S_t>, r_{t-1} = r_t + v e, and grad_W[f] += coef S_t while S_t is in a
+    // register (under the latent's lock: another row may update the same decoder row)
+    if (locks) lock(locks[f]);
     T dot = 0;
-    if (w != T(0)) {
+    if (coef != T(0)) {
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) {
+        const T s = S[c] + w * r[c];
+        S[c] = s;
+        dot += e[c] * s;
+        r[c] += v * e[c];
+        g[c] += coef * s;
+      }
+    } else {
 #pragma omp simd reduction(+ : dot)
       for (int64_t c = 0; c < d; ++c) {
         const T s = S[c] + w * r[c];
@@ -100,22 +125,9 @@ inline void backward_row(int64_t b, const T* values, const int64_t* indices, con
         dot += e[c] * s;
         r[c] += v * e[c];
       }
-    } else {
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < d; ++c) {
-        dot += e[c] * S[c];
-        r[c] += v * e[c];
-      }
     }
+    if (locks) unlock(locks[f]);
     grad_values[b * K + t] = -scale * dot;
-    const T coef = -scale * v;
-    if (coef != T(0)) {
-      T* __restrict__ g = grad_W + f * d;
-      if (locks) lock(locks[f]);
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) g[c] += coef * S[c];
-      if (locks) unlock(locks[f]);
-    }
   }
   T* __restrict__ out = suffix_out + b * d;
   for (int64_t c = 0; c < d; ++c) out[c] = S[c];
