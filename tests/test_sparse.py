@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hf_sae.kernels import cpu_kernels
 from hf_sae.sparse import (
     FlatSelectedLinear,
     SparseLatents,
@@ -10,6 +11,7 @@ from hf_sae.sparse import (
     _scatter_rows_matmul,
     csr_order,
     flat_decode,
+    select_topk,
     sparse_decode,
 )
 
@@ -116,3 +118,38 @@ def test_flat_selected_linear_has_the_dense_gradients_of_its_entries():
     expected = torch.autograd.grad(((x @ weight.t() + bias)[rows, columns] * upstream).sum(), [x, weight, bias])
     for g, want in zip(grads, expected):
         torch.testing.assert_close(g, want)
+
+
+def _reference_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Descending, ties by the lower index: a stable sort of the negated scores."""
+    order = (-scores).argsort(dim=-1, stable=True)[:, :k]
+    return scores.gather(1, order), order
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels could not be built here")
+@pytest.mark.parametrize("F, k", [(4096, 32), (5000, 7), (300, 1), (100, 64), (2048, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_selection_kernel_is_topk_with_ties_to_the_lower_index(F, k, dtype):
+    torch.manual_seed(3)
+    scores = torch.randn(37, F)
+    scores[:5] = scores[:5].round()  # rows of many exact ties (among them -0 and +0)
+    scores[5, : F // 2] = -0.0
+    scores[5, F // 2 :] = 0.0
+    scores = scores.to(dtype)
+    bias = torch.randn(F) * 0.1
+    bias[: F // 3] = 0.0
+    values, indices, _, _ = select_topk(scores, k, bias=bias)
+    want_values, want_indices = _reference_topk(scores.float() + bias, k)
+    assert torch.equal(indices, want_indices)
+    assert torch.equal(values, want_values)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels could not be built here")
+def test_the_aux_selection_kernel_takes_the_best_dead_latents():
+    torch.manual_seed(4)
+    scores = torch.randn(29, 4096)
+    dead = torch.rand(4096) < 0.5
+    _, _, aux_values, aux_indices = select_topk(scores, 32, dead, 320)
+    want_values, want_indices = _reference_topk(scores.masked_fill(~dead, -torch.inf), 320)
+    assert torch.equal(aux_indices.sort(-1).values, want_indices.sort(-1).values)  # AuxK's are unsorted
+    assert torch.equal(aux_values.sort(-1).values, want_values.sort(-1).values)

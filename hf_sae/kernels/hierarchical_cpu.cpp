@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <type_traits>
 #include <limits>
@@ -195,46 +197,106 @@ inline bool before(const std::pair<float, int64_t>& a, const std::pair<float, in
 
 // The k largest of row[0..F) (only where mask is true, if given), written to out_v / out_i sorted descending (ties:
 // lower index first). A lower bound of the k-th largest comes from block maxima: with at least 4k blocks, the k-th
-// largest block maximum has k values at or above it. One vectorised pass computes the maxima, one collects the
-// values at or above that bound (typically a few times k), and only those are sorted.
+// largest block maximum has k values at or above it. Block g holds the columns j = g mod (number of blocks), so the
+// maxima are vector maxima of consecutive slices; the bound is found by a branch-free bitwise search, only blocks
+// whose maximum reaches it are scanned for candidates (typically a few times k), and those are sorted as 64-bit
+// integer keys.
+// Floats as unsigned integers of the same order (negative ones bit-flipped, positive ones with the sign bit set).
+inline uint32_t orderable(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if (bits == 0x80000000u) bits = 0;  // -0 == +0: one key, so ties between them still go to the lower index
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+inline float from_orderable(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// The k-th largest of values[0..n) (no NaN, at least k of them finite), found bit by bit from the top: the largest
+// key t with at least k keys >= t. Each step is a vectorised count, so it runs without the unpredictable branches
+// of nth_element (several times faster for the few hundred block maxima it serves).
+inline float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& keys) {
+  keys.resize(n);
+  uint32_t* __restrict__ key = keys.data();
+  for (int64_t g = 0; g < n; ++g) key[g] = orderable(values[g]);
+  uint32_t t = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t candidate = t | (1u << bit);
+    int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+    for (int64_t g = 0; g < n; ++g) count += key[g] >= candidate ? 1 : 0;
+    if (count >= k) t = candidate;
+  }
+  return from_orderable(t);
+}
+
 void select_top(const float* __restrict__ row, const bool* __restrict__ mask, int64_t F, int64_t k, bool sorted,
-                float* out_v, int64_t* out_i, std::vector<float>& maxima,
-                std::vector<std::pair<float, int64_t>>& pool) {
+                float* out_v, int64_t* out_i, std::vector<float>& maxima, std::vector<uint32_t>& keys,
+                std::vector<uint64_t>& wide, std::vector<std::pair<float, int64_t>>& pool) {
   const float neg = -std::numeric_limits<float>::infinity();
   int64_t block = 1;
   while (block * 2 * 4 * k <= F) block *= 2;
   float bound = neg;  // k close to F (block 1): no useful bound, every candidate is kept
-  if (block > 1) {
-    const int64_t blocks = (F + block - 1) / block;
-    maxima.resize(blocks);
-    int64_t finite_blocks = 0;
-    for (int64_t g = 0; g < blocks; ++g) {
-      const int64_t lo = g * block, hi = std::min(F, lo + block);
-      float m = neg;
+  const int64_t blocks = block > 1 ? (F + block - 1) / block : 0;
+  if (blocks > 0) {
+    // block g holds the columns j = g (mod blocks): the maxima are element-wise maxima of consecutive
+    // blocks-wide slices of the row (vector max, no horizontal reductions); any partition gives the bound
+    maxima.assign(blocks, neg);
+    float* __restrict__ mx = maxima.data();
+    for (int64_t lo = 0; lo < F; lo += blocks) {
+      const int64_t width = std::min(blocks, F - lo);
+      const float* __restrict__ slice = row + lo;
       if (mask) {
-        for (int64_t j = lo; j < hi; ++j) m = (mask[j] && row[j] > m) ? row[j] : m;
+        const bool* __restrict__ keep = mask + lo;
+#pragma omp simd
+        for (int64_t g = 0; g < width; ++g) mx[g] = (keep[g] && slice[g] > mx[g]) ? slice[g] : mx[g];
       } else {
-#pragma omp simd reduction(max : m)
-        for (int64_t j = lo; j < hi; ++j) m = row[j] > m ? row[j] : m;
+#pragma omp simd
+        for (int64_t g = 0; g < width; ++g) mx[g] = slice[g] > mx[g] ? slice[g] : mx[g];
       }
-      maxima[g] = m;
-      finite_blocks += m > neg ? 1 : 0;
     }
-    if (finite_blocks >= k) {
-      std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<float>());
-      bound = maxima[k - 1];
-    }
+    int64_t finite_blocks = 0;
+    for (int64_t g = 0; g < blocks; ++g) finite_blocks += mx[g] > neg ? 1 : 0;
+    if (finite_blocks >= k) bound = kth_largest(mx, blocks, k, keys);
   }
   pool.clear();
-  for (int64_t j = 0; j < F; ++j) {
-    const float v = row[j];
-    if ((!mask || mask[j]) && (v >= bound || bound == neg)) pool.emplace_back(v, j);
+  if (bound != neg) {  // only blocks whose maximum reaches the bound can hold a candidate
+    for (int64_t g = 0; g < blocks; ++g) {
+      if (!(maxima[g] >= bound)) continue;
+      for (int64_t j = g; j < F; j += blocks) {
+        const float v = row[j];
+        if ((!mask || mask[j]) && v >= bound) pool.emplace_back(v, j);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < F; ++j)
+      if (!mask || mask[j]) pool.emplace_back(row[j], j);
   }
   const int64_t take = std::min<int64_t>(k, pool.size());
+  if (bound != neg && sorted) {  // no NaN in the pool: sort 64-bit keys (value, then the smaller index) instead
+    wide.resize(pool.size());
+    for (size_t p = 0; p < pool.size(); ++p)
+      wide[p] = (static_cast<uint64_t>(orderable(pool[p].first)) << 32) |
+                (0xFFFFFFFFu - static_cast<uint32_t>(pool[p].second));
+    std::partial_sort(wide.begin(), wide.begin() + take, wide.end(), std::greater<uint64_t>());
+    for (int64_t t = 0; t < take; ++t) {
+      out_v[t] = from_orderable(static_cast<uint32_t>(wide[t] >> 32));
+      out_i[t] = 0xFFFFFFFFu - static_cast<uint32_t>(wide[t] & 0xFFFFFFFFu);
+    }
+    for (int64_t t = take; t < k; ++t) { out_v[t] = std::numeric_limits<float>::quiet_NaN(); out_i[t] = 0; }
+    return;
+  }
+  const auto order = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return before(a, b);  // a lambda, not a function pointer: inlined into the sort
+  };
   if (sorted) {
-    std::partial_sort(pool.begin(), pool.begin() + take, pool.end(), before);
+    std::partial_sort(pool.begin(), pool.begin() + take, pool.end(), order);
   } else if (take < static_cast<int64_t>(pool.size())) {
-    std::nth_element(pool.begin(), pool.begin() + (take - 1), pool.end(), before);
+    std::nth_element(pool.begin(), pool.begin() + (take - 1), pool.end(), order);
   }
   for (int64_t t = 0; t < take; ++t) { out_v[t] = pool[t].first; out_i[t] = pool[t].second; }
   for (int64_t t = take; t < k; ++t) { out_v[t] = std::numeric_limits<float>::quiet_NaN(); out_i[t] = 0; }
@@ -247,10 +309,13 @@ void topk_rows(const S* scores, const float* bias, const bool* dead, int64_t N, 
                float* values, int64_t* indices, float* aux_values, int64_t* aux_indices) {
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> converted, maxima;
+    std::vector<uint32_t> keys;
+    std::vector<uint64_t> wide;
     std::vector<std::pair<float, int64_t>> pool;
     for (int64_t n = begin; n < end; ++n) {
       const float* row;
       const S* __restrict__ src = scores + n * F;
+      if (n + 1 < end) prefetch_row(src + F, F);  // rows are KBs: fetched while this one is ranked
       if (std::is_same<S, float>::value && bias == nullptr) {
         row = reinterpret_cast<const float*>(src);
       } else {
@@ -265,8 +330,9 @@ void topk_rows(const S* scores, const float* bias, const bool* dead, int64_t N, 
         }
         row = out;
       }
-      select_top(row, nullptr, F, k, true, values + n * k, indices + n * k, maxima, pool);
-      if (k_aux > 0) select_top(row, dead, F, k_aux, false, aux_values + n * k_aux, aux_indices + n * k_aux, maxima, pool);
+      select_top(row, nullptr, F, k, true, values + n * k, indices + n * k, maxima, keys, wide, pool);
+      if (k_aux > 0) select_top(row, dead, F, k_aux, false, aux_values + n * k_aux, aux_indices + n * k_aux, maxima, keys,
+                              wide, pool);
     }
   });
 }
