@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .kernels import cpu_kernels
 from .kernels.triton_support import triton_kernel_for
-from .sparse import csr_order, flat_decode, sparse_decode
+from .sparse import csr_order, dense_aux_block, dense_rows, flat_decode, sparse_decode
 
 
 def budget_weights(k: int, budgets: list[int] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -198,13 +198,21 @@ def hierarchical_topk_loss(
     return _torch_hierarchical_loss(x, values, indices, W_dec, b_dec, weights, chunk_rows)
 
 
-def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor) -> Tensor:
+def auxk_loss(
+    residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor, dead_mask: Tensor | None = None
+) -> Tensor:
     """AuxK (Gao et al. 2024): how well the dead latents' top scores reconstruct the residual.
 
     residual e: (N, d_in) = x − x̂_K (detached); aux_values, aux_indices: (N, k_aux) top scores among dead latents.
-    Returns ||e − ê||² / ||e − mean(e)||² summed over the batch, ê = Σ aux_v W_dec[aux_i] (no bias).
+    Returns ||e − ê||² / ||e − mean(e)||² summed over the batch, ê = Σ aux_v W_dec[aux_i] (no bias). With the
+    (d_sae,) ``dead_mask`` the choice is decoded as a dense (N, n_dead) block when it fills 1/8 of it or more (see
+    :func:`hf_sae.sparse.dense_aux_block`); the sparse kernel or ``embedding_bag`` otherwise.
     """
     denominator = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(residual.dtype).tiny)
+    block = dense_aux_block(aux_indices, dead_mask) if residual.dtype == W_dec.dtype else None
+    if block is not None:
+        columns, positions = block
+        return _DenseAuxK.apply(residual.detach(), aux_values, positions, columns, W_dec, denominator)
     kernel_ok = (
         residual.device.type == "cpu"
         and residual.dtype in (torch.float32, torch.float64)
@@ -217,6 +225,32 @@ def auxk_loss(residual: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: 
         mse, _ = _TopKMSE.apply(*args, residual.new_zeros(d))
         return mse * (n * d) / denominator
     return auxk_of_reconstruction(residual, sparse_decode(aux_values, aux_indices, W_dec), denominator)
+
+
+class _DenseAuxK(torch.autograd.Function):
+    """AuxK through a dense block: A (N, C) holds the aux values at their dead-latent positions, W_c = W_dec[columns]
+    (C, d), ê = A W_c; loss = ||e − ê||² / D. Backward: R = −2 g (e − ê) / D, dA = R W_cᵀ read at the positions,
+    dW_dec[columns] = Aᵀ R (other rows zero). Three (N, C, d) matrix multiplies in all."""
+
+    @staticmethod
+    def forward(ctx, residual, aux_values, positions, columns, W_dec, denominator):
+        block = dense_rows(aux_values.to(W_dec.dtype), positions, columns.numel())
+        rows = W_dec[columns]
+        with torch.autocast(residual.device.type, enabled=False):  # a loss: full precision under the bf16 path
+            difference = residual - block @ rows
+        ctx.save_for_backward(block, rows, difference, positions, columns, denominator)
+        ctx.shape = W_dec.shape
+        return difference.pow(2).sum() / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        block, rows, difference, positions, columns, denominator = ctx.saved_tensors
+        upstream = difference * (-2.0 * grad_loss / denominator)  # dL/dê (N, d)
+        grad_values = (upstream @ rows.t()).gather(1, positions) if ctx.needs_input_grad[1] else None
+        grad_W = None
+        if ctx.needs_input_grad[4]:
+            grad_W = upstream.new_zeros(ctx.shape).index_copy_(0, columns, block.t() @ upstream)
+        return None, grad_values, None, None, grad_W, None
 
 
 def auxk_of_reconstruction(residual: Tensor, e_hat: Tensor, denominator: Tensor | None = None) -> Tensor:

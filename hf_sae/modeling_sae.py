@@ -334,7 +334,7 @@ class SAEPreTrainedModel(PreTrainedModel):
     def _auxk_term(self, x: Tensor, x_hat: Tensor, aux_values: Tensor, aux_indices: Tensor, n_dead: int) -> Tensor:
         """AuxK of the residual x − x̂, weighted auxk_coefficient · min(1, n_dead / k_aux) (Gao et al. 2024)."""
         cfg = self.config
-        aux = auxk_loss((x - x_hat).detach(), aux_values, aux_indices, self.W_dec)
+        aux = auxk_loss((x - x_hat).detach(), aux_values, aux_indices, self.W_dec, self.dead_mask())
         return aux * cfg.auxk_coefficient * min(1.0, n_dead / cfg.auxk_k_effective)
 
     def _sae_output(

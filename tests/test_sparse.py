@@ -10,6 +10,7 @@ from hf_sae.sparse import (
     TopKEncode,
     _scatter_rows_matmul,
     csr_order,
+    dense_aux_block,
     flat_decode,
     select_topk,
     sparse_decode,
@@ -153,3 +154,61 @@ def test_the_aux_selection_kernel_takes_the_best_dead_latents():
     want_values, want_indices = _reference_topk(scores.masked_fill(~dead, -torch.inf), 320)
     assert torch.equal(aux_indices.sort(-1).values, want_indices.sort(-1).values)  # AuxK's are unsorted
     assert torch.equal(aux_values.sort(-1).values, want_values.sort(-1).values)
+
+
+def test_dense_aux_block_maps_dead_latents_and_declines_sparse_or_foreign_choices():
+    dead = torch.tensor([False, True, False, True, True, False, False, False])
+    columns, positions = dense_aux_block(torch.tensor([[4, 1], [3, 4]]), dead)
+    assert columns.tolist() == [1, 3, 4] and positions.tolist() == [[2, 0], [1, 2]]
+    assert dense_aux_block(torch.tensor([[0, 1]]), dead) is None  # latent 0 is not dead
+    many_dead = torch.ones(64, dtype=torch.bool)
+    assert dense_aux_block(torch.tensor([[5, 9, 11, 20, 30, 40, 50]]), many_dead) is None  # 7 of 64 < 1/8
+    assert dense_aux_block(torch.tensor([[5, 9, 11, 20, 30, 40, 50, 60]]), many_dead) is not None
+
+
+def test_topk_encoder_backward_with_a_dense_aux_block_equals_the_sparse_one():
+    torch.manual_seed(5)
+    n, d, F, k, k_aux = 9, 6, 48, 3, 5
+    x = torch.randn(n, d, dtype=torch.float64)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::2] = True  # 24 dead, k_aux 5: density 5/24 -> dense
+    grads = []
+    for mask in (dead, None):
+        W = torch.randn(F, d, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        b = torch.randn(F, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).requires_grad_()
+        c = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).requires_grad_()
+        values, indices, aux_values, aux_indices = TopKEncode.apply(x, W, b, c, k, dead, k_aux)
+        if mask is None:  # the same forward, with the dense block switched off for the backward
+            values.grad_fn.aux_block = None
+        else:
+            assert values.grad_fn.aux_block is not None
+        upstream = torch.linspace(-1, 1, n * k, dtype=torch.float64).reshape(n, k)
+        upstream_aux = torch.linspace(2, -1, n * k_aux, dtype=torch.float64).reshape(n, k_aux)
+        loss = (values * upstream).sum() + (aux_values * upstream_aux).sum()
+        grads.append(torch.autograd.grad(loss, (W, b, c)))
+    for dense, sparse in zip(*grads):
+        torch.testing.assert_close(dense, sparse, rtol=1e-12, atol=1e-12)
+
+
+def test_auxk_loss_through_the_dense_block_equals_the_sparse_decode():
+    from hf_sae.losses import auxk_loss
+
+    torch.manual_seed(9)
+    n, d, F, k_aux = 11, 7, 40, 6
+    residual = torch.randn(n, d, dtype=torch.float64)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[5:25] = True
+    aux_indices = torch.stack([torch.randperm(20)[:k_aux] + 5 for _ in range(n)])
+    results = []
+    for mask in (dead, None):
+        W = torch.randn(F, d, dtype=torch.float64, generator=torch.Generator().manual_seed(10)).requires_grad_()
+        values = torch.rand(n, k_aux, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+        values.requires_grad_()
+        loss = auxk_loss(residual, values, aux_indices, W, mask)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (values, W))))
+    # by hand: ê = Σ v W[i], loss = ||e − ê||² / ||e − mean(e)||²
+    e_hat = (values.detach().unsqueeze(-1) * W.detach()[aux_indices]).sum(1)
+    by_hand = (residual - e_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+    torch.testing.assert_close(results[0][0], by_hand, rtol=1e-12, atol=0)
+    for dense, sparse in zip(*results):
+        torch.testing.assert_close(dense, sparse, rtol=1e-12, atol=1e-12)

@@ -219,19 +219,88 @@ inline float from_orderable(uint32_t key) {
 // The k-th largest of values[0..n) (no NaN, at least k of them finite), found bit by bit from the top: the largest
 // key t with at least k keys >= t. Each step is a vectorised count, so it runs without the unpredictable branches
 // of nth_element (several times faster for the few hundred block maxima it serves).
+// The largest t with at least k of key[0..n) >= t (the k-th largest key), bit by bit from the top; each step is
+// a vectorised count in 32-bit lanes.
+inline uint32_t kth_largest_key(const uint32_t* __restrict__ key, int32_t n, int64_t k) {
+  uint32_t t = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t candidate = t | (1u << bit);
+    int32_t count = 0;
+#pragma omp simd reduction(+ : count)
+    for (int32_t j = 0; j < n; ++j) count += key[j] >= candidate ? 1 : 0;
+    if (count >= k) t = candidate;
+  }
+  return t;
+}
+
 inline float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& keys) {
   keys.resize(n);
   uint32_t* __restrict__ key = keys.data();
   for (int64_t g = 0; g < n; ++g) key[g] = orderable(values[g]);
-  uint32_t t = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t candidate = t | (1u << bit);
-    int64_t count = 0;
-#pragma omp simd reduction(+ : count)
-    for (int64_t g = 0; g < n; ++g) count += key[g] >= candidate ? 1 : 0;
-    if (count >= k) t = candidate;
+  return from_orderable(kth_largest_key(key, static_cast<int32_t>(n), k));
+}
+
+// Top k without a block bound (k close to F, e.g. AuxK's k_aux among the dead latents): the k-th largest key t of
+// the candidates (masked-out and NaN entries excluded), then every key above t and the lowest-index keys equal to
+// t, written in index order (unsorted) or sorted. False when at most k entries are candidates (the caller's pool
+// path then keeps them all, NaN-padded as documented).
+inline bool select_by_key(const float* __restrict__ row, const bool* __restrict__ mask, int64_t F, int64_t k,
+                          bool sorted, float* out_v, int64_t* out_i, std::vector<uint32_t>& keys,
+                          std::vector<uint64_t>& wide) {
+  keys.resize(F);
+  uint32_t* __restrict__ key = keys.data();
+  const uint32_t* __restrict__ bits = reinterpret_cast<const uint32_t*>(row);
+  const int32_t n = static_cast<int32_t>(F);
+  int32_t valid = 0;
+  // branch-free orderable keys (see orderable): NaN (exponent all ones, mantissa not 0) and masked-out entries get 0
+  if (mask) {
+    const uint8_t* __restrict__ keep = reinterpret_cast<const uint8_t*>(mask);
+#pragma omp simd reduction(+ : valid)
+    for (int32_t j = 0; j < n; ++j) {
+      const uint32_t b = bits[j] == 0x80000000u ? 0u : bits[j];
+      const uint32_t ordered = b ^ ((0u - (b >> 31)) | 0x80000000u);
+      const bool ok = keep[j] != 0 && (b & 0x7FFFFFFFu) <= 0x7F800000u;
+      key[j] = ok ? ordered : 0u;
+      valid += ok ? 1 : 0;
+    }
+  } else {
+#pragma omp simd reduction(+ : valid)
+    for (int32_t j = 0; j < n; ++j) {
+      const uint32_t b = bits[j] == 0x80000000u ? 0u : bits[j];
+      const uint32_t ordered = b ^ ((0u - (b >> 31)) | 0x80000000u);
+      const bool ok = (b & 0x7FFFFFFFu) <= 0x7F800000u;
+      key[j] = ok ? ordered : 0u;
+      valid += ok ? 1 : 0;
+    }
   }
-  return from_orderable(t);
+  if (valid <= k) return false;
+  const uint32_t t = kth_largest_key(key, static_cast<int32_t>(F), k);
+  int32_t above = 0;
+#pragma omp simd reduction(+ : above)
+  for (int32_t j = 0; j < static_cast<int32_t>(F); ++j) above += key[j] > t ? 1 : 0;
+  // branch-free: every entry is written at the next free slot, which advances only when it is kept (exactly k are:
+  // all above t, then the first k - above equal to t), so one slot past k takes the writes after the last keep
+  int64_t ties = k - above, taken = 0;
+  wide.resize(k + 1);
+  int64_t* slot = reinterpret_cast<int64_t*>(wide.data());
+  for (int64_t j = 0; j < F; ++j) {
+    const bool tie = key[j] == t && ties > 0;
+    ties -= tie ? 1 : 0;
+    slot[taken] = j;
+    taken += (key[j] > t || tie) ? 1 : 0;
+  }
+  for (int64_t p = 0; p < k; ++p) { out_i[p] = slot[p]; out_v[p] = row[slot[p]]; }
+  if (sorted) {
+    wide.resize(k);
+    for (int64_t p = 0; p < k; ++p)
+      wide[p] = (static_cast<uint64_t>(orderable(out_v[p])) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(out_i[p]));
+    std::sort(wide.begin(), wide.end(), std::greater<uint64_t>());
+    for (int64_t p = 0; p < k; ++p) {
+      out_v[p] = from_orderable(static_cast<uint32_t>(wide[p] >> 32));
+      out_i[p] = 0xFFFFFFFFu - static_cast<uint32_t>(wide[p] & 0xFFFFFFFFu);
+    }
+  }
+  return true;
 }
 
 void select_top(const float* __restrict__ row, const bool* __restrict__ mask, int64_t F, int64_t k, bool sorted,
@@ -240,8 +309,11 @@ void select_top(const float* __restrict__ row, const bool* __restrict__ mask, in
   const float neg = -std::numeric_limits<float>::infinity();
   int64_t block = 1;
   while (block * 2 * 4 * k <= F) block *= 2;
-  float bound = neg;  // k close to F (block 1): no useful bound, every candidate is kept
-  const int64_t blocks = block > 1 ? (F + block - 1) / block : 0;
+  // blocks of fewer than 4 columns (k above F / 32, e.g. AuxK's k_aux): a bound from them leaves too many
+  // candidates to scan and partially sort; the key search over the whole row is cheaper
+  if (block < 4 && select_by_key(row, mask, F, k, sorted, out_v, out_i, keys, wide)) return;
+  float bound = neg;  // k close to F: no useful bound, every candidate is kept
+  const int64_t blocks = block >= 4 ? (F + block - 1) / block : 0;
   if (blocks > 0) {
     // block g holds the columns j = g (mod blocks): the maxima are element-wise maxima of consecutive
     // blocks-wide slices of the row (vector max, no horizontal reductions); any partition gives the bound
