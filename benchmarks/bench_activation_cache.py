@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ is not installed: use this checkout
 
 from hf_sae import training_step  # noqa: E402
-from hf_sae.hardware import retain_freed_memory  # noqa: E402
+from hf_sae.hardware import retain_freed_memory, use_huge_pages  # noqa: E402
 from hf_sae.registry import resolve_architecture  # noqa: E402
 from training.activation_cache import ActivationCache, CachedActivations, write_synthetic_cache  # noqa: E402
 
@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds of buffer / batch steps of each kind")
     parser.add_argument("--prefetch", action="store_true", help="gather the next window in a background thread")
     args = parser.parse_args()
-    retain_freed_memory()  # as python -m training.train does on CPU
+    use_huge_pages()  # as python -m training.train does on CPU
+    retain_freed_memory()
     if args.quick:
         args.arch, args.rounds = ["topk"], 2
     with tempfile.TemporaryDirectory(prefix="bench-activation-cache-") as tmp:

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ is not installed: use this checkout
 
 from hf_sae import training_step  # noqa: E402
-from hf_sae.hardware import retain_freed_memory  # noqa: E402
+from hf_sae.hardware import retain_freed_memory, use_huge_pages  # noqa: E402
 from hf_sae.sites import resolve_site  # noqa: E402
 from training.config import make_config  # noqa: E402
 from training.data import dataset_factories, excluded_token_ids, training_windows  # noqa: E402
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--harvest-rounds", type=int, default=2, help="buffer fills per harvest measurement")
     parser.add_argument("--steps", type=int, default=10, help="SAE steps per step measurement")
     args = parser.parse_args()
+    use_huge_pages()
     retain_freed_memory()  # both halves in the process state of the run, which sets it before loading the LM
     cfg = make_config({"tokens": args.tokens} if args.tokens else {})
     model, tokenizer = load_language_model(cfg, torch.device("cpu"))

@@ -24,8 +24,9 @@ logging and checkpointing of each trainer are left out of all three):
   warm-up + cosine schedule, the architecture's default learning rate). The step is: forward with the TopK loss and
   AuxK on dead latents (config default ``auxk=True``), the dead-latent counters, backward, removal of the decoder
   gradient parallel to the decoder rows, gradient-norm clipping, AdamW, scheduler, decoder rows renormalised.
-  Its worker keeps freed memory for reuse (``hf_sae.hardware.retain_freed_memory``), as ``training/train.py``
-  does on CPU; the peers' workers run with glibc's defaults, as their trainers do.
+  Its worker keeps freed memory for reuse (``hf_sae.hardware.retain_freed_memory``) and puts large tensors on
+  transparent huge pages (``hf_sae.hardware.use_huge_pages``), as ``training/train.py`` does on CPU; the peers'
+  workers run with glibc's and torch's defaults, as their trainers do.
   bf16: the same call with ``autocast_dtype=torch.bfloat16`` (and any config fields given by ``--ours-bf16-config``,
   for a native bf16 encoder path).
 - **sparsify** (``eai-sparsify`` 1.3.3, ``Trainer.fit``): decoder rows renormalised, dead mask from the
@@ -244,15 +245,17 @@ def serve(spec: dict) -> None:
     try:
         torch.set_num_threads(spec["threads"])
         shape, lib, bf16 = Shape(**spec["shape"]), spec["lib"], spec["precision"] == "bf16"
+        if lib == OURS:  # what training/train.py does on CPU, before any large tensor (the peers' keep the defaults)
+            from hf_sae.hardware import retain_freed_memory, use_huge_pages
+
+            use_huge_pages()
+            retain_freed_memory()
         torch.manual_seed(0)
         data = torch.randn(4, shape.batch, shape.d_in)
         import_library(lib)  # so the memory figures leave out the imports
         rss_before_build = _rss_bytes()
         torch.manual_seed(1)
         if lib == OURS:
-            from hf_sae.hardware import retain_freed_memory
-
-            retain_freed_memory()  # what training/train.py does on CPU (the peers' trainers keep glibc's defaults)
             step = build_hf_sae_step(shape, bf16, spec["ours_bf16_config"])
         elif lib == "sparsify":
             step = build_sparsify_step(shape, bf16, data[0])

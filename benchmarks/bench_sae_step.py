@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from hf_sae import training_step
-from hf_sae.hardware import has_native_bf16, retain_freed_memory
+from hf_sae.hardware import has_native_bf16, retain_freed_memory, use_huge_pages
 from hf_sae.registry import resolve_architecture
 
 SHAPES = {
@@ -119,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    retained = retain_freed_memory()  # as python -m training.train does on CPU
+    huge = use_huge_pages()  # as python -m training.train does on CPU, before any large tensor
+    retained = retain_freed_memory()
     rounds = args.rounds or (5 if args.quick else 9)
     shapes = ["small"] if args.quick else list(SHAPES)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} interleaved rounds, medians")
@@ -130,6 +131,7 @@ def main() -> None:
     )
     print(f"CPU bf16 matrix units (AVX512-BF16 / AMX): {units}")
     print(f"freed memory kept for reuse (hf_sae.hardware.retain_freed_memory, as in training): {retained}")
+    print(f"large tensors on transparent huge pages (hf_sae.hardware.use_huge_pages, as in training): {huge}")
     results = {}
     for name in shapes:
         results[name] = measure(SHAPES[name], rounds)

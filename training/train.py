@@ -44,7 +44,7 @@ from transformers.utils import logging as transformers_logging
 
 from hf_sae import training_step
 from hf_sae.errors import HfSaeError, NonFiniteLossError, ResumeError, TrainConfigError
-from hf_sae.hardware import retain_freed_memory
+from hf_sae.hardware import retain_freed_memory, use_huge_pages
 from hf_sae.latent_parallel import gather_sae, shard_optimizer_state, shard_sae
 from hf_sae.modeling_sae import SAEOutput
 from hf_sae.sites import resolve_site
@@ -118,7 +118,8 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], resources: ExitStack) -> 
     if not accelerator.is_main_process:
         logging.getLogger("training").setLevel(logging.WARNING)  # one voice: the main process reports
     torch.use_deterministic_algorithms(cfg.deterministic if cfg.deterministic is not None else device.type == "cpu")
-    if device.type == "cpu":  # each step reuses the last one's pages instead of faulting in fresh ones
+    if device.type == "cpu":  # each step reuses the last one's pages instead of faulting in fresh ones, huge ones
+        use_huge_pages()
         retain_freed_memory()
     set_seed(cfg.seed)
 
