@@ -5,6 +5,7 @@ test session allocated before."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,7 +38,11 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_a_freed_large_tensor_reuses_its_pages():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, timeout=120)
+    # torch's own huge-page allocations off (hf_sae.hardware.use_huge_pages, called in-process by the training
+    # script, sets the variable for later children): this counts 4 KiB page faults
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    command = [sys.executable, "-c", SCRIPT]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120, env=env)
     default, reused, retained, again = out.stdout.split()
     if retained != "True":
         pytest.skip("not glibc: retain_freed_memory is a no-op here")
