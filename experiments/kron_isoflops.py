@@ -317,7 +317,7 @@ Command: `nice -n 5 python experiments/kron_isoflops.py --train` (numbers: `expe
 
 Step cost: the runs' wall-clock per step and SAE on this shared CPU (other jobs ran beside them, so these are not
 a benchmark): {timing}. The side-by-side benchmark (section 4, `bench_sae_step.py`, d_sae 16384, K 64) measured a
-KronSAE / TopK step-time ratio of 0.90 for (2, 4) and 0.65 for (4, 8), against encoder FLOP ratios 0.75 and 0.375.
+KronSAE / TopK step-time ratio of 0.85 for (2, 4) and 0.57 for (4, 8), against encoder FLOP ratios 0.75 and 0.375.
 """
 
 
