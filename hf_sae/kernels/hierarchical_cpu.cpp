@@ -195,12 +195,6 @@ inline bool before(const std::pair<float, int64_t>& a, const std::pair<float, in
   return a.first > b.first || (a.first == b.first && a.second < b.second);
 }
 
-// The k largest of row[0..F) (only where mask is true, if given), written to out_v / out_i sorted descending (ties:
-// lower index first). A lower bound of the k-th largest comes from block maxima: with at least 4k blocks, the k-th
-// largest block maximum has k values at or above it. Block g holds the columns j = g mod (number of blocks), so the
-// maxima are vector maxima of consecutive slices; the bound is found by a branch-free bitwise search, only blocks
-// whose maximum reaches it are scanned for candidates (typically a few times k), and those are sorted as 64-bit
-// integer keys.
 // Floats as unsigned integers of the same order (negative ones bit-flipped, positive ones with the sign bit set).
 inline uint32_t orderable(float v) {
   uint32_t bits;
@@ -216,11 +210,9 @@ inline float from_orderable(uint32_t key) {
   return v;
 }
 
-// The k-th largest of values[0..n) (no NaN, at least k of them finite), found bit by bit from the top: the largest
-// key t with at least k keys >= t. Each step is a vectorised count, so it runs without the unpredictable branches
-// of nth_element (several times faster for the few hundred block maxima it serves).
-// The largest t with at least k of key[0..n) >= t (the k-th largest key), bit by bit from the top; each step is
-// a vectorised count in 32-bit lanes.
+// The largest t with at least k of key[0..n) >= t (the k-th largest key), found bit by bit from the top. Each step
+// is a vectorised count in 32-bit lanes, so it runs without the unpredictable branches of nth_element (several
+// times faster for the few hundred block maxima, or the few thousand scores, it serves).
 inline uint32_t kth_largest_key(const uint32_t* __restrict__ key, int32_t n, int64_t k) {
   uint32_t t = 0;
   for (int bit = 31; bit >= 0; --bit) {
@@ -233,6 +225,7 @@ inline uint32_t kth_largest_key(const uint32_t* __restrict__ key, int32_t n, int
   return t;
 }
 
+// The k-th largest of values[0..n) (no NaN, at least k of them finite).
 inline float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& keys) {
   keys.resize(n);
   uint32_t* __restrict__ key = keys.data();
@@ -303,6 +296,12 @@ inline bool select_by_key(const float* __restrict__ row, const bool* __restrict_
   return true;
 }
 
+// The k largest of row[0..F) (only where mask is true, if given), written to out_v / out_i sorted descending (ties:
+// lower index first). A lower bound of the k-th largest comes from block maxima: with at least 4k blocks, the k-th
+// largest block maximum has k values at or above it. Block g holds the columns j = g mod (number of blocks), so the
+// maxima are vector maxima of consecutive slices; the bound is found by a branch-free bitwise search, only blocks
+// whose maximum reaches it are scanned for candidates (typically a few times k), and those are sorted as 64-bit
+// integer keys.
 void select_top(const float* __restrict__ row, const bool* __restrict__ mask, int64_t F, int64_t k, bool sorted,
                 float* out_v, int64_t* out_i, std::vector<float>& maxima, std::vector<uint32_t>& keys,
                 std::vector<uint64_t>& wide, std::vector<std::pair<float, int64_t>>& pool) {
