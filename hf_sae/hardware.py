@@ -94,7 +94,9 @@ def _enable_huge_pages() -> bool:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     before = _anon_huge_kib()
     probe = torch.ones(4 * HUGE_PAGE, dtype=torch.uint8)  # touched: the kernel backs it now, huge pages if asked
-    return _anon_huge_kib() > before and probe.numel() > 0
+    on = _anon_huge_kib() > before
+    del probe
+    return on
 
 
 def _anon_huge_kib() -> int:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_sae.kernels import cpu_kernels
+from hf_sae.losses import auxk_loss
 from hf_sae.sparse import (
     FlatSelectedLinear,
     SparseLatents,
@@ -191,8 +192,6 @@ def test_topk_encoder_backward_with_a_dense_aux_block_equals_the_sparse_one():
 
 
 def test_auxk_loss_through_the_dense_block_equals_the_sparse_decode():
-    from hf_sae.losses import auxk_loss
-
     torch.manual_seed(9)
     n, d, F, k_aux = 11, 7, 40, 6
     residual = torch.randn(n, d, dtype=torch.float64)

@@ -107,10 +107,10 @@ inline void backward_row(int64_t b, const T* values, const int64_t* indices, con
     const T coef = -scale * v;
     T* __restrict__ g = grad_W + f * d;
     // one pass: S_t = S_{t+1} + w r_t, <e, S_t>, r_{t-1} = r_t + v e, and grad_W[f] += coef S_t while S_t is in a
-    // register (under the latent's lock: another row may update the same decoder row)
-    if (locks) lock(locks[f]);
+    // register (under the latent's lock, only when it writes: another row may update the same decoder row)
     T dot = 0;
     if (coef != T(0)) {
+      if (locks) lock(locks[f]);
 #pragma omp simd reduction(+ : dot)
       for (int64_t c = 0; c < d; ++c) {
         const T s = S[c] + w * r[c];
@@ -119,6 +119,7 @@ inline void backward_row(int64_t b, const T* values, const int64_t* indices, con
         r[c] += v * e[c];
         g[c] += coef * s;
       }
+      if (locks) unlock(locks[f]);
     } else {
 #pragma omp simd reduction(+ : dot)
       for (int64_t c = 0; c < d; ++c) {
@@ -128,7 +129,6 @@ inline void backward_row(int64_t b, const T* values, const int64_t* indices, con
         r[c] += v * e[c];
       }
     }
-    if (locks) unlock(locks[f]);
     grad_values[b * K + t] = -scale * dot;
   }
   T* __restrict__ out = suffix_out + b * d;
@@ -196,11 +196,16 @@ inline bool before(const std::pair<float, int64_t>& a, const std::pair<float, in
 }
 
 // Floats as unsigned integers of the same order (negative ones bit-flipped, positive ones with the sign bit set).
+// Branch-free on the bits, so loops over it vectorise.
+inline uint32_t orderable_bits(uint32_t bits) {
+  bits = bits == 0x80000000u ? 0u : bits;  // -0 == +0: one key, so ties between them still go to the lower index
+  return bits ^ ((0u - (bits >> 31)) | 0x80000000u);
+}
+
 inline uint32_t orderable(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  if (bits == 0x80000000u) bits = 0;  // -0 == +0: one key, so ties between them still go to the lower index
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return orderable_bits(bits);
 }
 
 inline float from_orderable(uint32_t key) {
@@ -233,6 +238,21 @@ inline float kth_largest(const float* values, int64_t n, int64_t k, std::vector<
   return from_orderable(kth_largest_key(key, static_cast<int32_t>(n), k));
 }
 
+// Orderable keys of bits[0..n) into key, NaN (exponent all ones, mantissa not 0) and masked-out entries 0 (below
+// every real float); returns how many are neither. One instance per case keeps each loop vectorised.
+template <bool Masked>
+inline int32_t build_keys(const uint32_t* __restrict__ bits, const uint8_t* __restrict__ keep, int32_t n,
+                          uint32_t* __restrict__ key) {
+  int32_t valid = 0;
+#pragma omp simd reduction(+ : valid)
+  for (int32_t j = 0; j < n; ++j) {
+    const bool ok = (!Masked || keep[j] != 0) && (bits[j] & 0x7FFFFFFFu) <= 0x7F800000u;
+    key[j] = ok ? orderable_bits(bits[j]) : 0u;
+    valid += ok ? 1 : 0;
+  }
+  return valid;
+}
+
 // Top k without a block bound (k close to F, e.g. AuxK's k_aux among the dead latents): the k-th largest key t of
 // the candidates (masked-out and NaN entries excluded), then every key above t and the lowest-index keys equal to
 // t, written in index order (unsorted) or sorted. False when at most k entries are candidates (the caller's pool
@@ -244,28 +264,8 @@ inline bool select_by_key(const float* __restrict__ row, const bool* __restrict_
   uint32_t* __restrict__ key = keys.data();
   const uint32_t* __restrict__ bits = reinterpret_cast<const uint32_t*>(row);
   const int32_t n = static_cast<int32_t>(F);
-  int32_t valid = 0;
-  // branch-free orderable keys (see orderable): NaN (exponent all ones, mantissa not 0) and masked-out entries get 0
-  if (mask) {
-    const uint8_t* __restrict__ keep = reinterpret_cast<const uint8_t*>(mask);
-#pragma omp simd reduction(+ : valid)
-    for (int32_t j = 0; j < n; ++j) {
-      const uint32_t b = bits[j] == 0x80000000u ? 0u : bits[j];
-      const uint32_t ordered = b ^ ((0u - (b >> 31)) | 0x80000000u);
-      const bool ok = keep[j] != 0 && (b & 0x7FFFFFFFu) <= 0x7F800000u;
-      key[j] = ok ? ordered : 0u;
-      valid += ok ? 1 : 0;
-    }
-  } else {
-#pragma omp simd reduction(+ : valid)
-    for (int32_t j = 0; j < n; ++j) {
-      const uint32_t b = bits[j] == 0x80000000u ? 0u : bits[j];
-      const uint32_t ordered = b ^ ((0u - (b >> 31)) | 0x80000000u);
-      const bool ok = (b & 0x7FFFFFFFu) <= 0x7F800000u;
-      key[j] = ok ? ordered : 0u;
-      valid += ok ? 1 : 0;
-    }
-  }
+  const int32_t valid = mask ? build_keys<true>(bits, reinterpret_cast<const uint8_t*>(mask), n, key)
+                             : build_keys<false>(bits, nullptr, n, key);
   if (valid <= k) return false;
   const uint32_t t = kth_largest_key(key, static_cast<int32_t>(F), k);
   int32_t above = 0;
