@@ -374,6 +374,38 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------- seed statistics
+T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95%, by degrees of freedom
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
+    return mean, math.sqrt(var)
+
+
+def pm(values: list[float], digits: int = 4, unit: str = "") -> str:
+    """mean ± sample std over seeds ("(1 seed)" when there is one), ``unit`` after each number."""
+    mean, std = mean_std(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{unit} (1 seed)"
+    return f"{mean:.{digits}f}{unit} ± {std:.{digits}f}{unit}"
+
+
+def paired_stats(deltas: dict[int, float]) -> dict[str, Any]:
+    """Paired differences by seed (seed -> a − b): their mean, std, the paired t statistic, the half-width of the
+    two-sided 95% confidence interval of the mean and whether it excludes zero (the difference is larger than the
+    seed spread)."""
+    values = list(deltas.values())
+    mean, std = mean_std(values)
+    n = len(values)
+    t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else float("nan")
+    half = T_CRITICAL.get(n - 1, 2.0) * std / math.sqrt(n) if n > 1 else float("nan")
+    significant = n > 1 and abs(t) > T_CRITICAL.get(n - 1, 2.0)
+    return {"per_seed": deltas, "mean": mean, "std": std, "n": n, "t": t, "ci95": half, "significant": significant}
+
+
 RESULTS = DOCS / "results.md"
 SECTION_ORDER = ["intro", "pareto", "kron", "flow", "bench", "synthetic", "interp", "missing"]
 

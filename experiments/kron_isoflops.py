@@ -1,10 +1,19 @@
 """KronSAE vs TopK at equal training FLOPs, mAND vs ReLU·ReLU at equal tokens, and the hierarchical KronSAE
 (issue 18, item 3) on the real Gemma 3 270M, resid of layer 6, with the centred encoder (KronSAE reads x − b_dec).
 
-Every SAE is trained by the training CLI from the Pareto experiment's activation cache (experiments/pareto.py:
-524,383 tokens of the training split, several epochs), with the package default recipe (AuxK on, AdamW at the
-architecture's default learning rate, warm-up + cosine), d_sae 4096, k 32, batch 4096, seed 0. The TopK reference
-is the Pareto run's TopK k = 32 SAE (5,242,880 tokens, the same cache and recipe).
+Every SAE is trained by the training CLI from an activation cache of 524,288 tokens of the training split (several
+epochs), with the package default recipe (AuxK on, AdamW at the architecture's default learning rate, warm-up +
+cosine), d_sae 4096, k 32, batch 4096. Three seeds, paired: every seed trains its own TopK k = 32 reference, the
+mAND and ReLU·ReLU KronSAEs at (2, 4) and the mAND one at (4, 8) from the same cache, and the claims are judged on
+the per-seed differences.
+
+- seed 0: the Pareto experiment's cache (experiments/pareto.py, the LM run in bf16 on a CPU with bf16 units); the
+  TopK reference is the Pareto run's TopK k = 32 SAE (5,242,880 tokens, the same cache and recipe); this seed also
+  trains the hierarchical KronSAE (2, 4).
+- seeds 1 and 2: a cache of the same 524,288 tokens harvested with the LM in float32 (``--lm-dtype float32``: the
+  CPU these seeds ran on had no bf16 units, where a bf16 forward is ~6x slower), and a TopK k = 32 reference run of
+  their own. The two caches differ by the LM's rounding only; every compared pair of SAEs shares its cache and its
+  held-out activations (harvested by the same LM), so the paired differences do not mix them.
 
 Iso-FLOPs (the KronSAE paper's protocol): the encoder dominates the training cost, d_in·F multiply-adds per token
 for TopK vs d_in·h·(m+n) for KronSAE (F = h·m·n), forward and backward alike. So a KronSAE gets
@@ -12,14 +21,15 @@ F / (h·(m+n)) = m·n / (m+n) times TopK's tokens: 4/3 for (2, 4) (6,991,872 tok
 (13,983,744). The decoder side (sparse, k·d_in) and the TopK selection are the same for both and left out of the
 count. The ReLU·ReLU and the hierarchical KronSAE train in the (2, 4) run: the same tokens as the mAND one.
 
-Two runs (each resumes from its newest checkpoint; ``--max-train-minutes`` stops training cleanly and evaluates
-what is saved):
+Every run resumes from its newest checkpoint; ``--max-train-minutes`` stops training cleanly and evaluates what is
+saved:
 
-    nice -n 5 python experiments/kron_isoflops.py --train
+    nice -n 5 python experiments/kron_isoflops.py --train            # every seed, then the report
+    nice -n 5 python experiments/kron_isoflops.py --train --seeds 1  # one seed
 
-Held out: EV / L0 / dead on the Pareto experiment's 65,536 held-out tokens at k' ∈ {8, 16, 32}; CE loss recovered
-at k = 32 on its 66 validation windows. Numbers: experiments/results/kron_isoflops.json; the section of
-docs/results.md.
+Held out: EV / L0 / dead on 65,536 tokens of the training split after the cache's windows (no SAE saw them) at
+k' ∈ {8, 16, 32}; CE loss recovered at k = 32 on 66 windows of the validation split. Numbers:
+experiments/results/kron_isoflops.json (by seed); the section of docs/results.md.
 """
 
 from __future__ import annotations
@@ -38,11 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.common import (  # noqa: E402
     ROOT,
     command_text,
+    harvest,
     lm_losses,
     load_model,
     markdown_table,
+    paired_stats,
+    pm,
     recovered,
     run_stage,
+    train_from_cache,
     training_command,
     update_results,
     windows,
@@ -56,10 +70,16 @@ from experiments.pareto import (  # noqa: E402
     run_folder,
 )
 from hf_sae import load_sae  # noqa: E402
+from hf_sae._io import atomic_path  # noqa: E402
 from training.checkpoint import checkpoint_dirs  # noqa: E402
 
-TOPK_TOKENS = 5_242_880  # the Pareto run's TopK k=32 reference
+TOPK_TOKENS = 5_242_880  # TopK k = 32's tokens (the Pareto run's)
 BUDGETS = [8, 16, 32]
+SEEDS = [0, 1, 2]
+CACHE_TOKENS = 524_288
+LATER_CACHE = Path.home() / ".cache" / "hf_sae" / "acts" / "gemma3-270m-L6-resid-lmfp32"  # seeds 1 and 2
+HELD_OUT_TOKENS = 65_536
+RESULTS_PATH = RESULTS_DIR / "kron_isoflops.json"
 
 
 def iso_tokens(m: int, n: int) -> int:
@@ -72,67 +92,89 @@ def kron_entry(m: int, n: int, activation: str = "mand", hierarchical: bool = Fa
     return entry + (f",kron_activation={activation}" if activation != "mand" else "")
 
 
-# run name -> ((m, n), {label: (--sae entry, activation, hierarchical)}), in the order they train
-RUNS = {
-    "m2n4": (
-        (2, 4),
-        {
-            "kron_m2n4_mand": (kron_entry(2, 4), "mand", False),
-            "kron_m2n4_relu": (kron_entry(2, 4, "relu_product"), "relu_product", False),
-            "kron_m2n4_mand_hier": (kron_entry(2, 4, hierarchical=True), "mand", True),
-        },
-    ),
-    "m4n8": ((4, 8), {"kron_m4n8_mand": (kron_entry(4, 8), "mand", False)}),
-}
+def runs_of(seed: int) -> dict[str, tuple[tuple[int, int] | None, int, dict[str, tuple[str, str | None, bool]]]]:
+    """run name -> ((m, n) or None for TopK, tokens, {label: (--sae entry, activation, hierarchical)}) for ``seed``,
+    in the order they train. Seed 0's TopK reference is the Pareto run's, so it has no run here."""
+    m2n4 = {
+        "kron_m2n4_mand": (kron_entry(2, 4), "mand", False),
+        "kron_m2n4_relu": (kron_entry(2, 4, "relu_product"), "relu_product", False),
+    }
+    if seed == 0:
+        m2n4["kron_m2n4_mand_hier"] = (kron_entry(2, 4, hierarchical=True), "mand", True)
+    runs = {} if seed == 0 else {"topk32": (None, TOPK_TOKENS, {"topk32": ("arch=topk,k=32", None, False)})}
+    runs["m2n4"] = ((2, 4), iso_tokens(2, 4), m2n4)
+    runs["m4n8"] = ((4, 8), iso_tokens(4, 8), {"kron_m4n8_mand": (kron_entry(4, 8), "mand", False)})
+    return runs
 
 
-def run_dir(name: str) -> Path:
-    return ROOT / "runs" / f"kron-iso-{name}"
+def run_dir(name: str, seed: int) -> Path:
+    return ROOT / "runs" / (f"kron-iso-{name}" if seed == 0 else f"kron-iso-{name}-seed{seed}")
 
 
-TOKENS = {"m2n4": iso_tokens(2, 4), "m4n8": iso_tokens(4, 8)}  # iso-FLOPs with TopK
+def cache_of(seed: int) -> Path:
+    return CACHE if seed == 0 else LATER_CACHE
+
+
+def lm_dtype_of(seed: int) -> str:
+    """The LM's dtype behind ``seed``'s cache, held-out activations and CE losses."""
+    return "bfloat16" if seed == 0 else "float32"
+
+
+def harvest_command(seed: int) -> list[str]:
+    cache = cache_of(seed)
+    if (cache / "harvest_state.json").exists():
+        return [sys.executable, "-m", "training.harvest", "--resume", str(cache)]
+    command = [sys.executable, "-m", "training.harvest", "--layer", "6", "--site", "resid"]
+    command += ["--tokens", str(CACHE_TOKENS), "--dtype", "bfloat16", "--lm-dtype", lm_dtype_of(seed)]
+    return command + ["--out", str(cache)]
 
 
 def train_command(name: str, seed: int) -> list[str]:
-    _, saes = RUNS[name]
+    _, tokens, saes = runs_of(seed)[name]
     return training_command(
         ["--layer", "6", "--site", "resid"],
         [entry for entry, _, _ in saes.values()],
         d_sae=4096,
-        tokens=TOKENS[name],
+        tokens=tokens,
         seed=seed,
         eval_tokens=32768,
-        run=run_dir(name),
+        run=run_dir(name, seed),
         auxk=True,
         checkpoint_every=512,
         keep_checkpoints=1000,
-        activations=CACHE,
+        activations=cache_of(seed),
     )
 
 
 def train(args) -> None:
-    """Train (or resume) each run until done or until ``--max-train-minutes`` have passed in all."""
+    """Train (or resume) every run of every seed until done or until ``--max-train-minutes`` have passed in all."""
     started = time.perf_counter()
-    for name in RUNS:
-        folder = run_dir(name)
-        if (folder / "metrics.json").exists():
-            continue
-        resume = folder.exists() and bool(checkpoint_dirs(folder))
-        command = [sys.executable, "-m", "training.train", "--resume", str(folder)] if resume else None
-        left = None if args.max_train_minutes is None else args.max_train_minutes * 60 - (time.perf_counter() - started)
-        if left is not None and left < 60:
-            return
-        if not run_stage(command or train_command(name, args.seed), left):
-            return
+    for seed in args.seeds:
+        for name in runs_of(seed):
+            folder = run_dir(name, seed)
+            elapsed = time.perf_counter() - started
+            left = None if args.max_train_minutes is None else args.max_train_minutes * 60 - elapsed
+            if left is not None and left < 60:
+                return
+            if seed == 0:  # the Pareto cache: harvested by experiments/pareto.py
+                if (folder / "metrics.json").exists():
+                    continue
+                resume = folder.exists() and bool(checkpoint_dirs(folder))
+                command = [sys.executable, "-m", "training.train", "--resume", str(folder)] if resume else None
+                done = run_stage(command or train_command(name, seed), left)
+            else:
+                done = train_from_cache(cache_of(seed), harvest_command(seed), folder, train_command(name, seed), left)
+            if not done:
+                return
 
 
-def final_saes(name: str) -> dict[str, tuple[Path, str]]:
+def final_saes(name: str, seed: int) -> dict[str, tuple[Path, str]]:
     """label -> (final SAE folder, its name in the run's metrics) of a finished run (the metrics list its SAEs in the
     entries' order)."""
-    folder = run_dir(name)
+    folder = run_dir(name, seed)
     metrics = json.loads((folder / "metrics.json").read_text())
     names = list(metrics["saes"])
-    labels = list(RUNS[name][1])
+    labels = list(runs_of(seed)[name][2])
     if len(names) != len(labels):
         raise SystemExit(f"{folder}: metrics.json lists {len(names)} SAEs, expected {len(labels)} ({labels}).")
     if len(names) == 1:  # a one-SAE run saves its SAE in the run folder itself
@@ -140,30 +182,36 @@ def final_saes(name: str) -> dict[str, tuple[Path, str]]:
     return {label: (folder / saved, saved) for label, saved in zip(labels, names)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", action="store_true", help="train / resume the runs first")
-    parser.add_argument("--max-train-minutes", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lm-windows", type=int, default=66)
-    args = parser.parse_args()
-    if args.train:
-        train(args)
-    reference = run_folder(0, MAIN)
-    if not (reference / "metrics.json").exists():
-        raise SystemExit(f"the TopK reference ({reference}) has not finished: run experiments/pareto.py first.")
-    x = torch.load(next(reference.glob("held_out_L6_65536_after_*.pt")))
-    results_path = RESULTS_DIR / "kron_isoflops.json"
-    results = json.loads(results_path.read_text())["results"] if results_path.exists() else {}
+def held_out(seed: int, model, tokenizer) -> torch.Tensor:
+    """Seed ``seed``'s held-out activations ((65,536, 640), float32): the training split after its cache's windows,
+    harvested by the LM of its cache; saved once per cache."""
+    if seed == 0:
+        reference = run_folder(0, MAIN)
+        found = sorted(reference.glob("held_out_L6_65536_after_*.pt"))
+        if not found:
+            raise SystemExit(f"the Pareto run's held-out activations are missing in {reference}: run pareto.py first.")
+        return torch.load(found[0])
+    windows_in_cache = json.loads((cache_of(seed) / "manifest.json").read_text())["windows"]
+    path = ROOT / "runs" / "kron-iso-held-out" / f"held_out_L6_{HELD_OUT_TOKENS}_after_{windows_in_cache}_lmfp32.pt"
+    if path.exists():
+        return torch.load(path)
+    key = (6, "resid")
+    x = harvest(model, tokenizer, [key], "train", HELD_OUT_TOKENS, skip_windows=windows_in_cache)[key].float()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(x, tmp)
+    return x
 
-    # the TopK reference: the Pareto seed-0 record's numbers for TopK 32 (its EV at 8 / 16 from the same SAE)
+
+def topk_reference_seed0() -> dict:
+    """Seed 0's TopK k = 32 row: the Pareto seed-0 record's numbers (its EV at 8 / 16 from the same SAE)."""
     pareto = json.loads((RESULTS_DIR / "pareto_seed0.json").read_text())
     if not pareto.get("finished"):
         raise SystemExit("experiments/results/pareto_seed0.json holds interim numbers: evaluate the finished run.")
     final = pareto["curve"][-1]["saes"]["topk32"]
     row = next(r for r in pareto["rows"] if r["label"] == "topk32@32")
-    topk_metrics = json.loads((reference / "metrics.json").read_text())
-    results["topk32"] = {
+    topk_metrics = json.loads((run_folder(0, MAIN) / "metrics.json").read_text())
+    return {
         "mn": None,
         "activation": None,
         "hierarchical": False,
@@ -173,57 +221,140 @@ def main() -> None:
         "dead_eval": final["dead_eval"],
         "ce_recovered": row["ce_recovered"],
         "encoder_columns": 4096,
+        "lm_dtype": "bfloat16",
         "seconds_per_step_per_sae": topk_metrics["run"]["train_seconds"] / (pareto["tokens"] / 4096) / len(MAIN),
     }
-    model = tokenizer = None
-    for name, ((m, n), saes) in RUNS.items():
-        if not (run_dir(name) / "metrics.json").exists():
-            print(f"{name}: not finished (resume with --train); skipped", flush=True)
+
+
+def load_results() -> dict[str, dict[str, dict]]:
+    """seed (a string) -> label -> record; the single-seed format of earlier sessions read as seed 0."""
+    if not RESULTS_PATH.exists():
+        return {}
+    data = json.loads(RESULTS_PATH.read_text())
+    return data["seeds"] if "seeds" in data else {"0": data["results"]}
+
+
+def evaluate_seed(seed: int, results: dict, lm_windows: int) -> None:
+    """Evaluate ``seed``'s finished runs that have no record yet (EV / dead at every budget, CE at k = 32 for all of
+    its SAEs in one set of LM passes) and write them into ``results[str(seed)]``."""
+    records = results.setdefault(str(seed), {})
+    if seed == 0 and "topk32" not in records:
+        records["topk32"] = topk_reference_seed0()
+    runs = runs_of(seed)
+    todo = {}
+    for name, (mn, _, saes) in runs.items():
+        if not (run_dir(name, seed) / "metrics.json").exists():
+            print(f"seed {seed} {name}: not finished (resume with --train); skipped", flush=True)
             continue
-        folders = final_saes(name)
-        todo = [label for label in saes if label not in results]
-        if not todo:
-            continue
-        if model is None:
-            model, tokenizer = load_model("bfloat16")
-        metrics = json.loads((run_dir(name) / "metrics.json").read_text())
-        loaded = {}
-        for label in todo:
-            sae = load_sae(folders[label][0]).eval()
-            if sae.config.model_type != "kron_sae" or (sae.config.base_dim, sae.config.ext_dim) != (m, n):
-                raise SystemExit(f"{folders[label][0]}: expected a kron_sae with (m, n) = {(m, n)}")
-            sae.fold_activation_scale()  # a no-op on the CLI's final (already folded) SAEs
-            loaded[label] = sae
-        input_ids, attention_mask = windows(tokenizer, "validation", args.lm_windows)
-        splices = {label: (sae, 32) for label, sae in loaded.items()}
-        losses = lm_losses(model, input_ids, attention_mask, splices, ablate_sae=next(iter(loaded.values())))
-        for label, sae in loaded.items():
-            entry, activation, hierarchical = saes[label]
-            ev = evaluate(sae, x, BUDGETS)
-            results[label] = {
-                "mn": [m, n],
-                "activation": activation,
-                "hierarchical": hierarchical,
-                "tokens": metrics["run"]["tokens"],
-                "ev": {b: ev[b] for b in ("8", "16", "32")},
-                "dead_train": metrics["saes"][folders[label][1]]["dead_fraction"],
-                "dead_eval": ev["dead_eval"],
-                "ce_recovered": recovered(losses, label),
-                "losses": losses,
-                "encoder_columns": sae.config.num_heads * (m + n),
-                "apply_b_dec_to_input": bool(sae.config.apply_b_dec_to_input),
-                "seconds_per_step_per_sae": metrics["run"]["train_seconds"] / metrics["run"]["steps"] / len(saes),
-                "command": command_text(train_command(name, args.seed)),
-            }
-        write_json(results_path, {"results": results, "args": {k: str(v) for k, v in vars(args).items()}})
+        folders = final_saes(name, seed)
+        todo.update({label: (name, mn, folders[label]) for label in saes if label not in records})
+    if not todo:
+        return
+    model, tokenizer = load_model(lm_dtype_of(seed))
+    x = held_out(seed, model, tokenizer)
+    loaded = {}
+    for label, (_, mn, (folder, _)) in todo.items():
+        sae = load_sae(folder).eval()
+        expected = ("hierarchical_sae", False) if mn is None else ("kron_sae", tuple(mn))
+        shape = bool(sae.config.hierarchical) if mn is None else (sae.config.base_dim, sae.config.ext_dim)
+        found = (sae.config.model_type, shape)
+        if found != expected:
+            raise SystemExit(f"{folder}: expected {expected}, found {found}")
+        sae.fold_activation_scale()  # a no-op on the CLI's final (already folded) SAEs
+        loaded[label] = sae
+    input_ids, attention_mask = windows(tokenizer, "validation", lm_windows)
+    splices = {label: (sae, 32) for label, sae in loaded.items()}
+    losses = lm_losses(model, input_ids, attention_mask, splices, ablate_sae=next(iter(loaded.values())))
+    for label, sae in loaded.items():
+        name, mn, (_, saved) = todo[label]
+        entry, activation, hierarchical = runs[name][2][label]
+        metrics = json.loads((run_dir(name, seed) / "metrics.json").read_text())
+        ev = evaluate(sae, x, BUDGETS)
+        records[label] = {
+            "mn": None if mn is None else list(mn),
+            "activation": activation,
+            "hierarchical": hierarchical,
+            "tokens": metrics["run"]["tokens"],
+            "ev": {b: ev[b] for b in ("8", "16", "32")},
+            "dead_train": metrics["saes"][saved]["dead_fraction"],
+            "dead_eval": ev["dead_eval"],
+            "ce_recovered": recovered(losses, label),
+            "losses": losses,
+            "encoder_columns": 4096 if mn is None else sae.config.num_heads * (mn[0] + mn[1]),
+            "apply_b_dec_to_input": bool(getattr(sae.config, "apply_b_dec_to_input", True)),
+            "lm_dtype": lm_dtype_of(seed),
+            "seconds_per_step_per_sae": metrics["run"]["train_seconds"] / metrics["run"]["steps"] / len(runs[name][2]),
+            "command": command_text(train_command(name, seed)),
+            "harvest_command": command_text(harvest_command(seed)) if seed else None,
+        }
+        write_json(RESULTS_PATH, {"seeds": results})
+        print(f"seed {seed} {label}: EV@32 {records[label]['ev']['32']['explained_variance']:.4f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", action="store_true", help="train / resume the runs first")
+    parser.add_argument("--max-train-minutes", type=float, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    parser.add_argument("--lm-windows", type=int, default=66)
+    args = parser.parse_args()
+    if args.train:
+        train(args)
+    results = load_results()
+    for seed in args.seeds:
+        evaluate_seed(seed, results, args.lm_windows)
+    write_json(RESULTS_PATH, {"seeds": results})
     update_results("kron", section(results))
     print(section(results))
 
 
+LABELS = ["topk32", "kron_m2n4_mand", "kron_m2n4_relu", "kron_m2n4_mand_hier", "kron_m4n8_mand"]
+
+
+def ev_at(record: dict, budget: str = "32") -> float:
+    return record["ev"][budget]["explained_variance"]
+
+
+def paired(results: dict, a: str, b: str, metric) -> dict | None:
+    """metric(a) − metric(b) per seed that trained both (``metric``: record -> float), as
+    :func:`experiments.common.paired_stats`."""
+    deltas = {int(seed): metric(r[a]) - metric(r[b]) for seed, r in sorted(results.items()) if a in r and b in r}
+    return paired_stats(deltas) if deltas else None
+
+
+def verdict(stats: dict, better: bool) -> str:
+    """The claim "a > b" (``better``) or "a ≥ b" judged on the paired differences: with several seeds, holds when
+    the 95% interval lies above zero, does not hold when it lies below, else a tie within the seed spread; one
+    seed is a single difference with no spread to judge it by."""
+    if stats["n"] < 2:
+        return "inconclusive (one seed)"
+    low, high = stats["mean"] - stats["ci95"], stats["mean"] + stats["ci95"]
+    if low > 0:
+        return "holds"
+    if high < 0:
+        return "does not hold"
+    return ("does not hold: a tie within the seed spread" if better else "holds as a tie within the seed spread") + (
+        f" (95% interval {low:+.4f} to {high:+.4f})"
+    )
+
+
+def describe_paired(stats: dict, digits: int = 4, unit: str = "") -> str:
+    per_seed = ", ".join(f"{v:+.{digits}f}{unit}" for v in stats["per_seed"].values())
+    if stats["n"] < 2:
+        return f"Δ {per_seed} (seed {next(iter(stats['per_seed']))})"
+    spread = f"{stats['mean']:+.{digits}f}{unit} ± {stats['std']:.{digits}f}{unit}"
+    return f"Δ per seed {per_seed}; mean {spread} (t {stats['t']:.1f}, n {stats['n']})"
+
+
 def section(results: dict) -> str:
-    base = results["topk32"]
+    by_label = {label: [r[label] for _, r in sorted(results.items()) if label in r] for label in LABELS}
+    seeds_of = {label: [int(s) for s, r in sorted(results.items()) if label in r] for label in LABELS}
+    base = results["0"]["topk32"]
     rows = []
-    for label, r in results.items():
+    for label, found in by_label.items():
+        if not found:
+            continue
+        r = found[0]
         flops = r["encoder_columns"] * r["tokens"] / (base["encoder_columns"] * base["tokens"])
         rows.append(
             [
@@ -231,12 +362,13 @@ def section(results: dict) -> str:
                 "-" if r["mn"] is None else f"({r['mn'][0]}, {r['mn'][1]})",
                 r["activation"] or "-",
                 "yes" if r["hierarchical"] else "no",
+                ", ".join(map(str, seeds_of[label])),
                 f"{r['tokens']:,}",
                 f"{flops:.2f}",
-                *[r["ev"][b]["explained_variance"] for b in ("8", "16", "32")],
-                r["ce_recovered"],
-                f"{100 * r['dead_train']:.1f}%",
-                f"{100 * r['dead_eval']:.1f}%",
+                *[pm([ev_at(f, b) for f in found]) for b in ("8", "16", "32")],
+                pm([f["ce_recovered"] for f in found]),
+                pm([100 * f["dead_train"] for f in found], 1, "%"),
+                pm([100 * f["dead_eval"] for f in found], 1, "%"),
             ]
         )
     table = markdown_table(
@@ -245,6 +377,7 @@ def section(results: dict) -> str:
             "(m, n)",
             "activation",
             "hier. loss",
+            "seeds",
             "train tokens",
             "encoder FLOPs vs TopK",
             "EV k'=8",
@@ -256,68 +389,97 @@ def section(results: dict) -> str:
         ],
         rows,
     )
-    ev = {label: r["ev"]["32"]["explained_variance"] for label, r in results.items()}
-    dead = {label: r["dead_eval"] for label, r in results.items()}
+    per_seed_rows = [
+        [
+            seed,
+            r["topk32"].get("lm_dtype", "bfloat16"),
+            *[f"{ev_at(r[label]):.4f}" if label in r else "-" for label in LABELS],
+        ]
+        for seed, r in sorted(results.items())
+    ]
+    per_seed = markdown_table(
+        ["seed", "LM dtype (cache, held-out, CE)", *[f"{label} EV k=32" for label in LABELS]], per_seed_rows
+    )
     lines = []
     for mn in ("m2n4", "m4n8"):
         label = f"kron_{mn}_mand"
-        if label in ev:
-            delta = ev[label] - ev["topk32"]
-            flops = results[label]["encoder_columns"] * results[label]["tokens"] / (4096 * base["tokens"])
-            if abs(flops - 1) < 0.02:
-                verdict = "holds" if delta >= -0.002 else "does not hold"
-            else:  # fewer FLOPs than TopK: a tie or a win settles the claim, a loss does not
-                verdict = "holds (with fewer FLOPs)" if delta >= -0.002 else "inconclusive (it had fewer FLOPs)"
-            lines.append(
-                f"- KronSAE ≥ TopK at equal encoder FLOPs (paper Table 6, L0 32: EV .814 vs .809, +0.005), {mn} at "
-                f"{flops:.2f}x TopK's encoder FLOPs: {ev[label]:.4f} vs {ev['topk32']:.4f} (Δ {delta:+.4f}): "
-                f"**{verdict}** (one seed)."
+        stats = paired(results, label, "topk32", ev_at)
+        if stats is None:
+            continue
+        r = results["0"][label]
+        flops = r["encoder_columns"] * r["tokens"] / (4096 * base["tokens"])
+        ce = paired(results, label, "topk32", lambda rec: rec["ce_recovered"])
+        lines.append(
+            f"- KronSAE ≥ TopK at equal encoder FLOPs (paper Table 6, L0 32: EV .814 vs .809, +0.005), {mn} at "
+            f"{flops:.2f}x TopK's encoder FLOPs, EV at k=32: {describe_paired(stats)}: **{verdict(stats, False)}**; "
+            f"CE recovered {describe_paired(ce)}: {verdict(ce, False)}."
+            + (
+                f" The paper's +0.005 lies {'inside' if abs(stats['mean'] - 0.005) <= stats['ci95'] else 'outside'} "
+                "our 95% interval."
+                if stats["n"] > 1
+                else ""
             )
-    if "kron_m2n4_relu" in ev and "kron_m2n4_mand" in ev:
-        delta = ev["kron_m2n4_mand"] - ev["kron_m2n4_relu"]
-        lines.append(
-            f"- mAND > ReLU·ReLU at equal tokens (paper Table 1: 0.8445 vs 0.8328, +0.0117), (2, 4): "
-            f"{ev['kron_m2n4_mand']:.4f} vs {ev['kron_m2n4_relu']:.4f} (Δ {delta:+.4f}): "
-            f"**{'holds' if delta > 0.002 else 'does not hold' if delta < -0.002 else 'inconclusive (within 0.002)'}**."
         )
-    if "kron_m2n4_mand_hier" in results and "kron_m2n4_mand" in results:
-        h, p = results["kron_m2n4_mand_hier"]["ev"], results["kron_m2n4_mand"]["ev"]
-        pairs = ", ".join(
-            f"k'={b} {h[b]['explained_variance']:.4f} vs {p[b]['explained_variance']:.4f}" for b in ("8", "16", "32")
-        )
-        lines.append(f"- Hierarchical KronSAE (2, 4) vs the plain-loss one, EV: {pairs}.")
-    kron_dead = [f"{label} {100 * d:.1f}%" for label, d in dead.items() if label != "topk32"]
-    if kron_dead:
+    stats = paired(results, "kron_m2n4_mand", "kron_m2n4_relu", ev_at)
+    if stats is not None:
+        ce = paired(results, "kron_m2n4_mand", "kron_m2n4_relu", lambda rec: rec["ce_recovered"])
         lines.append(
-            f"- Dead latents on the held-out tokens: TopK {100 * dead['topk32']:.1f}%, {', '.join(kron_dead)} (the "
-            "paper reports fewer dead latents for KronSAE than for TopK)."
+            f"- mAND > ReLU·ReLU at equal tokens (paper Table 1: 0.8445 vs 0.8328, +0.0117), (2, 4), EV at k=32: "
+            f"{describe_paired(stats)}: **{verdict(stats, True)}**; CE recovered {describe_paired(ce)}: "
+            f"{verdict(ce, True)}."
+        )
+    zero = results["0"]
+    if "kron_m2n4_mand_hier" in zero and "kron_m2n4_mand" in zero:
+        h, p = zero["kron_m2n4_mand_hier"], zero["kron_m2n4_mand"]
+        pairs = ", ".join(f"k'={b} {ev_at(h, b):.4f} vs {ev_at(p, b):.4f}" for b in ("8", "16", "32"))
+        lines.append(f"- Hierarchical KronSAE (2, 4) vs the plain-loss one, EV (seed 0): {pairs}.")
+    dead = paired(results, "kron_m2n4_mand", "topk32", lambda rec: 100 * rec["dead_eval"])
+    if dead is not None:
+        dead_text = ", ".join(
+            f"{label} {pm([100 * f['dead_eval'] for f in found], 1, '%')}" for label, found in by_label.items() if found
+        )
+        fewer = paired(results, "topk32", "kron_m2n4_mand", lambda rec: rec["dead_eval"])
+        lines.append(
+            f"- Dead latents on the held-out tokens (the paper reports fewer for KronSAE than for TopK): {dead_text}; "
+            f"kron_m2n4_mand − topk32 {describe_paired(dead, 1, ' pp')}: **{verdict(fewer, True)}**."
         )
     timing = ", ".join(
-        f"{label} {r['seconds_per_step_per_sae']:.2f} s"
-        for label, r in results.items()
-        if "seconds_per_step_per_sae" in r
+        f"{label} {pm([f['seconds_per_step_per_sae'] for f in found], 2)} s"
+        for label, found in by_label.items()
+        if found
     )
+    seeds = sorted(int(s) for s in results)
     return f"""## 2. KronSAE vs TopK at equal training FLOPs; mAND vs ReLU·ReLU; hierarchical KronSAE
 
-Gemma 3 270M (bf16), resid of layer 6, d_sae 4096, k 32, batch 4096, AuxK on, seed 0; every SAE trained by the
-training CLI from the Pareto experiment's activation cache with the package default recipe; KronSAEs read the
-centred input x − b_dec (the default since the scale issue). The TopK reference is the Pareto run's TopK k=32 SAE.
-Iso-FLOPs: a KronSAE gets m·n/(m+n) times TopK's {base["tokens"]:,} tokens (its encoder is that much cheaper);
-"encoder FLOPs vs TopK" is the resulting total encoder cost (1.00 = iso-FLOPs). ReLU·ReLU and the hierarchical
-KronSAE get the tokens of the mAND (2, 4) SAE. Held out: EV / dead on the Pareto experiment's 65,536 tokens; CE
-on its 66 validation windows.
+Gemma 3 270M, resid of layer 6, d_sae 4096, k 32, batch 4096, AuxK on, seeds {", ".join(map(str, seeds))}
+(paired); every SAE trained by the training CLI from an activation cache of 524,288 tokens of the training split
+with the package default recipe; KronSAEs read the centred input x − b_dec (the default since the scale issue).
+Seed 0 uses the Pareto experiment's cache (the LM in bf16) and its TopK k=32 SAE as the reference; seeds 1 and 2
+use a cache of the same tokens harvested with the LM in float32 (their machine had no bf16 units) and train their
+own TopK k=32 reference from it. Each seed's SAEs, held-out activations and CE passes share one LM dtype, so
+every paired difference compares SAEs trained and scored on the same activations. Iso-FLOPs: a KronSAE gets
+m·n/(m+n) times TopK's {base["tokens"]:,} tokens (its encoder is that much cheaper); "encoder FLOPs vs TopK" is the
+resulting total encoder cost (1.00 = iso-FLOPs). ReLU·ReLU and the hierarchical KronSAE (seed 0 only) get the
+tokens of the mAND (2, 4) SAE. Held out: EV / dead on 65,536 tokens of the training split after the cache's
+windows; CE on 66 validation windows (8,316 predicted tokens). Mean ± sample std over the seeds listed.
 
 Command: `nice -n 5 python experiments/kron_isoflops.py --train` (numbers: `experiments/results/kron_isoflops.json`).
 
 {table}
 
-**Against the KronSAE paper** (one seed each; at this scale):
+Per seed:
+
+{per_seed}
+
+**Against the KronSAE paper** (paired by seed; "holds" / "does not hold": the two-sided 95% interval of the mean
+difference lies above / below zero; otherwise a tie within the seed spread):
 
 {chr(10).join(lines)}
 
-Step cost: the runs' wall-clock per step and SAE on this shared CPU (other jobs ran beside them, so these are not
-a benchmark): {timing}. The side-by-side benchmark (section 4, `bench_sae_step.py`, d_sae 16384, K 64) measured a
-KronSAE / TopK step-time ratio of 0.85 for (2, 4) and 0.57 for (4, 8), against encoder FLOP ratios 0.75 and 0.375.
+Step cost: the runs' wall-clock per step and SAE on shared CPUs (other jobs ran beside them, and seeds 1–2 ran on
+another machine, so these are not a benchmark): {timing}. The side-by-side benchmark (section 4,
+`bench_sae_step.py`, d_sae 16384, K 64) measured a KronSAE / TopK step-time ratio of 0.85 for (2, 4) and 0.57 for
+(4, 8), against encoder FLOP ratios 0.75 and 0.375.
 """
 
 

@@ -61,6 +61,9 @@ from experiments.common import (  # noqa: E402
     lm_losses,
     load_model,
     markdown_table,
+    mean_std,
+    paired_stats,
+    pm,
     recovered,
     run_stage,
     same_index_rates,
@@ -97,7 +100,6 @@ KINDS = {
     "matryoshka": ("matryoshka", "matryoshka_sae", False),
 }
 VARIABLE_L0 = {"batchtopk", "matryoshka"}  # evaluated at their inference threshold: budget key "thr"
-T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95%, by degrees of freedom
 
 
 def parse_label(label: str) -> tuple[str, int]:
@@ -399,18 +401,6 @@ def load_records() -> list[dict]:
     return sorted(records, key=lambda r: (r["seed"], r["labels"] != MAIN))
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
-    return mean, math.sqrt(var)
-
-
-def pm(values: list[float], digits: int = 4) -> str:
-    """mean ± sample std over seeds ("(1 seed)" when there is one)."""
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f} (1 seed)"
-
-
 def paired(records: list[dict], a: str, b: str, metric: str) -> dict | None:
     """metric(a) − metric(b) over the seeds that measured both rows: per-seed values, mean, std, the paired t
     statistic and whether it exceeds the two-sided 95% critical value (the difference is larger than the seed
@@ -420,14 +410,7 @@ def paired(records: list[dict], a: str, b: str, metric: str) -> dict | None:
         rows = {row["label"]: row for row in r["rows"]}
         if a in rows and b in rows:
             deltas[r["seed"]] = rows[a][metric] - rows[b][metric]
-    if not deltas:
-        return None
-    values = list(deltas.values())
-    mean, std = mean_std(values)
-    n = len(values)
-    t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else float("nan")
-    significant = n > 1 and abs(t) > T_CRITICAL.get(n - 1, 2.0)
-    return {"per_seed": deltas, "mean": mean, "std": std, "n": n, "t": t, "significant": significant}
+    return paired_stats(deltas) if deltas else None
 
 
 def report() -> None:
