@@ -400,7 +400,10 @@ def paired_stats(deltas: dict[int, float]) -> dict[str, Any]:
     values = list(deltas.values())
     mean, std = mean_std(values)
     n = len(values)
-    t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else float("nan")
+    if n > 1 and std > 0:
+        t = mean / (std / math.sqrt(n))
+    else:  # one seed: no spread; identical differences: as far beyond the spread as can be (unless all zero)
+        t = float("nan") if n == 1 or mean == 0 else math.copysign(math.inf, mean)
     half = T_CRITICAL.get(n - 1, 2.0) * std / math.sqrt(n) if n > 1 else float("nan")
     significant = n > 1 and abs(t) > T_CRITICAL.get(n - 1, 2.0)
     return {"per_seed": deltas, "mean": mean, "std": std, "n": n, "t": t, "ci95": half, "significant": significant}

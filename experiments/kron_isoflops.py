@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (  # noqa: E402
+    DOCS,
     ROOT,
     command_text,
     harvest,
@@ -93,18 +94,27 @@ def kron_entry(m: int, n: int, activation: str = "mand", hierarchical: bool = Fa
 
 
 def runs_of(seed: int) -> dict[str, tuple[tuple[int, int] | None, int, dict[str, tuple[str, str | None, bool]]]]:
-    """run name -> ((m, n) or None for TopK, tokens, {label: (--sae entry, activation, hierarchical)}) for ``seed``,
-    in the order they train. Seed 0's TopK reference is the Pareto run's, so it has no run here."""
-    m2n4 = {
-        "kron_m2n4_mand": (kron_entry(2, 4), "mand", False),
-        "kron_m2n4_relu": (kron_entry(2, 4, "relu_product"), "relu_product", False),
-    }
+    """run name -> ((m, n) or None for TopK, tokens, {label: (--sae entry, activation, hierarchical)}) for ``seed``.
+    Seed 0 (an earlier session) trained the (2, 4) SAEs in one run and uses the Pareto run's TopK reference; the
+    other seeds train each SAE in a run of its own, so the runs can be taken in order of priority across seeds
+    (:data:`PRIORITY`)."""
+    mand = {"kron_m2n4_mand": (kron_entry(2, 4), "mand", False)}
+    relu = {"kron_m2n4_relu": (kron_entry(2, 4, "relu_product"), "relu_product", False)}
+    m4n8 = ((4, 8), iso_tokens(4, 8), {"kron_m4n8_mand": (kron_entry(4, 8), "mand", False)})
     if seed == 0:
-        m2n4["kron_m2n4_mand_hier"] = (kron_entry(2, 4, hierarchical=True), "mand", True)
-    runs = {} if seed == 0 else {"topk32": (None, TOPK_TOKENS, {"topk32": ("arch=topk,k=32", None, False)})}
-    runs["m2n4"] = ((2, 4), iso_tokens(2, 4), m2n4)
-    runs["m4n8"] = ((4, 8), iso_tokens(4, 8), {"kron_m4n8_mand": (kron_entry(4, 8), "mand", False)})
-    return runs
+        hier = {"kron_m2n4_mand_hier": (kron_entry(2, 4, hierarchical=True), "mand", True)}
+        return {"m2n4": ((2, 4), iso_tokens(2, 4), mand | relu | hier), "m4n8": m4n8}
+    return {
+        "topk32": (None, TOPK_TOKENS, {"topk32": ("arch=topk,k=32", None, False)}),
+        "m2n4": ((2, 4), iso_tokens(2, 4), mand),
+        "m2n4relu": ((2, 4), iso_tokens(2, 4), relu),
+        "m4n8": m4n8,
+    }
+
+
+# the order the runs of seeds > 0 train in, every seed's run of one name before the next name: the TopK reference
+# and the (2, 4) mAND KronSAE (the headline comparison) first
+PRIORITY = ["topk32", "m2n4", "m2n4relu", "m4n8"]
 
 
 def run_dir(name: str, seed: int) -> Path:
@@ -149,23 +159,24 @@ def train_command(name: str, seed: int) -> list[str]:
 def train(args) -> None:
     """Train (or resume) every run of every seed until done or until ``--max-train-minutes`` have passed in all."""
     started = time.perf_counter()
-    for seed in args.seeds:
-        for name in runs_of(seed):
-            folder = run_dir(name, seed)
-            elapsed = time.perf_counter() - started
-            left = None if args.max_train_minutes is None else args.max_train_minutes * 60 - elapsed
-            if left is not None and left < 60:
-                return
-            if seed == 0:  # the Pareto cache: harvested by experiments/pareto.py
-                if (folder / "metrics.json").exists():
-                    continue
-                resume = folder.exists() and bool(checkpoint_dirs(folder))
-                command = [sys.executable, "-m", "training.train", "--resume", str(folder)] if resume else None
-                done = run_stage(command or train_command(name, seed), left)
-            else:
-                done = train_from_cache(cache_of(seed), harvest_command(seed), folder, train_command(name, seed), left)
-            if not done:
-                return
+    order = [(seed, name) for seed in args.seeds if seed == 0 for name in runs_of(0)]
+    order += [(seed, name) for name in PRIORITY for seed in args.seeds if seed != 0]
+    for seed, name in order:
+        folder = run_dir(name, seed)
+        elapsed = time.perf_counter() - started
+        left = None if args.max_train_minutes is None else args.max_train_minutes * 60 - elapsed
+        if left is not None and left < 60:
+            return
+        if seed == 0:  # the Pareto cache: harvested by experiments/pareto.py
+            if (folder / "metrics.json").exists():
+                continue
+            resume = folder.exists() and bool(checkpoint_dirs(folder))
+            command = [sys.executable, "-m", "training.train", "--resume", str(folder)] if resume else None
+            done = run_stage(command or train_command(name, seed), left)
+        else:
+            done = train_from_cache(cache_of(seed), harvest_command(seed), folder, train_command(name, seed), left)
+        if not done:
+            return
 
 
 def final_saes(name: str, seed: int) -> dict[str, tuple[Path, str]]:
@@ -182,6 +193,12 @@ def final_saes(name: str, seed: int) -> dict[str, tuple[Path, str]]:
     return {label: (folder / saved, saved) for label, saved in zip(labels, names)}
 
 
+def held_out_path(seed: int) -> Path:
+    """Where seeds > 0 keep their held-out activations (one file for their shared cache)."""
+    windows_in_cache = json.loads((cache_of(seed) / "manifest.json").read_text())["windows"]
+    return ROOT / "runs" / "kron-iso-held-out" / f"held_out_L6_{HELD_OUT_TOKENS}_after_{windows_in_cache}_lmfp32.pt"
+
+
 def held_out(seed: int, model, tokenizer) -> torch.Tensor:
     """Seed ``seed``'s held-out activations ((65,536, 640), float32): the training split after its cache's windows,
     harvested by the LM of its cache; saved once per cache."""
@@ -191,8 +208,8 @@ def held_out(seed: int, model, tokenizer) -> torch.Tensor:
         if not found:
             raise SystemExit(f"the Pareto run's held-out activations are missing in {reference}: run pareto.py first.")
         return torch.load(found[0])
+    path = held_out_path(seed)
     windows_in_cache = json.loads((cache_of(seed) / "manifest.json").read_text())["windows"]
-    path = ROOT / "runs" / "kron-iso-held-out" / f"held_out_L6_{HELD_OUT_TOKENS}_after_{windows_in_cache}_lmfp32.pt"
     if path.exists():
         return torch.load(path)
     key = (6, "resid")
@@ -248,6 +265,13 @@ def evaluate_seed(seed: int, results: dict, lm_windows: int) -> None:
             continue
         folders = final_saes(name, seed)
         todo.update({label: (name, mn, folders[label]) for label in saes if label not in records})
+    if seed != 0 and any((run_dir(name, seed) / "metrics.json").exists() for name in runs):
+        x = held_out(seed, None, None) if held_out_path(seed).exists() else None
+        if x is None:
+            model, tokenizer = load_model(lm_dtype_of(seed))
+            x = held_out(seed, model, tokenizer)
+        records["_curves"] = curve_points(seed, x, records.get("_curves", {}))
+        write_json(RESULTS_PATH, {"seeds": results})
     if not todo:
         return
     model, tokenizer = load_model(lm_dtype_of(seed))
@@ -291,6 +315,65 @@ def evaluate_seed(seed: int, results: dict, lm_windows: int) -> None:
         print(f"seed {seed} {label}: EV@32 {records[label]['ev']['32']['explained_variance']:.4f}", flush=True)
 
 
+def curve_points(seed: int, x: torch.Tensor, done: dict) -> dict:
+    """label -> [{"tokens", "ev" (k=32)}, ...] over every kept checkpoint and the final SAE of ``seed``'s finished
+    runs (the training curve: has each SAE converged?). Points already in ``done`` are kept, not re-evaluated."""
+    curves = {}
+    for name, (_, _, saes) in runs_of(seed).items():
+        folder = run_dir(name, seed)
+        if not (folder / "metrics.json").exists():
+            continue
+        finals = final_saes(name, seed)
+        for i, label in enumerate(saes):
+            points = {p["tokens"]: p for p in done.get(label, [])}
+            sources = []
+            for checkpoint in checkpoint_dirs(folder):
+                state = json.loads((checkpoint / "trainer_state.json").read_text())
+                sources.append((int(state.get("tokens", state["step"] * 4096)), checkpoint / f"sae_{i}"))
+            final_tokens = int(json.loads((folder / "metrics.json").read_text())["run"]["tokens"])
+            sources = [s for s in sources if s[0] != final_tokens] + [(final_tokens, finals[label][0])]
+            for tokens, sae_folder in sources:
+                if tokens not in points:
+                    sae = load_sae(sae_folder).eval()
+                    sae.fold_activation_scale()  # a checkpoint's scale is not folded yet; a no-op on final SAEs
+                    points[tokens] = {"tokens": tokens, "ev": evaluate(sae, x, [32])["32"]["explained_variance"]}
+            curves[label] = [points[t] for t in sorted(points)]
+    return curves
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Held-out EV at k = 32 against training tokens, one line per SAE and seed (seeds > 0: their checkpoints)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = dict(zip(LABELS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for seed, records in sorted(results.items()):
+        for label, points in records.get("_curves", {}).items():
+            ax.plot(
+                [p["tokens"] / 1e6 for p in points],
+                [p["ev"] for p in points],
+                marker="o",
+                markersize=3,
+                color=colours[label],
+                linestyle="-" if seed == "1" else "--",
+                label=f"{label} (seed {seed})",
+            )
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("held-out EV at k = 32")
+    ax.set_title("KronSAE vs TopK: training curves (checkpoints every 2.1M tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", action="store_true", help="train / resume the runs first")
@@ -304,6 +387,8 @@ def main() -> None:
     for seed in args.seeds:
         evaluate_seed(seed, results, args.lm_windows)
     write_json(RESULTS_PATH, {"seeds": results})
+    if any("_curves" in records for records in results.values()):
+        plot_curves(results, DOCS / "kron_curves.png")
     update_results("kron", section(results))
     print(section(results))
 
@@ -449,6 +534,20 @@ def section(results: dict) -> str:
         if found
     )
     seeds = sorted(int(s) for s in results)
+    converged = []
+    for seed, records in sorted(results.items()):
+        for label, points in records.get("_curves", {}).items():
+            if len(points) >= 2:
+                a, b = points[-2], points[-1]
+                span = f"{a['tokens'] / 1e6:.1f}M → {b['tokens'] / 1e6:.1f}M"
+                converged.append(f"{label} seed {seed} {b['ev'] - a['ev']:+.4f} ({span})")
+    curve_text = (
+        "Training curves (seeds 1 and 2: held-out EV at k = 32 at every checkpoint; seed 0's checkpoints were not "
+        "kept):\n\n![KronSAE and TopK training curves](kron_curves.png)\n\nEV change over the last checkpoint "
+        f"interval: {', '.join(converged)}.\n"
+        if converged
+        else ""
+    )
     return f"""## 2. KronSAE vs TopK at equal training FLOPs; mAND vs ReLU·ReLU; hierarchical KronSAE
 
 Gemma 3 270M, resid of layer 6, d_sae 4096, k 32, batch 4096, AuxK on, seeds {", ".join(map(str, seeds))}
@@ -471,6 +570,7 @@ Per seed:
 
 {per_seed}
 
+{curve_text}
 **Against the KronSAE paper** (paired by seed; "holds" / "does not hold": the two-sided 95% interval of the mean
 difference lies above / below zero; otherwise a tie within the seed spread):
 
