@@ -1126,9 +1126,31 @@ def seeds_text(args) -> str:
         else ("holds" if len(near) == len(verdicts) and len(far) == len(ks) - 1 else "inconclusive")
     )
     seeds = ", ".join(map(str, runs))
+    kron_text = ""
+    k = int(getattr(args, "k", 16))
+    kron = {
+        seed: [value(r, name, k, m) for name in (f"kron_k{k}", f"topk_k{k}") for m in ("explained_variance", "mcc")]
+        for seed, r in runs.items()
+    }
+    kron = {seed: v for seed, v in kron.items() if None not in v}
+    if len(kron) > 1:
+        ev = paired_stats({seed: kron_ev - topk_ev for seed, (kron_ev, _, topk_ev, _) in kron.items()})
+        mc = paired_stats({seed: kron_mcc - topk_mcc for seed, (_, kron_mcc, _, topk_mcc) in kron.items()})
+        if ev["mean"] - ev["ci95"] >= -0.01 and mc["mean"] - mc["ci95"] >= -0.02:
+            kron_verdict = "holds"
+        elif ev["mean"] + ev["ci95"] < -0.01 or mc["mean"] + mc["ci95"] < -0.02:
+            kron_verdict = "does not hold"
+        else:
+            kron_verdict = "inconclusive"
+        kron_text = (
+            f"\n- **KronSAE (2, 4) competitive with TopK k={k} (EV within 0.01, MCC within 0.02), over {len(kron)} "
+            f"seeds: {kron_verdict}** (KronSAE − TopK, mean ± 95% "
+            f"half-width: EV {ev['mean']:+.4f} ± {ev['ci95']:.4f}, MCC {mc['mean']:+.4f} ± {mc['ci95']:.4f}; per seed "
+            "EV " + ", ".join(f"{v:+.4f}" for v in ev["per_seed"].values()) + ")."
+        )
     return f"""**Seeds {seeds}: the hierarchical comparison** (each seed generates its own ground truth — directions,
 hierarchy, firing probabilities, correlations — and its own rows with the generator above, and initialises its SAEs
-from its own draw; seeds other than 0 train TopK at each k and the hierarchical SAE only; {int(args.samples):,}
+from its own draw; seeds other than 0 train TopK at each k, the hierarchical SAE and KronSAE only; {int(args.samples):,}
 samples each). Mean ± sample std over the seeds; differences paired by seed with the two-sided 95% half-width of
 their mean ("beyond seed spread": the interval excludes zero):
 
@@ -1137,7 +1159,7 @@ their mean ("beyond seed spread": the interval excludes zero):
 - **HierarchicalTopK on/near the separate-TopK frontier (EV within 0.01 at every k') and ≥ 0.05 above the
   truncated TopK, over {len(runs)} seeds: {verdict}** (EV: whole 95% interval below −0.01 at k' ∈
   {{{", ".join(map(str, below)) or "–"}}}; within 0.01 at k' ∈ {{{", ".join(map(str, near)) or "–"}}}; ≥ 0.05 above the
-  truncated TopK at k' ∈ {{{", ".join(map(str, far)) or "–"}}})."""
+  truncated TopK at k' ∈ {{{", ".join(map(str, far)) or "–"}}}).{kron_text}"""
 
 
 def epochs_text(samples: int, generator: dict) -> str:

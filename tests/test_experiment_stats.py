@@ -92,3 +92,27 @@ def test_synthetic_seeds_text_judges_the_hierarchical_gap(monkeypatch):
     )
     monkeypatch.setattr(synthetic, "seed_runs", lambda samples: {0: runs[0]})
     assert synthetic.seeds_text(SimpleNamespace(samples=1000, topk_ks=[4, 8])) == ""
+
+
+def test_synthetic_seeds_text_judges_kron_against_topk(monkeypatch):
+    def run(seed: int, kron_ev: float, topk_ev: float) -> dict:
+        r = synthetic_run(seed, [0.5, 0.8], [0.5, 0.8], [0.3, 0.8])
+        r["evaluations"]["kron_k16@16"] = {"explained_variance": kron_ev, "mcc": 0.50, "f1": 0.2}
+        r["evaluations"]["topk_k16@16"] = {"explained_variance": topk_ev, "mcc": 0.51, "f1": 0.2}
+        return r
+
+    args = SimpleNamespace(samples=1000, topk_ks=[4, 8], k=16)
+    # EV 0.03 below in every seed: the whole interval below -0.01
+    far = {s: run(s, 0.80 + d, 0.83 + d) for s, d in enumerate([0.0, 0.01, -0.01])}
+    monkeypatch.setattr(synthetic, "seed_runs", lambda samples: far)
+    assert "over 3 seeds: does not hold** (KronSAE − TopK, mean ± 95% half-width: EV -0.0300" in (
+        synthetic.seeds_text(args)
+    )
+    # EV 0.002 below, MCC 0.01 below, identical in every seed: within both tolerances
+    near = {s: run(s, 0.828 + d, 0.83 + d) for s, d in enumerate([0.0, 0.01, -0.01])}
+    monkeypatch.setattr(synthetic, "seed_runs", lambda samples: near)
+    assert "over 3 seeds: holds**" in synthetic.seeds_text(args)
+    # deltas -0.03, +0.01: the interval reaches both sides of -0.01
+    wide = {0: run(0, 0.80, 0.83), 1: run(1, 0.84, 0.83)}
+    monkeypatch.setattr(synthetic, "seed_runs", lambda samples: wide)
+    assert "over 2 seeds: inconclusive**" in synthetic.seeds_text(args)
