@@ -265,17 +265,18 @@ def evaluate_seed(seed: int, results: dict, lm_windows: int) -> None:
             continue
         folders = final_saes(name, seed)
         todo.update({label: (name, mn, folders[label]) for label in saes if label not in records})
-    if seed != 0 and any((run_dir(name, seed) / "metrics.json").exists() for name in runs):
-        x = held_out(seed, None, None) if held_out_path(seed).exists() else None
-        if x is None:
-            model, tokenizer = load_model(lm_dtype_of(seed))
-            x = held_out(seed, model, tokenizer)
+    curves = seed != 0 and any((run_dir(name, seed) / "metrics.json").exists() for name in runs)
+    if not todo and not curves:
+        return
+    # the LM only when something needs it (CE passes, or held-out activations not harvested yet)
+    needs_lm = todo or not held_out_path(seed).exists()  # only seeds > 0 get here without ``todo``
+    model, tokenizer = load_model(lm_dtype_of(seed)) if needs_lm else (None, None)
+    x = held_out(seed, model, tokenizer)
+    if curves:
         records["_curves"] = curve_points(seed, x, records.get("_curves", {}))
         write_json(RESULTS_PATH, {"seeds": results})
     if not todo:
         return
-    model, tokenizer = load_model(lm_dtype_of(seed))
-    x = held_out(seed, model, tokenizer)
     loaded = {}
     for label, (_, mn, (folder, _)) in todo.items():
         sae = load_sae(folder).eval()
@@ -291,7 +292,7 @@ def evaluate_seed(seed: int, results: dict, lm_windows: int) -> None:
     losses = lm_losses(model, input_ids, attention_mask, splices, ablate_sae=next(iter(loaded.values())))
     for label, sae in loaded.items():
         name, mn, (_, saved) = todo[label]
-        entry, activation, hierarchical = runs[name][2][label]
+        _, activation, hierarchical = runs[name][2][label]
         metrics = json.loads((run_dir(name, seed) / "metrics.json").read_text())
         ev = evaluate(sae, x, BUDGETS)
         records[label] = {
