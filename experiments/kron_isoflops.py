@@ -408,7 +408,7 @@ def paired(results: dict, a: str, b: str, metric) -> dict | None:
     return paired_stats(deltas) if deltas else None
 
 
-def verdict(stats: dict, better: bool) -> str:
+def verdict(stats: dict, better: bool, digits: int = 4, unit: str = "") -> str:
     """The claim "a > b" (``better``) or "a ≥ b" judged on the paired differences: with several seeds, holds when
     the 95% interval lies above zero, does not hold when it lies below, else a tie within the seed spread; one
     seed is a single difference with no spread to judge it by."""
@@ -420,7 +420,7 @@ def verdict(stats: dict, better: bool) -> str:
     if high < 0:
         return "does not hold"
     return ("does not hold: a tie within the seed spread" if better else "holds as a tie within the seed spread") + (
-        f" (95% interval {low:+.4f} to {high:+.4f})"
+        f" (95% interval {low:+.{digits}f}{unit} to {high:+.{digits}f}{unit})"
     )
 
 
@@ -524,10 +524,10 @@ def section(results: dict) -> str:
         dead_text = ", ".join(
             f"{label} {pm([100 * f['dead_eval'] for f in found], 1, '%')}" for label, found in by_label.items() if found
         )
-        fewer = paired(results, "topk32", "kron_m2n4_mand", lambda rec: rec["dead_eval"])
+        fewer = paired(results, "topk32", "kron_m2n4_mand", lambda rec: 100 * rec["dead_eval"])
         lines.append(
             f"- Dead latents on the held-out tokens (the paper reports fewer for KronSAE than for TopK): {dead_text}; "
-            f"kron_m2n4_mand − topk32 {describe_paired(dead, 1, ' pp')}: **{verdict(fewer, True)}**."
+            f"kron_m2n4_mand − topk32 {describe_paired(dead, 1, ' pp')}: **{verdict(fewer, True, 1, ' pp')}**."
         )
     timing = ", ".join(
         f"{label} {pm([f['seconds_per_step_per_sae'] for f in found], 2)} s"
