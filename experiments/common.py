@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from hf_sae import training_step
-from hf_sae._io import write_json_atomic, write_text_atomic
+from hf_sae._io import atomic_path, write_json_atomic, write_text_atomic
 from hf_sae.metrics import budget_metrics, dead_fraction, fvu
 from hf_sae.sites import resolve_site
 from hf_sae.steering import ActivationPatch, attach
@@ -361,6 +361,15 @@ def train_sae(
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON at ``path``, written atomically (values JSON cannot hold are written with str)."""
     write_json_atomic(path, data)
+
+
+def save_figure(fig, path: Path, dpi: int = 130) -> None:
+    """A matplotlib figure as PNG at ``path``, written atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -46,6 +46,7 @@ from experiments.common import (  # noqa: E402
     load_model,
     markdown_table,
     same_index_rates,
+    save_figure,
     seed_everything,
     train_from_cache,
     training_command,
@@ -62,7 +63,6 @@ from experiments.flow_null import (  # noqa: E402
     same_index_share,
 )
 from hf_sae import load_sae  # noqa: E402
-from hf_sae._io import atomic_path  # noqa: E402
 from hf_sae.flow import FeatureFlow  # noqa: E402
 from hf_sae.flow.predecessors import DEFAULT_THRESHOLDS, PREDECESSOR_SITES, predecessor_keys  # noqa: E402
 from hf_sae.metrics import fvu  # noqa: E402
@@ -220,12 +220,6 @@ def plot_scores(tables: dict, nulls: dict, floor: torch.Tensor, thresholds: dict
     fig.suptitle(f"Feature-flow scores against chance ({shape})", fontsize=11)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
 
 
 def null_report(flow: FeatureFlow, layers: list[int], seed: int, d_in: int, d_sae: int) -> dict:

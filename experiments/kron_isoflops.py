@@ -56,7 +56,7 @@ from experiments.common import (  # noqa: E402
     paired_stats,
     pm,
     recovered,
-    run_stage,
+    save_figure,
     train_from_cache,
     training_command,
     update_results,
@@ -167,14 +167,7 @@ def train(args) -> None:
         left = None if args.max_train_minutes is None else args.max_train_minutes * 60 - elapsed
         if left is not None and left < 60:
             return
-        if seed == 0:  # the Pareto cache: harvested by experiments/pareto.py
-            if (folder / "metrics.json").exists():
-                continue
-            resume = folder.exists() and bool(checkpoint_dirs(folder))
-            command = [sys.executable, "-m", "training.train", "--resume", str(folder)] if resume else None
-            done = run_stage(command or train_command(name, seed), left)
-        else:
-            done = train_from_cache(cache_of(seed), harvest_command(seed), folder, train_command(name, seed), left)
+        done = train_from_cache(cache_of(seed), harvest_command(seed), folder, train_command(name, seed), left)
         if not done:
             return
 
@@ -368,11 +361,7 @@ def plot_curves(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
