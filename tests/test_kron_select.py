@@ -19,10 +19,15 @@ def _dense_scores(pre: torch.Tensor, h: int, m: int, n: int) -> torch.Tensor:
     return (heads[..., :m].relu()[..., :, None] * heads[..., m:].relu()[..., None, :]).reshape(pre.shape[0], -1)
 
 
-@pytest.mark.parametrize("h, m, n, k", [(64, 2, 4, 32), (16, 4, 8, 64), (8, 2, 4, 6), (3, 2, 2, 12), (4, 1, 1, 4)])
-def test_per_head_selection_equals_topk_over_all_scores(h, m, n, k):
+# (300, 2, 3, 8): h >= 8k, so the head bound is searched among the heads above the strided block maxima' bound
+# (300 heads are 9 full strides of 32 blocks and a partial one)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "h, m, n, k", [(64, 2, 4, 32), (16, 4, 8, 64), (8, 2, 4, 6), (3, 2, 2, 12), (4, 1, 1, 4), (300, 2, 3, 8)]
+)
+def test_per_head_selection_equals_topk_over_all_scores(h, m, n, k, dtype):
     torch.manual_seed(0)
-    pre = torch.randn(97, h * (m + n)) + 0.3
+    pre = (torch.randn(97, h * (m + n)) + 0.3).to(dtype)
     dense_values, dense_ids = _dense_scores(pre, h, m, n).topk(k, dim=-1)
     ids, columns = select_topk_latents(pre, h, m, n, k)
     reference = select_topk_latents_reference(pre, h, m, n, k)
@@ -64,6 +69,18 @@ def test_the_kernel_breaks_ties_by_the_smaller_id():
     pre[0, 0], pre[0, 1] = 1.0, 2.0  # head 0: u = 1, w = (2, 0) -> scores (2, 0); head 1: all 0
     ids, _ = kron_cpu_kernels().kron_select_topk(pre, torch.zeros(0), 2, 1, 2, 3)
     assert ids.tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.skipif(kron_cpu_kernels() is None, reason="the KronSAE CPU kernel could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("first", [-0.0, float("nan")])
+def test_negative_zero_and_nan_pre_activations_score_zero(first, dtype):
+    # h = 2, m = 1, n = 2. Head 0: u = first, w = (2, 0) -> scores 0, 0; head 1: u = 1, w = (1, 0.5) -> 1, 0.5.
+    # The top 3 are latents 2, 3, then the zero tie 0 / 1 -> 0. (A -0 score once ranked above every positive one:
+    # its sign bit made the largest integer key; a NaN gave the id 2**32 - 1.)
+    pre = torch.tensor([[first, 2.0, 0.0, 1.0, 1.0, 0.5]], dtype=dtype)
+    ids, columns = kron_cpu_kernels().kron_select_topk(pre, torch.zeros(0, dtype=dtype), 2, 1, 2, 3)
+    assert ids.tolist() == [[2, 3, 0]] and columns.tolist() == [[3, 3, 0, 4, 5, 1]]
 
 
 def test_pre_activations_are_w_times_x_minus_b_dec_plus_b_exactly():

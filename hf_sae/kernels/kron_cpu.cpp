@@ -32,108 +32,180 @@ inline bool better(const Scored<T>& a, const Scored<T>& b) {
   return a.value > b.value || (a.value == b.value && a.id < b.id);
 }
 
-// The k best of `pool` (any order) sorted to its front. For float scores (all >= 0, so their bits order as
-// unsigned integers) each entry becomes one 64-bit key, score bits then the complement of the id, and the keys
-// are sorted as integers: the same order as `better`, several times faster than comparing pairs.
+// Unsigned integers ordered as the scores (all >= +0: rect() below never makes -0 or NaN), as wide as T.
 template <typename T>
-void sort_best(std::vector<Scored<T>>& pool, int64_t k, std::vector<uint64_t>& keys) {
-  if constexpr (std::is_same<T, float>::value) {
-    keys.resize(pool.size());
-    for (size_t p = 0; p < pool.size(); ++p) {
-      uint32_t bits;
-      std::memcpy(&bits, &pool[p].value, sizeof(bits));
-      keys[p] = (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(pool[p].id));
-    }
-    std::partial_sort(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
-    for (int64_t t = 0; t < k; ++t) {
-      const uint32_t bits = static_cast<uint32_t>(keys[t] >> 32);
-      std::memcpy(&pool[t].value, &bits, sizeof(bits));
-      pool[t].id = 0xFFFFFFFFu - static_cast<uint32_t>(keys[t] & 0xFFFFFFFFu);
-    }
-  } else {
-    std::partial_sort(pool.begin(), pool.begin() + k, pool.end(),
-                      [](const Scored<T>& a, const Scored<T>& b) { return better(a, b); });
+struct KeyOf {
+  using type = uint64_t;
+};
+template <>
+struct KeyOf<float> {
+  using type = uint32_t;
+};
+
+template <typename T>
+inline typename KeyOf<T>::type key_of(T value) {
+  typename KeyOf<T>::type bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+template <typename T>
+inline T value_of(typename KeyOf<T>::type key) {
+  T value;
+  std::memcpy(&value, &key, sizeof(value));
+  return value;
+}
+
+// The largest t with at least k of key[0..n) >= t (the k-th largest key, 1 <= k <= n), found bit by bit from the
+// top. Each step is a vectorised count, with none of the unpredictable branches of nth_element.
+template <typename K>
+inline K kth_largest_key(const K* __restrict__ key, int64_t n, int64_t k) {
+  K t = 0;
+  for (int bit = 8 * static_cast<int>(sizeof(K)) - 2; bit >= 0; --bit) {  // the sign bit is 0 for scores >= +0
+    const K candidate = t | (K(1) << bit);
+    int32_t count = 0;
+#pragma omp simd reduction(+ : count)
+    for (int64_t j = 0; j < n; ++j) count += key[j] >= candidate ? 1 : 0;
+    if (count >= k) t = candidate;
   }
+  return t;
 }
 
 // Per-thread buffers of select_row.
 template <typename T>
 struct RowBuffers {
-  std::vector<T> rect, best, maxima;
-  std::vector<Scored<T>> heads, pool;
-  std::vector<uint64_t> keys;
+  using Key = typename KeyOf<T>::type;
+  std::vector<T> rect, u_best, w_best;
+  std::vector<Key> head_keys, maxima, chosen_keys;
+  std::vector<int32_t> chosen;
+  std::vector<uint64_t> keys;       // float: score bits << 32 | complement of the latent id
+  std::vector<Scored<T>> scored;    // double: (score, id) pairs
 };
 
-// One row: rect = ReLU(pre + bias) (h*(m+n)), best[g] = max ReLU(u_g) * max ReLU(w_g). With h >= k the bound t is
-// the k-th largest head best, found among the heads at or above a cheaper bound first (the k-th largest maximum
-// of blocks of heads: k blocks each hold a head that good). The candidates are the latents scoring >= t of the
-// heads whose best is >= t; the k best of them, sorted, are the row's top k (ties: smaller id).
+// The candidates (latents of the chosen heads scoring >= bound) and the k best of them, sorted, into out/columns.
+// float: one 64-bit integer key per latent, score bits then the complement of the id, so sorting the integers
+// orders by score, then smaller id (several times faster than comparing pairs); written branch-free (the slot is
+// kept only when the score reaches the bound). double: (score, id) pairs and `better`.
 template <typename T>
-void select_row(const T* __restrict__ src, const T* __restrict__ bias, int64_t h, int64_t m, int64_t n, int64_t k,
-                int64_t* out, int64_t* columns, RowBuffers<T>& buf) {
-  const int64_t width = m + n, mn = m * n, C = h * width;
-  T* __restrict__ r = buf.rect.data();
-  if (bias) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) r[c] = std::max(src[c] + bias[c], T(0));
+void best_candidates(const T* __restrict__ r, const int32_t* chosen, int64_t n_chosen, T bound, int64_t m, int64_t n,
+                     int64_t k, int64_t* out, int64_t* columns, RowBuffers<T>& buf) {
+  const int64_t width = m + n, mn = m * n;
+  int64_t count = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    buf.keys.resize(n_chosen * mn);
+    uint64_t* __restrict__ keys = buf.keys.data();
+    for (int64_t q = 0; q < n_chosen; ++q) {
+      const int64_t g = chosen[q];
+      const T* p = r + g * width;
+      for (int64_t i = 0; i < m; ++i) {
+        const T u = p[i];
+        const uint32_t first = static_cast<uint32_t>(g * mn + i * n);
+        for (int64_t j = 0; j < n; ++j) {
+          const T score = u * p[m + j];
+          keys[count] = (static_cast<uint64_t>(key_of(score)) << 32) | (0xFFFFFFFFu - (first + static_cast<uint32_t>(j)));
+          count += score >= bound ? 1 : 0;
+        }
+      }
+    }
+    std::partial_sort(keys, keys + k, keys + count, std::greater<uint64_t>());
+    for (int64_t t = 0; t < k; ++t) out[t] = 0xFFFFFFFFu - static_cast<uint32_t>(keys[t] & 0xFFFFFFFFu);
   } else {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) r[c] = std::max(src[c], T(0));
-  }
-  T* __restrict__ best = buf.best.data();
-  for (int64_t g = 0; g < h; ++g) {
-    const T* p = r + g * width;
-    T u_best = 0, w_best = 0;
-    for (int64_t i = 0; i < m; ++i) u_best = std::max(u_best, p[i]);
-    for (int64_t j = 0; j < n; ++j) w_best = std::max(w_best, p[m + j]);
-    best[g] = u_best * w_best;
-  }
-  T bound = 0;  // h < k: every latent is a candidate (scores are >= 0)
-  T coarse = 0;
-  if (h >= k) {
-    int64_t block = 1;
-    while (block * 2 * 4 * k <= h) block *= 2;
-    if (block > 1) {
-      const int64_t blocks = (h + block - 1) / block;
-      T* maxima = buf.maxima.data();
-      for (int64_t q = 0; q < blocks; ++q) {
-        T mx = 0;
-        for (int64_t g = q * block, e = std::min(h, g + block); g < e; ++g) mx = std::max(mx, best[g]);
-        maxima[q] = mx;
-      }
-      std::nth_element(maxima, maxima + (k - 1), maxima + blocks, std::greater<T>());
-      coarse = maxima[k - 1];
+    auto& pool = buf.scored;
+    pool.clear();
+    for (int64_t q = 0; q < n_chosen; ++q) {
+      const int64_t g = chosen[q];
+      const T* p = r + g * width;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          const T score = p[i] * p[m + j];
+          if (score >= bound) pool.push_back(Scored<T>{score, g * mn + i * n + j});
+        }
     }
+    count = static_cast<int64_t>(pool.size());
+    std::partial_sort(pool.begin(), pool.begin() + k, pool.end(),
+                      [](const Scored<T>& a, const Scored<T>& b) { return better(a, b); });
+    for (int64_t t = 0; t < k; ++t) out[t] = pool[t].id;
   }
-  auto& heads = buf.heads;
-  heads.clear();
-  for (int64_t g = 0; g < h; ++g)
-    if (best[g] >= coarse) heads.push_back(Scored<T>{best[g], g});
-  if (h >= k) {
-    std::nth_element(heads.begin(), heads.begin() + (k - 1), heads.end(),
-                     [](const Scored<T>& a, const Scored<T>& b) { return a.value > b.value; });
-    bound = heads[k - 1].value;
-  }
-  auto& pool = buf.pool;
-  pool.clear();
-  for (const auto& head : heads) {
-    if (head.value < bound) continue;
-    const T* p = r + head.id * width;
-    for (int64_t i = 0; i < m; ++i) {
-      const T u = p[i];
-      for (int64_t j = 0; j < n; ++j) {
-        const T s = u * p[m + j];
-        if (s >= bound) pool.push_back(Scored<T>{s, head.id * mn + i * n + j});
-      }
-    }
-  }
-  sort_best(pool, k, buf.keys);
   for (int64_t t = 0; t < k; ++t) {
-    const int64_t id = pool[t].id, g = id / mn, i = (id % mn) / n, j = id % n;
-    out[t] = id;
+    const int64_t id = out[t], g = id / mn, i = (id % mn) / n, j = id % n;
     columns[t] = g * width + i;          // u_{g,i}
     columns[k + t] = g * width + m + j;  // w_{g,j}
   }
+}
+
+// One row: rect = ReLU(pre + bias) (h*(m+n)), best[g] = max ReLU(u_g) * max ReLU(w_g), kept as integer keys. With
+// h >= k the bound t is the k-th largest head best. For many heads it is searched only among the heads at or above
+// a cheaper bound: the k-th largest of 4k strided block maxima (k blocks each hold a head that good; strided, so
+// the maxima are element-wise vector maxima). The candidates are the latents scoring >= t of the heads whose best
+// is >= t (at least k: each such head's best latent); the k best of them, sorted, are the row's top k (ties:
+// smaller id).
+template <typename T>
+void select_row(const T* __restrict__ src, const T* __restrict__ bias, int64_t h, int64_t m, int64_t n, int64_t k,
+                int64_t* out, int64_t* columns, RowBuffers<T>& buf) {
+  using Key = typename KeyOf<T>::type;
+  const int64_t width = m + n, C = h * width;
+  T* __restrict__ r = buf.rect.data();
+  // v > 0 ? v : 0 rather than max(v, 0): -0 and NaN become +0, so the score bits order as unsigned integers
+  if (bias) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = src[c] + bias[c];
+      r[c] = v > T(0) ? v : T(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) r[c] = src[c] > T(0) ? src[c] : T(0);
+  }
+  // per-head maxima as vector loops over the heads (strided reads), one pass per base and per extension index
+  T* __restrict__ u_best = buf.u_best.data();
+  T* __restrict__ w_best = buf.w_best.data();
+#pragma omp simd
+  for (int64_t g = 0; g < h; ++g) {
+    u_best[g] = r[g * width];
+    w_best[g] = r[g * width + m];
+  }
+  for (int64_t i = 1; i < m; ++i) {
+#pragma omp simd
+    for (int64_t g = 0; g < h; ++g) u_best[g] = std::max(u_best[g], r[g * width + i]);
+  }
+  for (int64_t j = 1; j < n; ++j) {
+#pragma omp simd
+    for (int64_t g = 0; g < h; ++g) w_best[g] = std::max(w_best[g], r[g * width + m + j]);
+  }
+  Key* __restrict__ head_keys = buf.head_keys.data();
+#pragma omp simd
+  for (int64_t g = 0; g < h; ++g) head_keys[g] = key_of<T>(u_best[g] * w_best[g]);
+  Key bound = 0;  // h < k: every latent is a candidate (scores are >= 0)
+  if (h >= k) {
+    Key coarse = 0;
+    const int64_t blocks = 4 * k;
+    if (h >= 2 * blocks) {
+      Key* __restrict__ maxima = buf.maxima.data();
+      for (int64_t q = 0; q < blocks; ++q) maxima[q] = head_keys[q];
+      for (int64_t g0 = blocks; g0 < h; g0 += blocks) {
+        const int64_t e = std::min(blocks, h - g0);
+#pragma omp simd
+        for (int64_t q = 0; q < e; ++q) maxima[q] = std::max(maxima[q], head_keys[g0 + q]);
+      }
+      coarse = kth_largest_key(maxima, blocks, k);
+    }
+    int32_t* __restrict__ chosen = buf.chosen.data();
+    Key* __restrict__ chosen_keys = buf.chosen_keys.data();
+    int64_t n_coarse = 0;
+    for (int64_t g = 0; g < h; ++g) {  // branch-free compaction of the heads at or above the coarse bound
+      chosen[n_coarse] = static_cast<int32_t>(g);
+      chosen_keys[n_coarse] = head_keys[g];
+      n_coarse += head_keys[g] >= coarse ? 1 : 0;
+    }
+    bound = kth_largest_key(chosen_keys, n_coarse, k);
+  }
+  int32_t* __restrict__ chosen = buf.chosen.data();
+  int64_t n_chosen = 0;
+  for (int64_t g = 0; g < h; ++g) {
+    chosen[n_chosen] = static_cast<int32_t>(g);
+    n_chosen += head_keys[g] >= bound ? 1 : 0;
+  }
+  best_candidates<T>(r, chosen, n_chosen, value_of<T>(bound), m, n, k, out, columns, buf);
 }
 
 template <typename T>
@@ -143,10 +215,12 @@ void select_rows(const T* pre, const T* bias, int64_t* out, int64_t* columns, in
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
     RowBuffers<T> buf;
     buf.rect.resize(C);
-    buf.best.resize(h);
-    buf.maxima.resize(h);
-    buf.heads.reserve(h);
-    buf.pool.reserve(4 * k);
+    buf.head_keys.resize(h);
+    buf.u_best.resize(h);
+    buf.w_best.resize(h);
+    buf.maxima.resize(4 * k);
+    buf.chosen.resize(h);
+    buf.chosen_keys.resize(h);
     for (int64_t r = begin; r < end; ++r) {
       // the next row's cache lines are fetched while this one is scored: rows are a few KB, and without it each
       // row starts with a train of cache misses the hardware prefetcher does not hide (4x slower reading)
