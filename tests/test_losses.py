@@ -69,6 +69,23 @@ def test_loss_and_gradients_match_naive_oracle(use_kernel, budgets, seed):
     assert torch.allclose(recon, b + (values.unsqueeze(-1) * W[indices]).sum(1))
 
 
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the CPU kernel")
+def test_kernel_gradients_computed_in_the_forward_follow_the_incoming_gradient():
+    # The kernel runs the backward inside the forward, for an incoming gradient of 1. A scaled loss (3 L) with only
+    # W_dec and b_dec needing gradients must still give the oracle's gradients, and a forward without gradients
+    # the same loss and reconstruction.
+    x, values, indices, W, b = random_case(seed=5)
+    leaves = [W.clone().requires_grad_(), b.clone().requires_grad_()]
+    oracle_grads = torch.autograd.grad(3 * naive_hierarchical_loss(x, values, indices, *leaves), leaves)
+    ours = [W.clone().requires_grad_(), b.clone().requires_grad_()]
+    loss, recon = hierarchical_topk_loss(x, values, indices, *ours, use_kernel=True)
+    for name, grad, oracle_grad in zip(["W_dec", "b_dec"], torch.autograd.grad(3 * loss, ours), oracle_grads):
+        assert torch.allclose(grad, oracle_grad, atol=1e-12, rtol=0), name
+    with torch.no_grad():
+        loss_without_grad, recon_without_grad = hierarchical_topk_loss(x, values, indices, W, b, use_kernel=True)
+    assert torch.equal(loss_without_grad, loss.detach()) and torch.equal(recon_without_grad, recon)
+
+
 @pytest.mark.parametrize("use_kernel", PATHS)
 def test_plain_topk_loss_is_the_mse_at_k(use_kernel):
     x, values, indices, W, b = random_case(seed=3)

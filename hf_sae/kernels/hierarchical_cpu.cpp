@@ -3,11 +3,12 @@
 //
 // For each row b the prefix reconstructions x_hat_j = b_dec + sum_{t<=j} v_t W_dec[i_t] are never stored: the
 // residual r_j = x - x_hat_j lives in one d_in-sized buffer per thread, so memory is O(batch * d_in), as for
-// plain TopK. Forward returns the per-row weighted sum of squared residuals and r_K; backward walks t = K..1 with a
-// running suffix sum S_t = sum_{j>=t} w_j r_j (Balagansky et al. 2025, reference kernels in corl-team/flexsae):
+// plain TopK. Forward returns the per-row weighted sum of squared residuals and r_K; the backward of a row runs
+// right after its forward (one pass, hierarchical_forward_backward) and walks t = K..1 with a running suffix sum
+// S_t = sum_{j>=t} w_j r_j (Balagansky et al. 2025, reference kernels in corl-team/flexsae):
 //   dL/dv_t = -c <W_dec[i_t], S_t>,  dL/dW_dec[i_t] += -c v_t S_t,  dL/db_dec = -c sum_b S_1,  c = 2 g / (B d).
 // Rows are processed in parallel; updates of a decoder row are guarded by a per-latent spin lock (or, with
-// deterministic=true, processed in order on one thread for bit-reproducible gradients).
+// deterministic=true, in fixed row chunks with private gradients for bit-reproducible results).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -43,39 +44,45 @@ inline void prefetch_row_for_write(T* row, int64_t d) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 1, 3);
 }
 
+// One row of the forward: r = x_b - b_dec - sum_t v_t W[i_t] (r_t at every t, in r), the row's weighted sum of
+// squared residuals returned, and the reconstruction x_hat_K = x_b - r_K written while both rows are in L1.
+template <typename T>
+inline T forward_row(int64_t b, const T* x, const T* values, const int64_t* indices, const T* W, const T* b_dec,
+                     const T* weights, T* __restrict__ r, T* reconstruction, int64_t B, int64_t K, int64_t d) {
+  const T* __restrict__ xb = x + b * d;
+  for (int64_t c = 0; c < d; ++c) r[c] = xb[c] - b_dec[c];
+  T acc = 0;
+  for (int64_t t = 0; t < K; ++t) {
+    const T v = values[b * K + t];
+    const T* __restrict__ e = W + indices[b * K + t] * d;
+    if (b * K + t + kPrefetchAhead < B * K) prefetch_row(W + indices[b * K + t + kPrefetchAhead] * d, d);
+    const T w = weights[t];
+    if (w != T(0)) {
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < d; ++c) {
+        const T rc = r[c] - v * e[c];
+        r[c] = rc;
+        s += rc * rc;
+      }
+      acc += w * s;
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) r[c] -= v * e[c];
+    }
+  }
+  T* __restrict__ out = reconstruction + b * d;
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) out[c] = xb[c] - r[c];
+  return acc;
+}
+
 template <typename T>
 void forward_rows(const T* x, const T* values, const int64_t* indices, const T* W, const T* b_dec,
                   const T* weights, T* residual, T* reconstruction, T* row_loss, int64_t B, int64_t K, int64_t d) {
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      T* __restrict__ r = residual + b * d;
-      const T* __restrict__ xb = x + b * d;
-      for (int64_t c = 0; c < d; ++c) r[c] = xb[c] - b_dec[c];
-      T acc = 0;
-      for (int64_t t = 0; t < K; ++t) {
-        const T v = values[b * K + t];
-        const T* __restrict__ e = W + indices[b * K + t] * d;
-        if (b * K + t + kPrefetchAhead < B * K) prefetch_row(W + indices[b * K + t + kPrefetchAhead] * d, d);
-        const T w = weights[t];
-        if (w != T(0)) {
-          T s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t c = 0; c < d; ++c) {
-            const T rc = r[c] - v * e[c];
-            r[c] = rc;
-            s += rc * rc;
-          }
-          acc += w * s;
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < d; ++c) r[c] -= v * e[c];
-        }
-      }
-      row_loss[b] = acc;
-      T* __restrict__ out = reconstruction + b * d;  // x_hat_K = x - r_K while both rows are in L1
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) out[c] = xb[c] - r[c];
-    }
+    for (int64_t b = begin; b < end; ++b)
+      row_loss[b] = forward_row<T>(b, x, values, indices, W, b_dec, weights, residual + b * d, reconstruction, B, K, d);
   });
 }
 
@@ -86,14 +93,14 @@ inline void lock(std::atomic<uint8_t>& flag) {
 
 inline void unlock(std::atomic<uint8_t>& flag) { flag.store(0, std::memory_order_release); }
 
-// One row of the HierarchicalTopK backward: walks t = K..1 keeping r_t and the suffix sum S_t in thread-local
-// buffers; writes grad_values of the row and adds -scale v_t S_t into grad_W[i_t] (under the latent's lock if any).
+// One row of the HierarchicalTopK backward: walks t = K..1 keeping r_t (r holds r_K on entry) and the suffix sum
+// S_t in thread-local buffers; writes grad_values of the row and adds -scale v_t S_t into grad_W[i_t] (under the
+// latent's lock if any).
 template <typename T>
 inline void backward_row(int64_t b, const T* values, const int64_t* indices, const T* W, const T* weights,
-                         const T* residual, T scale, T* grad_values, T* grad_W, T* suffix_out, int64_t K, int64_t d,
+                         T scale, T* grad_values, T* grad_W, T* suffix_out, int64_t K, int64_t d,
                          T* __restrict__ r, T* __restrict__ S, std::atomic<uint8_t>* locks) {
-  const T* __restrict__ rK = residual + b * d;
-  for (int64_t c = 0; c < d; ++c) { r[c] = rK[c]; S[c] = 0; }
+  for (int64_t c = 0; c < d; ++c) S[c] = 0;
   for (int64_t t = K - 1; t >= 0; --t) {
     const T w = weights[t];
     const T v = values[b * K + t];
@@ -138,8 +145,10 @@ inline void backward_row(int64_t b, const T* values, const int64_t* indices, con
 // Non-deterministic: rows in parallel, decoder rows guarded by per-latent spin locks. Deterministic: the rows are
 // cut into `chunks` fixed ranges, each accumulating into its own copy of grad_W (chunk 0 into grad_W itself),
 // summed in chunk order afterwards: bit-reproducible for a given chunk count, and still parallel.
-template <typename T>
-void backward_rows(const T* values, const int64_t* indices, const T* W, const T* weights, const T* residual,
+// residual_of(b, r) puts row b's r_K into the thread-local buffer r: the fused forward + backward runs the row's
+// forward there, so the backward re-reads the row's decoder rows from L2.
+template <typename T, typename ResidualOf>
+void backward_rows(const T* values, const int64_t* indices, const T* W, const T* weights, ResidualOf residual_of,
                    T scale, T* grad_values, T* grad_W, T* suffix_out, int64_t B, int64_t K, int64_t d,
                    int64_t F, bool deterministic, int64_t chunks) {
   if (!deterministic) {
@@ -147,9 +156,11 @@ void backward_rows(const T* values, const int64_t* indices, const T* W, const T*
     for (int64_t f = 0; f < F; ++f) locks[f].store(0);
     at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
       std::vector<T> r(d), S(d);
-      for (int64_t b = begin; b < end; ++b)
-        backward_row<T>(b, values, indices, W, weights, residual, scale, grad_values, grad_W, suffix_out, K, d,
-                        r.data(), S.data(), locks.get());
+      for (int64_t b = begin; b < end; ++b) {
+        residual_of(b, r.data());
+        backward_row<T>(b, values, indices, W, weights, scale, grad_values, grad_W, suffix_out, K, d, r.data(),
+                        S.data(), locks.get());
+      }
     });
     return;
   }
@@ -163,9 +174,11 @@ void backward_rows(const T* values, const int64_t* indices, const T* W, const T*
         extra[chunk - 1].assign(F * d, T(0));
         target = extra[chunk - 1].data();
       }
-      for (int64_t b = chunk * B / chunks; b < (chunk + 1) * B / chunks; ++b)
-        backward_row<T>(b, values, indices, W, weights, residual, scale, grad_values, target, suffix_out, K, d,
-                        r.data(), S.data(), nullptr);
+      for (int64_t b = chunk * B / chunks; b < (chunk + 1) * B / chunks; ++b) {
+        residual_of(b, r.data());
+        backward_row<T>(b, values, indices, W, weights, scale, grad_values, target, suffix_out, K, d, r.data(),
+                        S.data(), nullptr);
+      }
     }
   });
   if (chunks > 1) {
@@ -181,7 +194,6 @@ void backward_rows(const T* values, const int64_t* indices, const T* W, const T*
     });
   }
 }
-
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -623,20 +635,30 @@ std::vector<torch::Tensor> hierarchical_forward(torch::Tensor x, torch::Tensor v
   return {row_loss, residual, reconstruction};
 }
 
-std::vector<torch::Tensor> hierarchical_backward(torch::Tensor values, torch::Tensor indices, torch::Tensor W,
-                                                 torch::Tensor weights, torch::Tensor residual, double scale,
-                                                 bool deterministic, int64_t chunks) {
-  const int64_t B = residual.size(0), d = residual.size(1), K = values.size(1), F = W.size(0);
+// hierarchical_forward and its backward (gradients times `scale`) in one pass over the rows: each row's backward runs
+// right after its forward, while the row's K decoder rows are still in L2 and r_K in L1 (no (B, d) residual is
+// written or read back). For a loss whose gradient is needed anyway: it costs the backward even if none follows.
+std::vector<torch::Tensor> hierarchical_forward_backward(torch::Tensor x, torch::Tensor values, torch::Tensor indices,
+                                                         torch::Tensor W, torch::Tensor b_dec, torch::Tensor weights,
+                                                         double scale, bool deterministic, int64_t chunks) {
+  const int64_t B = x.size(0), d = x.size(1), K = values.size(1), F = W.size(0);
+  auto reconstruction = torch::empty_like(x);
+  auto row_loss = torch::empty({B}, x.options());
   auto grad_values = torch::empty_like(values);
   auto grad_W = torch::zeros_like(W);
-  auto suffix = torch::empty_like(residual);
-  AT_DISPATCH_FLOATING_TYPES(residual.scalar_type(), "hierarchical_backward", [&] {
-    backward_rows<scalar_t>(values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), W.data_ptr<scalar_t>(),
-                            weights.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), (scalar_t)scale,
-                            grad_values.data_ptr<scalar_t>(), grad_W.data_ptr<scalar_t>(),
-                            suffix.data_ptr<scalar_t>(), B, K, d, F, deterministic, chunks);
+  auto suffix = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hierarchical_forward_backward", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *vp = values.data_ptr<scalar_t>(), *Wp = W.data_ptr<scalar_t>();
+    const scalar_t *bp = b_dec.data_ptr<scalar_t>(), *wp = weights.data_ptr<scalar_t>();
+    const int64_t* ip = indices.data_ptr<int64_t>();
+    scalar_t* loss = row_loss.data_ptr<scalar_t>();
+    scalar_t* rec = reconstruction.data_ptr<scalar_t>();
+    auto forward = [&](int64_t b, scalar_t* r) { loss[b] = forward_row<scalar_t>(b, xp, vp, ip, Wp, bp, wp, r, rec, B, K, d); };
+    backward_rows<scalar_t>(vp, ip, Wp, wp, forward, (scalar_t)scale, grad_values.data_ptr<scalar_t>(),
+                            grad_W.data_ptr<scalar_t>(), suffix.data_ptr<scalar_t>(), B, K, d, F, deterministic,
+                            chunks);
   });
-  return {grad_values, grad_W, suffix};
+  return {row_loss, reconstruction, grad_values, grad_W, suffix};
 }
 
 // In place: grad[f] -= <grad[f], W[f]> W[f] (the decoder-gradient projection of the training step; rows of W unit).
@@ -659,7 +681,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("remove_parallel_rows", &remove_parallel_rows, "in place: each row of grad minus its part along W's row");
   m.def("normalize_rows", &normalize_rows, "in place: each row of W divided by its norm (CPU)");
   m.def("hierarchical_forward", &hierarchical_forward, "fused HierarchicalTopK decode + loss (CPU)");
-  m.def("hierarchical_backward", &hierarchical_backward, "backward of hierarchical_forward (CPU)");
+  m.def("hierarchical_forward_backward", &hierarchical_forward_backward,
+        "hierarchical_forward and its backward in one pass over the rows (CPU)");
   m.def("topk_scores", &topk_scores, "row-wise top-k (and top-k_aux among dead columns) in one pass (CPU)");
   m.def("row_dots", &row_dots, "a linear layer at TopK columns only (CPU)");
   m.def("csr_order", &csr_order, "stable counting sort of latent ids into CSR order (CPU)");
