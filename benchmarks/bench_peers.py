@@ -14,7 +14,7 @@ apart, so the drift cancels in it.
 Shapes: small = d_in 640, d_sae 4096, k 32, batch 4096 (Gemma 3 270M); large = d_in 2304, d_sae 16384, k 64,
 batch 2048 (Gemma 2 2B). Every worker draws the same random activations (``torch.manual_seed(0)``, the same torch
 2.13.0 everywhere, 4 batches used in turn) and runs with the parent's torch thread count. fp32 and bf16 are
-separate phases (three workers alive at a time, so the large shape's six SAEs never sit in memory together).
+separate phases (four workers alive at a time, so the large shape's six SAEs never sit in memory together).
 
 What one timed step is, for each library (its own trainer's step, read from its installed source; the data loader,
 logging and checkpointing of each trainer are left out of all three):
@@ -42,6 +42,11 @@ logging and checkpointing of each trainer are left out of all three):
   ``clip_grad_norm_(1.0)``, torch Adam (lr 3e-4, betas 0.9 / 0.999), ``zero_grad``, its constant lr scheduler.
   bf16: its ``autocast=True`` option, i.e. ``torch.autocast(device_type, bfloat16)`` around the forward pass and
   the statistics.
+
+- **floor** (not a library): one encoder ``torch.addmm`` of the batch plus ``torch.topk`` of its rows, the part of a
+  TopK step no implementation can skip (as in ``bench_sae_step.py``), timed in the same rounds. floor tokens/s /
+  peer tokens/s is then the most any implementation could reach against that peer on this machine: the ratio a
+  target above it would need the step to run faster than its own encoder matmul. bf16: both operands in bf16.
 
 With a fresh SAE and a handful of steps no latent is dead in any library, so AuxK costs each of them only its
 dead-mask check; a dead-latent workload is ``bench_sae_step.py``'s business.
@@ -72,12 +77,14 @@ from pathlib import Path
 import torch  # in every interpreter this file runs in: ours and the peers' venvs
 
 OURS = "hf_sae"
+FLOOR = "floor"
+"""Not a library: the encoder addmm + topk alone, in our interpreter (the ceiling of any ratio against a peer)."""
 PEERS = {"sparsify": "eai-sparsify==1.3.3", "saelens": "sae-lens==6.54.12"}
 """Each peer's worker runs in ``--venv-dir``/<name>, with this requirement installed after CPU torch."""
 TORCH_REQUIREMENT = "torch==2.13.0"
 TARGETS = {"sparsify": 3.0, "saelens": 5.0}
 """Issue 12, item 5: hf-sae tokens/s / peer tokens/s at the small shape, fp32 (median over rounds)."""
-LABELS = {OURS: "hf-sae", "sparsify": "EleutherAI sparsify", "saelens": "SAELens"}
+LABELS = {OURS: "hf-sae", FLOOR: "floor (addmm + topk)", "sparsify": "EleutherAI sparsify", "saelens": "SAELens"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,18 @@ def build_hf_sae_step(shape: Shape, bf16: bool, bf16_config: dict) -> Callable[[
 
     def step(x: torch.Tensor) -> None:
         training_step(sae, optimizer, x, scheduler=scheduler, max_grad_norm=1.0, autocast_dtype=autocast_dtype)
+
+    return step
+
+
+def build_floor_step(shape: Shape, bf16: bool) -> Callable[[torch.Tensor], None]:
+    """One encoder ``addmm`` + ``topk`` of the batch: what every TopK step contains (see the module docstring)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    weight = torch.randn(shape.d_sae, shape.d_in).to(dtype)
+    bias = torch.zeros(shape.d_sae, dtype=dtype)
+
+    def step(x: torch.Tensor) -> None:
+        torch.addmm(bias, x.to(dtype), weight.t()).topk(shape.k, dim=-1)
 
     return step
 
@@ -257,6 +276,8 @@ def serve(spec: dict) -> None:
         torch.manual_seed(1)
         if lib == OURS:
             step = build_hf_sae_step(shape, bf16, spec["ours_bf16_config"])
+        elif lib == FLOOR:
+            step = build_floor_step(shape, bf16)
         elif lib == "sparsify":
             step = build_sparsify_step(shape, bf16, data[0])
         elif lib == "saelens":
@@ -291,7 +312,7 @@ def serve(spec: dict) -> None:
 
 def python_for(lib: str, venv_dir: Path) -> Path | None:
     """The interpreter a library's worker runs in: this one for hf-sae, the peer's venv otherwise (None: missing)."""
-    if lib == OURS:
+    if lib in (OURS, FLOOR):
         return Path(sys.executable)
     exe = venv_dir / lib / "bin" / "python"
     return exe if exe.exists() else None
@@ -432,6 +453,8 @@ def format_rows(shape: Shape, precision: str, summary: dict, memory: dict, faile
         s, m = summary[lib], memory[lib]
         if lib == OURS:
             ratio = "1 (reference)"
+        elif lib == FLOOR:
+            ratio = f"{s['ratio']:.2f}x (hf-sae's step against the floor's)" if s["ratio"] is not None else "n/a"
         elif s["ratio"] is None:
             ratio = "n/a (hf-sae not measured)"
         else:
@@ -490,7 +513,7 @@ def main() -> None:
         parser.error(f"--ours-bf16-config must be a JSON object, got {args.ours_bf16_config!r}")
     shapes = [SHAPES[name] for name in (args.shapes or (["small"] if args.quick else ["small", "large"]))]
 
-    libs = [OURS, *PEERS]
+    libs = [OURS, FLOOR, *PEERS]
     threads = torch.get_num_threads()
     print(
         f"torch {torch.__version__}, {threads} threads per worker; {args.rounds} interleaved rounds of {args.steps} "
@@ -505,11 +528,14 @@ def main() -> None:
             summary = summarise([r for r in rounds if r]) if any(rounds) else {}
             rows += format_rows(shape, precision, summary, memory, failed, libs)
             if shape.name == "small" and precision == "fp32":
+                ceilings = summarise([r for r in rounds if FLOOR in r], ours=FLOOR) if any(rounds) else {}
                 for lib, target in TARGETS.items():
                     ratio = summary.get(lib, {}).get("ratio")
                     verdict = "not measured" if ratio is None else ("met" if ratio >= target else "NOT met")
                     got = "" if ratio is None else f" {ratio:.2f}x:"
-                    verdicts.append(f"- hf-sae >= {target:g}x {LABELS[lib]} (small, fp32):{got} {verdict}")
+                    ceiling = ceilings.get(lib, {}).get("ratio")
+                    at_floor = "" if ceiling is None else f" (a step at the floor would reach {ceiling:.2f}x)"
+                    verdicts.append(f"- hf-sae >= {target:g}x {LABELS[lib]} (small, fp32):{got} {verdict}{at_floor}")
     described = "; ".join(shape.describe() for shape in shapes)
     print(f"\n### TopK SAE training step, interleaved ({described})\n")
     print("| library | precision | shape | median tokens/s | hf-sae / this: median (min-max) | peak MB | step MB |")
