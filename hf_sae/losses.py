@@ -61,15 +61,16 @@ def _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights) -> tuple[Tens
 class _FusedHierarchicalLoss(torch.autograd.Function):
     """CPU kernel: forward/backward of the weighted prefix-MSE. Returns (loss, reconstruction at K).
 
-    When any input needs a gradient, the forward also runs the backward for a loss gradient of 1, row by row right
+    When grad mode is on and any input needs a gradient (``with_gradients``: grad mode as the caller saw it;
+    inside ``forward`` it is always off), the forward also runs the backward for a loss gradient of 1, row by row right
     after each row's forward (``hierarchical_forward_backward``): the row's K decoder rows are then re-read from L2
     instead of memory, and no (N, d) residual is stored (0.84x the separate passes' time at d_in 640, 0.89x at
     2304, one thread). The backward only scales those gradients by the loss's incoming gradient (nothing to do for
     the usual 1)."""
 
     @staticmethod
-    def forward(ctx, x, values, indices, W_dec, b_dec, weights):
-        if not any(ctx.needs_input_grad):
+    def forward(ctx, x, values, indices, W_dec, b_dec, weights, with_gradients):
+        if not (with_gradients and any(ctx.needs_input_grad)):  # evaluation: the loss alone
             return _fused_forward(ctx, x, values, indices, W_dec, b_dec, weights)
         n, d = x.shape
         row_loss, reconstruction, grad_values, grad_W, suffix = cpu_kernels().hierarchical_forward_backward(
@@ -92,7 +93,7 @@ class _FusedHierarchicalLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_reconstruction):
         if grad_loss is None:  # grads are not materialised: only the (non-differentiable) reconstruction was used
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         grad_values, grad_W, suffix = ctx.gradients
         factor = float(grad_loss)
         if factor != 1.0:  # the gradients were computed for a loss gradient of 1
@@ -100,7 +101,7 @@ class _FusedHierarchicalLoss(torch.autograd.Function):
         scale = 2.0 * factor / ctx.norm
         grad_x = suffix * scale if ctx.needs_input_grad[0] else None
         grad_b_dec = -grad_x.sum(0) if grad_x is not None else -scale * suffix.sum(0)
-        return grad_x, grad_values, None, grad_W, grad_b_dec, None
+        return grad_x, grad_values, None, grad_W, grad_b_dec, None, None
 
 
 class _TopKMSE(torch.autograd.Function):
@@ -210,7 +211,7 @@ def hierarchical_topk_loss(
         return (x - reconstruction).pow(2).mean(), reconstruction.detach()
     weights = budget_weights(K, budgets, x.dtype, x.device)
     if use_kernel:
-        return _FusedHierarchicalLoss.apply(*args, weights)
+        return _FusedHierarchicalLoss.apply(*args, weights, torch.is_grad_enabled())
     chunk_rows = max(1, chunk_elements // max(1, K * x.shape[1]))
     return _torch_hierarchical_loss(x, values, indices, W_dec, b_dec, weights, chunk_rows)
 
@@ -361,7 +362,7 @@ def _matryoshka_kernel_loss(x, values, indices, W_dec, b_dec, group, groups) -> 
         else:
             weights[end - 1] += 1.0
     args = (x.contiguous(), laid_values.contiguous(), laid_indices.contiguous(), W_dec.contiguous(), b_dec)
-    loss, reconstruction = _FusedHierarchicalLoss.apply(*args, weights)
+    loss, reconstruction = _FusedHierarchicalLoss.apply(*args, weights, torch.is_grad_enabled())
     if empty:
         loss = loss + empty * (x - b_dec).pow(2).mean()
     return loss, reconstruction

@@ -82,8 +82,23 @@ def test_kernel_gradients_computed_in_the_forward_follow_the_incoming_gradient()
     for name, grad, oracle_grad in zip(["W_dec", "b_dec"], torch.autograd.grad(3 * loss, ours), oracle_grads):
         assert torch.allclose(grad, oracle_grad, atol=1e-12, rtol=0), name
     with torch.no_grad():
-        loss_without_grad, recon_without_grad = hierarchical_topk_loss(x, values, indices, W, b, use_kernel=True)
+        loss_without_grad, recon_without_grad = hierarchical_topk_loss(x, values, indices, *ours, use_kernel=True)
     assert torch.equal(loss_without_grad, loss.detach()) and torch.equal(recon_without_grad, recon)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the CPU kernel")
+def test_kernel_loss_under_no_grad_runs_no_backward(monkeypatch):
+    # Inside an autograd.Function's forward grad mode is always off and needs_input_grad ignores torch.no_grad, so
+    # the caller's grad mode decides: evaluating a trainable SAE under no_grad must not pay for its gradients.
+    def backward_not_wanted(*args):
+        raise AssertionError("the fused forward + backward ran under torch.no_grad")
+
+    monkeypatch.setattr(cpu_kernels(), "hierarchical_forward_backward", backward_not_wanted)
+    x, values, indices, W, b = random_case(seed=6)
+    W, b = W.requires_grad_(), b.requires_grad_()
+    with torch.no_grad():
+        loss, _ = hierarchical_topk_loss(x, values, indices, W, b, use_kernel=True)
+    assert loss.item() == pytest.approx(naive_hierarchical_loss(x, values, indices, W, b).item(), abs=1e-12)
 
 
 @pytest.mark.parametrize("use_kernel", PATHS)
