@@ -635,9 +635,9 @@ std::vector<torch::Tensor> hierarchical_forward(torch::Tensor x, torch::Tensor v
   return {row_loss, residual, reconstruction};
 }
 
-// hierarchical_forward and its backward (gradients times `scale`) in one pass over the rows: each row's backward runs
-// right after its forward, while the row's K decoder rows are still in L2 and r_K in L1 (no (B, d) residual is
-// written or read back). For a loss whose gradient is needed anyway: it costs the backward even if none follows.
+// hierarchical_forward and its backward (gradients times `scale`) in one pass over the rows: each row's backward
+// runs right after its forward, while the row's K decoder rows are still in L2 and r_K in L1 (no (B, d) residual
+// is written or read back). For a loss whose gradient is needed anyway: it costs the backward even if none follows.
 std::vector<torch::Tensor> hierarchical_forward_backward(torch::Tensor x, torch::Tensor values, torch::Tensor indices,
                                                          torch::Tensor W, torch::Tensor b_dec, torch::Tensor weights,
                                                          double scale, bool deterministic, int64_t chunks) {
@@ -653,7 +653,9 @@ std::vector<torch::Tensor> hierarchical_forward_backward(torch::Tensor x, torch:
     const int64_t* ip = indices.data_ptr<int64_t>();
     scalar_t* loss = row_loss.data_ptr<scalar_t>();
     scalar_t* rec = reconstruction.data_ptr<scalar_t>();
-    auto forward = [&](int64_t b, scalar_t* r) { loss[b] = forward_row<scalar_t>(b, xp, vp, ip, Wp, bp, wp, r, rec, B, K, d); };
+    auto forward = [&](int64_t b, scalar_t* r) {
+      loss[b] = forward_row<scalar_t>(b, xp, vp, ip, Wp, bp, wp, r, rec, B, K, d);
+    };
     backward_rows<scalar_t>(vp, ip, Wp, wp, forward, (scalar_t)scale, grad_values.data_ptr<scalar_t>(),
                             grad_W.data_ptr<scalar_t>(), suffix.data_ptr<scalar_t>(), B, K, d, F, deterministic,
                             chunks);
