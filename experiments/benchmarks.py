@@ -99,8 +99,9 @@ def write_section(out: Path, timeout: int) -> None:
 
 All run one after the other by `python experiments/benchmarks.py --timeout {timeout}` (a benchmark still running at
 its timeout is stopped and its partial output kept) on {cpu_name()}, {os.cpu_count()} cores, {units} bf16 matrix
-units, no GPU, torch {torch.__version__}. The machine is a shared virtual machine whose speed drifts by ±10% within
-minutes, so absolute numbers move between runs; the ratios come from measurements interleaved in one run. Each block
+units, no GPU, torch {torch.__version__}. The machine is a shared virtual machine whose speed drifts within minutes
+(±10% on the Intel VMs, up to 1.5x on the AMD one), so absolute numbers move between runs and ratios by several
+percent; the ratios come from measurements interleaved in one run. Each block
 below is the benchmark's own printed output, headed by its exit status, wall time and the load average at its start."""
     ]
     for name, command in BENCHMARKS.items():
