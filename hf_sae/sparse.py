@@ -134,21 +134,33 @@ def csr_order(indices: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     return crow, flat.argsort(stable=True)
 
 
-def _scatter_rows_matmul(indices: Tensor, coefficients: Tensor, rows: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+TILE_BYTES = 384 << 10
+"""Bytes of output rows per column tile of the narrow-layer scatter kernel (one tile stays in L2)."""
+
+
+def _scatter_rows_matmul(
+    indices: Tensor, coefficients: Tensor, rows: Tensor, num_rows: int, tile_bytes: int = TILE_BYTES
+) -> tuple[Tensor, Tensor]:
     """out[f] = Σ_{(n,t): indices[n,t] = f} coefficients[n,t] · rows[n] -> (num_rows, d), and the column sums
     Σ coefficients per f -> (num_rows,).
 
     The transposed sparse product Sᵀ·rows with S the (N, num_rows) matrix of TopK coefficients, with no (N, k, d)
-    temporary: pairs are grouped by latent (CSR order), then each latent's rows are summed by the compiled CPU
-    kernel (in a fixed order, so the result is deterministic) or by a CSR sparse-dense matmul elsewhere.
+    temporary. On CPU, compiled kernels, both summing each output row's pairs in pair order (deterministic, and the
+    same bits either way): latent by latent (CSR order), or, when a row has several pairs in each column tile of
+    ``tile_bytes`` (narrow layers read at many columns: KronSAE's fused encoder, 2k of h·(m+n) columns per row),
+    tile by tile in row order, so each row is read once per tile instead of once per pair (0.72x / 0.86x the CSR
+    kernel's time for the (4, 8) / (2, 4) KronSAE at d_in 640, two threads). Elsewhere a CSR sparse-dense matmul.
     """
     n, k = indices.shape
-    crow, order = csr_order(indices, num_rows)
     kernels = cpu_kernels() if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64) else None
     if kernels is not None:
-        coef = coefficients.to(rows.dtype).contiguous().reshape(-1)
-        out, sums = kernels.csr_scatter_rows(crow, order, k, coef, rows.contiguous())
-        return out, sums
+        coef = coefficients.to(rows.dtype).contiguous()
+        tile = max(1, tile_bytes // max(1, rows.shape[1] * rows.element_size()))
+        if k * tile >= 3 * num_rows:  # >= 3 pairs per (row, tile) on average
+            return tuple(kernels.tile_scatter_rows(indices.contiguous(), coef, rows.contiguous(), num_rows, tile))
+        crow, order = csr_order(indices, num_rows)
+        return tuple(kernels.csr_scatter_rows(crow, order, k, coef.reshape(-1), rows.contiguous()))
+    crow, order = csr_order(indices, num_rows)
     compute_dtype = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
     coef = coefficients.reshape(-1)[order].to(compute_dtype)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"

@@ -64,6 +64,31 @@ def test_scatter_rows_matmul_is_the_transposed_sparse_product():
     assert out[3].abs().max() == 0 and sums[3] == 0
 
 
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_column_tile_kernel_gives_the_csr_kernels_bits(dtype):
+    # Both sum each output row's pairs in pair order, so the results are the same bits: several tiles of 3 columns
+    # (the last one partial), a column read twice by one row, zero coefficients and a column nobody reads.
+    torch.manual_seed(3)
+    indices = torch.randint(0, 10, (40, 6))
+    indices[:, 5] = indices[:, 4]  # duplicates within a row, as KronSAE's u columns
+    indices[indices == 7] = 8  # column 7 is never read
+    coefficients = torch.randn(40, 6, dtype=dtype)
+    coefficients[::3, 1] = 0
+    rows = torch.randn(40, 5, dtype=dtype)
+    kernels = cpu_kernels()
+    crow, order = kernels.csr_order(indices.reshape(-1), 11)
+    csr = kernels.csr_scatter_rows(crow, order, 6, coefficients.reshape(-1), rows)
+    tiled = kernels.tile_scatter_rows(indices, coefficients, rows, 11, 3)
+    assert torch.equal(tiled[0], csr[0]) and torch.equal(tiled[1], csr[1])
+    assert tiled[0][7].abs().max() == 0 and tiled[1][7] == 0
+    # and _scatter_rows_matmul picks either by tile size, with the same result
+    elements = rows.element_size() * rows.shape[1]
+    for tile_bytes in (elements, 1 << 20):  # 1 column per tile: CSR; 11 columns per tile: tiled
+        out, sums = _scatter_rows_matmul(indices, coefficients, rows, 11, tile_bytes=tile_bytes)
+        assert torch.equal(out, csr[0]) and torch.equal(sums, csr[1])
+
+
 def test_sparse_decode_and_dense_view():
     W = torch.randn(10, 4)
     latents = SparseLatents(torch.tensor([[2.0, 1.0]]), torch.tensor([[7, 3]]))

@@ -605,6 +605,58 @@ std::vector<torch::Tensor> csr_scatter_rows(torch::Tensor crow, torch::Tensor pe
   return {out, coef_sum};
 }
 
+template <typename T>
+void tile_rows(const std::vector<int64_t>& start, const std::vector<int64_t>& order, const int64_t* id, int64_t t,
+               const T* coef, const T* rows, T* out, T* coef_sum, int64_t d) {
+  const int64_t tiles = static_cast<int64_t>(start.size()) - 1;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      for (int64_t e = start[q]; e < start[q + 1]; ++e) {
+        const int64_t p = order[e], f = id[p];
+        const T a = coef[p];
+        coef_sum[f] += a;
+        if (a == T(0)) continue;
+        if (e + kPrefetchAhead < start[q + 1]) prefetch_row(rows + (order[e + kPrefetchAhead] / t) * d, d);
+        const T* __restrict__ r = rows + (p / t) * d;
+        T* __restrict__ g = out + f * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) g[c] += a * r[c];
+      }
+    }
+  });
+}
+
+// out[f] = sum over the pairs p = n*t + j with ids[p] = f of coef[p] * rows[n], and coef_sum[f] = sum of those coef
+// (what csr_scatter_rows computes), for a narrow linear layer that each row reads at many columns (KronSAE's fused
+// encoder: 2k of h*(m+n) columns per row). The columns are cut into tiles of `tile` output rows that fit in L2;
+// each tile's pairs are visited in row order, so a row of `rows` is read once per tile it touches instead of once
+// per pair, and the tile's outputs stay in cache. Tiles run in parallel (no atomics); the order of the sums per
+// output row is the pairs' order, so the result is deterministic.
+std::vector<torch::Tensor> tile_scatter_rows(torch::Tensor ids, torch::Tensor coef, torch::Tensor rows, int64_t F,
+                                             int64_t tile) {
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.is_contiguous() && ids.dim() == 2, "tile_scatter_rows: ids");
+  TORCH_CHECK(coef.sizes() == ids.sizes() && coef.is_contiguous() && rows.is_contiguous() && rows.dim() == 2 &&
+                  rows.size(0) == ids.size(0) && coef.scalar_type() == rows.scalar_type() && tile >= 1,
+              "tile_scatter_rows: shapes");
+  const int64_t t = ids.size(1), M = ids.numel(), d = rows.size(1), tiles = (F + tile - 1) / tile;
+  const int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<int64_t> start(tiles + 1, 0), order(M);
+  for (int64_t p = 0; p < M; ++p) {
+    TORCH_CHECK(id[p] >= 0 && id[p] < F, "tile_scatter_rows: id out of range");
+    start[id[p] / tile + 1]++;
+  }
+  for (int64_t q = 0; q < tiles; ++q) start[q + 1] += start[q];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < M; ++p) order[next[id[p] / tile]++] = p;  // stable: pairs of a tile in row order
+  auto out = torch::zeros({F, d}, rows.options());
+  auto coef_sum = torch::zeros({F}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "tile_scatter_rows", [&] {
+    tile_rows<scalar_t>(start, order, id, t, coef.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(),
+                        out.data_ptr<scalar_t>(), coef_sum.data_ptr<scalar_t>(), d);
+  });
+  return {out, coef_sum};
+}
+
 // Backward of the TopK MSE (one budget K) through the decoder, latent-major: each decoder row is read once and its
 // gradient written once. grad_values[p] = -scale <W[f], r_b>, grad_W[f] = -scale sum_p values[p] r_b.
 std::vector<torch::Tensor> topk_decoder_backward(torch::Tensor crow, torch::Tensor perm, torch::Tensor values,
@@ -689,5 +741,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_dots", &row_dots, "a linear layer at TopK columns only (CPU)");
   m.def("csr_order", &csr_order, "stable counting sort of latent ids into CSR order (CPU)");
   m.def("csr_scatter_rows", &csr_scatter_rows, "per-latent sum of weighted rows in CSR order (CPU)");
+  m.def("tile_scatter_rows", &tile_scatter_rows, "csr_scatter_rows for narrow layers, by column tiles (CPU)");
   m.def("topk_decoder_backward", &topk_decoder_backward, "latent-major TopK MSE decoder backward (CPU)");
 }
