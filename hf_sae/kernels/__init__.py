@@ -50,6 +50,11 @@ def clear_stale_build_lock(name: str, max_age: float = STALE_LOCK_SECONDS, poll:
     return True
 
 
+def _sources(source: Path) -> list[Path]:
+    """``source`` and the headers of its folder (which it may include), in a fixed order: what its build hashes."""
+    return [source, *sorted(source.parent.glob("*.h"))]
+
+
 def _compiled(source_name: str, what: str, extra_cflags: list[str]) -> ModuleType | None:
     """The module compiled from ``source_name`` beside this file, or None when extensions are disabled, the source
     is absent (remote code) or the build fails (logged once, naming ``what`` falls back to pure torch)."""
@@ -62,9 +67,9 @@ def _compiled(source_name: str, what: str, extra_cflags: list[str]) -> ModuleTyp
     try:
         from torch.utils.cpp_extension import load  # optional: needs a compiler and ninja at run time
 
-        # The name carries the source's hash: processes (or installed versions) with different sources never
-        # share, rebuild or load each other's binary in torch's extension cache.
-        digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
+        # The name carries the hash of the source and the headers beside it: processes (or installed versions)
+        # with different sources never share, rebuild or load each other's binary in torch's extension cache.
+        digest = hashlib.sha1(b"".join(path.read_bytes() for path in _sources(source))).hexdigest()[:12]
         name = f"hf_sae_{source.stem}_{digest}"
         clear_stale_build_lock(name)
         _MODULES[source_name] = load(

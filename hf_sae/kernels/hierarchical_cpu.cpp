@@ -23,6 +23,8 @@
 #include <memory>
 #include <vector>
 
+#include "key_search.h"
+
 namespace {
 
 // Software prefetch of one d-wide row (all its cache lines) ahead of use: the sparse passes read rows of W or of
@@ -227,27 +229,12 @@ inline float from_orderable(uint32_t key) {
   return v;
 }
 
-// The largest t with at least k of key[0..n) >= t (the k-th largest key), found bit by bit from the top. Each step
-// is a vectorised count in 32-bit lanes, so it runs without the unpredictable branches of nth_element (several
-// times faster for the few hundred block maxima, or the few thousand scores, it serves).
-inline uint32_t kth_largest_key(const uint32_t* __restrict__ key, int32_t n, int64_t k) {
-  uint32_t t = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t candidate = t | (1u << bit);
-    int32_t count = 0;
-#pragma omp simd reduction(+ : count)
-    for (int32_t j = 0; j < n; ++j) count += key[j] >= candidate ? 1 : 0;
-    if (count >= k) t = candidate;
-  }
-  return t;
-}
-
 // The k-th largest of values[0..n) (no NaN, at least k of them finite).
 inline float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& keys) {
   keys.resize(n);
   uint32_t* __restrict__ key = keys.data();
   for (int64_t g = 0; g < n; ++g) key[g] = orderable(values[g]);
-  return from_orderable(kth_largest_key(key, static_cast<int32_t>(n), k));
+  return from_orderable(kth_largest_key(key, n, k));
 }
 
 // Orderable keys of bits[0..n) into key, NaN (exponent all ones, mantissa not 0) and masked-out entries 0 (below
@@ -279,7 +266,7 @@ inline bool select_by_key(const float* __restrict__ row, const bool* __restrict_
   const int32_t valid = mask ? build_keys<true>(bits, reinterpret_cast<const uint8_t*>(mask), n, key)
                              : build_keys<false>(bits, nullptr, n, key);
   if (valid <= k) return false;
-  const uint32_t t = kth_largest_key(key, static_cast<int32_t>(F), k);
+  const uint32_t t = kth_largest_key(key, F, k);
   int32_t above = 0;
 #pragma omp simd reduction(+ : above)
   for (int32_t j = 0; j < static_cast<int32_t>(F); ++j) above += key[j] > t ? 1 : 0;
@@ -518,6 +505,22 @@ void normalize_rows_impl(T* W, T eps, int64_t F, int64_t d) {
   });
 }
 
+// A stable counting sort of the M ids by bucket_of(id) (ids in [0, F), else an error naming `what`; buckets in
+// [0, buckets)): start (buckets + 1, zeroed by the caller) gets the bucket offsets and order the item numbers,
+// bucket q's items being order[start[q]:start[q + 1]] in increasing order. O(M + buckets), against the
+// O(M log M) of an argsort. bucket_of is a template argument so the identity costs no division.
+template <typename BucketOf>
+void counting_order(const int64_t* ids, int64_t M, int64_t F, int64_t buckets, BucketOf bucket_of, int64_t* start,
+                    int64_t* order, const char* what) {
+  for (int64_t p = 0; p < M; ++p) {
+    TORCH_CHECK(ids[p] >= 0 && ids[p] < F, what);
+    start[bucket_of(ids[p]) + 1]++;
+  }
+  for (int64_t q = 0; q < buckets; ++q) start[q + 1] += start[q];
+  std::vector<int64_t> next(start, start + buckets);
+  for (int64_t p = 0; p < M; ++p) order[next[bucket_of(ids[p])]++] = p;
+}
+
 }  // namespace
 
 // values, indices (N, k) of the k largest of scores + bias (bias: (F,) float32, or empty for none) of each row,
@@ -575,19 +578,10 @@ torch::Tensor row_dots(torch::Tensor rows, torch::Tensor W, torch::Tensor bias, 
 // perm[crow[f]:crow[f+1]], in increasing pair order. O(N*k + F), against the O(N*k log) argsort it replaces.
 std::vector<torch::Tensor> csr_order(torch::Tensor flat, int64_t F) {
   TORCH_CHECK(flat.scalar_type() == torch::kLong && flat.is_contiguous(), "csr_order: contiguous int64 ids");
-  const int64_t M = flat.numel();
   auto crow = torch::zeros({F + 1}, flat.options());
-  auto perm = torch::empty({M}, flat.options());
-  const int64_t* ids = flat.data_ptr<int64_t>();
-  int64_t* c = crow.data_ptr<int64_t>();
-  int64_t* out = perm.data_ptr<int64_t>();
-  for (int64_t p = 0; p < M; ++p) {
-    TORCH_CHECK(ids[p] >= 0 && ids[p] < F, "csr_order: latent id out of range");
-    c[ids[p] + 1]++;
-  }
-  for (int64_t f = 0; f < F; ++f) c[f + 1] += c[f];
-  std::vector<int64_t> next(c, c + F);
-  for (int64_t p = 0; p < M; ++p) out[next[ids[p]]++] = p;
+  auto perm = torch::empty({flat.numel()}, flat.options());
+  counting_order(flat.data_ptr<int64_t>(), flat.numel(), F, F, [](int64_t id) { return id; },
+                 crow.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), "csr_order: latent id out of range");
   return {crow, perm};
 }
 
@@ -640,14 +634,9 @@ std::vector<torch::Tensor> tile_scatter_rows(torch::Tensor ids, torch::Tensor co
               "tile_scatter_rows: shapes");
   const int64_t t = ids.size(1), M = ids.numel(), d = rows.size(1), tiles = (F + tile - 1) / tile;
   const int64_t* id = ids.data_ptr<int64_t>();
-  std::vector<int64_t> start(tiles + 1, 0), order(M);
-  for (int64_t p = 0; p < M; ++p) {
-    TORCH_CHECK(id[p] >= 0 && id[p] < F, "tile_scatter_rows: id out of range");
-    start[id[p] / tile + 1]++;
-  }
-  for (int64_t q = 0; q < tiles; ++q) start[q + 1] += start[q];
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < M; ++p) order[next[id[p] / tile]++] = p;  // stable: pairs of a tile in row order
+  std::vector<int64_t> start(tiles + 1, 0), order(M);  // pairs of a tile in row order
+  counting_order(id, M, F, tiles, [tile](int64_t f) { return f / tile; }, start.data(), order.data(),
+                 "tile_scatter_rows: id out of range");
   auto out = torch::zeros({F, d}, rows.options());
   auto coef_sum = torch::zeros({F}, rows.options());
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "tile_scatter_rows", [&] {

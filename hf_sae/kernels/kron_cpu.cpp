@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "key_search.h"
+
 namespace {
 
 template <typename T>
@@ -54,21 +56,6 @@ inline T value_of(typename KeyOf<T>::type key) {
   T value;
   std::memcpy(&value, &key, sizeof(value));
   return value;
-}
-
-// The largest t with at least k of key[0..n) >= t (the k-th largest key, 1 <= k <= n), found bit by bit from the
-// top. Each step is a vectorised count, with none of the unpredictable branches of nth_element.
-template <typename K>
-inline K kth_largest_key(const K* __restrict__ key, int64_t n, int64_t k) {
-  K t = 0;
-  for (int bit = 8 * static_cast<int>(sizeof(K)) - 2; bit >= 0; --bit) {  // the sign bit is 0 for scores >= +0
-    const K candidate = t | (K(1) << bit);
-    int32_t count = 0;
-#pragma omp simd reduction(+ : count)
-    for (int64_t j = 0; j < n; ++j) count += key[j] >= candidate ? 1 : 0;
-    if (count >= k) t = candidate;
-  }
-  return t;
 }
 
 // Per-thread buffers of select_row.
