@@ -87,6 +87,34 @@ def test_kernel_gradients_computed_in_the_forward_follow_the_incoming_gradient()
 
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="needs the CPU kernel")
+def test_kernel_decoder_gradient_becomes_the_grad_without_a_copy_and_survives_retain_graph():
+    # The forward computes the decoder gradient; autograd must take that tensor as W_dec.grad (it copies one that
+    # something else still holds: 3 ms a step at d_in 640), and a retained graph must still give it twice.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopiesOfW(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            self.count += func is torch.ops.aten.copy_.default and shapes[0] == (11, 5)
+            return func(*args, **(kwargs or {}))
+
+    x, values, indices, W, b = random_case(seed=8)
+    oracle = torch.autograd.grad(naive_hierarchical_loss(x, values, indices, W.requires_grad_(), b), W)[0]
+    W = W.detach().requires_grad_()
+    loss, _ = hierarchical_topk_loss(x, values, indices, W, b, use_kernel=True)
+    with CopiesOfW() as mode:
+        loss.backward()
+    assert mode.count == 0 and torch.allclose(W.grad, oracle, atol=1e-12, rtol=0)
+    W.grad = None
+    loss, _ = hierarchical_topk_loss(x, values, indices, W, b, use_kernel=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.allclose(W.grad, 2 * oracle, atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the CPU kernel")
 def test_kernel_loss_under_no_grad_runs_no_backward(monkeypatch):
     # Inside an autograd.Function's forward grad mode is always off and needs_input_grad ignores torch.no_grad, so
     # the caller's grad mode decides: evaluating a trainable SAE under no_grad must not pay for its gradients.
