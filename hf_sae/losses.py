@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .kernels import cpu_kernels
 from .kernels.triton_support import triton_kernel_for
-from .sparse import csr_order, dense_aux_block, dense_rows, flat_decode, sparse_decode
+from .sparse import aux_block_and_tiles, csr_order, dense_rows, flat_decode, sparse_decode
 
 
 def budget_weights(k: int, budgets: list[int] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -226,13 +226,18 @@ def auxk_loss(
 
     residual e: (N, d_in) = x − x̂_K (detached); aux_values, aux_indices: (N, k_aux) top scores among dead latents.
     Returns ||e − ê||² / ||e − mean(e)||² summed over the batch, ê = Σ aux_v W_dec[aux_i] (no bias). With the
-    (d_sae,) ``dead_mask`` the choice is decoded as a dense (N, n_dead) block when it fills 1/8 of it or more (see
-    :func:`hf_sae.sparse.dense_aux_block`); the sparse kernel or ``embedding_bag`` otherwise.
+    (d_sae,) ``dead_mask``, once the choice fills 1/8 of the (N, n_dead) block or more (see
+    :func:`hf_sae.sparse.dense_aux_block`), it runs on that block: by L2 tiles on CPU below 1/4 of it
+    (:mod:`hf_sae.aux_tiles`), as dense matrix multiplies otherwise; the sparse kernel or ``embedding_bag`` below 1/8.
     """
     denominator = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(residual.dtype).tiny)
-    block = dense_aux_block(aux_indices, dead_mask) if residual.dtype == W_dec.dtype else None
+    block, tiles = None, None
+    if residual.dtype == W_dec.dtype:
+        block, tiles = aux_block_and_tiles(aux_indices, dead_mask, W_dec.dtype, W_dec.shape[1])
     if block is not None:
         columns, positions = block
+        if tiles is not None:
+            return _TiledAuxK.apply(residual.detach(), aux_values.to(W_dec.dtype), W_dec, denominator, tiles)
         return _DenseAuxK.apply(residual.detach(), aux_values, positions, columns, W_dec, denominator)
     kernel_ok = (
         residual.device.type == "cpu"
@@ -272,6 +277,32 @@ class _DenseAuxK(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_W = upstream.new_zeros(ctx.shape).index_copy_(0, columns, block.t() @ upstream)
         return None, grad_values, None, None, grad_W, None
+
+
+class _TiledAuxK(torch.autograd.Function):
+    """AuxK through the tiled dead-block kernels (:mod:`hf_sae.aux_tiles`, CPU): W_c = W_dec[columns] (C, d),
+    ê = Σ_t a_t W_c[positions_t], loss = ||e − ê||² / D. Backward: R = −2 g (e − ê) / D, da = <R, W_c[positions]>,
+    dW_dec[columns] = Sᵀ R (other rows zero), S the (N, C) choice matrix. The products of :class:`_DenseAuxK`, at a
+    cost that follows the N·k_aux pairs instead of N·C."""
+
+    @staticmethod
+    def forward(ctx, residual, aux_values, W_dec, denominator, tiles):
+        rows = W_dec[tiles.columns]
+        difference = residual - tiles.decode(aux_values, rows)
+        ctx.save_for_backward(aux_values, rows, difference, denominator)
+        ctx.tiles, ctx.shape = tiles, W_dec.shape
+        return difference.pow(2).sum() / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        aux_values, rows, difference, denominator = ctx.saved_tensors
+        upstream = difference * (-2.0 * grad_loss / denominator)  # dL/dê (N, d)
+        grad_values = ctx.tiles.dots(upstream, rows) if ctx.needs_input_grad[1] else None
+        grad_W = None
+        if ctx.needs_input_grad[2]:
+            block, _ = ctx.tiles.scatter(aux_values, upstream)
+            grad_W = upstream.new_zeros(ctx.shape).index_copy_(0, ctx.tiles.columns, block)
+        return None, grad_values, grad_W, None, None
 
 
 def auxk_of_reconstruction(residual: Tensor, e_hat: Tensor, denominator: Tensor | None = None) -> Tensor:

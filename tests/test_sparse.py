@@ -3,13 +3,15 @@
 import pytest
 import torch
 
-from hf_sae.kernels import cpu_kernels
+import hf_sae.aux_tiles as aux_tiles_module
+from hf_sae.kernels import aux_cpu_kernels, cpu_kernels
 from hf_sae.losses import auxk_loss
 from hf_sae.sparse import (
     FlatSelectedLinear,
     SparseLatents,
     TopKEncode,
     _scatter_rows_matmul,
+    aux_block_and_tiles,
     csr_order,
     dense_aux_block,
     flat_decode,
@@ -192,7 +194,14 @@ def test_dense_aux_block_maps_dead_latents_and_declines_sparse_or_foreign_choice
     assert dense_aux_block(torch.tensor([[5, 9, 11, 20, 30, 40, 50, 60]]), many_dead) is not None
 
 
-def test_topk_encoder_backward_with_a_dense_aux_block_equals_the_sparse_one():
+AUX_BLOCK_PATHS = [pytest.param(0.0, id="dense-block")]
+if aux_cpu_kernels() is not None:
+    AUX_BLOCK_PATHS.append(pytest.param(1.01, id="tiled"))
+
+
+@pytest.mark.parametrize("tiled_max_density", AUX_BLOCK_PATHS)
+def test_topk_encoder_backward_with_a_dense_aux_block_equals_the_sparse_one(tiled_max_density, monkeypatch):
+    monkeypatch.setattr(aux_tiles_module, "TILED_MAX_DENSITY", tiled_max_density)
     torch.manual_seed(5)
     n, d, F, k, k_aux = 9, 6, 48, 3, 5
     x = torch.randn(n, d, dtype=torch.float64)
@@ -204,10 +213,11 @@ def test_topk_encoder_backward_with_a_dense_aux_block_equals_the_sparse_one():
         b = torch.randn(F, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).requires_grad_()
         c = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).requires_grad_()
         values, indices, aux_values, aux_indices = TopKEncode.apply(x, W, b, c, k, dead, k_aux)
-        if mask is None:  # the same forward, with the dense block switched off for the backward
-            values.grad_fn.aux_block = None
+        if mask is None:  # the same forward, with the dense block (and its tiles) switched off for the backward
+            values.grad_fn.aux_block = values.grad_fn.aux_tiles = None
         else:
             assert values.grad_fn.aux_block is not None
+            assert (values.grad_fn.aux_tiles is not None) == (tiled_max_density > 1)
         upstream = torch.linspace(-1, 1, n * k, dtype=torch.float64).reshape(n, k)
         upstream_aux = torch.linspace(2, -1, n * k_aux, dtype=torch.float64).reshape(n, k_aux)
         loss = (values * upstream).sum() + (aux_values * upstream_aux).sum()
@@ -216,7 +226,9 @@ def test_topk_encoder_backward_with_a_dense_aux_block_equals_the_sparse_one():
         torch.testing.assert_close(dense, sparse, rtol=1e-12, atol=1e-12)
 
 
-def test_auxk_loss_through_the_dense_block_equals_the_sparse_decode():
+@pytest.mark.parametrize("tiled_max_density", AUX_BLOCK_PATHS)
+def test_auxk_loss_through_the_dense_block_equals_the_sparse_decode(tiled_max_density, monkeypatch):
+    monkeypatch.setattr(aux_tiles_module, "TILED_MAX_DENSITY", tiled_max_density)
     torch.manual_seed(9)
     n, d, F, k_aux = 11, 7, 40, 6
     residual = torch.randn(n, d, dtype=torch.float64)
@@ -229,6 +241,8 @@ def test_auxk_loss_through_the_dense_block_equals_the_sparse_decode():
         values = torch.rand(n, k_aux, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
         values.requires_grad_()
         loss = auxk_loss(residual, values, aux_indices, W, mask)
+        path = {0.0: "_DenseAuxK", 1.01: "_TiledAuxK"}[tiled_max_density] if mask is not None else None
+        assert path is None or type(loss.grad_fn).__name__ == path + "Backward"
         results.append((loss.detach(), *torch.autograd.grad(loss, (values, W))))
     # by hand: ê = Σ v W[i], loss = ||e − ê||² / ||e − mean(e)||²
     e_hat = (values.detach().unsqueeze(-1) * W.detach()[aux_indices]).sum(1)
@@ -236,3 +250,57 @@ def test_auxk_loss_through_the_dense_block_equals_the_sparse_decode():
     torch.testing.assert_close(results[0][0], by_hand, rtol=1e-12, atol=0)
     for dense, sparse in zip(*results):
         torch.testing.assert_close(dense, sparse, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(aux_cpu_kernels() is None, reason="needs the AuxK CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_tiled_aux_kernels_by_hand_and_against_dense_products(dtype):
+    # By hand: rows 0 and 1 choose block positions [2, 0] and [1, 2] with values [2, 3] and [-1, 4].
+    kernels = aux_cpu_kernels()
+    positions = torch.tensor([[2, 0], [1, 2]])
+    values = torch.tensor([[2.0, 3.0], [-1.0, 4.0]], dtype=dtype)
+    M = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=dtype)  # (C 3, d 2)
+    A = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=dtype)
+    plan = kernels.aux_plan(positions, 3, 1, 1)
+    decoded = kernels.aux_decode(plan[0], plan[1], positions, values, M, 1)
+    assert decoded.tolist() == [[2 * 1 + 3 * 1, 2 * 1 + 3 * 0], [-1 * 0 + 4 * 1, -1 * 1 + 4 * 1]]
+    assert kernels.aux_dots(plan[0], plan[1], positions, A, M, 1).tolist() == [[3.0, 1.0], [-1.0, 2.0]]
+    scattered, sums = kernels.aux_scatter(plan[2], plan[3], positions, values, A, 3, 1)
+    assert scattered.tolist() == [[3.0, 6.0], [-3.0, 1.0], [2 + 12.0, 4 - 4.0]] and sums.tolist() == [3.0, -1.0, 6.0]
+    # Against the dense products: several blocks and tiles (the last ones partial) and a d with a tail after the
+    # 64-float chunks; rows of the block that nobody chose get zero.
+    g = torch.Generator().manual_seed(0)
+    N, C, d, k = 77, 41, 70, 9
+    positions = torch.rand(N, C - 1, generator=g).topk(k, dim=1).indices
+    positions = (positions + (positions >= 7)).contiguous()  # distinct per row; block row 7 is never chosen
+    values = torch.randn(N, k, generator=g, dtype=dtype)
+    M, A = torch.randn(C, d, generator=g, dtype=dtype), torch.randn(N, d, generator=g, dtype=dtype)
+    dense = torch.zeros(N, C, dtype=dtype).scatter_(1, positions, values)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for block, tile in [(8, 4), (128, 64), (1, 1)]:
+        plan = kernels.aux_plan(positions, C, block, tile)
+        decoded = kernels.aux_decode(plan[0], plan[1], positions, values, M, block)
+        torch.testing.assert_close(decoded, dense @ M, **tolerance)
+        dots = kernels.aux_dots(plan[0], plan[1], positions, A, M, block)
+        torch.testing.assert_close(dots, (A @ M.t()).gather(1, positions), **tolerance)
+        scattered, sums = kernels.aux_scatter(plan[2], plan[3], positions, values, A, C, block)
+        torch.testing.assert_close(scattered, dense.t() @ A, **tolerance)
+        torch.testing.assert_close(sums, dense.sum(0), **tolerance)
+        assert scattered[7].abs().max() == 0 and sums[7] == 0
+    with pytest.raises(RuntimeError, match="powers of two"):
+        kernels.aux_plan(positions, C, 3, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.aux_plan(positions, 5, 8, 4)
+
+
+def test_the_aux_block_is_computed_once_per_choice_and_again_after_a_change():
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::2] = True
+    indices = torch.arange(0, 64, 2)[torch.stack([torch.randperm(32)[:6] for _ in range(5)])]
+    first = aux_block_and_tiles(indices, dead, torch.float32, 4)
+    assert aux_block_and_tiles(indices, dead, torch.float32, 4)[0] is first[0]  # the same tensors: kept
+    assert aux_block_and_tiles(indices.clone(), dead, torch.float32, 4)[0] is not first[0]  # another tensor
+    indices.add_(0)  # an in-place change (its version moves)
+    again = aux_block_and_tiles(indices, dead, torch.float32, 4)
+    assert again[0] is not first[0]  # modified in place: computed again
+    torch.testing.assert_close(again[0][1], dense_aux_block(indices, dead)[1])

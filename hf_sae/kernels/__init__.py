@@ -100,3 +100,9 @@ def kron_cpu_kernels() -> ModuleType | None:
     """The compiled KronSAE selection kernel (``kron_cpu.cpp``), or None: then
     :func:`hf_sae.modeling_kron_sae.select_topk_latents` runs in pure torch (same latents, more time)."""
     return _compiled("kron_cpu.cpp", "the KronSAE CPU kernel", [])
+
+
+def aux_cpu_kernels() -> ModuleType | None:
+    """The compiled AuxK block kernels (``aux_cpu.cpp``: the dead-latent products by L2 tiles), or None: then AuxK
+    runs its dense-block or sparse paths (same loss, more time)."""
+    return _compiled("aux_cpu.cpp", "the AuxK CPU kernel", ["-ffast-math", "-fno-finite-math-only"])
