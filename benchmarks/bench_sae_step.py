@@ -7,8 +7,9 @@ renormalisation), exactly what ``python -m training.train`` runs (input checks o
 reuse by :func:`hf_sae.hardware.retain_freed_memory`, as there).
 
 Variants, per shape: the floor; the bare encoder ``torch.mm`` (the multiply-add rate behind the AuxK table's lower
-bound); TopK; HierarchicalTopK; KronSAE at (m, n) = (2, 4) and (4, 8); TopK with half
-the latents dead and AuxK on; TopK and HierarchicalTopK on the bf16 path (``autocast_dtype=torch.bfloat16``).
+bound); TopK; HierarchicalTopK; KronSAE at (m, n) = (2, 4) and (4, 8); TopK with half the latents dead and AuxK
+on (and the same with the dead block's dense matmuls instead of the CPU's L2 tiles); TopK and HierarchicalTopK on
+the bf16 path (``autocast_dtype=torch.bfloat16``).
 Each round times one step of every variant in turn (A, B, C, ..., A, B, C, ...), so load drift on a shared
 machine hits all of them alike; tables report medians over rounds.
 
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+import hf_sae.aux_tiles as aux_tiles
 from hf_sae import training_step
 from hf_sae.hardware import has_native_bf16, retain_freed_memory, use_huge_pages
 from hf_sae.registry import resolve_architecture
@@ -77,6 +79,17 @@ def variants(shape: dict, x: torch.Tensor) -> dict[str, Callable[[], None]]:
         dead_sae.tokens_since_fired[half] = 10
 
     steps["topk_auxk_half_dead"] = stepper(dead_sae, before=keep_half_dead)
+    half_dead_step = steps["topk_auxk_half_dead"]
+
+    def dense_block_step():  # the same step with the CPU's tiled dead block off: four (N, n_dead) matmuls instead
+        tiled_max = aux_tiles.TILED_MAX_DENSITY
+        aux_tiles.TILED_MAX_DENSITY = 0.0
+        try:
+            half_dead_step()
+        finally:
+            aux_tiles.TILED_MAX_DENSITY = tiled_max
+
+    steps["topk_auxk_half_dead_dense_block"] = dense_block_step
     steps["topk_bf16"] = stepper(_sae("topk", shape, auxk=False), autocast=torch.bfloat16)
     steps["hier_bf16"] = stepper(_sae("hierarchical", shape, auxk=False), autocast=torch.bfloat16)
     return steps
@@ -174,13 +187,16 @@ def main() -> None:
         rows,
     )
     rows = [[label(n), r["topk"] * 1e3, r["topk_auxk_half_dead"] * 1e3, r["topk_auxk_half_dead"] / r["topk"],
-             auxk_lower_bound(SHAPES[n], r["matmul"], r["topk"])] for n, r in results.items()]  # fmt: skip
+             auxk_lower_bound(SHAPES[n], r["matmul"], r["topk"]), r["topk_auxk_half_dead_dense_block"] / r["topk"],
+             r["topk_auxk_half_dead"] / r["topk_auxk_half_dead_dense_block"]] for n, r in results.items()]  # fmt: skip
     table(
         "AuxK: half the latents dead vs none dead: target <= 1.15 (lower bound: AuxK's four N·k_aux·d products "
-        "at the encoder matmul's multiply-add rate)",
-        ["d_in/d_sae/k/batch", "TopK ms", "TopK, half dead + AuxK ms", "ratio", "lower bound"],
+        "at the encoder matmul's multiply-add rate; on CPU the dead block runs by L2 tiles, the dense-block "
+        "matmuls for comparison)",
+        ["d_in/d_sae/k/batch", "TopK ms", "TopK, half dead + AuxK ms", "ratio", "lower bound",
+         "ratio, dense block", "tiled / dense block"],
         rows,
-    )
+    )  # fmt: skip
     rows = [[label(n), r["topk"] * 1e3, r["topk_bf16"] * 1e3, r["topk_bf16"] / r["topk"], r["hier_bf16"] * 1e3,
              r["hier_bf16"] / r["hier"], r["topk_bf16"] / r["floor"]] for n, r in results.items()]  # fmt: skip
     table(

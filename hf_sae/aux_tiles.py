@@ -20,7 +20,7 @@ from .kernels import aux_cpu_kernels
 
 TILED_MAX_DENSITY = 1 / 4  # k_aux / C from which the dense block's matmuls are cheaper than the tiled passes
 BLOCK_ROWS = 128  # output rows per block (one thread's rows; powers of two)
-TILE_BYTES = 192 << 10  # the tile of rows read at random (L2 holds it with room to spare): 64 rows at d 640, fp32
+AUX_TILE_BYTES = 192 << 10  # the tile of rows read at random (L2 holds it with room to spare): 64 rows at d 640, fp32
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,12 @@ class AuxTiles:
 def aux_tiles(columns: Tensor, positions: Tensor, dtype: torch.dtype, d: int) -> AuxTiles | None:
     """The tiled plan for the dead block (columns (C,), positions (N, k_aux)) of rows of width ``d``, or None where
     the tiled kernels do not apply (not CPU, not float32/float64, no compiled kernel) or lose (density k_aux / C >=
-    1/4). Tiles hold the largest power of two of rows within :data:`TILE_BYTES`."""
+    1/4). Tiles hold the largest power of two of rows within :data:`AUX_TILE_BYTES`."""
     if positions.device.type != "cpu" or dtype not in (torch.float32, torch.float64):
         return None
     if positions.shape[-1] >= TILED_MAX_DENSITY * columns.numel() or aux_cpu_kernels() is None:
         return None
     positions = positions.contiguous()
-    rows = max(1, TILE_BYTES // max(1, d * torch.finfo(dtype).bits // 8))
+    rows = max(1, AUX_TILE_BYTES // max(1, d * torch.finfo(dtype).bits // 8))
     plan = aux_cpu_kernels().aux_plan(positions, columns.numel(), BLOCK_ROWS, 1 << (rows.bit_length() - 1))
     return AuxTiles(positions, columns, *plan)
