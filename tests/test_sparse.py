@@ -299,7 +299,12 @@ def test_the_aux_block_is_computed_once_per_choice_and_again_after_a_change():
     indices = torch.arange(0, 64, 2)[torch.stack([torch.randperm(32)[:6] for _ in range(5)])]
     first = aux_block_and_tiles(indices, dead, torch.float32, 4)
     assert aux_block_and_tiles(indices, dead, torch.float32, 4)[0] is first[0]  # the same tensors: kept
+    assert aux_block_and_tiles(indices, dead.clone(), torch.float32, 4)[0] is first[0]  # a mask of the same values
     assert aux_block_and_tiles(indices.clone(), dead, torch.float32, 4)[0] is not first[0]  # another tensor
+    other = dead.clone()
+    other[1] = True
+    assert aux_block_and_tiles(indices, other, torch.float32, 4)[0] is not first[0]  # another mask
+    first = aux_block_and_tiles(indices, dead, torch.float32, 4)
     indices.add_(0)  # an in-place change (its version moves)
     again = aux_block_and_tiles(indices, dead, torch.float32, 4)
     assert again[0] is not first[0]  # modified in place: computed again

@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -82,28 +83,35 @@ inline void axpy_run(T* __restrict__ out, const T* __restrict__ M, int64_t d, co
   }
 }
 
-// <A[i], M[j_p]> for each pair p of one run sharing i.
+// <A[i], M[j_p]> for each pair p of one run sharing i: pairs in groups of kGroup, each with its own vector
+// accumulator, while A[i]'s chunk of 4 vectors sits in registers, so a multiply-add loads one element of M.
+constexpr int kGroup = 8;
 template <typename T, typename J>
 inline void dot_run(T* __restrict__ dots, const T* __restrict__ Ai, const T* __restrict__ M, int64_t d,
                     const int32_t* run, int64_t length, J j_of) {
   typedef typename Lanes<T>::v V;
   constexpr int64_t lanes = sizeof(V) / sizeof(T), quad = 4 * lanes;
-  for (int64_t u = 0; u < length; ++u) {
-    const int32_t p = run[u];
-    const T* __restrict__ row = M + j_of(p) * d;
-    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
-    int64_t c = 0;
-    for (; c + quad <= d; c += quad) {
-      s0 += load<V>(Ai + c) * load<V>(row + c);
-      s1 += load<V>(Ai + c + lanes) * load<V>(row + c + lanes);
-      s2 += load<V>(Ai + c + 2 * lanes) * load<V>(row + c + 2 * lanes);
-      s3 += load<V>(Ai + c + 3 * lanes) * load<V>(row + c + 3 * lanes);
+  const int64_t body = d - d % quad;
+  for (int64_t u0 = 0; u0 < length; u0 += kGroup) {
+    const int group = static_cast<int>(std::min<int64_t>(kGroup, length - u0));
+    const T* rows[kGroup];
+    for (int g = 0; g < group; ++g) rows[g] = M + j_of(run[u0 + g]) * d;
+    V acc[kGroup] = {};
+    for (int64_t c = 0; c < body; c += quad) {
+      const V a0 = load<V>(Ai + c), a1 = load<V>(Ai + c + lanes), a2 = load<V>(Ai + c + 2 * lanes),
+              a3 = load<V>(Ai + c + 3 * lanes);
+      for (int g = 0; g < group; ++g) {
+        const T* __restrict__ row = rows[g] + c;
+        acc[g] += a0 * load<V>(row) + a1 * load<V>(row + lanes) + a2 * load<V>(row + 2 * lanes) +
+                  a3 * load<V>(row + 3 * lanes);
+      }
     }
-    V s = (s0 + s1) + (s2 + s3);
-    T total = 0;
-    for (int64_t l = 0; l < lanes; ++l) total += s[l];
-    for (; c < d; ++c) total += Ai[c] * row[c];
-    dots[p] = total;
+    for (int g = 0; g < group; ++g) {
+      T total = 0;
+      for (int64_t l = 0; l < lanes; ++l) total += acc[g][l];
+      for (int64_t c = body; c < d; ++c) total += Ai[c] * rows[g][c];
+      dots[run[u0 + g]] = total;
+    }
   }
 }
 
