@@ -4,9 +4,10 @@ AuxK decodes the k_aux best of the C = n_dead dead latents per token. Once k_aux
 (:data:`hf_sae.sparse.DENSE_AUX_DENSITY`, 1/8) the gathered row-by-row kernels are bound by cache bandwidth, and the
 (N, C) x (C, d) matrix multiplies of :func:`hf_sae.sparse.dense_aux_block` cost the same at any density. The
 compiled kernels of ``kernels/aux_cpu.cpp`` visit the pairs in cells of (block of output rows, tile of the rows read
-at random) so that the tile stays in L2 and an output row's chunk in registers: at the small benchmark shape (N 4096,
-C 2048, k_aux 320, d 640, two threads) each product takes 0.5-0.7x the dense block's matmul. Above
-:data:`TILED_MAX_DENSITY` the dense matmul wins again (its cost does not grow with k_aux).
+at random) so that the tile stays in L2 and an output row's chunk in registers: the half-dead AuxK step of
+``benchmarks/bench_sae_step.py`` (density 320 / 2048 at the small shape) takes 0.76x / 0.80x the dense block's time
+at the small / large shape on 2 cores. Above :data:`TILED_MAX_DENSITY` the dense matmul wins again (its cost does
+not grow with k_aux).
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class AuxTiles:
 
 def aux_tiles(columns: Tensor, positions: Tensor, dtype: torch.dtype, d: int) -> AuxTiles | None:
     """The tiled plan for the dead block (columns (C,), positions (N, k_aux)) of rows of width ``d``, or None where
-    the tiled kernels do not apply (not CPU, not float32/float64, no compiled kernel) or lose (density k_aux / C >=
-    1/4). Tiles hold the largest power of two of rows within :data:`AUX_TILE_BYTES`."""
-    if positions.device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+    the tiled kernels do not apply (not CPU, not float32/float64, no pairs, no compiled kernel) or lose (density
+    k_aux / C >= 1/4). Tiles hold the largest power of two of rows within :data:`AUX_TILE_BYTES`."""
+    if positions.device.type != "cpu" or dtype not in (torch.float32, torch.float64) or positions.numel() == 0:
         return None
     if positions.shape[-1] >= TILED_MAX_DENSITY * columns.numel() or aux_cpu_kernels() is None:
         return None
