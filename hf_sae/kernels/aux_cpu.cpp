@@ -15,10 +15,12 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "counting_order.h"
 
 namespace {
 
@@ -45,17 +47,11 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// Stable counting sort of the pairs 0..M-1 by key[p] in [0, keys): start (keys + 1), order (M).
-void counting_sort(const std::vector<int32_t>& key, int64_t keys, std::vector<int64_t>& start,
-                   std::vector<int32_t>& order) {
-  const int64_t M = static_cast<int64_t>(key.size());
-  start.assign(keys + 1, 0);
-  for (int64_t p = 0; p < M; ++p) start[key[p] + 1]++;
-  for (int64_t q = 0; q < keys; ++q) start[q + 1] += start[q];
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
-  order.resize(M);
-  for (int64_t p = 0; p < M; ++p) order[next[key[p]]++] = static_cast<int32_t>(p);
-}
+// Pair p = n * k + t -> its row n (a 32-bit division).
+struct PairRow {
+  int32_t k;
+  int64_t operator()(int32_t p) const { return p / k; }
+};
 
 // out[i] += sum over the run's pairs of a_p * M[j_p], for one run of pairs sharing i, chunk by chunk of d.
 template <typename T, typename J, typename A>
@@ -153,8 +149,9 @@ std::vector<torch::Tensor> aux_plan(torch::Tensor pos, int64_t C, int64_t block,
   const int bshift = __builtin_ctzll(block), tshift = __builtin_ctzll(tile);
   const int64_t tiles_c = (C + tile - 1) / tile, blocks_n = (N + block - 1) / block;
   const int64_t tiles_n = (N + tile - 1) / tile, blocks_c = (C + block - 1) / block;
-  std::vector<int64_t> row_start, col_key_start;
-  std::vector<int32_t> row_order, col_order;
+  const int64_t row_cells = blocks_n * tiles_c, col_keys = (blocks_c * tiles_n) << bshift;
+  std::vector<int64_t> row_start(row_cells + 1, 0), col_key_start(col_keys + 1, 0);
+  std::vector<int32_t> row_order(M), col_order(M);
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
     for (int64_t which = begin; which < end; ++which) {
       std::vector<int32_t> key(M);
@@ -165,10 +162,11 @@ std::vector<torch::Tensor> aux_plan(torch::Tensor pos, int64_t C, int64_t block,
               which == 0 ? (n >> bshift) * tiles_c + (c >> tshift)
                          : (((c >> bshift) * tiles_n + (n >> tshift)) << bshift) + (c & (block - 1)));
         }
+      const auto identity = [](int32_t cell) { return cell; };
       if (which == 0)
-        counting_sort(key, blocks_n * tiles_c, row_start, row_order);
+        counting_order(key.data(), M, row_cells, row_cells, identity, row_start.data(), row_order.data(), "aux_plan");
       else
-        counting_sort(key, (blocks_c * tiles_n) << bshift, col_key_start, col_order);
+        counting_order(key.data(), M, col_keys, col_keys, identity, col_key_start.data(), col_order.data(), "aux_plan");
     }
   });
   std::vector<int64_t> col_start(blocks_c * tiles_n + 1);  // cell starts: every block-th key start
@@ -191,13 +189,13 @@ torch::Tensor aux_decode(torch::Tensor start, torch::Tensor order, torch::Tensor
                   values.is_contiguous(),
               "aux_decode: shapes");
   auto out = torch::zeros({N, d}, M.options());
-  const int32_t k32 = static_cast<int32_t>(k);  // pair -> row: a 32-bit division
+  const PairRow row_of{static_cast<int32_t>(k)};
   AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "aux_decode", [&] {
     const int64_t* q = pos.data_ptr<int64_t>();
     const scalar_t *a = values.data_ptr<scalar_t>(), *m = M.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     for_each_run(start.data_ptr<int64_t>(), order.data_ptr<int32_t>(), blocks, tiles,
-                 [k32](int32_t p) { return static_cast<int64_t>(p / k32); }, [&](int64_t n, const int32_t* run, int64_t length) {
+                 row_of, [&](int64_t n, const int32_t* run, int64_t length) {
                    axpy_run<scalar_t>(o + n * d, m, d, run, length, [q](int32_t p) { return q[p]; },
                                       [a](int32_t p) { return a[p]; });
                  });
@@ -214,13 +212,13 @@ torch::Tensor aux_dots(torch::Tensor start, torch::Tensor order, torch::Tensor p
                   M.is_contiguous(),
               "aux_dots: shapes");
   auto dots = torch::empty({N, k}, M.options());
-  const int32_t k32 = static_cast<int32_t>(k);
+  const PairRow row_of{static_cast<int32_t>(k)};
   AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "aux_dots", [&] {
     const int64_t* q = pos.data_ptr<int64_t>();
     const scalar_t *x = A.data_ptr<scalar_t>(), *m = M.data_ptr<scalar_t>();
     scalar_t* o = dots.data_ptr<scalar_t>();
     for_each_run(start.data_ptr<int64_t>(), order.data_ptr<int32_t>(), blocks, tiles,
-                 [k32](int32_t p) { return static_cast<int64_t>(p / k32); }, [&](int64_t n, const int32_t* run, int64_t length) {
+                 row_of, [&](int64_t n, const int32_t* run, int64_t length) {
                    dot_run<scalar_t>(o, x + n * d, m, d, run, length, [q](int32_t p) { return q[p]; });
                  });
   });
@@ -238,14 +236,14 @@ std::vector<torch::Tensor> aux_scatter(torch::Tensor start, torch::Tensor order,
               "aux_scatter: shapes");
   auto out = torch::zeros({C, d}, rows.options());
   auto sums = torch::zeros({C}, rows.options());
-  const int32_t k32 = static_cast<int32_t>(k);
+  const PairRow row_of{static_cast<int32_t>(k)};
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "aux_scatter", [&] {
     const int64_t* q = pos.data_ptr<int64_t>();
     const scalar_t *a = coef.data_ptr<scalar_t>(), *r = rows.data_ptr<scalar_t>();
     scalar_t *o = out.data_ptr<scalar_t>(), *s = sums.data_ptr<scalar_t>();
     for_each_run(start.data_ptr<int64_t>(), order.data_ptr<int32_t>(), blocks, tiles,
                  [q](int32_t p) { return q[p]; }, [&](int64_t c, const int32_t* run, int64_t length) {
-                   axpy_run<scalar_t>(o + c * d, r, d, run, length, [k32](int32_t p) { return static_cast<int64_t>(p / k32); },
+                   axpy_run<scalar_t>(o + c * d, r, d, run, length, row_of,
                                       [a](int32_t p) { return a[p]; });
                    for (int64_t u = 0; u < length; ++u) s[c] += a[run[u]];
                  });
