@@ -29,6 +29,8 @@ def test_a_kernel_builds_from_its_source_and_the_shared_headers_beside_it():
 
     folder = Path(kernels.__file__).parent
     source = folder / "kron_cpu.cpp"
-    assert kernels._sources(source) == [source, folder / "key_search.h"]
+    assert kernels._sources(source) == [source, folder / "counting_order.h", folder / "key_search.h"]
     assert '#include "key_search.h"' in source.read_text()
     assert '#include "key_search.h"' in (folder / "hierarchical_cpu.cpp").read_text()
+    for user in ("hierarchical_cpu.cpp", "aux_cpu.cpp"):
+        assert '#include "counting_order.h"' in (folder / user).read_text()
